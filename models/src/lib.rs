@@ -1,0 +1,1 @@
+//! tandem-models: model code and RL math. Synchronous; no actors, no tokio.
