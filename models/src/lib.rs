@@ -1,1 +1,27 @@
-//! tandem-models: model code and RL math. Synchronous; no actors, no tokio.
+//! tandem-models: the model code and RL math of tandem. Synchronous; no actors, no tokio.
+//!
+//! - [`config`]: HF `config.json` for GPT-2 and the Qwen2/Llama family.
+//! - [`checkpoint`]: HF checkpoint directories (single or sharded safetensors) in and out.
+//! - [`model`]: [`LanguageModel`] (policy, reference) and [`ScalarModel`] (reward, critic).
+//! - [`generation`]: batched sampling with a KV cache and behaviour log-probs.
+//! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generation;
+pub mod gpt2;
+pub mod kv_cache;
+pub mod layers;
+pub mod llama;
+pub mod model;
+pub mod tokenizer;
+
+pub use checkpoint::{load_tensors, save_checkpoint};
+pub use config::{HeadKind, ModelConfig};
+pub use error::{ModelError, Result};
+pub use generation::{generate, Decoding, Generation, SamplingConfig};
+pub use kv_cache::KvCache;
+pub use model::{snapshot, LanguageModel, ScalarModel, TokenOutputs, WeightInit};
+pub use tokenizer::TextTokenizer;

@@ -1,0 +1,245 @@
+//! Batched sampling with a KV cache.
+//!
+//! Prompts of different lengths are left-padded; every step appends one token per row. A row
+//! stops at its first stop token (which is kept in the response) or after `max_new_tokens`;
+//! finished rows are fed padding that no later token attends to.
+//!
+//! ## Which log-probs are recorded
+//! Each step draws from the *sampling distribution* q: softmax(logits / temperature),
+//! restricted to the `top_k` most likely tokens (if `top_k > 0`), then to the smallest set
+//! whose probability reaches `top_p` (if `top_p < 1`; at least one token), renormalised.
+//! `logprobs` holds log q(token) — the behaviour policy that actually produced the sample, which
+//! is what off-policy corrections need. Because truncation moves mass onto kept tokens,
+//! log q >= log softmax(logits / T) for every sampled token. `full_logprobs` holds the latter,
+//! untruncated log-prob at the same temperature, which is what a learner recomputing
+//! `token_logprobs(.., temperature)` gets back for an unchanged policy. With temperature 1 and
+//! no truncation the two agree. Greedy decoding is a point mass: its `logprobs` are 0 and
+//! `full_logprobs` are log softmax(logits).
+//!
+//! Sampling uses the caller's seeded RNG and walks tokens in a fixed order, so a seed gives the
+//! same responses every time (and the same with or without the cache, up to float rounding).
+
+use candle_core::{Tensor, D};
+use rand::{rngs::StdRng, Rng};
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{PadSide, PaddedBatch};
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::model::LanguageModel;
+
+/// Sampling settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingConfig {
+    /// Upper bound on generated tokens per prompt.
+    pub max_new_tokens: usize,
+    /// Logits are divided by this before softmax; 0 means greedy.
+    #[serde(default = "one")]
+    pub temperature: f64,
+    /// Keep only the k most likely tokens; 0 disables.
+    #[serde(default)]
+    pub top_k: usize,
+    /// Nucleus sampling mass; 1.0 disables.
+    #[serde(default = "one")]
+    pub top_p: f64,
+    /// Always take the most likely token.
+    #[serde(default)]
+    pub greedy: bool,
+    /// A row finishes after emitting any of these (the token is part of the response).
+    #[serde(default)]
+    pub stop_tokens: Vec<u32>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: 32, temperature: 1.0, top_k: 0, top_p: 1.0, greedy: false, stop_tokens: vec![] }
+    }
+}
+
+impl SamplingConfig {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self { max_new_tokens, greedy: true, ..Self::default() }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::InvalidArgument(m));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// Whether each step reuses the KV cache or recomputes the whole sequence (the reference the
+/// cache is tested and benchmarked against).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoding {
+    Cached,
+    Recompute,
+}
+
+/// The result of [`generate`]; rows are in prompt order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generated tokens per row, up to and including the stop token.
+    pub responses: Vec<Vec<u32>>,
+    /// log q(token) under the distribution sampled from (see module docs).
+    pub logprobs: Vec<Vec<f32>>,
+    /// log softmax(logits / temperature)(token), untruncated.
+    pub full_logprobs: Vec<Vec<f32>>,
+    /// Whether the row ended on a stop token.
+    pub stopped: Vec<bool>,
+}
+
+impl Generation {
+    /// Longest response length (the padded width).
+    pub fn width(&self) -> usize {
+        self.responses.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// Response ids right-padded with `pad_id` to `width()`, as rows.
+    pub fn padded_ids(&self, pad_id: u32) -> Vec<Vec<u32>> {
+        let w = self.width();
+        self.responses.iter().map(|r| r.iter().copied().chain(std::iter::repeat(pad_id)).take(w).collect()).collect()
+    }
+
+    /// The response mask (b, width): 1.0 for generated tokens, 0.0 for padding.
+    pub fn response_mask(&self) -> Vec<Vec<f32>> {
+        let w = self.width();
+        self.responses.iter().map(|r| (0..w).map(|i| if i < r.len() { 1.0 } else { 0.0 }).collect()).collect()
+    }
+
+    /// Behaviour log-probs right-padded with 0.0.
+    pub fn padded_logprobs(&self) -> Vec<Vec<f32>> {
+        let w = self.width();
+        self.logprobs.iter().map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(w).collect()).collect()
+    }
+}
+
+/// Samples one token from a row of logits; returns (token, log q, full log-prob).
+pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> (u32, f32, f32) {
+    let greedy = cfg.greedy || cfg.temperature == 0.0;
+    let t = if greedy { 1.0 } else { cfg.temperature as f32 };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // log-sum-exp in f64 for a stable normaliser.
+    let lse = max as f64 + logits.iter().map(|&l| (((l - max) / t) as f64).exp()).sum::<f64>().ln();
+    let full_lp = |i: usize| ((logits[i] / t) as f64 - (max / t) as f64 - (lse - max as f64)) as f32;
+    if greedy {
+        let mut best = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        return (best as u32, 0.0, full_lp(best));
+    }
+    // Candidates in descending probability, ties by id (stable sort keeps the order fixed).
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
+    let probs: Vec<f64> = order.iter().map(|&i| (full_lp(i) as f64).exp()).collect();
+    let mut keep = if cfg.top_k > 0 { cfg.top_k.min(order.len()) } else { order.len() };
+    if cfg.top_p < 1.0 {
+        let z: f64 = probs[..keep].iter().sum();
+        let mut cum = 0.0;
+        for (j, p) in probs[..keep].iter().enumerate() {
+            cum += p / z;
+            if cum >= cfg.top_p {
+                keep = j + 1;
+                break;
+            }
+        }
+    }
+    let z: f64 = probs[..keep].iter().sum();
+    let u = rng.random::<f64>() * z;
+    let mut cum = 0.0;
+    let mut pick = keep - 1;
+    for (j, p) in probs[..keep].iter().enumerate() {
+        cum += p;
+        if u < cum {
+            pick = j;
+            break;
+        }
+    }
+    let tok = order[pick];
+    let lp = full_lp(tok);
+    (tok as u32, (lp as f64 - z.ln()) as f32, lp)
+}
+
+/// Generates a response for every prompt. See the module docs for the log-prob semantics.
+pub fn generate(
+    model: &LanguageModel,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    rng: &mut StdRng,
+    decoding: Decoding,
+) -> Result<Generation> {
+    cfg.validate()?;
+    let dev = model.device().clone();
+    let pad = model.config().pad_id();
+    let batch = PaddedBatch::new(prompts, pad, PadSide::Left, &dev)?;
+    let b = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let max_pos = model.config().dims().max_positions;
+    if longest + cfg.max_new_tokens > max_pos {
+        return Err(ModelError::InvalidArgument(format!(
+            "prompt of {longest} tokens + {} new tokens exceeds the model's {max_pos} positions",
+            cfg.max_new_tokens
+        )));
+    }
+    let mut out = Generation {
+        responses: vec![vec![]; b],
+        logprobs: vec![vec![]; b],
+        full_logprobs: vec![vec![]; b],
+        stopped: vec![false; b],
+    };
+    if cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let mut mask = batch.mask;
+    let mut all_ids = batch.ids;
+    let mut cache = KvCache::new(model.config().dims().layers);
+    let mut logits = match decoding {
+        Decoding::Cached => model.next_token_logits(&all_ids, &mask, Some(&mut cache))?,
+        Decoding::Recompute => model.next_token_logits(&all_ids, &mask, None)?,
+    };
+    for step in 0..cfg.max_new_tokens {
+        let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(b);
+        for (i, row) in rows.iter().enumerate() {
+            let active = !out.stopped[i];
+            mask[i].push(if active { 1.0 } else { 0.0 });
+            if !active {
+                next.push(pad);
+                continue;
+            }
+            let (tok, lp, full) = sample_token(row, cfg, rng);
+            out.responses[i].push(tok);
+            out.logprobs[i].push(lp);
+            out.full_logprobs[i].push(full);
+            if cfg.stop_tokens.contains(&tok) {
+                out.stopped[i] = true;
+            }
+            next.push(tok);
+        }
+        if step + 1 == cfg.max_new_tokens || out.stopped.iter().all(|&s| s) {
+            break;
+        }
+        let next = Tensor::from_vec(next, (b, 1), &dev)?;
+        logits = match decoding {
+            Decoding::Cached => model.next_token_logits(&next, &mask, Some(&mut cache))?,
+            Decoding::Recompute => {
+                all_ids = Tensor::cat(&[&all_ids, &next], D::Minus1)?;
+                model.next_token_logits(&all_ids, &mask, None)?
+            }
+        };
+    }
+    Ok(out)
+}

@@ -1,0 +1,112 @@
+//! The Qwen2 / Llama family, following transformers' `Qwen2Model` / `LlamaModel`: RMSNorm,
+//! rotary position embeddings (rotate-half convention), grouped-query attention, SwiGLU MLP
+//! (down(silu(gate(x)) * up(x))), q/k/v biases for Qwen2. Weights live under `model.`; the LM
+//! head is `lm_head.weight` unless `tie_word_embeddings`, in which case it is `embed_tokens`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::config::LlamaConfig;
+use crate::kv_cache::KvCache;
+use crate::layers::{attention, embed, repeat_kv, AttentionInputs, RmsNorm, Rotary};
+
+fn linear(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get((d_out, d_in), "weight")?;
+    let b = if bias { Some(vb.get(d_out, "bias")?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    rotary: Rotary,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Llama {
+    /// `vb` is rooted at the checkpoint's top level; weights live under `model.`.
+    pub fn new(c: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let vb_m = vb.pp("model");
+        let d = c.hidden_size;
+        let heads = c.num_attention_heads;
+        let kv_heads = c.num_key_value_heads.unwrap_or(heads);
+        let head_dim = c.head_dim.unwrap_or(d / heads);
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let vb = vb_m.pp("layers").pp(i);
+                let att = vb.pp("self_attn");
+                let mlp = vb.pp("mlp");
+                Ok(Layer {
+                    input_layernorm: RmsNorm::new(d, c.rms_norm_eps, vb.pp("input_layernorm"))?,
+                    q_proj: linear(d, heads * head_dim, c.attention_bias, att.pp("q_proj"))?,
+                    k_proj: linear(d, kv_heads * head_dim, c.attention_bias, att.pp("k_proj"))?,
+                    v_proj: linear(d, kv_heads * head_dim, c.attention_bias, att.pp("v_proj"))?,
+                    o_proj: linear(heads * head_dim, d, false, att.pp("o_proj"))?,
+                    post_attention_layernorm: RmsNorm::new(d, c.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+                    gate_proj: linear(d, c.intermediate_size, false, mlp.pp("gate_proj"))?,
+                    up_proj: linear(d, c.intermediate_size, false, mlp.pp("up_proj"))?,
+                    down_proj: linear(c.intermediate_size, d, false, mlp.pp("down_proj"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: vb_m.pp("embed_tokens").get((c.vocab_size, d), "weight")?,
+            layers,
+            norm: RmsNorm::new(d, c.rms_norm_eps, vb_m.pp("norm"))?,
+            rotary: Rotary::new(head_dim, c.max_position_embeddings, c.rope_theta, vb.device())?,
+            heads,
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// Final hidden states (b, t, d) for `ids` (b, t).
+    pub fn forward(&self, ids: &Tensor, attn: &AttentionInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let hd = self.head_dim;
+        let mut h = embed(&self.embed_tokens, ids)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (i, l) in self.layers.iter().enumerate() {
+            let x = l.input_layernorm.forward(&h)?;
+            let heads = |p: &Linear, n: usize| -> Result<Tensor> {
+                p.forward(&x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let q = self.rotary.apply(&heads(&l.q_proj, self.heads)?, &attn.positions)?;
+            let k = self.rotary.apply(&heads(&l.k_proj, self.kv_heads)?, &attn.positions)?;
+            let v = heads(&l.v_proj, self.kv_heads)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, k, v)?,
+                None => (k, v),
+            };
+            let n_rep = self.heads / self.kv_heads;
+            let y = attention(&q, &repeat_kv(k, n_rep)?, &repeat_kv(v, n_rep)?, &attn.bias, scale)?;
+            let y = y.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
+            h = (h + l.o_proj.forward(&y)?)?;
+            let x = l.post_attention_layernorm.forward(&h)?;
+            let m = (l.gate_proj.forward(&x)?.silu()? * l.up_proj.forward(&x)?)?;
+            h = (h + l.down_proj.forward(&m)?)?;
+        }
+        self.norm.forward(&h)
+    }
+}

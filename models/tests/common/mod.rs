@@ -1,0 +1,47 @@
+//! Shared helpers for the models crate's integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+/// `../shared/fixtures/hf` beside the repository, or `$TANDEM_FIXTURES/hf`.
+pub fn fixtures_hf() -> PathBuf {
+    let root = std::env::var_os("TANDEM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+    let hf = root.join("hf");
+    assert!(hf.is_dir(), "fixtures not found at {} (set TANDEM_FIXTURES)", hf.display());
+    hf
+}
+
+/// Every checkpoint directory under the fixtures (those with an expected.json).
+pub fn checkpoints() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures_hf())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("expected.json").is_file())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no fixture checkpoints");
+    dirs
+}
+
+pub fn read_json(path: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+pub fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+pub fn f64s(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+pub fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol, "{name}[{i}]: got {g}, want {w} (tol {tol})");
+    }
+}
