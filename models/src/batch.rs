@@ -27,7 +27,9 @@ impl PaddedBatch {
             return Err(ModelError::InvalidArgument("empty batch".into()));
         }
         if let Some(i) = seqs.iter().position(Vec::is_empty) {
-            return Err(ModelError::InvalidArgument(format!("sequence {i} of the batch is empty")));
+            return Err(ModelError::InvalidArgument(format!(
+                "sequence {i} of the batch is empty"
+            )));
         }
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(seqs.len() * t);
@@ -49,7 +51,10 @@ impl PaddedBatch {
             }
             mask.push(m);
         }
-        Ok(Self { ids: Tensor::from_vec(ids, (seqs.len(), t), device)?, mask })
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (seqs.len(), t), device)?,
+            mask,
+        })
     }
 
     /// The mask as an f32 tensor (b, t).

@@ -26,21 +26,32 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(INDEX_FILE);
     if !index.is_file() {
         if !dir.is_dir() {
-            return Err(ModelError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
+            return Err(ModelError::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
         }
         return Err(ModelError::io(
             &single,
-            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no {SINGLE_FILE} and no {INDEX_FILE}")),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no {SINGLE_FILE} and no {INDEX_FILE}"),
+            ),
         ));
     }
     let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::BadConfig {
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
         path: index.clone(),
-        key: "weight_map",
-        msg: "missing or not an object".into(),
+        source,
     })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::BadConfig {
+            path: index.clone(),
+            key: "weight_map",
+            msg: "missing or not an object".into(),
+        })?;
     let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_owned)).collect();
     files.sort();
     files.dedup();
@@ -98,7 +109,10 @@ pub fn save_checkpoint(
     // Contiguous host copies, sorted by name so files are byte-identical across runs.
     let mut sorted: BTreeMap<String, Tensor> = BTreeMap::new();
     for (k, t) in tensors {
-        sorted.insert(k.clone(), t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?);
+        sorted.insert(
+            k.clone(),
+            t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?,
+        );
     }
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
     let mut cur = 0usize;
@@ -116,9 +130,8 @@ pub fn save_checkpoint(
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let write = |path: &Path, items: &[(String, Tensor)]| -> Result<()> {
         let data: Vec<(&str, &Tensor)> = items.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        safetensors::serialize_to_file(data, metadata.clone(), path).map_err(|e| {
-            ModelError::io(path, std::io::Error::other(e.to_string()))
-        })
+        safetensors::serialize_to_file(data, metadata.clone(), path)
+            .map_err(|e| ModelError::io(path, std::io::Error::other(e.to_string())))
     };
     // Remove stale weight files from an earlier save with another sharding.
     for stale in [SINGLE_FILE, INDEX_FILE] {

@@ -131,11 +131,18 @@ impl ModelConfig {
 
     /// Parses config.json text; `path` is only used in error messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|source| ModelError::Json { path: path.into(), source })?;
-        let model_type = v.get("model_type").and_then(Value::as_str).ok_or_else(|| {
-            ModelError::BadConfig { path: path.into(), key: "model_type", msg: "missing".into() }
+        let v: Value = serde_json::from_str(text).map_err(|source| ModelError::Json {
+            path: path.into(),
+            source,
         })?;
+        let model_type = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ModelError::BadConfig {
+                path: path.into(),
+                key: "model_type",
+                msg: "missing".into(),
+            })?;
         let parse = |what| -> Result<LlamaConfig> {
             serde_json::from_value(v.clone()).map_err(|e| ModelError::BadConfig {
                 path: path.into(),
@@ -144,10 +151,15 @@ impl ModelConfig {
             })
         };
         let arch = match model_type {
-            "gpt2" => Architecture::Gpt2(serde_json::from_value(v.clone()).map_err(|e| {
-                ModelError::BadConfig { path: path.into(), key: "gpt2", msg: e.to_string() }
+            "gpt2" => Architecture::Gpt2(serde_json::from_value(v.clone()).map_err(|e| ModelError::BadConfig {
+                path: path.into(),
+                key: "gpt2",
+                msg: e.to_string(),
             })?),
-            "qwen2" => Architecture::Qwen2(LlamaConfig { attention_bias: true, ..parse("qwen2")? }),
+            "qwen2" => Architecture::Qwen2(LlamaConfig {
+                attention_bias: true,
+                ..parse("qwen2")?
+            }),
             "llama" => Architecture::Llama(parse("llama")?),
             other => {
                 return Err(ModelError::UnsupportedArchitecture {
@@ -167,7 +179,10 @@ impl ModelConfig {
         };
         if head == HeadKind::Scalar {
             let labels = v.get("id2label").and_then(Value::as_object).map_or(1, |m| m.len());
-            let labels = v.get("num_labels").and_then(Value::as_u64).map_or(labels, |n| n as usize);
+            let labels = v
+                .get("num_labels")
+                .and_then(Value::as_u64)
+                .map_or(labels, |n| n as usize);
             if labels != 1 {
                 return Err(ModelError::BadConfig {
                     path: path.into(),
@@ -190,20 +205,39 @@ impl ModelConfig {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let d = self.dims();
-        let bad = |key, msg: String| Err(ModelError::BadConfig { path: path.into(), key, msg });
-        if d.heads == 0 || d.hidden % d.heads != 0 && !matches!(&self.arch, Architecture::Qwen2(c) | Architecture::Llama(c) if c.head_dim.is_some()) {
-            return bad("num_attention_heads", format!("{} does not divide hidden size {}", d.heads, d.hidden));
+        let bad = |key, msg: String| {
+            Err(ModelError::BadConfig {
+                path: path.into(),
+                key,
+                msg,
+            })
+        };
+        if d.heads == 0
+            || d.hidden % d.heads != 0
+                && !matches!(&self.arch, Architecture::Qwen2(c) | Architecture::Llama(c) if c.head_dim.is_some())
+        {
+            return bad(
+                "num_attention_heads",
+                format!("{} does not divide hidden size {}", d.heads, d.hidden),
+            );
         }
         if d.kv_heads == 0 || d.heads % d.kv_heads != 0 {
-            return bad("num_key_value_heads", format!("{} does not divide {} heads", d.kv_heads, d.heads));
+            return bad(
+                "num_key_value_heads",
+                format!("{} does not divide {} heads", d.kv_heads, d.heads),
+            );
         }
         if d.head_dim % 2 != 0 && !matches!(self.arch, Architecture::Gpt2(_)) {
-            return bad("head_dim", format!("rotary embeddings need an even head size, got {}", d.head_dim));
+            return bad(
+                "head_dim",
+                format!("rotary embeddings need an even head size, got {}", d.head_dim),
+            );
         }
         match &self.arch {
-            Architecture::Gpt2(c) if c.activation_function != "gelu_new" && c.activation_function != "gelu" => {
-                bad("activation_function", format!("{:?} is not supported (gelu_new, gelu)", c.activation_function))
-            }
+            Architecture::Gpt2(c) if c.activation_function != "gelu_new" && c.activation_function != "gelu" => bad(
+                "activation_function",
+                format!("{:?} is not supported (gelu_new, gelu)", c.activation_function),
+            ),
             Architecture::Qwen2(c) | Architecture::Llama(c) if c.hidden_act != "silu" => {
                 bad("hidden_act", format!("{:?} is not supported (silu)", c.hidden_act))
             }
@@ -315,7 +349,14 @@ impl ModelConfig {
     }
 
     /// A Qwen2 config (tied embeddings) for built-in tiny models and tests.
-    pub fn qwen2(vocab_size: usize, hidden: usize, layers: usize, heads: usize, kv_heads: usize, max_pos: usize) -> Self {
+    pub fn qwen2(
+        vocab_size: usize,
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        max_pos: usize,
+    ) -> Self {
         ModelConfig {
             arch: Architecture::Qwen2(LlamaConfig {
                 vocab_size,

@@ -57,13 +57,24 @@ fn one() -> f64 {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 32, temperature: 1.0, top_k: 0, top_p: 1.0, greedy: false, stop_tokens: vec![] }
+        Self {
+            max_new_tokens: 32,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            greedy: false,
+            stop_tokens: vec![],
+        }
     }
 }
 
 impl SamplingConfig {
     pub fn greedy(max_new_tokens: usize) -> Self {
-        Self { max_new_tokens, greedy: true, ..Self::default() }
+        Self {
+            max_new_tokens,
+            greedy: true,
+            ..Self::default()
+        }
     }
 
     fn validate(&self) -> Result<()> {
@@ -108,19 +119,28 @@ impl Generation {
     /// Response ids right-padded with `pad_id` to `width()`, as rows.
     pub fn padded_ids(&self, pad_id: u32) -> Vec<Vec<u32>> {
         let w = self.width();
-        self.responses.iter().map(|r| r.iter().copied().chain(std::iter::repeat(pad_id)).take(w).collect()).collect()
+        self.responses
+            .iter()
+            .map(|r| r.iter().copied().chain(std::iter::repeat(pad_id)).take(w).collect())
+            .collect()
     }
 
     /// The response mask (b, width): 1.0 for generated tokens, 0.0 for padding.
     pub fn response_mask(&self) -> Vec<Vec<f32>> {
         let w = self.width();
-        self.responses.iter().map(|r| (0..w).map(|i| if i < r.len() { 1.0 } else { 0.0 }).collect()).collect()
+        self.responses
+            .iter()
+            .map(|r| (0..w).map(|i| if i < r.len() { 1.0 } else { 0.0 }).collect())
+            .collect()
     }
 
     /// Behaviour log-probs right-padded with 0.0.
     pub fn padded_logprobs(&self) -> Vec<Vec<f32>> {
         let w = self.width();
-        self.logprobs.iter().map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(w).collect()).collect()
+        self.logprobs
+            .iter()
+            .map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(w).collect())
+            .collect()
     }
 }
 
@@ -145,7 +165,11 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> (
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
     let probs: Vec<f64> = order.iter().map(|&i| (full_lp(i) as f64).exp()).collect();
-    let mut keep = if cfg.top_k > 0 { cfg.top_k.min(order.len()) } else { order.len() };
+    let mut keep = if cfg.top_k > 0 {
+        cfg.top_k.min(order.len())
+    } else {
+        order.len()
+    };
     if cfg.top_p < 1.0 {
         let z: f64 = probs[..keep].iter().sum();
         let mut cum = 0.0;

@@ -59,7 +59,11 @@ impl Gpt2 {
             blocks,
             ln_f: LayerNorm::new(d, eps, vb.pp("ln_f"))?,
             heads: c.n_head,
-            scale: if c.scale_attn_weights { 1.0 / (head_dim as f64).sqrt() } else { 1.0 },
+            scale: if c.scale_attn_weights {
+                1.0 / (head_dim as f64).sqrt()
+            } else {
+                1.0
+            },
         })
     }
 
@@ -78,7 +82,10 @@ impl Gpt2 {
             let d = qkv.dim(D::Minus1)? / 3;
             let hd = d / self.heads;
             let split = |j: usize| -> Result<Tensor> {
-                qkv.narrow(D::Minus1, j * d, d)?.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()
+                qkv.narrow(D::Minus1, j * d, d)?
+                    .reshape((b, t, self.heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let (k, v) = match cache.as_deref_mut() {

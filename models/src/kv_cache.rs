@@ -13,12 +13,17 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(layers: usize) -> Self {
-        Self { layers: vec![None; layers] }
+        Self {
+            layers: vec![None; layers],
+        }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
     }
 
     pub fn is_empty(&self) -> bool {

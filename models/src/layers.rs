@@ -18,7 +18,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
     }
 }
 
@@ -41,7 +45,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, eps })
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
     }
 }
 
@@ -61,7 +68,10 @@ pub struct Conv1D {
 
 impl Conv1D {
     pub fn new(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias: vb.get(d_out, "bias")? })
+        Ok(Self {
+            weight: vb.get((d_in, d_out), "weight")?,
+            bias: vb.get(d_out, "bias")?,
+        })
     }
 }
 
@@ -145,7 +155,9 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x);
     }
     let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, s, d))?
+        .reshape((b, kv * n_rep, s, d))
 }
 
 /// Rotary position embedding tables, as HF computes them: inv_freq_i = theta^(-2i/d),
@@ -159,7 +171,9 @@ pub struct Rotary {
 impl Rotary {
     pub fn new(head_dim: usize, max_positions: usize, theta: f64, device: &Device) -> Result<Self> {
         let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half).map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32).collect();
+        let inv: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
         let mut cos = Vec::with_capacity(max_positions * head_dim);
         let mut sin = Vec::with_capacity(max_positions * head_dim);
         for p in 0..max_positions {
@@ -207,7 +221,14 @@ mod tests {
     use super::*;
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < tol, "max abs diff {d}");
     }
 
@@ -217,7 +238,13 @@ mod tests {
         let x = Tensor::randn(0f32, 1., (2, 3, 8), &dev).unwrap();
         let w = Tensor::randn(0f32, 1., 8, &dev).unwrap();
         let b = Tensor::randn(0f32, 1., 8, &dev).unwrap();
-        let ours = LayerNorm { weight: w.clone(), bias: b.clone(), eps: 1e-5 }.forward(&x).unwrap();
+        let ours = LayerNorm {
+            weight: w.clone(),
+            bias: b.clone(),
+            eps: 1e-5,
+        }
+        .forward(&x)
+        .unwrap();
         close(&ours, &candle_nn::ops::layer_norm(&x, &w, &b, 1e-5).unwrap(), 1e-5);
     }
 
@@ -226,7 +253,12 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1., (2, 3, 8), &dev).unwrap();
         let w = Tensor::randn(0f32, 1., 8, &dev).unwrap();
-        let ours = RmsNorm { weight: w.clone(), eps: 1e-6 }.forward(&x).unwrap();
+        let ours = RmsNorm {
+            weight: w.clone(),
+            eps: 1e-6,
+        }
+        .forward(&x)
+        .unwrap();
         close(&ours, &candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap(), 1e-5);
     }
 
@@ -248,7 +280,10 @@ mod tests {
     fn attention_inputs_left_padding() {
         let mask = vec![vec![0.0, 1.0, 1.0], vec![1.0, 1.0, 1.0]];
         let a = AttentionInputs::new(&mask, 3, &Device::Cpu).unwrap();
-        assert_eq!(a.positions.to_vec2::<u32>().unwrap(), vec![vec![0, 0, 1], vec![0, 1, 2]]);
+        assert_eq!(
+            a.positions.to_vec2::<u32>().unwrap(),
+            vec![vec![0, 0, 1], vec![0, 1, 2]]
+        );
         let bias = a.bias.squeeze(1).unwrap().to_vec3::<f32>().unwrap();
         assert_eq!(bias[0][2], vec![MASKED, 0.0, 0.0]);
         assert_eq!(bias[1][1], vec![0.0, 0.0, MASKED]);

@@ -51,7 +51,12 @@ impl Backbone {
     }
 
     /// Final hidden states (b, t, d).
-    pub fn forward(&self, ids: &Tensor, attn: &AttentionInputs, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attn: &AttentionInputs,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
         match self {
             Backbone::Gpt2(m) => m.forward(ids, attn, cache),
             Backbone::Llama(m) => m.forward(ids, attn, cache),
@@ -73,7 +78,11 @@ pub enum WeightInit<'a> {
     Random { seed: u64 },
     /// Values from a loaded checkpoint. A `score` head absent from it (a critic started from a
     /// policy checkpoint) is initialised randomly with `seed`; any other absent tensor is an error.
-    Checkpoint { tensors: &'a HashMap<String, Tensor>, dir: &'a Path, seed: u64 },
+    Checkpoint {
+        tensors: &'a HashMap<String, Tensor>,
+        dir: &'a Path,
+        seed: u64,
+    },
 }
 
 /// Seeded initial value for the parameter `name` of `shape`.
@@ -125,7 +134,12 @@ fn build_trainable<M>(
                         })
                     }
                     None if name.starts_with("score.") => init_value(name, &shape, &mut rng, device)?,
-                    None => return Err(ModelError::MissingTensor { dir: dir.into(), name: name.clone() }),
+                    None => {
+                        return Err(ModelError::MissingTensor {
+                            dir: dir.into(),
+                            name: name.clone(),
+                        })
+                    }
                 },
                 WeightInit::Random { .. } => init_value(name, &shape, &mut rng, device)?,
             };
@@ -143,20 +157,32 @@ fn build_frozen<M>(
     device: &Device,
     ctor: impl FnOnce(&ModelConfig, VarBuilder) -> candle_core::Result<M>,
 ) -> Result<M> {
-    ctor(config, VarBuilder::from_tensors(tensors, DType::F32, device)).map_err(|e| match e {
-        candle_core::Error::CannotFindTensor { path } => ModelError::MissingTensor { dir: dir.into(), name: path },
-        candle_core::Error::ShapeMismatchBinaryOp { .. } | candle_core::Error::UnexpectedShape { .. } => {
+    ctor(config, VarBuilder::from_tensors(tensors, DType::F32, device)).map_err(|e| match strip_backtrace(e) {
+        candle_core::Error::CannotFindTensor { path } => ModelError::MissingTensor {
+            dir: dir.into(),
+            name: path,
+        },
+        e @ candle_core::Error::UnexpectedShape { .. } => {
             ModelError::InvalidArgument(format!("checkpoint {}: {e}", dir.display()))
         }
         other => ModelError::Candle(other),
     })
 }
 
+fn strip_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => strip_backtrace(*inner),
+        other => other,
+    }
+}
+
 /// Copies the current values of a `VarMap` into detached tensors: the immutable weight
 /// snapshot that samplers adopt via `from_tensors`.
 pub fn snapshot(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
     let data = varmap.data().lock().expect("varmap lock");
-    data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect()
+    data.iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+        .collect()
 }
 
 /// Per-token outputs of a language-model forward.
@@ -198,7 +224,12 @@ impl LanguageModel {
             }
             _ => backbone.token_embedding().clone(),
         };
-        Ok(Self { config: config.clone().with_head(HeadKind::CausalLm), backbone, lm_head, device: vb.device().clone() })
+        Ok(Self {
+            config: config.clone().with_head(HeadKind::CausalLm),
+            backbone,
+            lm_head,
+            device: vb.device().clone(),
+        })
     }
 
     /// Loads a `*ForCausalLM` / `GPT2LMHeadModel` checkpoint directory, frozen.
@@ -235,7 +266,12 @@ impl LanguageModel {
     }
 
     /// Logits (b, V) of the token after the last column of `ids`; see [`Self::forward`].
-    pub fn next_token_logits(&self, ids: &Tensor, key_mask: &[Vec<f32>], cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn next_token_logits(
+        &self,
+        ids: &Tensor,
+        key_mask: &[Vec<f32>],
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let h = self.hidden(ids, key_mask, cache)?;
         let t = h.dim(1)?;
         Ok(self.head(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
@@ -272,7 +308,9 @@ impl LanguageModel {
     pub fn token_logprobs(&self, ids: &Tensor, mask: &Tensor, start: usize, temperature: f64) -> Result<TokenOutputs> {
         let (_, t) = ids.dims2()?;
         if start + 1 >= t {
-            return Err(ModelError::InvalidArgument(format!("start {start} leaves no target in a sequence of {t}")));
+            return Err(ModelError::InvalidArgument(format!(
+                "start {start} leaves no target in a sequence of {t}"
+            )));
         }
         let mask_rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let attn = AttentionInputs::new(&mask_rows, t, &self.device)?;
@@ -280,7 +318,11 @@ impl LanguageModel {
         let h = self.backbone.forward(ids, &attn, None)?;
         let n = t - 1 - start;
         let logits = self.head(&h.narrow(1, start, n)?)?;
-        let logits = if temperature != 1.0 { (logits / temperature)? } else { logits };
+        let logits = if temperature != 1.0 {
+            (logits / temperature)?
+        } else {
+            logits
+        };
         let lp = log_softmax(&logits)?;
         let targets = ids.narrow(1, start + 1, n)?.contiguous()?.unsqueeze(D::Minus1)?;
         let logprobs = lp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
@@ -303,7 +345,12 @@ impl ScalarModel {
     fn new(config: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let backbone = Backbone::new(config, vb.clone())?;
         let score = vb.pp("score").get((1, config.dims().hidden), "weight")?;
-        Ok(Self { config: config.clone().with_head(HeadKind::Scalar), backbone, score, device: vb.device().clone() })
+        Ok(Self {
+            config: config.clone().with_head(HeadKind::Scalar),
+            backbone,
+            score,
+            device: vb.device().clone(),
+        })
     }
 
     /// Loads a `*ForSequenceClassification` checkpoint with one label, frozen.

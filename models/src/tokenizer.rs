@@ -25,11 +25,19 @@ impl TextTokenizer {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.is_file() {
-            return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found")));
+            return Err(ModelError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
+            ));
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| ModelError::Tokenizer { path: path.into(), msg: e.to_string() })?;
-        Ok(Self { inner, path: path.into() })
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
+        Ok(Self {
+            inner,
+            path: path.into(),
+        })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -57,10 +65,16 @@ impl TextTokenizer {
     /// Writes `DIR/tokenizer.json`.
     pub fn save_to_dir(&self, dir: &Path) -> Result<()> {
         let path = dir.join("tokenizer.json");
-        self.inner.save(&path, false).map_err(|e| ModelError::Tokenizer { path, msg: e.to_string() })
+        self.inner.save(&path, false).map_err(|e| ModelError::Tokenizer {
+            path,
+            msg: e.to_string(),
+        })
     }
 
     fn err(&self, e: tokenizers::Error) -> ModelError {
-        ModelError::Tokenizer { path: self.path.clone(), msg: e.to_string() }
+        ModelError::Tokenizer {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        }
     }
 }

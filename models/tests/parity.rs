@@ -6,7 +6,9 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use rand::{rngs::StdRng, SeedableRng};
-use tandem_models::{generate, Decoding, HeadKind, LanguageModel, ModelConfig, SamplingConfig, ScalarModel, TextTokenizer};
+use tandem_models::{
+    generate, Decoding, HeadKind, LanguageModel, ModelConfig, SamplingConfig, ScalarModel, TextTokenizer,
+};
 
 fn ones(n: usize) -> Tensor {
     Tensor::ones((1, n), candle_core::DType::F32, &Device::Cpu).unwrap()
@@ -29,21 +31,58 @@ fn language_models_match_transformers() {
         for case in expected["cases"].as_array().unwrap() {
             let ids = u32s(&case["input_ids"]);
             let name = format!("{}", dir.display());
-            let out = model.token_logprobs(&ids_tensor(&ids), &ones(ids.len()), 0, 1.0).unwrap();
-            let got: Vec<f64> = out.logprobs.squeeze(0).unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
-            assert_close(&format!("{name} next_token_logprobs"), &got, &f64s(&case["next_token_logprobs"]), 1e-4);
+            let out = model
+                .token_logprobs(&ids_tensor(&ids), &ones(ids.len()), 0, 1.0)
+                .unwrap();
+            let got: Vec<f64> = out
+                .logprobs
+                .squeeze(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            assert_close(
+                &format!("{name} next_token_logprobs"),
+                &got,
+                &f64s(&case["next_token_logprobs"]),
+                1e-4,
+            );
 
             let mask = vec![vec![1.0f32; ids.len()]];
             let logits = model.forward(&ids_tensor(&ids), &mask, None).unwrap();
-            let last: Vec<f64> = logits.get(0).unwrap().get(ids.len() - 1).unwrap().to_vec1::<f32>().unwrap()[..8]
+            let last: Vec<f64> = logits
+                .get(0)
+                .unwrap()
+                .get(ids.len() - 1)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()[..8]
                 .iter()
                 .map(|&x| x as f64)
                 .collect();
-            assert_close(&format!("{name} last_logits_first8"), &last, &f64s(&case["last_logits_first8"]), 1e-4);
+            assert_close(
+                &format!("{name} last_logits_first8"),
+                &last,
+                &f64s(&case["last_logits_first8"]),
+                1e-4,
+            );
 
             let mut rng = StdRng::seed_from_u64(0);
-            let g = generate(&model, &[ids.clone()], &SamplingConfig::greedy(12), &mut rng, Decoding::Cached).unwrap();
-            assert_eq!(g.responses[0], u32s(&case["greedy_12"]), "{name}: greedy continuation of {ids:?}");
+            let g = generate(
+                &model,
+                &[ids.clone()],
+                &SamplingConfig::greedy(12),
+                &mut rng,
+                Decoding::Cached,
+            )
+            .unwrap();
+            assert_eq!(
+                g.responses[0],
+                u32s(&case["greedy_12"]),
+                "{name}: greedy continuation of {ids:?}"
+            );
             checked += 1;
         }
     }
@@ -62,9 +101,17 @@ fn reward_models_match_transformers() {
         let expected = read_json(&dir.join("expected.json"));
         for case in expected["cases"].as_array().unwrap() {
             let ids = u32s(&case["input_ids"]);
-            let s = model.scores(&ids_tensor(&ids), &ones(ids.len())).unwrap().to_vec1::<f32>().unwrap()[0];
+            let s = model
+                .scores(&ids_tensor(&ids), &ones(ids.len()))
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()[0];
             let want = case["score"].as_f64().unwrap();
-            assert!((s as f64 - want).abs() <= 1e-4, "{}: score {s} vs {want}", dir.display());
+            assert!(
+                (s as f64 - want).abs() <= 1e-4,
+                "{}: score {s} vs {want}",
+                dir.display()
+            );
             checked += 1;
         }
     }

@@ -11,7 +11,11 @@ pub fn fixtures_hf() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
     let hf = root.join("hf");
-    assert!(hf.is_dir(), "fixtures not found at {} (set TANDEM_FIXTURES)", hf.display());
+    assert!(
+        hf.is_dir(),
+        "fixtures not found at {} (set TANDEM_FIXTURES)",
+        hf.display()
+    );
     hf
 }
 
@@ -32,7 +36,11 @@ pub fn read_json(path: &std::path::Path) -> Value {
 }
 
 pub fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn f64s(v: &Value) -> Vec<f64> {

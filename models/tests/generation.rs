@@ -1,0 +1,283 @@
+//! Generation: KV cache parity with full recompute, seeded reproducibility, padding invariance,
+//! stop tokens, and what truncation does to behaviour log-probs.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use rand::{rngs::StdRng, SeedableRng};
+use tandem_models::batch::{PadSide, PaddedBatch};
+use tandem_models::generation::sample_token;
+use tandem_models::{generate, Decoding, HeadKind, LanguageModel, ModelConfig, SamplingConfig};
+
+fn lm_fixtures() -> Vec<LanguageModel> {
+    checkpoints()
+        .into_iter()
+        .filter(|d| ModelConfig::from_dir(d).unwrap().head == HeadKind::CausalLm)
+        .map(|d| LanguageModel::load(&d, &Device::Cpu).unwrap())
+        .collect()
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![84, 258, 298],
+        vec![83, 258, 265, 382, 287, 260, 329],
+        vec![87],
+        vec![87, 281, 259, 260, 303],
+    ]
+}
+
+fn sampling() -> SamplingConfig {
+    SamplingConfig {
+        max_new_tokens: 16,
+        temperature: 0.9,
+        top_k: 50,
+        top_p: 0.95,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn cached_decoding_matches_full_recompute() {
+    for model in lm_fixtures() {
+        let cached = generate(
+            &model,
+            &prompts(),
+            &sampling(),
+            &mut StdRng::seed_from_u64(7),
+            Decoding::Cached,
+        )
+        .unwrap();
+        let full = generate(
+            &model,
+            &prompts(),
+            &sampling(),
+            &mut StdRng::seed_from_u64(7),
+            Decoding::Recompute,
+        )
+        .unwrap();
+        assert_eq!(cached.responses, full.responses);
+        for (a, b) in cached.full_logprobs.iter().zip(&full.full_logprobs) {
+            let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+            let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+            assert_close("cached vs recomputed logprob", &a, &b, 1e-5);
+        }
+        for (a, b) in cached.logprobs.iter().zip(&full.logprobs) {
+            let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+            let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+            assert_close("cached vs recomputed behaviour logprob", &a, &b, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn learner_recomputes_the_samplers_full_logprobs() {
+    // The learner scores prompt+response in one padded forward at the sampling temperature and
+    // must get back the sampler's untruncated log-probs.
+    for model in lm_fixtures() {
+        let cfg = SamplingConfig {
+            temperature: 0.8,
+            ..sampling()
+        };
+        let g = generate(
+            &model,
+            &prompts(),
+            &cfg,
+            &mut StdRng::seed_from_u64(1),
+            Decoding::Cached,
+        )
+        .unwrap();
+        for (i, p) in prompts().iter().enumerate() {
+            let seq: Vec<u32> = p.iter().chain(&g.responses[i]).copied().collect();
+            let ids = Tensor::from_vec(seq.clone(), (1, seq.len()), &Device::Cpu).unwrap();
+            let mask = Tensor::ones((1, seq.len()), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let out = model.token_logprobs(&ids, &mask, p.len() - 1, 0.8).unwrap();
+            let got: Vec<f64> = out
+                .logprobs
+                .squeeze(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            let want: Vec<f64> = g.full_logprobs[i].iter().map(|&x| x as f64).collect();
+            assert_close("recomputed logprobs", &got, &want, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_seed_dependent() {
+    let model = &lm_fixtures()[0];
+    let run = |seed| {
+        generate(
+            model,
+            &prompts(),
+            &sampling(),
+            &mut StdRng::seed_from_u64(seed),
+            Decoding::Cached,
+        )
+        .unwrap()
+    };
+    assert_eq!(run(11), run(11));
+    assert_ne!(run(11).responses, run(12).responses);
+}
+
+#[test]
+fn padding_never_changes_a_row() {
+    for model in lm_fixtures() {
+        let greedy = SamplingConfig::greedy(10);
+        let together = generate(
+            &model,
+            &prompts(),
+            &greedy,
+            &mut StdRng::seed_from_u64(0),
+            Decoding::Cached,
+        )
+        .unwrap();
+        for (i, p) in prompts().iter().enumerate() {
+            let alone = generate(
+                &model,
+                &[p.clone()],
+                &greedy,
+                &mut StdRng::seed_from_u64(0),
+                Decoding::Cached,
+            )
+            .unwrap();
+            assert_eq!(alone.responses[0], together.responses[i]);
+            let a: Vec<f64> = alone.full_logprobs[0].iter().map(|&x| x as f64).collect();
+            let b: Vec<f64> = together.full_logprobs[i].iter().map(|&x| x as f64).collect();
+            assert_close("padded vs alone", &a, &b, 1e-4);
+        }
+        // Right padding in a training forward: row results equal the unpadded row's.
+        let seqs = prompts();
+        let batch = PaddedBatch::new(&seqs, 0, PadSide::Right, &Device::Cpu).unwrap();
+        let mask = batch.mask_tensor(&Device::Cpu).unwrap();
+        let out = model
+            .token_logprobs(&batch.ids, &mask, 0, 1.0)
+            .unwrap()
+            .logprobs
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, s) in seqs.iter().enumerate().filter(|(_, s)| s.len() > 1) {
+            let ids = Tensor::from_vec(s.clone(), (1, s.len()), &Device::Cpu).unwrap();
+            let m = Tensor::ones((1, s.len()), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let alone = model
+                .token_logprobs(&ids, &m, 0, 1.0)
+                .unwrap()
+                .logprobs
+                .to_vec2::<f32>()
+                .unwrap();
+            let a: Vec<f64> = alone[0].iter().map(|&x| x as f64).collect();
+            let b: Vec<f64> = out[i][..s.len() - 1].iter().map(|&x| x as f64).collect();
+            assert_close("right padded", &b, &a, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn stop_tokens_end_rows_and_are_kept() {
+    let model = &lm_fixtures()[0];
+    let free = generate(
+        model,
+        &prompts(),
+        &SamplingConfig::greedy(12),
+        &mut StdRng::seed_from_u64(0),
+        Decoding::Cached,
+    )
+    .unwrap();
+    // Stop on the third greedy token of row 0: that row ends there, others go on unless they hit it.
+    let stop = free.responses[0][2];
+    let cfg = SamplingConfig {
+        stop_tokens: vec![stop],
+        ..SamplingConfig::greedy(12)
+    };
+    let g = generate(model, &prompts(), &cfg, &mut StdRng::seed_from_u64(0), Decoding::Cached).unwrap();
+    let first = free.responses[0].iter().position(|&t| t == stop).unwrap();
+    assert_eq!(g.responses[0], free.responses[0][..=first].to_vec());
+    assert!(g.stopped[0]);
+    for (i, r) in g.responses.iter().enumerate() {
+        let cut = free.responses[i].iter().position(|&t| t == stop).map_or(12, |p| p + 1);
+        assert_eq!(r, &free.responses[i][..cut].to_vec(), "row {i}");
+        assert_eq!(g.stopped[i], cut < 12 || free.responses[i][11] == stop);
+    }
+    let mask = g.response_mask();
+    assert_eq!(mask[0].iter().sum::<f32>() as usize, g.responses[0].len());
+    assert_eq!(g.padded_ids(0)[0].len(), g.width());
+}
+
+#[test]
+fn truncation_raises_behaviour_logprobs_and_greedy_is_a_point_mass() {
+    let logits: Vec<f32> = vec![2.0, 1.0, 0.5, 0.0, -1.0];
+    let mut rng = StdRng::seed_from_u64(0);
+    // Untruncated at T=1: behaviour and full log-probs agree.
+    let plain = SamplingConfig::default();
+    for _ in 0..20 {
+        let (_, lp, full) = sample_token(&logits, &plain, &mut rng);
+        assert!((lp - full).abs() < 1e-6);
+    }
+    // top_k = 2: q renormalises over {0, 1}: log q(0) = 2 - ln(e^2 + e^1).
+    let k2 = SamplingConfig {
+        top_k: 2,
+        ..plain.clone()
+    };
+    for _ in 0..50 {
+        let (tok, lp, full) = sample_token(&logits, &k2, &mut rng);
+        assert!(tok < 2, "top-k sampled {tok}");
+        let want = logits[tok as usize] as f64 - (2f64.exp() + 1f64.exp()).ln();
+        assert!((lp as f64 - want).abs() < 1e-5, "{lp} vs {want}");
+        assert!(lp >= full);
+    }
+    // top_p = 0.5: p(0) = e^2 / sum = 0.5465... >= 0.5, so only token 0 remains: log q = 0.
+    let p = SamplingConfig {
+        top_p: 0.5,
+        ..plain.clone()
+    };
+    let (tok, lp, _) = sample_token(&logits, &p, &mut rng);
+    assert_eq!((tok, lp), (0, 0.0));
+    // Temperature 0.5 doubles the logits: full log-prob of token 1 = 2 - ln(sum e^{2 l}).
+    let t = SamplingConfig {
+        temperature: 0.5,
+        top_k: 2,
+        ..plain.clone()
+    };
+    let z: f64 = logits.iter().map(|&l| (2.0 * l as f64).exp()).sum();
+    loop {
+        let (tok, _, full) = sample_token(&logits, &t, &mut rng);
+        if tok == 1 {
+            assert!((full as f64 - (2.0 - z.ln())).abs() < 1e-5);
+            break;
+        }
+    }
+    let (tok, lp, full) = sample_token(&logits, &SamplingConfig::greedy(1), &mut rng);
+    let z1: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+    assert_eq!((tok, lp), (0, 0.0));
+    assert!((full as f64 - (2.0 - z1.ln())).abs() < 1e-5);
+}
+
+#[test]
+fn too_long_requests_are_refused() {
+    let model = &lm_fixtures()[0];
+    let max = model.config().dims().max_positions;
+    let err = generate(
+        model,
+        &[vec![1; 4]],
+        &SamplingConfig::greedy(max),
+        &mut StdRng::seed_from_u64(0),
+        Decoding::Cached,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("positions"), "{err}");
+    assert!(generate(
+        model,
+        &[vec![]],
+        &SamplingConfig::greedy(2),
+        &mut StdRng::seed_from_u64(0),
+        Decoding::Cached
+    )
+    .unwrap_err()
+    .to_string()
+    .contains("empty"));
+}

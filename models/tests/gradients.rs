@@ -1,0 +1,119 @@
+//! Every trainable tensor receives a non-zero gradient, for both families and both heads.
+//! This guards against candle's fused kernels, which silently drop gradients (DESIGN.md).
+
+mod common;
+
+use candle_core::{backprop::GradStore, Device, Tensor};
+use candle_nn::VarMap;
+use common::*;
+use tandem_models::batch::{PadSide, PaddedBatch};
+use tandem_models::{load_tensors, HeadKind, LanguageModel, ModelConfig, ScalarModel, WeightInit};
+
+fn batch(cfg: &ModelConfig) -> (Tensor, Tensor) {
+    let v = cfg.dims().vocab_size as u32;
+    // Left padding on the first row so padded positions are exercised too.
+    let seqs = vec![vec![5 % v, 17 % v, 42 % v], vec![7 % v, 3 % v, 99 % v, 11 % v, 250 % v]];
+    let b = PaddedBatch::new(&seqs, cfg.pad_id(), PadSide::Left, &Device::Cpu).unwrap();
+    let mask = b.mask_tensor(&Device::Cpu).unwrap();
+    (b.ids, mask)
+}
+
+fn assert_all_vars_have_grad(what: &str, varmap: &VarMap, grads: &GradStore) {
+    let data = varmap.data().lock().unwrap();
+    assert!(!data.is_empty());
+    let mut names: Vec<_> = data.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let var = &data[&name];
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{what}: {name} has no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{what}: {name} gradient norm {norm}");
+    }
+}
+
+fn fixture(kind: &str, head: HeadKind) -> std::path::PathBuf {
+    checkpoints()
+        .into_iter()
+        .find(|d| {
+            let c = ModelConfig::from_dir(d).unwrap();
+            c.head == head && c.hf_class().to_lowercase().starts_with(kind)
+        })
+        .unwrap_or_else(|| panic!("no {kind} {head:?} fixture"))
+}
+
+#[test]
+fn language_model_gradients_reach_every_parameter() {
+    for kind in ["gpt2", "qwen2"] {
+        let dir = fixture(kind, HeadKind::CausalLm);
+        let cfg = ModelConfig::from_dir(&dir).unwrap();
+        let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
+        let (model, varmap) = LanguageModel::trainable(
+            &cfg,
+            WeightInit::Checkpoint {
+                tensors: &tensors,
+                dir: &dir,
+                seed: 0,
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (ids, mask) = batch(&cfg);
+        let out = model.token_logprobs(&ids, &mask, 0, 0.7).unwrap();
+        let target_mask = mask.narrow(1, 1, mask.dim(1).unwrap() - 1).unwrap();
+        let loss = ((out.logprobs * &target_mask).unwrap().sum_all().unwrap()
+            + (out.entropy * &target_mask).unwrap().sum_all().unwrap())
+        .unwrap();
+        assert_all_vars_have_grad(kind, &varmap, &loss.backward().unwrap());
+    }
+}
+
+#[test]
+fn scalar_heads_gradients_reach_every_parameter() {
+    for kind in ["gpt2", "qwen2"] {
+        let dir = fixture(kind, HeadKind::Scalar);
+        let cfg = ModelConfig::from_dir(&dir).unwrap();
+        let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
+        let init = WeightInit::Checkpoint {
+            tensors: &tensors,
+            dir: &dir,
+            seed: 0,
+        };
+        let (ids, mask) = batch(&cfg);
+        // Reward head: score at the last real token.
+        let (model, varmap) = ScalarModel::trainable(&cfg, init, &Device::Cpu).unwrap();
+        let loss = model.scores(&ids, &mask).unwrap().sum_all().unwrap();
+        assert_all_vars_have_grad(&format!("{kind} score"), &varmap, &loss.backward().unwrap());
+        // Value head: every real token.
+        let (model, varmap) = ScalarModel::trainable(&cfg, init, &Device::Cpu).unwrap();
+        let loss = (model.values(&ids, &mask).unwrap() * &mask)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert_all_vars_have_grad(&format!("{kind} value"), &varmap, &loss.backward().unwrap());
+    }
+}
+
+#[test]
+fn critic_from_policy_checkpoint_gets_a_fresh_score_head() {
+    let dir = fixture("gpt2", HeadKind::CausalLm);
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
+    let (model, varmap) = ScalarModel::trainable(
+        &cfg,
+        WeightInit::Checkpoint {
+            tensors: &tensors,
+            dir: &dir,
+            seed: 3,
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(varmap.data().lock().unwrap().contains_key("score.weight"));
+    let (ids, mask) = batch(&cfg);
+    let loss = model.values(&ids, &mask).unwrap().sum_all().unwrap();
+    assert_all_vars_have_grad("critic from policy", &varmap, &loss.backward().unwrap());
+}
