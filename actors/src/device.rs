@@ -1,0 +1,205 @@
+//! Device executors: where model compute runs.
+//!
+//! Compute never runs on a tokio worker. Each device named in the placement (`cpu:0`, `cpu:1`,
+//! ...) is an [`Executor`] with its own rayon thread pool of a configured size; candle's CPU
+//! kernels parallelise inside the pool they are called from, so `cpu:0` and `cpu:1` really
+//! compute at the same time on disjoint threads. Actors hand a closure to their executor with
+//! [`Executor::run`] and await the result; several actors placed on one device share its
+//! threads and queue behind each other, as they would on one GPU. `cuda:N` devices (behind the
+//! `cuda` feature) run on a single host thread that drives the GPU.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+use crate::error::ActorError;
+
+/// A device name from the placement: `cpu:N` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeviceId {
+    Cpu(usize),
+    Cuda(usize),
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceId::Cpu(i) => write!(f, "cpu:{i}"),
+            DeviceId::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl FromStr for DeviceId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, idx) = s.split_once(':').unwrap_or((s, "0"));
+        let idx: usize = idx.parse().map_err(|_| format!("bad device index in {s:?} (expected cpu:N or cuda:N)"))?;
+        match kind {
+            "cpu" => Ok(DeviceId::Cpu(idx)),
+            "cuda" => Ok(DeviceId::Cuda(idx)),
+            _ => Err(format!("unknown device {s:?} (expected cpu:N or cuda:N)")),
+        }
+    }
+}
+
+impl serde::Serialize for DeviceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One device: a candle device plus the threads that drive it.
+pub struct Executor {
+    id: DeviceId,
+    device: Device,
+    pool: rayon::ThreadPool,
+    busy: parking_lot_free::BusyClock,
+}
+
+impl fmt::Debug for Executor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Executor").field("id", &self.id).field("threads", &self.pool.current_num_threads()).finish()
+    }
+}
+
+impl Executor {
+    /// Starts the executor for `id` with `threads` OS threads (CPU) or one driver thread (CUDA).
+    pub fn new(id: DeviceId, threads: usize) -> Result<Arc<Self>, ActorError> {
+        let device = match id {
+            DeviceId::Cpu(_) => Device::Cpu,
+            DeviceId::Cuda(i) => cuda_device(i)?,
+        };
+        let threads = if matches!(id, DeviceId::Cuda(_)) { 1 } else { threads.max(1) };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("tandem-{id}-{i}"))
+            .build()
+            .map_err(|e| ActorError::Device(format!("{id}: cannot start thread pool: {e}")))?;
+        Ok(Arc::new(Self { id, device, pool, busy: Default::default() }))
+    }
+
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Seconds this device has spent computing since it started.
+    pub fn busy_seconds(&self) -> f64 {
+        self.busy.total().as_secs_f64()
+    }
+
+    /// Runs `f` on this device's threads and returns its result together with the time it took.
+    /// Cancel safety: dropping the future does not stop `f`; its result is discarded.
+    pub async fn run<R, F>(self: &Arc<Self>, f: F) -> Result<(R, Duration), ActorError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Device) -> R + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let me = self.clone();
+        self.pool.spawn(move || {
+            let start = Instant::now();
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&me.device)));
+            let took = start.elapsed();
+            me.busy.add(took);
+            let _ = tx.send(out.map(|r| (r, took)));
+        });
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(panic)) => Err(ActorError::Panicked(panic_message(&panic))),
+            Err(_) => Err(ActorError::Device(format!("{}: executor dropped the task", self.id))),
+        }
+    }
+}
+
+pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(i: usize) -> Result<Device, ActorError> {
+    Device::new_cuda(i).map_err(|e| ActorError::Device(format!("cuda:{i}: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(i: usize) -> Result<Device, ActorError> {
+    Err(ActorError::Device(format!("cuda:{i} requested but tandem was built without the `cuda` feature")))
+}
+
+mod parking_lot_free {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// Accumulated busy time in nanoseconds.
+    #[derive(Default)]
+    pub struct BusyClock(AtomicU64);
+
+    impl BusyClock {
+        pub fn add(&self, d: Duration) {
+            self.0.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        }
+        pub fn total(&self) -> Duration {
+            Duration::from_nanos(self.0.load(Ordering::Relaxed))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!("cpu:1".parse::<DeviceId>().unwrap(), DeviceId::Cpu(1));
+        assert_eq!("cuda:0".parse::<DeviceId>().unwrap(), DeviceId::Cuda(0));
+        assert!("tpu:0".parse::<DeviceId>().is_err());
+        assert!("cpu:x".parse::<DeviceId>().is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_cpu_devices_compute_at_the_same_time() {
+        let a = Executor::new(DeviceId::Cpu(0), 1).unwrap();
+        let b = Executor::new(DeviceId::Cpu(1), 1).unwrap();
+        let spin = |_: &Device| {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(200) {
+                std::hint::spin_loop();
+            }
+            std::thread::current().name().unwrap_or("").to_string()
+        };
+        let start = Instant::now();
+        let (ra, rb) = tokio::join!(a.run(spin), b.run(spin));
+        let wall = start.elapsed();
+        let (na, nb) = (ra.unwrap().0, rb.unwrap().0);
+        assert!(na.starts_with("tandem-cpu:0") && nb.starts_with("tandem-cpu:1"), "{na} {nb}");
+        // Two 200 ms jobs on separate devices overlap; on one device they would take 400 ms.
+        assert!(wall < Duration::from_millis(380), "took {wall:?}");
+        assert!(a.busy_seconds() >= 0.19);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_is_an_error_not_a_crash() {
+        let a = Executor::new(DeviceId::Cpu(0), 1).unwrap();
+        let r: Result<((), _), _> = a.run(|_| panic!("boom")).await;
+        assert!(matches!(r, Err(ActorError::Panicked(m)) if m == "boom"));
+        assert_eq!(a.run(|_| 3).await.unwrap().0, 3);
+    }
+}

@@ -1,0 +1,92 @@
+//! What flows through the data plane: work tickets (prompts to sample) and trajectory batches.
+//!
+//! A [`WorkTicket`] is one generation batch: consecutive prompts, the learner step whose data
+//! it is meant for, and the seed its sampling uses (so the ticket, not the sampler that
+//! happens to take it, decides the samples). Each stage fills in its part of the
+//! [`Trajectory`] records and forwards the whole [`TrajectoryBatch`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+/// One prompt of the data set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    /// Position in the prompt stream (epoch * len + shuffled index); unique per issue.
+    pub index: u64,
+    pub ids: Vec<u32>,
+}
+
+/// A generation batch handed to a rollout actor.
+#[derive(Debug, Clone)]
+pub struct WorkTicket {
+    pub id: u64,
+    /// The learner step this ticket's trajectories are meant for.
+    pub step: u64,
+    pub prompts: Vec<Prompt>,
+    /// Samples per prompt (GRPO/RLOO groups: consecutive rows share a prompt).
+    pub samples_per_prompt: usize,
+    pub seed: u64,
+}
+
+/// One sampled response and everything the pipeline learns about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trajectory {
+    pub ticket: u64,
+    pub row: u32,
+    pub prompt_index: u64,
+    pub prompt_ids: Vec<u32>,
+    pub response_ids: Vec<u32>,
+    /// log q(token) under the distribution actually sampled from (after temperature/top-k/top-p).
+    pub behaviour_logprobs: Vec<f32>,
+    /// log softmax(logits / T)(token): what the learner recomputes for the same policy.
+    pub full_logprobs: Vec<f32>,
+    /// Whether the response ended with a stop token.
+    pub stopped: bool,
+    pub policy_version: u64,
+    pub sampler: String,
+    pub sampling_seed: u64,
+    /// Reference-model log-probs of the response tokens (Reward stage).
+    pub ref_logprobs: Vec<f32>,
+    /// Reward-model or rule-based score of the whole response (Reward stage).
+    pub score: f32,
+    /// Critic values per response token (Value stage).
+    pub values: Vec<f32>,
+}
+
+/// Seconds each stage spent computing on one batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimes {
+    pub generate_s: f64,
+    pub reward_s: f64,
+    pub value_s: f64,
+}
+
+/// A batch of trajectories from one ticket, as it moves between stages.
+#[derive(Debug, Clone)]
+pub struct TrajectoryBatch {
+    pub ticket: WorkTicket,
+    pub trajectories: Vec<Trajectory>,
+    pub times: StageTimes,
+    pub tokens_generated: usize,
+}
+
+/// Immutable, versioned weights. Receivers share the tensors (no copy per receiver).
+#[derive(Debug)]
+pub struct WeightsSnapshot {
+    pub version: u64,
+    pub tensors: HashMap<String, Tensor>,
+    pub published_at: Instant,
+}
+
+pub type SharedWeights = Arc<WeightsSnapshot>;
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<TrajectoryBatch>();
+    is::<WeightsSnapshot>();
+    is::<WorkTicket>();
+}
