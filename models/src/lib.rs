@@ -5,6 +5,7 @@
 //! - [`model`]: [`LanguageModel`] (policy, reference) and [`ScalarModel`] (reward, critic).
 //! - [`generation`]: batched sampling with a KV cache and behaviour log-probs.
 //! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate.
+//! - [`rl`]: RL math: KL, rewards, KL control, GAE, PPO, critic-free advantages, RM losses.
 
 pub mod batch;
 pub mod checkpoint;
@@ -16,6 +17,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod model;
+pub mod rl;
 pub mod tokenizer;
 
 pub use checkpoint::{load_tensors, save_checkpoint};
