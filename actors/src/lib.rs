@@ -1,1 +1,38 @@
+//! tandem-actors: the pipeline's actors, the bounded data plane and the device executors.
+//!
+//! ```text
+//! tickets ─► Rollout ×N ─► Reward ─► Value ─► Replay ◄─(NextBatch)─ Learner ─► Snapshot
+//!              ▲                        ▲                                        │
+//!              └────────── policy v_k+1 ┴──────────── critic v_k+1 ◄─────────────┘
+//! ```
+//!
+//! Semantics (what is ordered, what blocks, what is dropped):
+//! - Trajectories only travel through [`channel`]s, bounded by configured capacities; a full
+//!   channel makes its producer wait, so memory is bounded by the sum of the capacities plus
+//!   the replay buffer's capacity.
+//! - Actor messages carry control only (steps, weight hand-off, batch requests). Weights are
+//!   shared `Arc`s: one copy per published version, however many receivers.
+//! - A rollout actor never samples a ticket meant for step j with a policy older than
+//!   `j - max_staleness`; the replay buffer drops (and counts) anything older than that when
+//!   the learner asks for a batch.
+//! - Compute runs on [`device::Executor`] threads, never on tokio workers.
 
+pub mod channel;
+pub mod device;
+pub mod error;
+pub mod learner;
+pub mod ppo_trainer;
+pub mod replay;
+pub mod reward;
+pub mod reward_source;
+pub mod rollout;
+pub mod snapshot;
+pub mod trajectory;
+pub mod value;
+
+pub use channel::{stage_channel, StageReceiver, StageSender};
+pub use device::{DeviceId, Executor};
+pub use error::ActorError;
+pub use learner::StepReport;
+pub use ppo_trainer::{Advantage, PpoTrainer, TrainerConfig};
+pub use trajectory::{Prompt, SharedWeights, Trajectory, TrajectoryBatch, WeightsSnapshot, WorkTicket};

@@ -1,0 +1,82 @@
+//! Where scores come from. The reward actor calls one [`RewardSource`] per batch, on its device.
+//!
+//! - [`RewardModelSource`]: a sequence-classification checkpoint scores prompt + response at
+//!   the last real token.
+//! - [`TokenSetReward`]: a rule in the spirit of the seed papers' mock sentiment task — the
+//!   fraction of response tokens drawn from a given set (for example positive words).
+
+use std::collections::HashSet;
+
+use candle_core::Device;
+use tandem_models::batch::PromptResponseBatch;
+use tandem_models::ScalarModel;
+
+use crate::error::ActorError;
+
+pub trait RewardSource: Send + Sync {
+    /// One score per (prompt, response) pair.
+    fn score(&self, prompts: &[&[u32]], responses: &[&[u32]], device: &Device) -> Result<Vec<f32>, ActorError>;
+    /// A short name for metrics and logs.
+    fn name(&self) -> &str;
+}
+
+pub struct RewardModelSource {
+    model: ScalarModel,
+}
+
+impl RewardModelSource {
+    pub fn new(model: ScalarModel) -> Self {
+        Self { model }
+    }
+}
+
+impl RewardSource for RewardModelSource {
+    fn score(&self, prompts: &[&[u32]], responses: &[&[u32]], device: &Device) -> Result<Vec<f32>, ActorError> {
+        let b = PromptResponseBatch::new(prompts, responses, self.model.config().pad_id(), device)?;
+        Ok(self.model.scores(&b.ids, &b.mask)?.to_vec1::<f32>()?)
+    }
+
+    fn name(&self) -> &str {
+        "reward_model"
+    }
+}
+
+/// Score = (number of response tokens in `tokens`) / (response length).
+pub struct TokenSetReward {
+    tokens: HashSet<u32>,
+    name: String,
+}
+
+impl TokenSetReward {
+    pub fn new(name: impl Into<String>, tokens: impl IntoIterator<Item = u32>) -> Self {
+        Self { tokens: tokens.into_iter().collect(), name: name.into() }
+    }
+}
+
+impl RewardSource for TokenSetReward {
+    fn score(&self, _prompts: &[&[u32]], responses: &[&[u32]], _device: &Device) -> Result<Vec<f32>, ActorError> {
+        Ok(responses
+            .iter()
+            .map(|r| {
+                let hits = r.iter().filter(|t| self.tokens.contains(t)).count();
+                hits as f32 / r.len().max(1) as f32
+            })
+            .collect())
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_set_reward_is_the_fraction_of_hits() {
+        let r = TokenSetReward::new("positive", [3, 5]);
+        let s = r.score(&[&[1], &[1], &[1]], &[&[3, 5, 7, 9], &[8], &[5]], &Device::Cpu).unwrap();
+        assert_eq!(s, vec![0.5, 0.0, 1.0]);
+    }
+}

@@ -1,0 +1,165 @@
+//! The rollout actor (sampler): turns work tickets into sampled responses.
+//!
+//! It holds a policy built over the latest [`SharedWeights`] it adopted (sharing the tensors)
+//! and loops: take a ticket from the bounded ticket channel, wait until its policy is recent
+//! enough for the ticket (`ticket.step <= version + max_staleness`; in sync mode that means
+//! exactly the learner's current version), generate on its device with the ticket's seed,
+//! and push the batch into the bounded channel to the reward stage — waiting there when the
+//! reward stage is full. New weights are swapped in between generation batches, never during
+//! one. The loop ends when the ticket channel closes or the downstream channel is gone.
+
+use std::sync::Arc;
+
+use rand::{rngs::StdRng, SeedableRng};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tandem_models::{generate, Decoding, LanguageModel, ModelConfig, SamplingConfig};
+
+use crate::channel::{StageReceiver, StageSender};
+use crate::device::Executor;
+use crate::snapshot::SnapshotMsg;
+use crate::trajectory::{SharedWeights, StageTimes, Trajectory, TrajectoryBatch, WorkTicket};
+
+pub enum RolloutMsg {
+    /// Take the next ticket (self-sent after each batch).
+    Step,
+    /// Swap in a new policy version before the next batch.
+    Adopt(SharedWeights),
+}
+
+pub struct RolloutArgs {
+    pub name: String,
+    pub executor: Arc<Executor>,
+    pub config: ModelConfig,
+    pub sampling: SamplingConfig,
+    pub max_staleness: u64,
+    pub tickets: StageReceiver<WorkTicket>,
+    pub out: StageSender<TrajectoryBatch>,
+    pub snapshot: ActorRef<SnapshotMsg>,
+}
+
+pub struct RolloutState {
+    args: RolloutArgs,
+    model: Option<(u64, Arc<LanguageModel>)>,
+    pending: Option<WorkTicket>,
+}
+
+pub struct RolloutActor;
+
+impl Actor for RolloutActor {
+    type Msg = RolloutMsg;
+    type State = RolloutState;
+    type Arguments = RolloutArgs;
+
+    async fn pre_start(&self, me: ActorRef<RolloutMsg>, args: RolloutArgs) -> Result<RolloutState, ActorProcessingErr> {
+        args.snapshot.cast(SnapshotMsg::AddRollout(me.clone()))?;
+        Ok(RolloutState { args, model: None, pending: None })
+    }
+
+    async fn handle(&self, me: ActorRef<RolloutMsg>, msg: RolloutMsg, st: &mut RolloutState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RolloutMsg::Adopt(w) => {
+                if st.model.as_ref().is_some_and(|(v, _)| *v >= w.version) {
+                    return Ok(());
+                }
+                let model = LanguageModel::from_tensors(&st.args.config, w.tensors.clone(), st.args.executor.device())?;
+                let first = st.model.is_none();
+                st.model = Some((w.version, Arc::new(model)));
+                metrics::gauge!("tandem_rollout_policy_version", "actor" => st.args.name.clone()).set(w.version as f64);
+                st.args.snapshot.cast(SnapshotMsg::Adopted {
+                    receiver: st.args.name.clone(),
+                    version: w.version,
+                    latency: w.published_at.elapsed(),
+                })?;
+                if first || st.pending.is_some() {
+                    me.cast(RolloutMsg::Step)?;
+                }
+            }
+            RolloutMsg::Step => {
+                let Some((version, model)) = st.model.clone() else { return Ok(()) };
+                let ticket = match st.pending.take() {
+                    Some(t) => t,
+                    None => match st.args.tickets.recv().await {
+                        Some(t) => t,
+                        None => {
+                            me.stop(Some("no more tickets".into()));
+                            return Ok(());
+                        }
+                    },
+                };
+                if ticket.step > version + st.args.max_staleness {
+                    // Too far ahead of the policy: wait for a newer version (Adopt resumes us).
+                    st.pending = Some(ticket);
+                    return Ok(());
+                }
+                let batch = self.sample(st, &ticket, version, model).await?;
+                if st.args.out.send(batch).await.is_err() {
+                    me.stop(Some("reward stage gone".into()));
+                    return Ok(());
+                }
+                me.cast(RolloutMsg::Step)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RolloutActor {
+    async fn sample(
+        &self,
+        st: &RolloutState,
+        ticket: &WorkTicket,
+        version: u64,
+        model: Arc<LanguageModel>,
+    ) -> Result<TrajectoryBatch, ActorProcessingErr> {
+        let n = ticket.samples_per_prompt.max(1);
+        let prompts: Vec<Vec<u32>> =
+            ticket.prompts.iter().flat_map(|p| std::iter::repeat_n(p.ids.clone(), n)).collect();
+        let sampling = st.args.sampling.clone();
+        let seed = ticket.seed;
+        let (gen, took) = st
+            .args
+            .executor
+            .run(move |_| {
+                let mut rng = StdRng::seed_from_u64(seed);
+                generate(&model, &prompts, &sampling, &mut rng, Decoding::Cached)
+            })
+            .await?;
+        let gen = gen?;
+        let tokens: usize = gen.responses.iter().map(Vec::len).sum();
+        metrics::counter!("tandem_rollout_tokens", "actor" => st.args.name.clone()).increment(tokens as u64);
+        metrics::histogram!("tandem_rollout_generate_seconds", "actor" => st.args.name.clone()).record(took.as_secs_f64());
+        let trajectories = gen
+            .responses
+            .into_iter()
+            .zip(gen.logprobs)
+            .zip(gen.full_logprobs)
+            .zip(gen.stopped)
+            .enumerate()
+            .map(|(row, (((response_ids, behaviour_logprobs), full_logprobs), stopped))| {
+                let prompt = &ticket.prompts[row / n];
+                Trajectory {
+                    ticket: ticket.id,
+                    row: row as u32,
+                    prompt_index: prompt.index,
+                    prompt_ids: prompt.ids.clone(),
+                    response_ids,
+                    behaviour_logprobs,
+                    full_logprobs,
+                    stopped,
+                    policy_version: version,
+                    sampler: st.args.name.clone(),
+                    sampling_seed: seed,
+                    ref_logprobs: vec![],
+                    score: 0.0,
+                    values: vec![],
+                }
+            })
+            .collect();
+        Ok(TrajectoryBatch {
+            ticket: ticket.clone(),
+            trajectories,
+            times: StageTimes { generate_s: took.as_secs_f64(), ..Default::default() },
+            tokens_generated: tokens,
+        })
+    }
+}

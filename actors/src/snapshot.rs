@@ -1,0 +1,96 @@
+//! The snapshot actor: owns the versioned weights and hands them out.
+//!
+//! The learner publishes version k+1 of the policy (and of the critic) after a step; the
+//! snapshot actor keeps the latest [`SharedWeights`] and casts the same `Arc` to every rollout
+//! actor and to the value actor — receivers share the tensors, nothing is copied per receiver.
+//! Receivers report back when they adopt a version; the publish-to-adopt latency of each
+//! version is recorded as a histogram and kept for the learner's metrics line.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::rollout::RolloutMsg;
+use crate::trajectory::SharedWeights;
+use crate::value::ValueMsg;
+
+pub enum SnapshotMsg {
+    /// A new policy version (and critic, when there is one) from the learner.
+    Publish { policy: SharedWeights, critic: Option<SharedWeights> },
+    /// A receiver adopted `version` after `latency`.
+    Adopted { receiver: String, version: u64, latency: Duration },
+    /// Register a rollout actor; it gets the latest policy at once.
+    AddRollout(ActorRef<RolloutMsg>),
+    /// Register the value actor; it gets the latest critic at once.
+    SetValue(ActorRef<ValueMsg>),
+    /// The worst publish-to-adopt latency of `version` seen so far, in seconds.
+    AdoptLatency { version: u64, reply: RpcReplyPort<Option<f64>> },
+}
+
+pub struct SnapshotActor;
+
+pub struct SnapshotState {
+    policy: SharedWeights,
+    critic: Option<SharedWeights>,
+    rollouts: Vec<ActorRef<RolloutMsg>>,
+    value: Option<ActorRef<ValueMsg>>,
+    latency: BTreeMap<u64, f64>,
+}
+
+pub struct SnapshotArgs {
+    pub policy: SharedWeights,
+    pub critic: Option<SharedWeights>,
+}
+
+impl Actor for SnapshotActor {
+    type Msg = SnapshotMsg;
+    type State = SnapshotState;
+    type Arguments = SnapshotArgs;
+
+    async fn pre_start(&self, _me: ActorRef<SnapshotMsg>, args: SnapshotArgs) -> Result<SnapshotState, ActorProcessingErr> {
+        Ok(SnapshotState { policy: args.policy, critic: args.critic, rollouts: vec![], value: None, latency: BTreeMap::new() })
+    }
+
+    async fn handle(&self, _me: ActorRef<SnapshotMsg>, msg: SnapshotMsg, st: &mut SnapshotState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SnapshotMsg::Publish { policy, critic } => {
+                metrics::gauge!("tandem_policy_version").set(policy.version as f64);
+                // Critic first: the value stage must never see data newer than its critic.
+                if let (Some(c), Some(v)) = (&critic, &st.value) {
+                    let _ = v.cast(ValueMsg::Adopt(c.clone()));
+                }
+                for r in &st.rollouts {
+                    let _ = r.cast(RolloutMsg::Adopt(policy.clone()));
+                }
+                st.policy = policy;
+                if critic.is_some() {
+                    st.critic = critic;
+                }
+                // Keep a bounded history.
+                while st.latency.len() > 1024 {
+                    st.latency.pop_first();
+                }
+            }
+            SnapshotMsg::Adopted { receiver, version, latency } => {
+                metrics::histogram!("tandem_weight_adopt_seconds", "receiver" => receiver).record(latency.as_secs_f64());
+                let e = st.latency.entry(version).or_insert(0.0);
+                *e = e.max(latency.as_secs_f64());
+            }
+            SnapshotMsg::AddRollout(r) => {
+                let _ = r.cast(RolloutMsg::Adopt(st.policy.clone()));
+                st.rollouts.push(r);
+            }
+            SnapshotMsg::SetValue(v) => {
+                if let Some(c) = &st.critic {
+                    let _ = v.cast(ValueMsg::Adopt(c.clone()));
+                }
+                st.value = Some(v);
+            }
+            SnapshotMsg::AdoptLatency { version, reply } => {
+                let _ = reply.send(st.latency.get(&version).copied());
+            }
+        }
+        Ok(())
+    }
+}

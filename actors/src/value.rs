@@ -1,0 +1,146 @@
+//! The value actor: the critic's per-token values for each response.
+//!
+//! It holds a critic built over the latest critic weights the snapshot actor handed it. A batch
+//! is only valued by a critic at least as new as the policy that sampled it (the learner
+//! publishes policy and critic together, critic first), so in sync mode step k's data is
+//! always valued by critic k. Without a critic (GRPO, RLOO) the stage passes batches through
+//! with zero values.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tandem_models::batch::PromptResponseBatch;
+use tandem_models::{ModelConfig, ScalarModel};
+
+use crate::channel::{StageReceiver, StageSender};
+use crate::device::Executor;
+use crate::snapshot::SnapshotMsg;
+use crate::trajectory::{SharedWeights, TrajectoryBatch};
+
+pub enum ValueMsg {
+    Step,
+    Adopt(SharedWeights),
+}
+
+pub struct ValueArgs {
+    pub name: String,
+    pub executor: Arc<Executor>,
+    /// The critic's config; `None` runs the stage as a pass-through (critic-free methods).
+    pub critic: Option<ModelConfig>,
+    pub input: StageReceiver<TrajectoryBatch>,
+    pub out: StageSender<TrajectoryBatch>,
+    pub snapshot: ActorRef<SnapshotMsg>,
+}
+
+pub struct ValueState {
+    args: ValueArgs,
+    model: Option<(u64, Arc<ScalarModel>)>,
+    pending: Option<TrajectoryBatch>,
+}
+
+pub struct ValueActor;
+
+impl Actor for ValueActor {
+    type Msg = ValueMsg;
+    type State = ValueState;
+    type Arguments = ValueArgs;
+
+    async fn pre_start(&self, me: ActorRef<ValueMsg>, args: ValueArgs) -> Result<ValueState, ActorProcessingErr> {
+        if args.critic.is_some() {
+            args.snapshot.cast(SnapshotMsg::SetValue(me.clone()))?;
+        } else {
+            me.cast(ValueMsg::Step)?;
+        }
+        Ok(ValueState { args, model: None, pending: None })
+    }
+
+    async fn handle(&self, me: ActorRef<ValueMsg>, msg: ValueMsg, st: &mut ValueState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ValueMsg::Adopt(w) => {
+                let Some(cfg) = &st.args.critic else { return Ok(()) };
+                if st.model.as_ref().is_some_and(|(v, _)| *v >= w.version) {
+                    return Ok(());
+                }
+                let first = st.model.is_none();
+                let m = ScalarModel::from_tensors(cfg, w.tensors.clone(), st.args.executor.device())?;
+                st.model = Some((w.version, Arc::new(m)));
+                st.args.snapshot.cast(SnapshotMsg::Adopted {
+                    receiver: st.args.name.clone(),
+                    version: w.version,
+                    latency: w.published_at.elapsed(),
+                })?;
+                if first || st.pending.is_some() {
+                    me.cast(ValueMsg::Step)?;
+                }
+            }
+            ValueMsg::Step => {
+                let batch = match st.pending.take() {
+                    Some(b) => b,
+                    None => match st.args.input.recv().await {
+                        Some(b) => b,
+                        None => {
+                            me.stop(Some("reward stage closed".into()));
+                            return Ok(());
+                        }
+                    },
+                };
+                let mut batch = match &st.model {
+                    None if st.args.critic.is_none() => batch,
+                    None => {
+                        st.pending = Some(batch);
+                        return Ok(());
+                    }
+                    Some((v, model)) => {
+                        let needed = batch.trajectories.iter().map(|t| t.policy_version).max().unwrap_or(0);
+                        if *v < needed {
+                            st.pending = Some(batch);
+                            return Ok(());
+                        }
+                        self.value(st, batch, model.clone()).await?
+                    }
+                };
+                if st.args.critic.is_none() {
+                    for t in &mut batch.trajectories {
+                        t.values = vec![0.0; t.response_ids.len()];
+                    }
+                }
+                if st.args.out.send(batch).await.is_err() {
+                    me.stop(Some("replay gone".into()));
+                    return Ok(());
+                }
+                me.cast(ValueMsg::Step)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ValueActor {
+    async fn value(
+        &self,
+        st: &ValueState,
+        mut batch: TrajectoryBatch,
+        model: Arc<ScalarModel>,
+    ) -> Result<TrajectoryBatch, ActorProcessingErr> {
+        let prompts: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.prompt_ids.clone()).collect();
+        let responses: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.response_ids.clone()).collect();
+        let (values, took) = st
+            .args
+            .executor
+            .run(move |dev| -> Result<Vec<Vec<f32>>, crate::error::ActorError> {
+                let p: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+                let r: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
+                let b = PromptResponseBatch::new(&p, &r, model.config().pad_id(), dev)?;
+                let v = model.values(&b.ids, &b.mask)?;
+                Ok(v.narrow(1, b.prompt_width - 1, b.response_width)?.to_vec2::<f32>()?)
+            })
+            .await?;
+        let values = values?;
+        for (i, t) in batch.trajectories.iter_mut().enumerate() {
+            t.values = values[i][..t.response_ids.len()].to_vec();
+        }
+        batch.times.value_s = took.as_secs_f64();
+        metrics::histogram!("tandem_value_seconds", "actor" => st.args.name.clone()).record(took.as_secs_f64());
+        Ok(batch)
+    }
+}
