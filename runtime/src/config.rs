@@ -1,0 +1,410 @@
+//! The run configuration: one TOML file with typed sections, every key documented here.
+//!
+//! Unknown or mistyped keys are rejected with the file, line and key. Relative paths inside
+//! the file are resolved against the directory of the config file. `--set section.key=value`
+//! overrides are applied before validation (the value is parsed as TOML, or taken as a string).
+//! The resolved config (overrides applied, paths absolute) is written to the run directory.
+//!
+//! ```toml
+//! seed = 1                 # RNG seed for initialisation, shuffling and sampling
+//! steps = 40               # learner steps
+//! run_dir = "runs/x"       # output directory (relative to the working directory); --run-dir wins
+//!
+//! [mode]
+//! max_staleness = 1        # 0 = sync on-policy PPO; k = samplers may run k versions ahead
+//! publish_every = 1        # learner publishes new weights every M steps
+//!
+//! [models.policy]          # either a HF checkpoint directory ...
+//! path = "../../shared/fixtures/hf/gpt2-tiny"
+//! [models.policy.builtin]  # ... or a built-in tiny model with the built-in word tokenizer
+//! arch = "gpt2"            # gpt2 | qwen2
+//! hidden = 64
+//! layers = 2
+//! heads = 4
+//! kv_heads = 2             # qwen2 only
+//!
+//! [models.critic]
+//! init = "reward_model"    # reward_model (InstructGPT) | policy | path
+//! path = "..."             # with init = "path"
+//!
+//! [reward]
+//! kind = "positive_words"  # positive_words | reward_model
+//! model = "path/to/rm"     # with kind = "reward_model"
+//! words = ["good", ...]    # with kind = "positive_words"; default: a built-in positive list
+//!
+//! [data]
+//! prompts = "data/prompts.jsonl"   # JSONL, one {"prompt": "..."} per line
+//! prompt_max_tokens = 16   # prompts are left-truncated to this many tokens
+//! prompts_per_step = 32    # prompts per learner step
+//! samples_per_prompt = 1   # responses per prompt (> 1 for GRPO / RLOO groups)
+//! prompts_per_ticket = 16  # prompts per generation batch
+//!
+//! [sampling]               # see tandem_models::SamplingConfig
+//! max_new_tokens = 12
+//! temperature = 1.0
+//! top_k = 0
+//! top_p = 1.0
+//! stop_tokens = []
+//!
+//! [algorithm]              # see tandem_actors::TrainerConfig (defaults from the seed papers)
+//! advantage = "gae"        # gae | grpo | rloo
+//! ppo_epochs = 4
+//! minibatch_size = 16
+//! policy_lr = 1e-5
+//! critic_lr = 1e-5
+//! max_grad_norm = 1.0
+//! whiten_advantages = true
+//! gae = { gamma = 1.0, lambda = 0.95 }
+//! loss = { clip_eps = 0.2, value_clip = 0.2, vf_coef = 0.5, entropy_coef = 0.0, aggregation = "token_mean" }
+//! reward = { kl_estimator = "k1" }
+//! kl = { kind = "adaptive", init_beta = 0.1, target = 6.0, k_beta = 0.1 }
+//!
+//! [placement]
+//! rollout_devices = ["cpu:0"]
+//! rollouts_per_device = 1
+//! reward_device = "cpu:0"
+//! value_device = "cpu:0"
+//! learner_device = "cpu:1"
+//! threads_per_device = 1
+//!
+//! [channels]               # capacities of the bounded data plane, in generation batches
+//! tickets = 2
+//! rollout_to_reward = 2
+//! reward_to_value = 2
+//! value_to_replay = 2
+//! replay_capacity = 64     # trajectories the replay buffer may hold (>= batch size)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tandem_actors::{DeviceId, TrainerConfig};
+use tandem_models::SamplingConfig;
+
+use crate::error::RuntimeError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    pub steps: u64,
+    #[serde(default)]
+    pub run_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub mode: ModeConfig,
+    pub models: ModelsConfig,
+    pub reward: RewardSourceConfig,
+    pub data: DataConfig,
+    pub sampling: SamplingConfig,
+    #[serde(default)]
+    pub algorithm: TrainerConfig,
+    #[serde(default)]
+    pub placement: PlacementConfig,
+    #[serde(default)]
+    pub channels: ChannelsConfig,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModeConfig {
+    pub max_staleness: u64,
+    pub publish_every: u64,
+}
+
+impl Default for ModeConfig {
+    fn default() -> Self {
+        Self { max_staleness: 0, publish_every: 1 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    pub policy: ModelSource,
+    #[serde(default)]
+    pub critic: CriticConfig,
+}
+
+/// A HF checkpoint directory or a built-in tiny model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSource {
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub builtin: Option<BuiltinModel>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltinModel {
+    pub arch: BuiltinArch,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    #[serde(default)]
+    pub kv_heads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuiltinArch {
+    Gpt2,
+    Qwen2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CriticInit {
+    #[default]
+    RewardModel,
+    Policy,
+    Path,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CriticConfig {
+    #[serde(default)]
+    pub init: CriticInit,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    PositiveWords,
+    RewardModel,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSourceConfig {
+    pub kind: RewardKind,
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    #[serde(default)]
+    pub words: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub prompts: PathBuf,
+    #[serde(default = "default_prompt_max")]
+    pub prompt_max_tokens: usize,
+    pub prompts_per_step: usize,
+    #[serde(default = "one")]
+    pub samples_per_prompt: usize,
+    #[serde(default = "default_ticket")]
+    pub prompts_per_ticket: usize,
+}
+
+fn default_prompt_max() -> usize {
+    64
+}
+fn one() -> usize {
+    1
+}
+fn default_ticket() -> usize {
+    16
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    pub rollout_devices: Vec<DeviceId>,
+    pub rollouts_per_device: usize,
+    pub reward_device: DeviceId,
+    pub value_device: DeviceId,
+    pub learner_device: DeviceId,
+    pub threads_per_device: usize,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            rollout_devices: vec![DeviceId::Cpu(0)],
+            rollouts_per_device: 1,
+            reward_device: DeviceId::Cpu(0),
+            value_device: DeviceId::Cpu(0),
+            learner_device: DeviceId::Cpu(1),
+            threads_per_device: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelsConfig {
+    pub tickets: usize,
+    pub rollout_to_reward: usize,
+    pub reward_to_value: usize,
+    pub value_to_replay: usize,
+    pub replay_capacity: usize,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        Self { tickets: 2, rollout_to_reward: 2, reward_to_value: 2, value_to_replay: 2, replay_capacity: 0 }
+    }
+}
+
+impl Config {
+    /// Reads, overrides, resolves and validates a config file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+        let bad = |msg: String| RuntimeError::Config { path: path.to_path_buf(), msg };
+        let mut cfg: Config = if overrides.is_empty() {
+            toml::from_str(&text).map_err(|e| bad(e.to_string()))?
+        } else {
+            let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            for o in overrides {
+                apply_override(&mut table, o).map_err(|m| bad(format!("--set {o}: {m}")))?;
+            }
+            Config::deserialize(table).map_err(|e| bad(format!("after --set overrides: {e}")))?
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.validate().map_err(bad)?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data.prompts);
+        if let Some(p) = &mut self.models.policy.path {
+            fix(p);
+        }
+        if let Some(p) = &mut self.models.critic.path {
+            fix(p);
+        }
+        if let Some(p) = &mut self.reward.model {
+            fix(p);
+        }
+    }
+
+    /// Generation batches per learner step.
+    pub fn tickets_per_step(&self) -> usize {
+        self.data.prompts_per_step / self.data.prompts_per_ticket
+    }
+
+    /// Trajectories per learner step.
+    pub fn batch_size(&self) -> usize {
+        self.data.prompts_per_step * self.data.samples_per_prompt
+    }
+
+    /// Replay capacity in trajectories (default: two learner batches).
+    pub fn replay_capacity(&self) -> usize {
+        if self.channels.replay_capacity == 0 {
+            2 * self.batch_size()
+        } else {
+            self.channels.replay_capacity
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let m = &self.models.policy;
+        if m.path.is_some() == m.builtin.is_some() {
+            return Err("models.policy: set exactly one of `path` and `builtin`".into());
+        }
+        if let Some(p) = &m.path {
+            if !p.join("config.json").is_file() {
+                return Err(format!("models.policy.path: no config.json in {}", p.display()));
+            }
+        }
+        if !self.data.prompts.is_file() {
+            return Err(format!("data.prompts: file not found: {}", self.data.prompts.display()));
+        }
+        let d = &self.data;
+        if d.prompts_per_ticket == 0 || d.prompts_per_step == 0 || d.prompts_per_step % d.prompts_per_ticket != 0 {
+            return Err(format!(
+                "data.prompts_per_step ({}) must be a positive multiple of data.prompts_per_ticket ({})",
+                d.prompts_per_step, d.prompts_per_ticket
+            ));
+        }
+        if d.samples_per_prompt == 0 {
+            return Err("data.samples_per_prompt must be >= 1".into());
+        }
+        if self.sampling.max_new_tokens == 0 {
+            return Err("sampling.max_new_tokens must be >= 1".into());
+        }
+        if self.steps == 0 {
+            return Err("steps must be >= 1".into());
+        }
+        use tandem_actors::Advantage;
+        match self.algorithm.advantage {
+            Advantage::Gae => {
+                let c = &self.models.critic;
+                match c.init {
+                    CriticInit::RewardModel if self.reward.kind != RewardKind::RewardModel => {
+                        return Err("models.critic.init = \"reward_model\" needs reward.kind = \"reward_model\"; use init = \"policy\" with a rule-based reward".into())
+                    }
+                    CriticInit::Path if c.path.is_none() => return Err("models.critic.path is required with init = \"path\"".into()),
+                    _ => {}
+                }
+            }
+            _ if d.samples_per_prompt < 2 => {
+                return Err("algorithm.advantage grpo/rloo needs data.samples_per_prompt >= 2".into())
+            }
+            _ => {}
+        }
+        match self.reward.kind {
+            RewardKind::RewardModel => match &self.reward.model {
+                None => return Err("reward.model is required with kind = \"reward_model\"".into()),
+                Some(p) if !p.join("config.json").is_file() => {
+                    return Err(format!("reward.model: no config.json in {}", p.display()))
+                }
+                _ => {}
+            },
+            RewardKind::PositiveWords => {}
+        }
+        if self.replay_capacity() < self.batch_size() {
+            return Err(format!(
+                "channels.replay_capacity ({}) must hold at least one batch ({})",
+                self.replay_capacity(),
+                self.batch_size()
+            ));
+        }
+        let p = &self.placement;
+        if p.rollout_devices.is_empty() || p.rollouts_per_device == 0 {
+            return Err("placement: at least one rollout actor is needed".into());
+        }
+        Ok(())
+    }
+
+    /// The config as TOML (what the run directory keeps).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML or kept as a string.
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), String> {
+    let (key, raw) = spec.split_once('=').ok_or("expected section.key=value")?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        cur = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| format!("{p} is not a table"))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! Errors of the runtime layer. Each names the file, line or key it is about.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("{path}:{line}: {msg}")]
+    Prompts { path: PathBuf, line: usize, msg: String },
+    #[error(transparent)]
+    Model(#[from] tandem_models::ModelError),
+    #[error(transparent)]
+    Actor(#[from] tandem_actors::ActorError),
+    #[error("actor failed: {0}")]
+    ActorFailed(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl RuntimeError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        RuntimeError::Io { path: path.into(), source }
+    }
+}
+
+impl From<candle_core::Error> for RuntimeError {
+    fn from(e: candle_core::Error) -> Self {
+        RuntimeError::Model(e.into())
+    }
+}
