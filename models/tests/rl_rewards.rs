@@ -220,7 +220,11 @@ mod rl {
         close(rms.var(), 2.0, 1e-12);
         // normalise 5 and 1: (5 - 3) / sqrt(2) = 1.41421356, (1 - 3) / sqrt(2) = -1.41421356
         let n = v1(&rms.normalize(&t1(&[5.0, 1.0])).unwrap());
-        close_v(&n, &[1.41421356, -1.41421356], 1e-7);
+        close_v(
+            &n,
+            &[std::f64::consts::SQRT_2, -std::f64::consts::SQRT_2],
+            1e-7,
+        );
         assert!(RunningMeanStd::new().normalize(&t1(&[1.0])).is_err());
         assert!(rms.update(&[f64::NAN]).is_err());
     }

@@ -26,7 +26,7 @@
 //! | [`kl`] | the k1, k2, k3 per-token KL estimators |
 //! | [`rewards`] | per-token rewards (score at the last token, `-beta * KL_t` elsewhere); score normalisers |
 //! | [`kl_controller`] | fixed and adaptive (Ziegler et al. 2019) KL coefficient |
-//! | [`gae`] | generalised advantage estimation over masked rows; masked whitening |
+//! | [`gae`](mod@gae) | generalised advantage estimation over masked rows; masked whitening |
 //! | [`ppo`] | clipped PPO policy, value and entropy losses, decoupled off-policy PPO, statistics |
 //! | [`critic_free`] | GRPO and RLOO advantages |
 //! | [`logprob`] | token log-probabilities and entropy from logits (differentiable) |
@@ -46,16 +46,16 @@ pub mod ptx;
 pub mod rewards;
 pub mod rm_loss;
 
-pub use critic_free::{grpo_advantages, rloo_advantages, GrpoConfig};
+pub use critic_free::{broadcast_to_tokens, grpo_advantages, rloo_advantages, GrpoConfig};
 pub use gae::{gae, masked_whiten, GaeConfig, GaeOutput};
-pub use kl::{kl_per_token, KlEstimator};
+pub use kl::{kl_per_token, sequence_kl, KlEstimator};
 pub use kl_controller::{KlController, KlControllerConfig};
 pub use logprob::{entropy_from_logits, token_logprobs};
 pub use masked::{aggregate, masked_mean, masked_var, row_lengths, Aggregation};
 pub use optim::{clip_grad_norm, global_grad_norm, Ema, GradAccumulator, LrDecay, LrSchedule};
 pub use ppo::{ppo_loss, PpoInputs, PpoLossConfig, PpoLossOutput, PpoStats, ValueInputs};
-pub use ptx::ptx_loss;
-pub use rewards::{per_token_rewards, FixedGainBias, RewardConfig, RunningMeanStd};
+pub use ptx::{ptx_loss, with_ptx};
+pub use rewards::{per_token_rewards, FixedGainBias, RewardConfig, RunningMeanStd, TokenRewards};
 pub use rm_loss::{best_of_k_loss, bradley_terry_loss, ranking_loss};
 
 /// Errors of the RL math.
