@@ -178,6 +178,10 @@ impl PpoTrainer {
         Ok(snapshot(&self.policy_vars)?)
     }
 
+    pub fn critic_config(&self) -> Option<tandem_models::ModelConfig> {
+        self.critic.as_ref().map(|(m, _, _)| m.config().clone())
+    }
+
     pub fn critic_weights(&self) -> Result<Option<HashMap<String, Tensor>>, ActorError> {
         self.critic.as_ref().map(|(_, v, _)| snapshot(v)).transpose().map_err(Into::into)
     }

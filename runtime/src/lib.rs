@@ -1,1 +1,15 @@
+//! tandem-runtime: config, placement, the supervision tree and the run directory.
+//!
+//! A run directory holds the resolved `config.toml`, `metrics.jsonl` (one JSON object per
+//! learner step) and, at the end, the trained `policy/` (and `critic/`) in HF layout.
 
+pub mod builtin;
+pub mod config;
+pub mod error;
+pub mod pipeline;
+pub mod prompts;
+pub mod supervisor;
+
+pub use config::Config;
+pub use error::RuntimeError;
+pub use pipeline::{run, RunOptions, RunSummary};

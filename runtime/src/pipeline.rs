@@ -1,0 +1,398 @@
+//! Starting, running and stopping one RL run.
+//!
+//! [`run`] builds the devices of the placement, loads or initialises the models, wires the
+//! bounded channels (tickets → rollout ×N → reward → value → replay) and spawns every actor
+//! under the [`RunSupervisor`]. It then appends each learner report to `RUN_DIR/metrics.jsonl`
+//! until the last step, an actor failure, or Ctrl-C.
+//!
+//! Shutdown: the actors are killed (in-flight generation is abandoned; everything the learner
+//! reported is already on disk), which drops their channel ends; blocked producers and
+//! consumers then see closed channels and finish, and the feeder thread exits. Finally the
+//! trained policy (and critic) are saved in HF layout under `RUN_DIR/policy` (`RUN_DIR/critic`).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use ractor::{Actor, ActorCell};
+use tandem_actors::learner::{LearnerActor, LearnerArgs};
+use tandem_actors::replay::{ReplayActor, ReplayArgs, ReplayMsg};
+use tandem_actors::reward::{RewardActor, RewardArgs};
+use tandem_actors::reward_source::{RewardModelSource, RewardSource, TokenSetReward};
+use tandem_actors::rollout::{RolloutActor, RolloutArgs};
+use tandem_actors::snapshot::{SnapshotActor, SnapshotArgs};
+use tandem_actors::value::{ValueActor, ValueArgs};
+use tandem_actors::{
+    stage_channel, Advantage, DeviceId, Executor, PpoTrainer, StepReport, TrajectoryBatch, WeightsSnapshot,
+};
+use tandem_models::{
+    load_tensors, save_checkpoint, snapshot, HeadKind, LanguageModel, ModelConfig, ScalarModel, TextTokenizer, WeightInit,
+};
+
+use crate::builtin;
+use crate::config::{Config, CriticInit, RewardKind};
+use crate::error::RuntimeError;
+use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
+use crate::supervisor::RunSupervisor;
+
+/// How to run, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub run_dir: PathBuf,
+    /// Show a progress bar (when stdout is a terminal).
+    pub progress: bool,
+    /// Test hook: extra seconds per learner step (a deliberately slow learner).
+    pub learner_delay: Duration,
+}
+
+/// What a finished run reports back.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub reports: Vec<StepReport>,
+    pub interrupted: bool,
+    /// Most trajectories ever held in the data-plane channels plus the replay buffer.
+    pub max_held: usize,
+    /// Upper bound on `max_held` implied by the configured capacities.
+    pub held_bound: usize,
+    /// Total seconds rollout actors spent blocked on a full reward channel.
+    pub rollout_blocked_s: f64,
+    /// Tickets the feeder issued.
+    pub tickets_issued: u64,
+}
+
+struct LoadedPolicy {
+    config: ModelConfig,
+    tokenizer: TextTokenizer,
+    init: Option<(PathBuf, std::collections::HashMap<String, Tensor>)>,
+}
+
+fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
+    let m = &cfg.models.policy;
+    if let Some(dir) = &m.path {
+        let config = ModelConfig::from_dir(dir)?;
+        if config.head != HeadKind::CausalLm {
+            return Err(RuntimeError::Config {
+                path: dir.join("config.json"),
+                msg: format!("models.policy must be a causal LM, found {}", config.hf_class()),
+            });
+        }
+        let tokenizer = TextTokenizer::from_dir(dir)?;
+        let tensors = load_tensors(dir, &config, &candle_core::Device::Cpu)?;
+        Ok(LoadedPolicy { config, tokenizer, init: Some((dir.clone(), tensors)) })
+    } else {
+        let spec = m.builtin.as_ref().expect("validated: path or builtin");
+        let max_pos = (cfg.data.prompt_max_tokens + cfg.sampling.max_new_tokens).next_power_of_two().max(64);
+        Ok(LoadedPolicy { config: builtin::model_config(spec, max_pos), tokenizer: builtin::tokenizer()?, init: None })
+    }
+}
+
+/// Runs `cfg` to completion (or Ctrl-C) and returns the reports.
+pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeError> {
+    let run_dir = &opts.run_dir;
+    std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
+    let resolved = run_dir.join("config.toml");
+    std::fs::write(&resolved, cfg.to_toml()).map_err(|e| RuntimeError::io(&resolved, e))?;
+
+    // Devices.
+    let p = &cfg.placement;
+    let mut devices: BTreeMap<DeviceId, Arc<Executor>> = BTreeMap::new();
+    for d in p.rollout_devices.iter().chain([&p.reward_device, &p.value_device, &p.learner_device]) {
+        if !devices.contains_key(d) {
+            devices.insert(*d, Executor::new(*d, p.threads_per_device)?);
+        }
+    }
+    let dev = |d: &DeviceId| devices[d].clone();
+
+    // Models.
+    let policy = load_policy(cfg)?;
+    let learner_exec = dev(&p.learner_device);
+    let ldev = learner_exec.device().clone();
+    let init = match &policy.init {
+        Some((dir, t)) => WeightInit::Checkpoint { tensors: t, dir, seed: cfg.seed },
+        None => WeightInit::Random { seed: cfg.seed },
+    };
+    let (policy_model, policy_vars) = LanguageModel::trainable(&policy.config, init, &ldev)?;
+    let initial_policy = snapshot(&policy_vars)?;
+    let reference = Arc::new(LanguageModel::from_tensors(&policy.config, initial_policy.clone(), dev(&p.reward_device).device())?);
+
+    let rm_tensors = match (&cfg.reward.kind, &cfg.reward.model) {
+        (RewardKind::RewardModel, Some(dir)) => {
+            let c = ModelConfig::from_dir(dir)?;
+            Some((dir.clone(), c.clone(), load_tensors(dir, &c, &ldev)?))
+        }
+        _ => None,
+    };
+    let source: Arc<dyn RewardSource> = match cfg.reward.kind {
+        RewardKind::RewardModel => {
+            let (dir, _, _) = rm_tensors.as_ref().expect("validated");
+            Arc::new(RewardModelSource::new(ScalarModel::load(dir, dev(&p.reward_device).device())?))
+        }
+        RewardKind::PositiveWords => {
+            let words: Vec<String> = cfg
+                .reward
+                .words
+                .clone()
+                .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
+            let ids = builtin::word_token_ids(&policy.tokenizer, &words);
+            if ids.is_empty() {
+                return Err(RuntimeError::Other("reward.words: none of the words is a token of the policy's tokenizer".into()));
+            }
+            Arc::new(TokenSetReward::new("positive_words", ids))
+        }
+    };
+
+    let critic = if cfg.algorithm.advantage == Advantage::Gae {
+        let c = &cfg.models.critic;
+        let (dir, config, tensors) = match c.init {
+            CriticInit::RewardModel => {
+                let (dir, config, t) = rm_tensors.clone().expect("validated");
+                (dir, config, t)
+            }
+            CriticInit::Policy => (PathBuf::from("<policy>"), policy.config.clone(), initial_policy.clone()),
+            CriticInit::Path => {
+                let dir = c.path.clone().expect("validated");
+                let config = ModelConfig::from_dir(&dir)?;
+                let t = load_tensors(&dir, &config, &ldev)?;
+                (dir, config, t)
+            }
+        };
+        let init = WeightInit::Checkpoint { tensors: &tensors, dir: &dir, seed: cfg.seed.wrapping_add(1) };
+        Some(ScalarModel::trainable(&config.with_head(HeadKind::Scalar), init, &ldev)?)
+    } else {
+        None
+    };
+    let critic_config = critic.as_ref().map(|(m, _)| m.config().clone());
+    let initial_critic = critic.as_ref().map(|(_, v)| snapshot(v)).transpose()?;
+    let trainer = Arc::new(Mutex::new(PpoTrainer::new(
+        cfg.algorithm.clone(),
+        (policy_model, policy_vars),
+        critic,
+        if cfg.sampling.greedy { 1.0 } else { cfg.sampling.temperature.max(1e-6) },
+        cfg.data.samples_per_prompt,
+        cfg.seed,
+        ldev.clone(),
+    )?));
+
+    // Data plane.
+    let c = &cfg.channels;
+    let (ticket_tx, ticket_rx) = stage_channel("tickets", c.tickets);
+    let (gen_tx, gen_rx) = stage_channel::<TrajectoryBatch>("rollout_to_reward", c.rollout_to_reward);
+    let (rew_tx, rew_rx) = stage_channel::<TrajectoryBatch>("reward_to_value", c.reward_to_value);
+    let (val_tx, val_rx) = stage_channel::<TrajectoryBatch>("value_to_replay", c.value_to_replay);
+    let per_ticket = cfg.data.prompts_per_ticket * cfg.data.samples_per_prompt;
+    let held_bound = (c.rollout_to_reward + c.reward_to_value + c.value_to_replay) * per_ticket + cfg.replay_capacity();
+    let prompts = load_prompts(&cfg.data.prompts, &policy.tokenizer, cfg.data.prompt_max_tokens)?;
+    let plan = TicketPlan {
+        seed: cfg.seed,
+        prompts_per_ticket: cfg.data.prompts_per_ticket,
+        tickets_per_step: cfg.tickets_per_step(),
+        samples_per_prompt: cfg.data.samples_per_prompt,
+    };
+    let feeder = spawn_feeder(prompts, plan, ticket_tx);
+    // Receiver clones to watch channel depths; dropped before shutdown.
+    let probes = [gen_rx.clone(), rew_rx.clone(), val_rx.clone()];
+
+    // Actors.
+    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (root, root_handle) = Actor::spawn(Some("supervisor".into()), RunSupervisor, fail_tx)
+        .await
+        .map_err(|e| RuntimeError::Other(format!("cannot start the supervisor: {e}")))?;
+    let sup: ActorCell = root.get_cell();
+    let spawn_err = |e: ractor::SpawnErr| RuntimeError::ActorFailed(e.to_string());
+    let now = Instant::now();
+    let wrap = |tensors| Arc::new(WeightsSnapshot { version: 0, tensors, published_at: now });
+    let (snap, _) = Actor::spawn_linked(
+        Some("snapshot".into()),
+        SnapshotActor,
+        SnapshotArgs { policy: wrap(initial_policy), critic: initial_critic.map(wrap) },
+        sup.clone(),
+    )
+    .await
+    .map_err(spawn_err)?;
+    let mut children = vec![snap.get_cell()];
+    let (val, _) = Actor::spawn_linked(
+        Some(format!("value/{}", p.value_device)),
+        ValueActor,
+        ValueArgs {
+            name: format!("value/{}", p.value_device),
+            executor: dev(&p.value_device),
+            critic: critic_config,
+            input: rew_rx,
+            out: val_tx,
+            snapshot: snap.clone(),
+        },
+        sup.clone(),
+    )
+    .await
+    .map_err(spawn_err)?;
+    children.push(val.get_cell());
+    let (rew, _) = Actor::spawn_linked(
+        Some(format!("reward/{}", p.reward_device)),
+        RewardActor,
+        RewardArgs {
+            name: format!("reward/{}", p.reward_device),
+            executor: dev(&p.reward_device),
+            source,
+            reference: Some(reference),
+            temperature: if cfg.sampling.greedy { 1.0 } else { cfg.sampling.temperature.max(1e-6) },
+            input: gen_rx,
+            out: rew_tx,
+        },
+        sup.clone(),
+    )
+    .await
+    .map_err(spawn_err)?;
+    children.push(rew.get_cell());
+    for d in &p.rollout_devices {
+        for i in 0..p.rollouts_per_device {
+            let name = format!("rollout/{d}/{i}");
+            let (r, _) = Actor::spawn_linked(
+                Some(name.clone()),
+                RolloutActor,
+                RolloutArgs {
+                    name,
+                    executor: dev(d),
+                    config: policy.config.clone(),
+                    sampling: cfg.sampling.clone(),
+                    max_staleness: cfg.mode.max_staleness,
+                    tickets: ticket_rx.clone(),
+                    out: gen_tx.clone(),
+                    snapshot: snap.clone(),
+                },
+                sup.clone(),
+            )
+            .await
+            .map_err(spawn_err)?;
+            children.push(r.get_cell());
+        }
+    }
+    let rollout_blocked = gen_tx.stats().clone();
+    drop((ticket_rx, gen_tx));
+    let (replay, _) = Actor::spawn_linked(
+        Some("replay".into()),
+        ReplayActor,
+        ReplayArgs {
+            input: val_rx,
+            capacity: cfg.replay_capacity(),
+            batch_size: cfg.batch_size(),
+            max_staleness: cfg.mode.max_staleness,
+        },
+        sup.clone(),
+    )
+    .await
+    .map_err(spawn_err)?;
+    children.push(replay.get_cell());
+    let (report_tx, mut report_rx) = tokio::sync::mpsc::channel(16);
+    let (learner, _) = Actor::spawn_linked(
+        Some(format!("learner/{}", p.learner_device)),
+        LearnerActor,
+        LearnerArgs {
+            executor: learner_exec,
+            trainer: trainer.clone(),
+            replay: replay.clone(),
+            snapshot: snap.clone(),
+            steps: cfg.steps,
+            publish_every: cfg.mode.publish_every,
+            reports: report_tx,
+            extra_step_delay: opts.learner_delay,
+        },
+        sup.clone(),
+    )
+    .await
+    .map_err(spawn_err)?;
+    children.push(learner.get_cell());
+
+    // Drive: write reports until the last step, a failure or Ctrl-C.
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| RuntimeError::io(&metrics_path, e))?;
+    let bar = opts.progress.then(|| progress_bar(cfg.steps));
+    let mut reports = Vec::new();
+    let mut interrupted = false;
+    let mut failure = None;
+    let mut max_held = 0usize;
+    let mut probe = tokio::time::interval(Duration::from_millis(25));
+    loop {
+        tokio::select! {
+            r = report_rx.recv() => match r {
+                Some(r) => {
+                    let line = serde_json::to_string(&r).expect("report serialises");
+                    writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
+                    metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
+                    if let Some(b) = &bar {
+                        b.set_position(r.step + 1);
+                        b.set_message(format!("reward {:.3} kl {:.3}", r.stats.reward_mean, r.stats.kl));
+                    }
+                    reports.push(r);
+                    if reports.len() as u64 == cfg.steps { break; }
+                }
+                None => break,
+            },
+            f = fail_rx.recv() => { failure = f; break; }
+            _ = tokio::signal::ctrl_c() => { interrupted = true; break; }
+            _ = probe.tick() => {
+                let held = replay.call(ReplayMsg::Held, Some(Duration::from_millis(200))).await.ok()
+                    .and_then(|r| match r { ractor::rpc::CallResult::Success(n) => Some(n), _ => None }).unwrap_or(0);
+                let in_channels: usize = probes.iter().map(|c| c.len()).sum::<usize>();
+                max_held = max_held.max(held + in_channels * per_ticket);
+            }
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    drop(probes);
+    for c in children.iter().rev() {
+        c.kill();
+    }
+    root.stop(None);
+    let _ = root_handle.await;
+    let tickets_issued = tokio::task::spawn_blocking(move || feeder.join().unwrap_or(0)).await.unwrap_or(0);
+    if let Some(f) = failure {
+        return Err(RuntimeError::ActorFailed(f));
+    }
+    save_models(run_dir, &policy.tokenizer, &trainer, &policy.config)?;
+    Ok(RunSummary {
+        reports,
+        interrupted,
+        max_held,
+        held_bound,
+        rollout_blocked_s: rollout_blocked.blocked().as_secs_f64(),
+        tickets_issued,
+    })
+}
+
+fn progress_bar(steps: u64) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(steps);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b
+}
+
+/// Saves the trained policy (and critic) in HF layout with the tokenizer.
+fn save_models(
+    run_dir: &Path,
+    tokenizer: &TextTokenizer,
+    trainer: &Arc<Mutex<PpoTrainer>>,
+    policy_config: &ModelConfig,
+) -> Result<(), RuntimeError> {
+    let t = trainer.lock().map_err(|_| RuntimeError::Other("trainer poisoned".into()))?;
+    let dir = run_dir.join("policy");
+    save_checkpoint(&dir, policy_config, &t.policy_weights()?, None)?;
+    tokenizer.save_to_dir(&dir)?;
+    if let (Some(w), Some(cfg)) = (t.critic_weights()?, t.critic_config()) {
+        let dir = run_dir.join("critic");
+        save_checkpoint(&dir, &cfg, &w, None)?;
+        tokenizer.save_to_dir(&dir)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! Prompts from JSONL and the ticket feeder.
+//!
+//! Each line is a JSON object with a `"prompt"` string; HH-RLHF style text
+//! ("\n\nHuman: ... \n\nAssistant:") is used as written. Blank lines are skipped; anything
+//! else is an error naming the file and line. Prompts are tokenised with the policy's
+//! tokenizer and left-truncated to `prompt_max_tokens` (the end of a prompt is what the
+//! response continues).
+//!
+//! The feeder thread turns the prompt set into an endless stream of [`WorkTicket`]s: every
+//! epoch is a fresh seeded shuffle, cut into generation batches; ticket t is meant for
+//! learner step t / tickets_per_step and samples with a seed derived from (run seed, t). It
+//! blocks when the bounded ticket channel is full and exits when the channel closes.
+
+use std::path::Path;
+use std::thread::JoinHandle;
+
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use tandem_actors::{Prompt, StageSender, WorkTicket};
+use tandem_models::TextTokenizer;
+
+use crate::error::RuntimeError;
+
+/// Reads and tokenises a prompts file.
+pub fn load_prompts(path: &Path, tokenizer: &TextTokenizer, max_tokens: usize) -> Result<Vec<Vec<u32>>, RuntimeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let bad = |msg: String| RuntimeError::Prompts { path: path.into(), line: i + 1, msg };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+        let prompt = v
+            .get("prompt")
+            .and_then(|p| p.as_str())
+            .ok_or_else(|| bad("expected an object with a \"prompt\" string".into()))?;
+        let mut ids = tokenizer.encode(prompt).map_err(|e| bad(e.to_string()))?;
+        if ids.is_empty() {
+            return Err(bad("prompt tokenises to nothing".into()));
+        }
+        if ids.len() > max_tokens {
+            ids.drain(..ids.len() - max_tokens);
+        }
+        out.push(ids);
+    }
+    if out.is_empty() {
+        return Err(RuntimeError::Prompts { path: path.into(), line: 0, msg: "no prompts".into() });
+    }
+    Ok(out)
+}
+
+/// Settings of the ticket stream.
+#[derive(Debug, Clone, Copy)]
+pub struct TicketPlan {
+    pub seed: u64,
+    pub prompts_per_ticket: usize,
+    pub tickets_per_step: usize,
+    pub samples_per_prompt: usize,
+}
+
+/// Ticket `t` of the stream defined by `plan` over `prompts` (pure: the feeder and tests agree).
+pub fn tickets(prompts: &[Vec<u32>], plan: TicketPlan) -> impl Iterator<Item = WorkTicket> + '_ {
+    let n = prompts.len() as u64;
+    let mut epoch = 0u64;
+    let mut order: Vec<usize> = Vec::new();
+    let mut pos = 0usize;
+    let mut id = 0u64;
+    std::iter::from_fn(move || {
+        let mut batch = Vec::with_capacity(plan.prompts_per_ticket);
+        while batch.len() < plan.prompts_per_ticket {
+            if pos == order.len() {
+                order = (0..prompts.len()).collect();
+                order.shuffle(&mut StdRng::seed_from_u64(plan.seed.wrapping_add(epoch.wrapping_mul(0x5851_F42D))));
+                pos = 0;
+                epoch += 1;
+            }
+            let i = order[pos];
+            batch.push(Prompt { index: (epoch - 1) * n + i as u64, ids: prompts[i].clone() });
+            pos += 1;
+        }
+        let t = WorkTicket {
+            id,
+            step: id / plan.tickets_per_step as u64,
+            prompts: batch,
+            samples_per_prompt: plan.samples_per_prompt,
+            seed: plan.seed ^ (id + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        };
+        id += 1;
+        Some(t)
+    })
+}
+
+/// Starts the feeder thread; it ends when every ticket receiver is gone.
+pub fn spawn_feeder(prompts: Vec<Vec<u32>>, plan: TicketPlan, tx: StageSender<WorkTicket>) -> JoinHandle<u64> {
+    std::thread::Builder::new()
+        .name("tandem-feeder".into())
+        .spawn(move || {
+            let mut issued = 0;
+            for t in tickets(&prompts, plan) {
+                if tx.send_blocking(t).is_err() {
+                    break;
+                }
+                issued += 1;
+            }
+            issued
+        })
+        .expect("spawn feeder thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_epoch_issues_every_prompt_once() {
+        let prompts: Vec<Vec<u32>> = (0..10).map(|i| vec![i]).collect();
+        let plan = TicketPlan { seed: 3, prompts_per_ticket: 4, tickets_per_step: 2, samples_per_prompt: 1 };
+        let ts: Vec<WorkTicket> = tickets(&prompts, plan).take(5).collect();
+        let idx: Vec<u64> = ts.iter().flat_map(|t| t.prompts.iter().map(|p| p.index)).collect();
+        let mut first: Vec<u64> = idx[..10].to_vec();
+        first.sort();
+        assert_eq!(first, (0..10).collect::<Vec<_>>());
+        let mut second: Vec<u64> = idx[10..20].to_vec();
+        second.sort();
+        assert_eq!(second, (10..20).collect::<Vec<_>>());
+        assert_eq!(ts.iter().map(|t| t.step).collect::<Vec<_>>(), vec![0, 0, 1, 1, 2]);
+        let again: Vec<WorkTicket> = tickets(&prompts, plan).take(5).collect();
+        assert_eq!(ts.iter().map(|t| t.seed).collect::<Vec<_>>(), again.iter().map(|t| t.seed).collect::<Vec<_>>());
+    }
+}
