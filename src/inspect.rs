@@ -271,7 +271,7 @@ fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<Map<String, Value>> {
     };
     let model = p.language_model()?;
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let g = generate(&model, &[p.ids.clone()], &cfg, &mut rng, Decoding::Cached).context("generating")?;
+    let g = generate(&model, std::slice::from_ref(&p.ids), &cfg, &mut rng, Decoding::Cached).context("generating")?;
     let mut out = p.output();
     out.insert("new_ids".into(), json!(g.responses[0]));
     out.insert("logprobs".into(), json!(widen(&g.logprobs[0])));
