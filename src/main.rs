@@ -1,1 +1,67 @@
-fn main() {}
+//! `tandem`: the command-line front end of the runtime.
+//!
+//! Each subcommand lives in its own module exposing an argument type and a `run` function;
+//! adding one is a variant of [`Command`], its module, and an arm in [`Command::run`].
+//!
+//! Errors are reported as `error: <message with context>` on stderr, never as a panic. The exit
+//! status says whose fault it was: 2 for bad input (arguments, model directories, files named on
+//! the command line — the same status clap uses for usage errors), 1 for anything else.
+
+mod bench;
+mod device;
+mod error;
+mod inspect;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Actor-based asynchronous RL runtime for language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Look at one model's numbers: token log-probs, a generation, a reward score.
+    #[command(subcommand)]
+    Inspect(inspect::InspectCommand),
+    /// Micro-benchmarks of the model code.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+impl Command {
+    fn run(self) -> anyhow::Result<()> {
+        match self {
+            Command::Inspect(cmd) => inspect::run(cmd),
+            Command::Bench(cmd) => bench::run(cmd),
+        }
+    }
+}
+
+/// Writes one JSON value as a line on stdout (an error, not a panic, if stdout is closed).
+pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{value}")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(error::exit_code(&e))
+        }
+    }
+}

@@ -270,8 +270,16 @@ mod tests {
         let rot = Rotary::new(d, 16, 10000.0, &dev).unwrap();
         let pos = Tensor::arange(0u32, t as u32, &dev).unwrap().reshape((1, t)).unwrap();
         let ours = rot.apply(&x, &pos).unwrap();
-        let cos = rot.cos.narrow(0, 0, t).unwrap().narrow(1, 0, d / 2).unwrap();
-        let sin = rot.sin.narrow(0, 0, t).unwrap().narrow(1, 0, d / 2).unwrap();
+        // candle's fused rope takes contiguous (t, d/2) tables; ours store both halves.
+        let half = |m: &Tensor| {
+            m.narrow(0, 0, t)
+                .unwrap()
+                .narrow(1, 0, d / 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (cos, sin) = (half(&rot.cos), half(&rot.sin));
         let fused = candle_nn::rotary_emb::rope(&x.contiguous().unwrap(), &cos, &sin).unwrap();
         close(&ours, &fused, 1e-5);
     }

@@ -1,0 +1,72 @@
+//! Which failures are the user's: the binary's errors are `anyhow` chains, and the exit status
+//! is decided by the first cause in the chain that is either a [`BadInput`] or a
+//! [`ModelError`] about a file (config, checkpoint, tokenizer) or an argument.
+
+use std::fmt;
+
+use tandem_models::ModelError;
+
+/// Exit status for bad input, matching clap's status for usage errors.
+pub const EXIT_BAD_INPUT: u8 = 2;
+/// Exit status for everything else.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// An error caused by what the user asked for (an argument, or a file they named).
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl fmt::Display for BadInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+/// `Err(BadInput)` as an `anyhow` error, for `return bad_input!(...)` style early exits.
+macro_rules! bad_input {
+    ($($arg:tt)*) => {
+        Err(anyhow::Error::new($crate::error::BadInput(format!($($arg)*))))
+    };
+}
+pub(crate) use bad_input;
+
+/// The process exit status for an error chain.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.is::<BadInput>() {
+            return EXIT_BAD_INPUT;
+        }
+        if let Some(e) = cause.downcast_ref::<ModelError>() {
+            // Everything but a tensor-library failure is about a file or argument the user gave.
+            return match e {
+                ModelError::Candle(_) => EXIT_FAILURE,
+                _ => EXIT_BAD_INPUT,
+            };
+        }
+    }
+    EXIT_FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn bad_input_anywhere_in_the_chain_exits_2() {
+        let e: anyhow::Result<()> = bad_input!("no such thing");
+        let e = e.context("loading").unwrap_err();
+        assert_eq!(exit_code(&e), EXIT_BAD_INPUT);
+        assert_eq!(format!("{e:#}"), "loading: no such thing");
+    }
+
+    #[test]
+    fn model_errors_are_classified() {
+        let e = anyhow::Error::new(ModelError::InvalidArgument("x".into()));
+        assert_eq!(exit_code(&e), EXIT_BAD_INPUT);
+        let e = anyhow::Error::new(ModelError::Candle(candle_core::Error::Msg("oom".into())));
+        assert_eq!(exit_code(&e), EXIT_FAILURE);
+        assert_eq!(exit_code(&anyhow::anyhow!("other")), EXIT_FAILURE);
+    }
+}
