@@ -36,6 +36,8 @@ const HEADS: usize = 4;
 pub enum BenchCommand {
     /// Generation tokens/s (KV cache vs recompute) and forward+backward tokens/s.
     Generate(GenerateBench),
+    /// Sync vs async PPO step time with sampling on cpu:0 and the learner on cpu:1.
+    Overlap(crate::bench_overlap::OverlapBench),
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +65,7 @@ pub struct GenerateBench {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Generate(args) => generate_bench(&args),
+        BenchCommand::Overlap(args) => crate::bench_overlap::run(&args),
     }
 }
 

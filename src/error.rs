@@ -5,6 +5,7 @@
 use std::fmt;
 
 use tandem_models::ModelError;
+use tandem_runtime::RuntimeError;
 
 /// Exit status for bad input, matching clap's status for usage errors.
 pub const EXIT_BAD_INPUT: u8 = 2;
@@ -36,6 +37,15 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.is::<BadInput>() {
             return EXIT_BAD_INPUT;
+        }
+        if let Some(e) = cause.downcast_ref::<RuntimeError>() {
+            // Config, prompts and files named by the user; not actor or tensor failures.
+            return match e {
+                RuntimeError::Config { .. } | RuntimeError::Prompts { .. } | RuntimeError::Io { .. } => EXIT_BAD_INPUT,
+                RuntimeError::Model(ModelError::Candle(_)) => EXIT_FAILURE,
+                RuntimeError::Model(_) => EXIT_BAD_INPUT,
+                _ => EXIT_FAILURE,
+            };
         }
         if let Some(e) = cause.downcast_ref::<ModelError>() {
             // Everything but a tensor-library failure is about a file or argument the user gave.

@@ -8,9 +8,11 @@
 //! the command line — the same status clap uses for usage errors), 1 for anything else.
 
 mod bench;
+mod bench_overlap;
 mod device;
 mod error;
 mod inspect;
+mod run;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -30,6 +32,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start an RL run from a config file.
+    Run(run::RunArgs),
     /// Look at one model's numbers: token log-probs, a generation, a reward score.
     #[command(subcommand)]
     Inspect(inspect::InspectCommand),
@@ -41,6 +45,7 @@ enum Command {
 impl Command {
     fn run(self) -> anyhow::Result<()> {
         match self {
+            Command::Run(args) => run::run(args),
             Command::Inspect(cmd) => inspect::run(cmd),
             Command::Bench(cmd) => bench::run(cmd),
         }

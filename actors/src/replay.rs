@@ -1,13 +1,17 @@
 //! The replay buffer actor: collects valued trajectories and forms learner batches.
 //!
-//! It pulls from the bounded channel of the value stage into a buffer of at most `capacity`
-//! trajectories; when the buffer is full it stops pulling, so the stages before it fill their
-//! channels and the samplers wait. The learner asks for a batch with the policy version it is
+//! A forwarding task pulls batches from the bounded channel of the value stage and hands each
+//! one to the actor with a call that is only answered once the batch fits in the buffer of
+//! `capacity` trajectories (a credit of one batch): when the buffer is full the forwarder
+//! stops pulling, so the stages before it fill their channels and the samplers wait. The actor
+//! itself never blocks on the channel, so a learner's request is answered as soon as the data
+//! is there. The learner asks for a batch with the policy version it is
 //! about to train ([`ReplayMsg::NextBatch`]); the buffer first drops — and counts — every
 //! trajectory older than `version - max_staleness`, then answers with the `batch_size` oldest
 //! trajectories in (ticket, row) order, or keeps the request until enough have arrived. That
 //! order makes a sync-mode batch independent of which sampler finished first.
 
+use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::channel::StageReceiver;
@@ -26,7 +30,10 @@ pub struct LearnerBatch {
 }
 
 pub enum ReplayMsg {
-    Pump,
+    /// A batch from the value stage; the reply is the credit for the next one.
+    Arrived(TrajectoryBatch, RpcReplyPort<()>),
+    /// The value stage closed its channel.
+    Closed,
     /// A batch for a learner about to train `version`; `None` once the pipeline has closed
     /// and too few trajectories remain.
     NextBatch { version: u64, reply: RpcReplyPort<Option<LearnerBatch>> },
@@ -35,7 +42,8 @@ pub enum ReplayMsg {
 }
 
 pub struct ReplayArgs {
-    pub input: StageReceiver<TrajectoryBatch>,
+    /// Taken by the forwarding task.
+    pub input: Option<StageReceiver<TrajectoryBatch>>,
     pub capacity: usize,
     pub batch_size: usize,
     pub max_staleness: u64,
@@ -45,8 +53,9 @@ pub struct ReplayState {
     args: ReplayArgs,
     buffer: Vec<(Trajectory, StageTimes)>,
     pending: Option<(u64, RpcReplyPort<Option<LearnerBatch>>)>,
+    /// The forwarder's credit, withheld while the buffer is full.
+    credit: Option<RpcReplyPort<()>>,
     dropped_stale: u64,
-    pumping: bool,
     closed: bool,
 }
 
@@ -57,43 +66,45 @@ impl Actor for ReplayActor {
     type State = ReplayState;
     type Arguments = ReplayArgs;
 
-    async fn pre_start(&self, me: ActorRef<ReplayMsg>, args: ReplayArgs) -> Result<ReplayState, ActorProcessingErr> {
-        me.cast(ReplayMsg::Pump)?;
-        Ok(ReplayState { args, buffer: vec![], pending: None, dropped_stale: 0, pumping: true, closed: false })
+    async fn pre_start(&self, me: ActorRef<ReplayMsg>, mut args: ReplayArgs) -> Result<ReplayState, ActorProcessingErr> {
+        let input = args.input.take().ok_or("replay needs an input channel")?;
+        let me2 = me.clone();
+        tokio::spawn(async move {
+            while let Some(batch) = input.recv().await {
+                // Waits for the credit: the call returns once the batch is in the buffer.
+                if !matches!(me2.call(|reply| ReplayMsg::Arrived(batch, reply), None).await, Ok(CallResult::Success(()))) {
+                    return;
+                }
+            }
+            let _ = me2.cast(ReplayMsg::Closed);
+        });
+        Ok(ReplayState { args, buffer: vec![], pending: None, credit: None, dropped_stale: 0, closed: false })
     }
 
-    async fn handle(&self, me: ActorRef<ReplayMsg>, msg: ReplayMsg, st: &mut ReplayState) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, _me: ActorRef<ReplayMsg>, msg: ReplayMsg, st: &mut ReplayState) -> Result<(), ActorProcessingErr> {
         match msg {
-            ReplayMsg::Pump => {
-                if st.buffer.len() >= st.args.capacity {
-                    st.pumping = false;
-                    return Ok(());
-                }
-                match st.args.input.recv().await {
-                    Some(batch) => {
-                        let n = batch.trajectories.len().max(1) as f64;
-                        let share = StageTimes {
-                            generate_s: batch.times.generate_s / n,
-                            reward_s: batch.times.reward_s / n,
-                            value_s: batch.times.value_s / n,
-                        };
-                        st.buffer.extend(batch.trajectories.into_iter().map(|t| (t, share)));
-                        metrics::gauge!("tandem_replay_buffered").set(st.buffer.len() as f64);
-                        me.cast(ReplayMsg::Pump)?;
-                    }
-                    None => {
-                        st.closed = true;
-                        st.pumping = false;
-                    }
-                }
-                self.try_serve(&me, st)?;
+            ReplayMsg::Arrived(batch, credit) => {
+                let n = batch.trajectories.len().max(1) as f64;
+                let share = StageTimes {
+                    generate_s: batch.times.generate_s / n,
+                    reward_s: batch.times.reward_s / n,
+                    value_s: batch.times.value_s / n,
+                };
+                st.buffer.extend(batch.trajectories.into_iter().map(|t| (t, share)));
+                metrics::gauge!("tandem_replay_buffered").set(st.buffer.len() as f64);
+                st.credit = Some(credit);
             }
-            ReplayMsg::NextBatch { version, reply } => {
-                st.pending = Some((version, reply));
-                self.try_serve(&me, st)?;
-            }
+            ReplayMsg::Closed => st.closed = true,
+            ReplayMsg::NextBatch { version, reply } => st.pending = Some((version, reply)),
             ReplayMsg::Held(reply) => {
                 let _ = reply.send(st.buffer.len());
+                return Ok(());
+            }
+        }
+        self.try_serve(st);
+        if st.buffer.len() < st.args.capacity {
+            if let Some(c) = st.credit.take() {
+                let _ = c.send(());
             }
         }
         Ok(())
@@ -101,8 +112,8 @@ impl Actor for ReplayActor {
 }
 
 impl ReplayActor {
-    fn try_serve(&self, me: &ActorRef<ReplayMsg>, st: &mut ReplayState) -> Result<(), ActorProcessingErr> {
-        let Some((version, _)) = &st.pending else { return Ok(()) };
+    fn try_serve(&self, st: &mut ReplayState) {
+        let Some((version, _)) = &st.pending else { return };
         let version = *version;
         let s = st.args.max_staleness;
         let before = st.buffer.len();
@@ -114,16 +125,12 @@ impl ReplayActor {
         }
         let n = st.args.batch_size;
         if st.buffer.len() < n && !st.closed {
-            if !st.pumping {
-                st.pumping = true;
-                me.cast(ReplayMsg::Pump)?;
-            }
-            return Ok(());
+            return;
         }
         let (_, reply) = st.pending.take().expect("checked above");
         if st.buffer.len() < n {
             let _ = reply.send(None);
-            return Ok(());
+            return;
         }
         st.buffer.sort_by_key(|(t, _)| (t.ticket, t.row));
         let buffered = st.buffer.len();
@@ -142,10 +149,5 @@ impl ReplayActor {
         };
         let _ = reply.send(Some(batch));
         metrics::gauge!("tandem_replay_buffered").set(st.buffer.len() as f64);
-        if !st.pumping && !st.closed {
-            st.pumping = true;
-            me.cast(ReplayMsg::Pump)?;
-        }
-        Ok(())
     }
 }

@@ -275,7 +275,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         Some("replay".into()),
         ReplayActor,
         ReplayArgs {
-            input: val_rx,
+            input: Some(val_rx),
             capacity: cfg.replay_capacity(),
             batch_size: cfg.batch_size(),
             max_staleness: cfg.mode.max_staleness,

@@ -1,0 +1,107 @@
+//! `tandem bench overlap`: how much of the ideal overlap of generation and learning async mode
+//! achieves.
+//!
+//! One PPO workload (the quickstart config, resized by default so both sides take similar
+//! time) runs with the sampling side — rollout, reward and value — on `cpu:0` and the learner
+//! on `cpu:1`, one thread each: first in sync mode (`max_staleness = 0`: generation of step
+//! k+1 waits for the weights of step k), then in async mode with `max_staleness = 1`.
+//! Step time is the median of the wall-clock time between consecutive learner steps after
+//! `--warmup` steps. `gen_s` and `learn_s` are the medians of the two sides' per-step busy
+//! times (generate + reward + value seconds; learn + weight-sync seconds) in the sync run, and
+//! `ideal_step_s = max(gen_s, learn_s)` is the step time of perfect overlap.
+//!
+//! The last line of stdout is one JSON object: sync_step_s, async_step_s, gen_s, learn_s,
+//! ideal_step_s, async_over_ideal, speedup (= sync / async), ideal_speedup (= sync / ideal).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+use tandem_actors::StepReport;
+use tandem_runtime::{Config, RunOptions};
+
+use crate::error::bad_input;
+
+#[derive(Debug, Args)]
+pub struct OverlapBench {
+    /// The workload's config.
+    #[arg(long, default_value = "configs/quickstart.toml")]
+    config: PathBuf,
+    /// Learner steps per mode.
+    #[arg(long, default_value_t = 14)]
+    steps: u64,
+    /// Steps left out of the timing at the start of each run.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Extra config overrides, applied after the bench's own sizing.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+/// The bench's placement and sizing: sampling side on cpu:0, learner on cpu:1, one thread
+/// each, and a workload where generating a step's data costs about as much as learning on it.
+const SIZING: &[&str] = &[
+    "placement.rollout_devices=[\"cpu:0\"]",
+    "placement.rollouts_per_device=1",
+    "placement.reward_device=\"cpu:0\"",
+    "placement.value_device=\"cpu:0\"",
+    "placement.learner_device=\"cpu:1\"",
+    "placement.threads_per_device=1",
+    "sampling.max_new_tokens=24",
+    "algorithm.ppo_epochs=1",
+    "algorithm.minibatch_size=32",
+];
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+fn run_mode(args: &OverlapBench, staleness: u64) -> anyhow::Result<Vec<StepReport>> {
+    let mut sets: Vec<String> = SIZING.iter().map(|s| s.to_string()).collect();
+    sets.push(format!("steps={}", args.steps));
+    sets.push(format!("mode.max_staleness={staleness}"));
+    sets.extend(args.set.iter().cloned());
+    let cfg = Config::load(&args.config, &sets)?;
+    let dir = std::env::temp_dir().join(format!("tandem-bench-overlap-{}-{staleness}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let summary = crate::run::run_config(&cfg, RunOptions { run_dir: dir.clone(), ..Default::default() })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(summary.reports)
+}
+
+fn step_time(r: &[StepReport], warmup: usize) -> f64 {
+    median(r.windows(2).skip(warmup).map(|w| w[1].wall_s - w[0].wall_s).collect())
+}
+
+pub fn run(args: &OverlapBench) -> anyhow::Result<()> {
+    if args.steps as usize <= args.warmup + 2 {
+        return bad_input!("--steps must exceed --warmup + 2");
+    }
+    let sync = run_mode(args, 0)?;
+    let asyn = run_mode(args, 1)?;
+    let w = args.warmup;
+    let gen_s = median(sync.iter().skip(w).map(|r| r.generate_s + r.reward_s + r.value_s).collect());
+    let learn_s = median(sync.iter().skip(w).map(|r| r.learn_s + r.weight_sync_s).collect());
+    let (sync_step_s, async_step_s) = (step_time(&sync, w), step_time(&asyn, w));
+    let ideal_step_s = gen_s.max(learn_s);
+    println!("sync step {sync_step_s:.3}s, async step {async_step_s:.3}s; generation side {gen_s:.3}s, learner {learn_s:.3}s per step");
+    crate::print_json(&json!({
+        "sync_step_s": sync_step_s,
+        "async_step_s": async_step_s,
+        "gen_s": gen_s,
+        "learn_s": learn_s,
+        "ideal_step_s": ideal_step_s,
+        "async_over_ideal": async_step_s / ideal_step_s,
+        "speedup": sync_step_s / async_step_s,
+        "ideal_speedup": sync_step_s / ideal_step_s,
+    }))
+}

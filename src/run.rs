@@ -1,0 +1,64 @@
+//! `tandem run CONFIG.toml [--run-dir DIR] [--set section.key=value ...]`: one RL run.
+//!
+//! The run directory is `--run-dir`, else the config's `run_dir` (relative to the working
+//! directory), else `runs/<config name>`. It receives the resolved `config.toml`,
+//! `metrics.jsonl` (one line per learner step) and the trained `policy/` and `critic/`.
+//! A progress bar is drawn when stdout is a terminal. Ctrl-C stops the run cleanly: what was
+//! reported is on disk, the models are saved, and the exit status is 0.
+//! The last line on stdout is a JSON summary.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+use tandem_runtime::{Config, RunOptions, RunSummary};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The run's TOML config.
+    config: PathBuf,
+    /// Where the run writes its outputs (overrides the config's `run_dir`).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Override a config key, e.g. `--set steps=10 --set mode.max_staleness=0`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+/// Runs `cfg` on a fresh tokio runtime (control plane only: compute runs on device executors).
+pub fn run_config(cfg: &Config, opts: RunOptions) -> anyhow::Result<RunSummary> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("tandem-control")
+        .build()
+        .context("cannot start the async runtime")?;
+    let out = rt.block_on(tandem_runtime::run(cfg, opts));
+    rt.shutdown_timeout(Duration::from_secs(5));
+    Ok(out?)
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&args.config, &args.set)?;
+    let run_dir = args.run_dir.or_else(|| cfg.run_dir.clone()).unwrap_or_else(|| {
+        let stem = args.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+        PathBuf::from("runs").join(stem)
+    });
+    let progress = std::io::stdout().is_terminal();
+    let summary = run_config(&cfg, RunOptions { run_dir: run_dir.clone(), progress, ..Default::default() })
+        .with_context(|| format!("run {}", args.config.display()))?;
+    let r = &summary.reports;
+    let q = (r.len() / 4).max(1);
+    let mean = |xs: &[tandem_actors::StepReport]| xs.iter().map(|x| x.stats.reward_mean).sum::<f64>() / xs.len().max(1) as f64;
+    crate::print_json(&json!({
+        "run_dir": run_dir,
+        "steps": r.len(),
+        "interrupted": summary.interrupted,
+        "reward_first_quarter": if r.is_empty() { None } else { Some(mean(&r[..q.min(r.len())])) },
+        "reward_last_quarter": if r.is_empty() { None } else { Some(mean(&r[r.len().saturating_sub(q)..])) },
+        "wall_s": r.last().map(|x| x.wall_s),
+    }))
+}
