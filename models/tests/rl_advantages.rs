@@ -33,16 +33,8 @@ mod rl {
             lambda: 0.5,
         };
         let out = gae(&rewards, &values, &mask, &cfg).unwrap();
-        close_v2(
-            &v2(&out.advantages),
-            &[&[1.875, 0.75, 0.5], &[0.5, 0.6, 0.0]],
-            1e-12,
-        );
-        close_v2(
-            &v2(&out.returns),
-            &[&[2.375, 1.75, 2.0], &[0.7, 1.0, 0.0]],
-            1e-12,
-        );
+        close_v2(&v2(&out.advantages), &[&[1.875, 0.75, 0.5], &[0.5, 0.6, 0.0]], 1e-12);
+        close_v2(&v2(&out.returns), &[&[2.375, 1.75, 2.0], &[0.7, 1.0, 0.0]], 1e-12);
     }
 
     #[test]
@@ -78,10 +70,7 @@ mod rl {
             gamma: 1.1,
             lambda: 0.9,
         };
-        assert!(matches!(
-            gae(&m, &m, &m, &bad),
-            Err(RlError::InvalidArgument(_))
-        ));
+        assert!(matches!(gae(&m, &m, &m, &bad), Err(RlError::InvalidArgument(_))));
         // a mask with a hole
         let hole = t2(&[&[1.0, 0.0, 1.0]]);
         assert!(gae(&hole, &hole, &hole, &GaeConfig::default()).is_err());
@@ -185,20 +174,14 @@ mod rl {
         let w = v2(&masked_whiten(&x, &m, true).unwrap());
         close_v2(
             &w,
-            &[
-                &[-1.34164079, -0.44721360, 0.44721360],
-                &[1.34164079, 0.0, 0.0],
-            ],
+            &[&[-1.34164079, -0.44721360, 0.44721360], &[1.34164079, 0.0, 0.0]],
             1e-8,
         );
         // without shifting the mean, the mean 2.5 is added back on real tokens
         let w = v2(&masked_whiten(&x, &m, false).unwrap());
         close_v2(
             &w,
-            &[
-                &[1.15835921, 2.05278640, 2.94721360],
-                &[3.84164079, 0.0, 0.0],
-            ],
+            &[&[1.15835921, 2.05278640, 2.94721360], &[3.84164079, 0.0, 0.0]],
             1e-8,
         );
     }
@@ -240,11 +223,7 @@ mod rl {
         //          std 3.46410162 -> [-0.57735027, -0.57735027, 1.15470054]
         let s = t1(&[1.0, 2.0, 3.0, 0.0, 0.0, 6.0]);
         let a = v1(&grpo_advantages(&s, 3, &GrpoConfig::default()).unwrap());
-        close_v(
-            &a,
-            &[-1.0, 0.0, 1.0, -0.57735027, -0.57735027, 1.15470054],
-            1e-6,
-        );
+        close_v(&a, &[-1.0, 0.0, 1.0, -0.57735027, -0.57735027, 1.15470054], 1e-6);
         // Dr. GRPO: only the mean is removed
         let cfg = GrpoConfig {
             scale_by_std: false,
@@ -266,18 +245,12 @@ mod rl {
     #[test]
     fn critic_free_rejects_bad_groups() {
         let s = t1(&[1.0, 2.0, 3.0, 4.0]);
-        let bad = |r: tandem_models::rl::Result<Tensor>| {
-            assert!(matches!(r, Err(RlError::InvalidArgument(_))))
-        };
+        let bad = |r: tandem_models::rl::Result<Tensor>| assert!(matches!(r, Err(RlError::InvalidArgument(_))));
         bad(rloo_advantages(&s, 3));
         bad(rloo_advantages(&s, 1));
         bad(rloo_advantages(&s, 0));
         bad(grpo_advantages(&s, 3, &GrpoConfig::default()));
-        bad(grpo_advantages(
-            &t2(&[&[1.0, 2.0]]),
-            2,
-            &GrpoConfig::default(),
-        ));
+        bad(grpo_advantages(&t2(&[&[1.0, 2.0]]), 2, &GrpoConfig::default()));
         bad(rloo_advantages(&t1(&[]), 2));
     }
 

@@ -29,10 +29,7 @@ mod rl {
     #[test]
     fn rl_errors_convert_to_candle_errors_and_display() {
         let e = KlController::fixed(-1.0).unwrap_err();
-        assert!(
-            e.to_string().starts_with("invalid argument: fixed KL beta"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("invalid argument: fixed KL beta"), "{e}");
         let c: candle_core::Error = e.into();
         assert!(c.to_string().contains("fixed KL beta"), "{c}");
         // candle errors pass through unchanged

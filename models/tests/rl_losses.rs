@@ -36,10 +36,7 @@ mod rl {
         // equal rewards (e.g. a zero-initialised head): d/d chosen_b = -sigmoid(0) / B = -0.25
         let chosen = Var::from_tensor(&t1(&[0.0, 0.0])).unwrap();
         let rejected = Var::from_tensor(&t1(&[0.0, 0.0])).unwrap();
-        let g = bradley_terry_loss(&chosen, &rejected)
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = bradley_terry_loss(&chosen, &rejected).unwrap().backward().unwrap();
         close_v(&v1(g.get(&chosen).unwrap()), &[-0.25, -0.25], 1e-12);
         close_v(&v1(g.get(&rejected).unwrap()), &[0.25, 0.25], 1e-12);
     }
@@ -55,11 +52,7 @@ mod rl {
     fn bradley_terry_gradient_matches_finite_differences() {
         // x = [chosen; rejected], shape (2, B)
         let x = Tensor::from_vec(uniform(10, -3.0, 3.0, 1), (2, 5), &CPU).unwrap();
-        check_grad(
-            |x| Ok(bradley_terry_loss(&x.get(0)?, &x.get(1)?)?),
-            &x,
-            1e-6,
-        );
+        check_grad(|x| Ok(bradley_terry_loss(&x.get(0)?, &x.get(1)?)?), &x, 1e-6);
     }
 
     // ---------- best-of-K ----------
@@ -92,11 +85,7 @@ mod rl {
         //   (2, 1): 2 - 1 = 1 -> 0.31326169
         // 1/C(3,2) * sum = 0.75345139 / 3 = 0.25115046
         let r = t2(&[&[3.0, 1.0, 2.0]]);
-        close(
-            s(&ranking_loss(&r, &[vec![0, 2, 1]]).unwrap()),
-            0.25115046,
-            1e-8,
-        );
+        close(s(&ranking_loss(&r, &[vec![0, 2, 1]]).unwrap()), 0.25115046, 1e-8);
         // a second prompt with equal rewards scores ln 2 on each pair; each prompt weighs the
         // same: (0.25115046 + 0.69314718) / 2 = 0.47214882
         let r = t2(&[&[3.0, 1.0, 2.0], &[0.0, 0.0, 0.0]]);
@@ -196,12 +185,7 @@ mod rl {
         close_v(&g, &[1.9, 3.9, 5.9], 1e-12);
         // and it equals the sum of the two separate gradients
         let g1 = v1(ppo.backward().unwrap().get(&w).unwrap());
-        let g2 = v1(ptx_loss(&lp, &m, 0.3)
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(&w)
-            .unwrap());
+        let g2 = v1(ptx_loss(&lp, &m, 0.3).unwrap().backward().unwrap().get(&w).unwrap());
         let sum: Vec<f64> = g1.iter().zip(&g2).map(|(a, b)| a + b).collect();
         close_v(&g, &sum, 1e-12);
     }
@@ -227,11 +211,7 @@ mod rl {
             1e-8,
         );
         // H = -(1/6 ln 1/6 + 1/3 ln 1/3 + 1/2 ln 1/2) = 0.29862658 + 0.36620410 + 0.34657359 = 1.01140426
-        close(
-            v2(&entropy_from_logits(&z).unwrap())[0][0],
-            1.01140426,
-            1e-8,
-        );
+        close(v2(&entropy_from_logits(&z).unwrap())[0][0], 1.01140426, 1e-8);
         // shift invariance and no overflow with huge logits
         let big = (z + 1e4).unwrap();
         close(
@@ -241,11 +221,7 @@ mod rl {
         );
         // out-of-range target is an error, not a panic
         let bad = Tensor::from_vec(vec![3u32], (1, 1), &CPU).unwrap();
-        assert!(token_logprobs(
-            &Tensor::from_vec(vec![0.0f64; 3], (1, 1, 3), &CPU).unwrap(),
-            &bad
-        )
-        .is_err());
+        assert!(token_logprobs(&Tensor::from_vec(vec![0.0f64; 3], (1, 1, 3), &CPU).unwrap(), &bad).is_err());
     }
 
     #[test]

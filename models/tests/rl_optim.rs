@@ -23,10 +23,7 @@ mod rl {
     fn clip_grad_norm_hand_computed() {
         // loss = 3 a0 + 4 a1 + 12 b0: grads [3, 4] and [12], global norm sqrt(9 + 16 + 144) = 13
         let (a, b, unused) = two_vars();
-        let loss = ((a.as_tensor() * &t1(&[3.0, 4.0]))
-            .unwrap()
-            .sum_all()
-            .unwrap()
+        let loss = ((a.as_tensor() * &t1(&[3.0, 4.0])).unwrap().sum_all().unwrap()
             + (b.as_tensor() * 12.0).unwrap().sum_all().unwrap())
         .unwrap();
         let vars = [a.clone(), b.clone(), unused];
@@ -47,10 +44,7 @@ mod rl {
     #[test]
     fn clip_grad_norm_leaves_non_finite_gradients_alone() {
         let (a, _, _) = two_vars();
-        let loss = (a.as_tensor() * &t1(&[f64::INFINITY, 1.0]))
-            .unwrap()
-            .sum_all()
-            .unwrap();
+        let loss = (a.as_tensor() * &t1(&[f64::INFINITY, 1.0])).unwrap().sum_all().unwrap();
         let mut g = loss.backward().unwrap();
         let n = clip_grad_norm(std::slice::from_ref(&a), &mut g, 1.0).unwrap();
         assert!(n.is_infinite());
@@ -104,22 +98,14 @@ mod rl {
         // decay over 4 steps, p = (s - 2) / 4: s = 2 -> 1; s = 3: (1 + cos(pi/4)) / 2 = 0.85355339;
         // s = 4: (1 + cos(pi/2)) / 2 = 0.5; s = 5: (1 + cos(3pi/4)) / 2 = 0.14644661; s >= 6: 0
         let got: Vec<f64> = (0..8).map(|s| cos.lr_at(s)).collect();
-        close_v(
-            &got,
-            &[0.5, 1.0, 1.0, 0.85355339, 0.5, 0.14644661, 0.0, 0.0],
-            1e-8,
-        );
+        close_v(&got, &[0.5, 1.0, 1.0, 0.85355339, 0.5, 0.14644661, 0.0, 0.0], 1e-8);
         // linear with a floor 0.1: 0.1 + 0.9 (1 - p): s = 3 -> 0.775, s = 4 -> 0.55, s = 6 -> 0.1
         let lin = LrSchedule {
             decay: LrDecay::Linear,
             min_lr: 0.1,
             ..cos
         };
-        close_v(
-            &[lin.lr_at(3), lin.lr_at(4), lin.lr_at(6)],
-            &[0.775, 0.55, 0.1],
-            1e-12,
-        );
+        close_v(&[lin.lr_at(3), lin.lr_at(4), lin.lr_at(6)], &[0.775, 0.55, 0.1], 1e-12);
         let cst = LrSchedule {
             decay: LrDecay::Constant,
             warmup_steps: 0,
@@ -130,19 +116,14 @@ mod rl {
 
     #[test]
     fn schedule_config_and_validation() {
-        let s: LrSchedule = serde_json::from_str(
-            r#"{"peak_lr": 1e-5, "warmup_steps": 10, "total_steps": 100, "decay": "linear"}"#,
-        )
-        .unwrap();
+        let s: LrSchedule =
+            serde_json::from_str(r#"{"peak_lr": 1e-5, "warmup_steps": 10, "total_steps": 100, "decay": "linear"}"#)
+                .unwrap();
         assert_eq!(s.decay, LrDecay::Linear);
         assert_eq!(s.min_lr, 0.0);
-        let s: LrSchedule =
-            serde_json::from_str(r#"{"peak_lr": 1e-5, "total_steps": 100}"#).unwrap();
+        let s: LrSchedule = serde_json::from_str(r#"{"peak_lr": 1e-5, "total_steps": 100}"#).unwrap();
         assert_eq!((s.decay, s.warmup_steps), (LrDecay::Cosine, 0));
-        assert!(serde_json::from_str::<LrSchedule>(
-            r#"{"peak_lr": 1e-5, "total_steps": 1, "warmup": 1}"#
-        )
-        .is_err());
+        assert!(serde_json::from_str::<LrSchedule>(r#"{"peak_lr": 1e-5, "total_steps": 1, "warmup": 1}"#).is_err());
         let base = LrSchedule {
             peak_lr: 1.0,
             warmup_steps: 0,
@@ -156,24 +137,9 @@ mod rl {
         }
         .validate()
         .is_err());
-        assert!(LrSchedule {
-            min_lr: 2.0,
-            ..base
-        }
-        .validate()
-        .is_err());
-        assert!(LrSchedule {
-            total_steps: 0,
-            ..base
-        }
-        .validate()
-        .is_err());
-        assert!(LrSchedule {
-            peak_lr: 0.0,
-            ..base
-        }
-        .validate()
-        .is_err());
+        assert!(LrSchedule { min_lr: 2.0, ..base }.validate().is_err());
+        assert!(LrSchedule { total_steps: 0, ..base }.validate().is_err());
+        assert!(LrSchedule { peak_lr: 0.0, ..base }.validate().is_err());
     }
 
     proptest! {
@@ -210,12 +176,7 @@ mod rl {
         let w = Var::from_tensor(&t1(&[1.0, 2.0])).unwrap();
         let mut acc = GradAccumulator::new(vec![w.clone()]);
         for k in [2.0, 4.0] {
-            let g = (w.as_tensor() * k)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g = (w.as_tensor() * k).unwrap().sum_all().unwrap().backward().unwrap();
             acc.add(&g).unwrap();
         }
         assert_eq!(acc.micro_batches(), 2);
@@ -242,8 +203,7 @@ mod rl {
         for chunk in [&[1.0, 2.0][..], &[3.0, 4.0, 5.0, 6.0][..]] {
             let x = t1(chunk);
             let loss = x.broadcast_mul(w.as_tensor()).unwrap().mean_all().unwrap();
-            acc.add_weighted(&loss.backward().unwrap(), chunk.len() as f64)
-                .unwrap();
+            acc.add_weighted(&loss.backward().unwrap(), chunk.len() as f64).unwrap();
         }
         close(acc.total_weight(), 6.0, 0.0);
         let g = acc.finish_mean().unwrap();

@@ -41,10 +41,7 @@ mod rl {
     fn hand_batch() -> Batch {
         let prox = t2(&[&[-1.0, -2.0, -0.5], &[-1.5, NAN, 0.0]]);
         let lr = [1.5f64.ln(), 0.5f64.ln(), 0.0, 0.5f64.ln()];
-        let logp = t2(&[
-            &[-1.0 + lr[0], -2.0 + lr[1], -0.5 + lr[2]],
-            &[-1.5 + lr[3], INF, 3.0],
-        ]);
+        let logp = t2(&[&[-1.0 + lr[0], -2.0 + lr[1], -0.5 + lr[2]], &[-1.5 + lr[3], INF, 3.0]]);
         Batch {
             logp,
             prox,
@@ -141,11 +138,7 @@ mod rl {
         close(out.policy_loss as f64, 0.125, 1e-6);
         // mean w = (1.5 + 3) / 4 = 1.125; the cap bound on 1 of 4 tokens
         close(out.stats.behaviour_weight_mean.unwrap() as f64, 1.125, 1e-6);
-        close(
-            out.stats.behaviour_weight_trunc_frac.unwrap() as f64,
-            0.25,
-            1e-7,
-        );
+        close(out.stats.behaviour_weight_trunc_frac.unwrap() as f64, 0.25, 1e-7);
         // untruncated: pg = (-1.2 * 2 - 0.5 + 2 + 0.8) / 4 = -0.1 / 4 = -0.025
         c.behaviour_weight_cap = None;
         let out = ppo_loss(&c, &inputs(&b, Some(&behaviour))).unwrap();
@@ -180,9 +173,8 @@ mod rl {
     #[test]
     fn ppo_rejects_bad_input() {
         let b = hand_batch();
-        let bad = |c: &PpoLossConfig, i: &PpoInputs| {
-            assert!(matches!(ppo_loss(c, i), Err(RlError::InvalidArgument(_))))
-        };
+        let bad =
+            |c: &PpoLossConfig, i: &PpoInputs| assert!(matches!(ppo_loss(c, i), Err(RlError::InvalidArgument(_))));
         let mut i = inputs(&b, None);
         i.entropy = None;
         bad(&cfg(Aggregation::TokenMean), &i); // entropy_coef != 0 without entropy
@@ -205,10 +197,9 @@ mod rl {
 
     #[test]
     fn ppo_config_from_toml_like_json() {
-        let c: PpoLossConfig = serde_json::from_str(
-            r#"{"clip_eps": 0.1, "aggregation": "seq_mean", "behaviour_weight_cap": 5.0}"#,
-        )
-        .unwrap();
+        let c: PpoLossConfig =
+            serde_json::from_str(r#"{"clip_eps": 0.1, "aggregation": "seq_mean", "behaviour_weight_cap": 5.0}"#)
+                .unwrap();
         assert_eq!(c.clip_eps, 0.1);
         assert_eq!(c.aggregation, Aggregation::SeqMean);
         assert_eq!(c.behaviour_weight_cap, Some(5.0));
@@ -345,8 +336,7 @@ mod rl {
         for clip in [Some(0.2), None] {
             check_grad(
                 |x| {
-                    let v =
-                        value_loss_per_token(x, &r.b.old_values, &r.b.returns, &r.b.mask, clip)?;
+                    let v = value_loss_per_token(x, &r.b.old_values, &r.b.returns, &r.b.mask, clip)?;
                     Ok(aggregate(&v, &r.b.mask, Aggregation::TokenMean)?)
                 },
                 &r.b.values,
@@ -430,9 +420,7 @@ mod rl {
     #[test]
     fn policy_loss_per_token_matches_formula() {
         let r = rand_batch(&[4, 4], 4, 3);
-        let pg = v2(
-            &policy_loss_per_token(&r.b.logp, &r.b.prox, &r.b.adv, None, &r.b.mask, 0.2).unwrap(),
-        );
+        let pg = v2(&policy_loss_per_token(&r.b.logp, &r.b.prox, &r.b.adv, None, &r.b.mask, 0.2).unwrap());
         let (lp, px, ad) = (v2(&r.b.logp), v2(&r.b.prox), v2(&r.b.adv));
         for b in 0..2 {
             for t in 0..4 {

@@ -52,12 +52,7 @@ mod rl {
 
     #[test]
     fn kl_shape_mismatch_is_an_error() {
-        let r = kl_per_token(
-            KlEstimator::K1,
-            &t2(&[&[0.0, 0.0]]),
-            &t2(&[&[0.0]]),
-            &mask_of(&[1], 2),
-        );
+        let r = kl_per_token(KlEstimator::K1, &t2(&[&[0.0, 0.0]]), &t2(&[&[0.0]]), &mask_of(&[1], 2));
         assert!(matches!(r, Err(RlError::InvalidArgument(_))));
     }
 
@@ -134,41 +129,15 @@ mod rl {
     #[test]
     fn rewards_reject_bad_input() {
         let kl = t2(&[&[0.1, 0.2]]);
-        let bad = |r: tandem_models::rl::Result<_>| {
-            assert!(matches!(r, Err(RlError::InvalidArgument(_))))
-        };
+        let bad = |r: tandem_models::rl::Result<_>| assert!(matches!(r, Err(RlError::InvalidArgument(_))));
         // scores of the wrong shape
-        bad(per_token_rewards(
-            &t1(&[1.0, 2.0]),
-            &kl,
-            &mask_of(&[2], 2),
-            0.1,
-            None,
-        ));
+        bad(per_token_rewards(&t1(&[1.0, 2.0]), &kl, &mask_of(&[2], 2), 0.1, None));
         // a mask with a hole
-        bad(per_token_rewards(
-            &t1(&[1.0]),
-            &kl,
-            &t2(&[&[0.0, 1.0]]),
-            0.1,
-            None,
-        ));
+        bad(per_token_rewards(&t1(&[1.0]), &kl, &t2(&[&[0.0, 1.0]]), 0.1, None));
         // an empty row
-        bad(per_token_rewards(
-            &t1(&[1.0]),
-            &kl,
-            &t2(&[&[0.0, 0.0]]),
-            0.1,
-            None,
-        ));
+        bad(per_token_rewards(&t1(&[1.0]), &kl, &t2(&[&[0.0, 0.0]]), 0.1, None));
         // non-positive clip
-        bad(per_token_rewards(
-            &t1(&[1.0]),
-            &kl,
-            &mask_of(&[2], 2),
-            0.1,
-            Some(0.0),
-        ));
+        bad(per_token_rewards(&t1(&[1.0]), &kl, &mask_of(&[2], 2), 0.1, Some(0.0)));
     }
 
     proptest! {
@@ -220,11 +189,7 @@ mod rl {
         close(rms.var(), 2.0, 1e-12);
         // normalise 5 and 1: (5 - 3) / sqrt(2) = 1.41421356, (1 - 3) / sqrt(2) = -1.41421356
         let n = v1(&rms.normalize(&t1(&[5.0, 1.0])).unwrap());
-        close_v(
-            &n,
-            &[std::f64::consts::SQRT_2, -std::f64::consts::SQRT_2],
-            1e-7,
-        );
+        close_v(&n, &[std::f64::consts::SQRT_2, -std::f64::consts::SQRT_2], 1e-7);
         assert!(RunningMeanStd::new().normalize(&t1(&[1.0])).is_err());
         assert!(rms.update(&[f64::NAN]).is_err());
     }
@@ -280,13 +245,7 @@ mod rl {
         assert!(FixedGainBias::fit(&[1.0]).is_err());
         assert!(FixedGainBias::fit(&[2.0, 2.0]).is_err());
         let cfg: FixedGainBias = serde_json::from_str(r#"{"gain": 0.5, "bias": 1.0}"#).unwrap();
-        assert_eq!(
-            cfg,
-            FixedGainBias {
-                gain: 0.5,
-                bias: 1.0
-            }
-        );
+        assert_eq!(cfg, FixedGainBias { gain: 0.5, bias: 1.0 });
     }
 
     // ---------- KL controllers ----------
@@ -318,8 +277,7 @@ mod rl {
     #[test]
     fn controller_configs() {
         let c: KlControllerConfig =
-            serde_json::from_str(r#"{"kind": "adaptive", "init_beta": 0.1, "target": 6.0}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"kind": "adaptive", "init_beta": 0.1, "target": 6.0}"#).unwrap();
         assert_eq!(
             c,
             KlControllerConfig::Adaptive {
@@ -328,19 +286,12 @@ mod rl {
                 k_beta: 0.1
             }
         );
-        let c: KlControllerConfig =
-            serde_json::from_str(r#"{"kind": "fixed", "beta": 0.05}"#).unwrap();
+        let c: KlControllerConfig = serde_json::from_str(r#"{"kind": "fixed", "beta": 0.05}"#).unwrap();
         assert_eq!(c, KlControllerConfig::Fixed { beta: 0.05 });
-        assert!(serde_json::from_str::<KlControllerConfig>(
-            r#"{"kind": "fixed", "beta": 0.05, "target": 1.0}"#
-        )
-        .is_err());
-        let bad = |c| {
-            assert!(matches!(
-                KlController::new(c),
-                Err(RlError::InvalidArgument(_))
-            ))
-        };
+        assert!(
+            serde_json::from_str::<KlControllerConfig>(r#"{"kind": "fixed", "beta": 0.05, "target": 1.0}"#).is_err()
+        );
+        let bad = |c| assert!(matches!(KlController::new(c), Err(RlError::InvalidArgument(_))));
         bad(KlControllerConfig::Adaptive {
             init_beta: 0.1,
             target: 0.0,

@@ -16,19 +16,133 @@ use crate::error::RuntimeError;
 
 /// Words of the built-in vocabulary, after the two special tokens.
 pub const WORDS: &[&str] = &[
-    "the", "a", "of", "to", "and", "in", "is", "it", "that", "was", "for", "on", "with", "as", "he", "be", "at", "by",
-    "this", "had", "not", "are", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all",
-    "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out",
-    "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could",
-    "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "seemed", "movie", "film", "story",
-    "plot", "acting", "his", "very", "really", "just", "too", ".", ",", "!", "good", "great", "wonderful", "happy",
-    "love", "best", "nice", "fun", "excellent", "beautiful", "amazing", "enjoy", "bad", "terrible", "awful", "sad",
-    "hate", "worst", "boring", "dull", "poor", "ugly",
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "it",
+    "that",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "he",
+    "be",
+    "at",
+    "by",
+    "this",
+    "had",
+    "not",
+    "are",
+    "but",
+    "from",
+    "or",
+    "have",
+    "an",
+    "they",
+    "which",
+    "one",
+    "you",
+    "were",
+    "her",
+    "all",
+    "she",
+    "there",
+    "would",
+    "their",
+    "we",
+    "him",
+    "been",
+    "has",
+    "when",
+    "who",
+    "will",
+    "more",
+    "no",
+    "if",
+    "out",
+    "so",
+    "said",
+    "what",
+    "up",
+    "its",
+    "about",
+    "into",
+    "than",
+    "them",
+    "can",
+    "only",
+    "other",
+    "new",
+    "some",
+    "could",
+    "time",
+    "these",
+    "two",
+    "may",
+    "then",
+    "do",
+    "first",
+    "any",
+    "my",
+    "now",
+    "seemed",
+    "movie",
+    "film",
+    "story",
+    "plot",
+    "acting",
+    "his",
+    "very",
+    "really",
+    "just",
+    "too",
+    ".",
+    ",",
+    "!",
+    "good",
+    "great",
+    "wonderful",
+    "happy",
+    "love",
+    "best",
+    "nice",
+    "fun",
+    "excellent",
+    "beautiful",
+    "amazing",
+    "enjoy",
+    "bad",
+    "terrible",
+    "awful",
+    "sad",
+    "hate",
+    "worst",
+    "boring",
+    "dull",
+    "poor",
+    "ugly",
 ];
 
 /// The positive-words reward's default list.
-pub const POSITIVE_WORDS: &[&str] =
-    &["good", "great", "wonderful", "happy", "love", "best", "nice", "fun", "excellent", "beautiful", "amazing", "enjoy"];
+pub const POSITIVE_WORDS: &[&str] = &[
+    "good",
+    "great",
+    "wonderful",
+    "happy",
+    "love",
+    "best",
+    "nice",
+    "fun",
+    "excellent",
+    "beautiful",
+    "amazing",
+    "enjoy",
+];
 
 /// The built-in `tokenizer.json`.
 pub fn tokenizer_json() -> String {
@@ -54,7 +168,10 @@ pub fn tokenizer_json() -> String {
 }
 
 pub fn tokenizer() -> Result<TextTokenizer, RuntimeError> {
-    Ok(TextTokenizer::from_json(&tokenizer_json(), Path::new("<built-in word tokenizer>"))?)
+    Ok(TextTokenizer::from_json(
+        &tokenizer_json(),
+        Path::new("<built-in word tokenizer>"),
+    )?)
 }
 
 /// The model config of a built-in spec over the built-in vocabulary.
@@ -62,9 +179,14 @@ pub fn model_config(spec: &BuiltinModel, max_positions: usize) -> ModelConfig {
     let vocab = WORDS.len() + 2;
     match spec.arch {
         BuiltinArch::Gpt2 => ModelConfig::gpt2(vocab, spec.hidden, spec.layers, spec.heads, max_positions),
-        BuiltinArch::Qwen2 => {
-            ModelConfig::qwen2(vocab, spec.hidden, spec.layers, spec.heads, spec.kv_heads.unwrap_or(spec.heads), max_positions)
-        }
+        BuiltinArch::Qwen2 => ModelConfig::qwen2(
+            vocab,
+            spec.hidden,
+            spec.layers,
+            spec.heads,
+            spec.kv_heads.unwrap_or(spec.heads),
+            max_positions,
+        ),
     }
 }
 

@@ -118,7 +118,10 @@ pub struct ModeConfig {
 
 impl Default for ModeConfig {
     fn default() -> Self {
-        Self { max_staleness: 0, publish_every: 1 }
+        Self {
+            max_staleness: 0,
+            publish_every: 1,
+        }
     }
 }
 
@@ -252,7 +255,13 @@ pub struct ChannelsConfig {
 
 impl Default for ChannelsConfig {
     fn default() -> Self {
-        Self { tickets: 2, rollout_to_reward: 2, reward_to_value: 2, value_to_replay: 2, replay_capacity: 0 }
+        Self {
+            tickets: 2,
+            rollout_to_reward: 2,
+            reward_to_value: 2,
+            value_to_replay: 2,
+            replay_capacity: 0,
+        }
     }
 }
 
@@ -260,7 +269,10 @@ impl Config {
     /// Reads, overrides, resolves and validates a config file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
         let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
-        let bad = |msg: String| RuntimeError::Config { path: path.to_path_buf(), msg };
+        let bad = |msg: String| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
         let mut cfg: Config = if overrides.is_empty() {
             toml::from_str(&text).map_err(|e| bad(e.to_string()))?
         } else {

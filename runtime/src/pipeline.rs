@@ -29,7 +29,8 @@ use tandem_actors::{
     stage_channel, Advantage, DeviceId, Executor, PpoTrainer, StepReport, TrajectoryBatch, WeightsSnapshot,
 };
 use tandem_models::{
-    load_tensors, save_checkpoint, snapshot, HeadKind, LanguageModel, ModelConfig, ScalarModel, TextTokenizer, WeightInit,
+    load_tensors, save_checkpoint, snapshot, HeadKind, LanguageModel, ModelConfig, ScalarModel, TextTokenizer,
+    WeightInit,
 };
 
 use crate::builtin;
@@ -81,11 +82,21 @@ fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
         }
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let tensors = load_tensors(dir, &config, &candle_core::Device::Cpu)?;
-        Ok(LoadedPolicy { config, tokenizer, init: Some((dir.clone(), tensors)) })
+        Ok(LoadedPolicy {
+            config,
+            tokenizer,
+            init: Some((dir.clone(), tensors)),
+        })
     } else {
         let spec = m.builtin.as_ref().expect("validated: path or builtin");
-        let max_pos = (cfg.data.prompt_max_tokens + cfg.sampling.max_new_tokens).next_power_of_two().max(64);
-        Ok(LoadedPolicy { config: builtin::model_config(spec, max_pos), tokenizer: builtin::tokenizer()?, init: None })
+        let max_pos = (cfg.data.prompt_max_tokens + cfg.sampling.max_new_tokens)
+            .next_power_of_two()
+            .max(64);
+        Ok(LoadedPolicy {
+            config: builtin::model_config(spec, max_pos),
+            tokenizer: builtin::tokenizer()?,
+            init: None,
+        })
     }
 }
 
@@ -99,7 +110,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     // Devices.
     let p = &cfg.placement;
     let mut devices: BTreeMap<DeviceId, Arc<Executor>> = BTreeMap::new();
-    for d in p.rollout_devices.iter().chain([&p.reward_device, &p.value_device, &p.learner_device]) {
+    for d in p
+        .rollout_devices
+        .iter()
+        .chain([&p.reward_device, &p.value_device, &p.learner_device])
+    {
         if !devices.contains_key(d) {
             devices.insert(*d, Executor::new(*d, p.threads_per_device)?);
         }
@@ -111,12 +126,20 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let learner_exec = dev(&p.learner_device);
     let ldev = learner_exec.device().clone();
     let init = match &policy.init {
-        Some((dir, t)) => WeightInit::Checkpoint { tensors: t, dir, seed: cfg.seed },
+        Some((dir, t)) => WeightInit::Checkpoint {
+            tensors: t,
+            dir,
+            seed: cfg.seed,
+        },
         None => WeightInit::Random { seed: cfg.seed },
     };
     let (policy_model, policy_vars) = LanguageModel::trainable(&policy.config, init, &ldev)?;
     let initial_policy = snapshot(&policy_vars)?;
-    let reference = Arc::new(LanguageModel::from_tensors(&policy.config, initial_policy.clone(), dev(&p.reward_device).device())?);
+    let reference = Arc::new(LanguageModel::from_tensors(
+        &policy.config,
+        initial_policy.clone(),
+        dev(&p.reward_device).device(),
+    )?);
 
     let rm_tensors = match (&cfg.reward.kind, &cfg.reward.model) {
         (RewardKind::RewardModel, Some(dir)) => {
@@ -128,7 +151,10 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let source: Arc<dyn RewardSource> = match cfg.reward.kind {
         RewardKind::RewardModel => {
             let (dir, _, _) = rm_tensors.as_ref().expect("validated");
-            Arc::new(RewardModelSource::new(ScalarModel::load(dir, dev(&p.reward_device).device())?))
+            Arc::new(RewardModelSource::new(ScalarModel::load(
+                dir,
+                dev(&p.reward_device).device(),
+            )?))
         }
         RewardKind::PositiveWords => {
             let words: Vec<String> = cfg
@@ -138,7 +164,9 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                 .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
             let ids = builtin::word_token_ids(&policy.tokenizer, &words);
             if ids.is_empty() {
-                return Err(RuntimeError::Other("reward.words: none of the words is a token of the policy's tokenizer".into()));
+                return Err(RuntimeError::Other(
+                    "reward.words: none of the words is a token of the policy's tokenizer".into(),
+                ));
             }
             Arc::new(TokenSetReward::new("positive_words", ids))
         }
@@ -159,8 +187,16 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                 (dir, config, t)
             }
         };
-        let init = WeightInit::Checkpoint { tensors: &tensors, dir: &dir, seed: cfg.seed.wrapping_add(1) };
-        Some(ScalarModel::trainable(&config.with_head(HeadKind::Scalar), init, &ldev)?)
+        let init = WeightInit::Checkpoint {
+            tensors: &tensors,
+            dir: &dir,
+            seed: cfg.seed.wrapping_add(1),
+        };
+        Some(ScalarModel::trainable(
+            &config.with_head(HeadKind::Scalar),
+            init,
+            &ldev,
+        )?)
     } else {
         None
     };
@@ -170,7 +206,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         cfg.algorithm.clone(),
         (policy_model, policy_vars),
         critic,
-        if cfg.sampling.greedy { 1.0 } else { cfg.sampling.temperature.max(1e-6) },
+        if cfg.sampling.greedy {
+            1.0
+        } else {
+            cfg.sampling.temperature.max(1e-6)
+        },
         cfg.data.samples_per_prompt,
         cfg.seed,
         ldev.clone(),
@@ -203,11 +243,20 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let sup: ActorCell = root.get_cell();
     let spawn_err = |e: ractor::SpawnErr| RuntimeError::ActorFailed(e.to_string());
     let now = Instant::now();
-    let wrap = |tensors| Arc::new(WeightsSnapshot { version: 0, tensors, published_at: now });
+    let wrap = |tensors| {
+        Arc::new(WeightsSnapshot {
+            version: 0,
+            tensors,
+            published_at: now,
+        })
+    };
     let (snap, _) = Actor::spawn_linked(
         Some("snapshot".into()),
         SnapshotActor,
-        SnapshotArgs { policy: wrap(initial_policy), critic: initial_critic.map(wrap) },
+        SnapshotArgs {
+            policy: wrap(initial_policy),
+            critic: initial_critic.map(wrap),
+        },
         sup.clone(),
     )
     .await
@@ -237,7 +286,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             executor: dev(&p.reward_device),
             source,
             reference: Some(reference),
-            temperature: if cfg.sampling.greedy { 1.0 } else { cfg.sampling.temperature.max(1e-6) },
+            temperature: if cfg.sampling.greedy {
+                1.0
+            } else {
+                cfg.sampling.temperature.max(1e-6)
+            },
             input: gen_rx,
             out: rew_tx,
         },
@@ -353,7 +406,9 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     }
     root.stop(None);
     let _ = root_handle.await;
-    let tickets_issued = tokio::task::spawn_blocking(move || feeder.join().unwrap_or(0)).await.unwrap_or(0);
+    let tickets_issued = tokio::task::spawn_blocking(move || feeder.join().unwrap_or(0))
+        .await
+        .unwrap_or(0);
     if let Some(f) = failure {
         return Err(RuntimeError::ActorFailed(f));
     }
@@ -385,7 +440,9 @@ fn save_models(
     trainer: &Arc<Mutex<PpoTrainer>>,
     policy_config: &ModelConfig,
 ) -> Result<(), RuntimeError> {
-    let t = trainer.lock().map_err(|_| RuntimeError::Other("trainer poisoned".into()))?;
+    let t = trainer
+        .lock()
+        .map_err(|_| RuntimeError::Other("trainer poisoned".into()))?;
     let dir = run_dir.join("policy");
     save_checkpoint(&dir, policy_config, &t.policy_weights()?, None)?;
     tokenizer.save_to_dir(&dir)?;

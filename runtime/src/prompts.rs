@@ -25,7 +25,11 @@ pub fn load_prompts(path: &Path, tokenizer: &TextTokenizer, max_tokens: usize) -
     let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let bad = |msg: String| RuntimeError::Prompts { path: path.into(), line: i + 1, msg };
+        let bad = |msg: String| RuntimeError::Prompts {
+            path: path.into(),
+            line: i + 1,
+            msg,
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -44,7 +48,11 @@ pub fn load_prompts(path: &Path, tokenizer: &TextTokenizer, max_tokens: usize) -
         out.push(ids);
     }
     if out.is_empty() {
-        return Err(RuntimeError::Prompts { path: path.into(), line: 0, msg: "no prompts".into() });
+        return Err(RuntimeError::Prompts {
+            path: path.into(),
+            line: 0,
+            msg: "no prompts".into(),
+        });
     }
     Ok(out)
 }
@@ -70,12 +78,17 @@ pub fn tickets(prompts: &[Vec<u32>], plan: TicketPlan) -> impl Iterator<Item = W
         while batch.len() < plan.prompts_per_ticket {
             if pos == order.len() {
                 order = (0..prompts.len()).collect();
-                order.shuffle(&mut StdRng::seed_from_u64(plan.seed.wrapping_add(epoch.wrapping_mul(0x5851_F42D))));
+                order.shuffle(&mut StdRng::seed_from_u64(
+                    plan.seed.wrapping_add(epoch.wrapping_mul(0x5851_F42D)),
+                ));
                 pos = 0;
                 epoch += 1;
             }
             let i = order[pos];
-            batch.push(Prompt { index: (epoch - 1) * n + i as u64, ids: prompts[i].clone() });
+            batch.push(Prompt {
+                index: (epoch - 1) * n + i as u64,
+                ids: prompts[i].clone(),
+            });
             pos += 1;
         }
         let t = WorkTicket {
@@ -114,7 +127,12 @@ mod tests {
     #[test]
     fn every_epoch_issues_every_prompt_once() {
         let prompts: Vec<Vec<u32>> = (0..10).map(|i| vec![i]).collect();
-        let plan = TicketPlan { seed: 3, prompts_per_ticket: 4, tickets_per_step: 2, samples_per_prompt: 1 };
+        let plan = TicketPlan {
+            seed: 3,
+            prompts_per_ticket: 4,
+            tickets_per_step: 2,
+            samples_per_prompt: 1,
+        };
         let ts: Vec<WorkTicket> = tickets(&prompts, plan).take(5).collect();
         let idx: Vec<u64> = ts.iter().flat_map(|t| t.prompts.iter().map(|p| p.index)).collect();
         let mut first: Vec<u64> = idx[..10].to_vec();
@@ -125,6 +143,9 @@ mod tests {
         assert_eq!(second, (10..20).collect::<Vec<_>>());
         assert_eq!(ts.iter().map(|t| t.step).collect::<Vec<_>>(), vec![0, 0, 1, 1, 2]);
         let again: Vec<WorkTicket> = tickets(&prompts, plan).take(5).collect();
-        assert_eq!(ts.iter().map(|t| t.seed).collect::<Vec<_>>(), again.iter().map(|t| t.seed).collect::<Vec<_>>());
+        assert_eq!(
+            ts.iter().map(|t| t.seed).collect::<Vec<_>>(),
+            again.iter().map(|t| t.seed).collect::<Vec<_>>()
+        );
     }
 }

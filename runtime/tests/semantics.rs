@@ -15,7 +15,15 @@ fn metrics_without_timings(dir: &std::path::Path) -> Vec<Value> {
         .map(|l| {
             let mut v: Value = serde_json::from_str(l).unwrap();
             let m = v.as_object_mut().unwrap();
-            for k in ["generate_s", "reward_s", "value_s", "learn_s", "weight_sync_s", "adopt_latency_s", "wall_s"] {
+            for k in [
+                "generate_s",
+                "reward_s",
+                "value_s",
+                "learn_s",
+                "weight_sync_s",
+                "adopt_latency_s",
+                "wall_s",
+            ] {
                 assert!(m.remove(k).is_some() || k == "adopt_latency_s", "missing {k}");
             }
             v
@@ -28,7 +36,11 @@ async fn sync_runs_are_deterministic() {
     // Two rollout actors on different devices race for tickets; the metrics must not care.
     let cfg = load(
         "sync.toml",
-        &["steps=6", "placement.rollout_devices=[\"cpu:0\", \"cpu:2\"]", "placement.rollouts_per_device=2"],
+        &[
+            "steps=6",
+            "placement.rollout_devices=[\"cpu:0\", \"cpu:2\"]",
+            "placement.rollouts_per_device=2",
+        ],
     );
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ra = run_in(&cfg, a.path()).await;
@@ -48,15 +60,27 @@ async fn no_trajectory_is_staler_than_the_bound() {
     for s in [1u64, 2] {
         let cfg = load(
             "quickstart.toml",
-            &["steps=8", &format!("mode.max_staleness={s}"), "placement.rollouts_per_device=2"],
+            &[
+                "steps=8",
+                &format!("mode.max_staleness={s}"),
+                "placement.rollouts_per_device=2",
+            ],
         );
         let dir = tempfile::tempdir().unwrap();
         let r = run_in(&cfg, dir.path()).await;
         for x in &r.reports {
-            assert!(x.staleness_max <= s, "max_staleness {s}: step {} used staleness {}", x.step, x.staleness_max);
+            assert!(
+                x.staleness_max <= s,
+                "max_staleness {s}: step {} used staleness {}",
+                x.step,
+                x.staleness_max
+            );
         }
         // Samplers do run ahead: some trajectory was produced by an older policy.
-        assert!(r.reports.iter().any(|x| x.staleness_max >= 1), "async mode never ran ahead");
+        assert!(
+            r.reports.iter().any(|x| x.staleness_max >= 1),
+            "async mode never ran ahead"
+        );
     }
 }
 
@@ -75,14 +99,38 @@ async fn a_slow_learner_bounds_memory_and_blocks_the_samplers() {
         ],
     );
     let dir = tempfile::tempdir().unwrap();
-    let s = run(&cfg, RunOptions { run_dir: dir.path().into(), learner_delay: Duration::from_millis(600), ..Default::default() })
-        .await
-        .unwrap();
+    let s = run(
+        &cfg,
+        RunOptions {
+            run_dir: dir.path().into(),
+            learner_delay: Duration::from_millis(600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(s.reports.len(), 5);
-    assert!(s.max_held <= s.held_bound, "held {} > bound {}", s.max_held, s.held_bound);
-    assert!(s.max_held >= 32, "the buffer never filled ({}), the test did not exercise back-pressure", s.max_held);
-    assert!(s.rollout_blocked_s > 0.5, "rollout actors blocked only {:.3}s", s.rollout_blocked_s);
+    assert!(
+        s.max_held <= s.held_bound,
+        "held {} > bound {}",
+        s.max_held,
+        s.held_bound
+    );
+    assert!(
+        s.max_held >= 32,
+        "the buffer never filled ({}), the test did not exercise back-pressure",
+        s.max_held
+    );
+    assert!(
+        s.rollout_blocked_s > 0.5,
+        "rollout actors blocked only {:.3}s",
+        s.rollout_blocked_s
+    );
     // The feeder is bounded too: it cannot have issued more than what the pipeline holds.
     let per_ticket = 16;
-    assert!(s.tickets_issued as usize * per_ticket <= 5 * 32 + s.held_bound + 8 * per_ticket, "{} tickets", s.tickets_issued);
+    assert!(
+        s.tickets_issued as usize * per_ticket <= 5 * 32 + s.held_bound + 8 * per_ticket,
+        "{} tickets",
+        s.tickets_issued
+    );
 }

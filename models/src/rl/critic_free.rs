@@ -85,10 +85,7 @@ pub fn rloo_advantages(scores: &Tensor, group_size: usize) -> Result<Tensor> {
 pub fn broadcast_to_tokens(adv: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (batch, _) = dims2("mask", mask)?;
     if adv.dims() != [batch] {
-        invalid!(
-            "advantages must have shape ({batch},), got {:?}",
-            adv.dims()
-        );
+        invalid!("advantages must have shape ({batch},), got {:?}", adv.dims());
     }
     let full = adv.unsqueeze(1)?.broadcast_as(mask.shape())?.contiguous()?;
     zero_pad(&full, &keep(mask)?)

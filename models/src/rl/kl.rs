@@ -57,12 +57,7 @@ impl KlEstimator {
 
 /// Per-token KL estimate, shape `(batch, resp_len)`, `0` at padded positions (whatever the
 /// inputs hold there).
-pub fn kl_per_token(
-    estimator: KlEstimator,
-    logp: &Tensor,
-    ref_logp: &Tensor,
-    mask: &Tensor,
-) -> Result<Tensor> {
+pub fn kl_per_token(estimator: KlEstimator, logp: &Tensor, ref_logp: &Tensor, mask: &Tensor) -> Result<Tensor> {
     same_shape("logp", logp, "mask", mask)?;
     same_shape("ref_logp", ref_logp, "mask", mask)?;
     let keep = keep(mask)?;

@@ -31,16 +31,10 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         d => invalid!("logits must have shape (batch, len, vocab), got {d:?}"),
     };
     if targets.dims() != [b, l] {
-        invalid!(
-            "targets must have shape ({b}, {l}), got {:?}",
-            targets.dims()
-        );
+        invalid!("targets must have shape ({b}, {l}), got {:?}", targets.dims());
     }
     if !matches!(targets.dtype(), DType::U32 | DType::I64 | DType::U8) {
-        invalid!(
-            "targets must be integer token ids, got {:?}",
-            targets.dtype()
-        );
+        invalid!("targets must be integer token ids, got {:?}", targets.dtype());
     }
     let logp = log_softmax(logits)?;
     let idx = targets.unsqueeze(D::Minus1)?.contiguous()?;

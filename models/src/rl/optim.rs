@@ -120,9 +120,7 @@ impl LrSchedule {
         match self.decay {
             LrDecay::Constant => eta,
             LrDecay::Linear => eta_min + (eta - eta_min) * (1.0 - p),
-            LrDecay::Cosine => {
-                eta_min + (eta - eta_min) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
-            }
+            LrDecay::Cosine => eta_min + (eta - eta_min) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()),
         }
     }
 }

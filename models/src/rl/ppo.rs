@@ -64,9 +64,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::masked::{
-    aggregate, dims2, keep, masked_mean, masked_var, same_shape, zero_pad, Aggregation,
-};
+use super::masked::{aggregate, dims2, keep, masked_mean, masked_var, same_shape, zero_pad, Aggregation};
 use super::{invalid, scalar_f64, Result};
 
 /// Hyper-parameters of the PPO loss.
@@ -343,10 +341,7 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
             Some(f32_of(&ent)?)
         }
         None if cfg.entropy_coef != 0.0 => {
-            invalid!(
-                "entropy_coef is {} but no entropy was given",
-                cfg.entropy_coef
-            )
+            invalid!("entropy_coef is {} but no entropy was given", cfg.entropy_coef)
         }
         None => None,
     };

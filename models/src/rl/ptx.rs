@@ -29,12 +29,7 @@ pub fn ptx_loss(token_logp: &Tensor, mask: &Tensor, gamma: f64) -> Result<Tensor
 
 /// `ppo_loss + ptx_loss(token_logp, mask, gamma)`: a single scalar whose backward pass
 /// accumulates the PPO and pretraining gradients together.
-pub fn with_ptx(
-    ppo_loss: &Tensor,
-    token_logp: &Tensor,
-    mask: &Tensor,
-    gamma: f64,
-) -> Result<Tensor> {
+pub fn with_ptx(ppo_loss: &Tensor, token_logp: &Tensor, mask: &Tensor, gamma: f64) -> Result<Tensor> {
     if ppo_loss.rank() != 0 {
         invalid!("ppo_loss must be a scalar, got shape {:?}", ppo_loss.dims());
     }

@@ -158,10 +158,7 @@ impl RunningMeanStd {
 
     /// [`Self::update`] with a `(batch,)` tensor of scores.
     pub fn update_tensor(&mut self, scores: &Tensor) -> Result<()> {
-        let v = scores
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
+        let v = scores.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         self.update(&v)
     }
 
@@ -228,10 +225,7 @@ impl FixedGainBias {
 
     /// [`Self::fit`] on a tensor of reference scores.
     pub fn fit_tensor(reference: &Tensor) -> Result<Self> {
-        let v = reference
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
+        let v = reference.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         Self::fit(&v)
     }
 

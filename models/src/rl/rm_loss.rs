@@ -34,9 +34,9 @@ pub fn neg_log_sigmoid(x: &Tensor) -> Result<Tensor> {
 fn check_pairs(chosen: &Tensor, rejected: &Tensor) -> Result<()> {
     match (chosen.dims(), rejected.dims()) {
         ([b1], [b2]) if b1 == b2 && *b1 > 0 => Ok(()),
-        (c, r) => invalid!(
-            "chosen and rejected rewards must both have shape (batch,) with batch > 0, got {c:?} and {r:?}"
-        ),
+        (c, r) => {
+            invalid!("chosen and rejected rewards must both have shape (batch,) with batch > 0, got {c:?} and {r:?}")
+        }
     }
 }
 
@@ -91,10 +91,7 @@ pub fn ranking_loss(rewards: &Tensor, ranking: &[Vec<usize>]) -> Result<Tensor> 
     for (row, order) in ranking.iter().enumerate() {
         let mut seen = vec![false; k];
         if order.len() != k {
-            invalid!(
-                "ranking {row} has {} entries, expected K = {k}",
-                order.len()
-            );
+            invalid!("ranking {row} has {} entries, expected K = {k}", order.len());
         }
         for &i in order {
             if i >= k || std::mem::replace(&mut seen[i], true) {

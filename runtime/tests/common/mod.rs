@@ -16,7 +16,15 @@ pub fn load(name: &str, overrides: &[&str]) -> Config {
 }
 
 pub async fn run_in(cfg: &Config, dir: &std::path::Path) -> RunSummary {
-    run(cfg, RunOptions { run_dir: dir.into(), ..Default::default() }).await.unwrap()
+    run(
+        cfg,
+        RunOptions {
+            run_dir: dir.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
 }
 
 pub fn mean(xs: impl Iterator<Item = f64>) -> f64 {
@@ -27,5 +35,8 @@ pub fn mean(xs: impl Iterator<Item = f64>) -> f64 {
 /// Mean of `f` over the first and the last quarter of the steps.
 pub fn first_last(reports: &[StepReport], f: impl Fn(&StepReport) -> f64) -> (f64, f64) {
     let q = (reports.len() / 4).max(1);
-    (mean(reports[..q].iter().map(&f)), mean(reports[reports.len() - q..].iter().map(&f)))
+    (
+        mean(reports[..q].iter().map(&f)),
+        mean(reports[reports.len() - q..].iter().map(&f)),
+    )
 }
