@@ -22,7 +22,7 @@ pub struct Gpt2Config {
     pub n_layer: usize,
     pub n_head: usize,
     /// MLP width; `None` means 4 * n_embd.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n_inner: Option<usize>,
     #[serde(default = "default_ln_eps")]
     pub layer_norm_epsilon: f64,
@@ -40,9 +40,9 @@ pub struct LlamaConfig {
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,

@@ -1,0 +1,133 @@
+//! `tandem run` from the command line: Ctrl-C stops cleanly, bad input is reported with the
+//! file, line and key, and exits 2 without a backtrace.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn tandem() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+}
+
+fn config(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn ctrl_c_stops_the_run_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let child = tandem()
+        .args([
+            "run",
+            &config("quickstart.toml"),
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--set",
+            "steps=100000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = run_dir.join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["interrupted"], true);
+    // Every reported step is on disk, whole, and numbered without gaps.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["step"], i as u64);
+    }
+    assert_eq!(summary["steps"], text.lines().count());
+    assert!(run_dir.join("policy/model.safetensors").is_file());
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let out = tandem().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{args:?}: {n:?} not in {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_configs_name_the_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(config("quickstart.toml")).unwrap();
+    let bad = dir.path().join("bad.toml");
+    // An unknown key in a section: the file, its line and the key.
+    std::fs::write(&bad, text.replace("[mode]\n", "[mode]\nmax_stalenes = 2\n")).unwrap();
+    let line = text.lines().position(|l| l == "[mode]").unwrap() + 2;
+    fails_with(
+        &["run", bad.to_str().unwrap()],
+        &["bad.toml", &format!("line {line}"), "max_stalenes"],
+    );
+    // A wrong type.
+    std::fs::write(&bad, text.replace("steps = 60", "steps = \"sixty\"")).unwrap();
+    let line = text.lines().position(|l| l == "steps = 60").unwrap() + 1;
+    fails_with(
+        &["run", bad.to_str().unwrap()],
+        &["bad.toml", &format!("line {line}"), "invalid type"],
+    );
+    // A missing file named in the config.
+    std::fs::write(&bad, text.replace("data/prompts.jsonl", "data/nope.jsonl")).unwrap();
+    fails_with(&["run", bad.to_str().unwrap()], &["data.prompts", "nope.jsonl"]);
+    // A missing model directory.
+    let rm = std::fs::read_to_string(config("reward_model.toml")).unwrap();
+    std::fs::write(&bad, rm.replace("hf/gpt2-tiny\"", "hf/no-such-model\"")).unwrap();
+    fails_with(
+        &["run", bad.to_str().unwrap()],
+        &["models.policy.path", "no-such-model"],
+    );
+    // A bad --set.
+    fails_with(
+        &["run", &config("quickstart.toml"), "--set", "mode.nope=1"],
+        &["quickstart.toml", "nope"],
+    );
+    // A missing config file.
+    fails_with(&["run", "/no/such/config.toml"], &["/no/such/config.toml"]);
+}
+
+#[test]
+fn a_malformed_prompt_line_is_reported_with_its_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"the movie was\"}\n\n{\"prompt\": \"the film\"\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(config("quickstart.toml")).unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, text.replace("data/prompts.jsonl", prompts.to_str().unwrap())).unwrap();
+    fails_with(
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            "--run-dir",
+            dir.path().join("r").to_str().unwrap(),
+        ],
+        &["prompts.jsonl:3", "malformed JSON"],
+    );
+}
