@@ -73,7 +73,13 @@ fn run_mode(args: &OverlapBench, staleness: u64) -> anyhow::Result<Vec<StepRepor
     let cfg = Config::load(&args.config, &sets)?;
     let dir = std::env::temp_dir().join(format!("tandem-bench-overlap-{}-{staleness}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let summary = crate::run::run_config(&cfg, RunOptions { run_dir: dir.clone(), ..Default::default() })?;
+    let summary = crate::run::run_config(
+        &cfg,
+        RunOptions {
+            run_dir: dir.clone(),
+            ..Default::default()
+        },
+    )?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(summary.reports)
 }
@@ -89,7 +95,12 @@ pub fn run(args: &OverlapBench) -> anyhow::Result<()> {
     let sync = run_mode(args, 0)?;
     let asyn = run_mode(args, 1)?;
     let w = args.warmup;
-    let gen_s = median(sync.iter().skip(w).map(|r| r.generate_s + r.reward_s + r.value_s).collect());
+    let gen_s = median(
+        sync.iter()
+            .skip(w)
+            .map(|r| r.generate_s + r.reward_s + r.value_s)
+            .collect(),
+    );
     let learn_s = median(sync.iter().skip(w).map(|r| r.learn_s + r.weight_sync_s).collect());
     let (sync_step_s, async_step_s) = (step_time(&sync, w), step_time(&asyn, w));
     let ideal_step_s = gen_s.max(learn_s);

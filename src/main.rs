@@ -15,6 +15,7 @@ mod inspect;
 mod run;
 
 use std::io::Write;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

@@ -44,15 +44,27 @@ pub fn run_config(cfg: &Config, opts: RunOptions) -> anyhow::Result<RunSummary> 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config, &args.set)?;
     let run_dir = args.run_dir.or_else(|| cfg.run_dir.clone()).unwrap_or_else(|| {
-        let stem = args.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+        let stem = args
+            .config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
         PathBuf::from("runs").join(stem)
     });
     let progress = std::io::stdout().is_terminal();
-    let summary = run_config(&cfg, RunOptions { run_dir: run_dir.clone(), progress, ..Default::default() })
-        .with_context(|| format!("run {}", args.config.display()))?;
+    let summary = run_config(
+        &cfg,
+        RunOptions {
+            run_dir: run_dir.clone(),
+            progress,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("run {}", args.config.display()))?;
     let r = &summary.reports;
     let q = (r.len() / 4).max(1);
-    let mean = |xs: &[tandem_actors::StepReport]| xs.iter().map(|x| x.stats.reward_mean).sum::<f64>() / xs.len().max(1) as f64;
+    let mean =
+        |xs: &[tandem_actors::StepReport]| xs.iter().map(|x| x.stats.reward_mean).sum::<f64>() / xs.len().max(1) as f64;
     crate::print_json(&json!({
         "run_dir": run_dir,
         "steps": r.len(),

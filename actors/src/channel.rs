@@ -48,22 +48,39 @@ pub struct StageReceiver<T> {
 
 impl<T> Clone for StageSender<T> {
     fn clone(&self) -> Self {
-        Self { tx: self.tx.clone(), stats: self.stats.clone() }
+        Self {
+            tx: self.tx.clone(),
+            stats: self.stats.clone(),
+        }
     }
 }
 
 impl<T> Clone for StageReceiver<T> {
     fn clone(&self) -> Self {
-        Self { rx: self.rx.clone(), stats: self.stats.clone() }
+        Self {
+            rx: self.rx.clone(),
+            stats: self.stats.clone(),
+        }
     }
 }
 
 /// A bounded channel named `name` holding at most `capacity` items (capacity 0 is a rendezvous).
 pub fn stage_channel<T>(name: &'static str, capacity: usize) -> (StageSender<T>, StageReceiver<T>) {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
-    let stats = Arc::new(ChannelStats { name, capacity, blocked_ns: AtomicU64::new(0), sent: AtomicU64::new(0) });
+    let stats = Arc::new(ChannelStats {
+        name,
+        capacity,
+        blocked_ns: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+    });
     metrics::gauge!("tandem_channel_capacity", "channel" => name).set(capacity as f64);
-    (StageSender { tx, stats: stats.clone() }, StageReceiver { rx, stats })
+    (
+        StageSender {
+            tx,
+            stats: stats.clone(),
+        },
+        StageReceiver { rx, stats },
+    )
 }
 
 impl<T: Send + 'static> StageSender<T> {
@@ -102,7 +119,9 @@ impl<T: Send + 'static> StageSender<T> {
     }
 
     fn after_send(&self, waited: Duration) {
-        self.stats.blocked_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        self.stats
+            .blocked_ns
+            .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("tandem_channel_depth", "channel" => self.stats.name).set(self.tx.len() as f64);
         if !waited.is_zero() {
@@ -196,7 +215,10 @@ mod tests {
             async move { tx.send(3).await.unwrap() }
         });
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(!producer.is_finished(), "third send must wait while the channel is full");
+        assert!(
+            !producer.is_finished(),
+            "third send must wait while the channel is full"
+        );
         assert_eq!(rx.recv().await, Some(1));
         let waited = producer.await.unwrap();
         assert!(waited >= Duration::from_millis(100), "waited {waited:?}");

@@ -37,7 +37,9 @@ impl FromStr for DeviceId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (kind, idx) = s.split_once(':').unwrap_or((s, "0"));
-        let idx: usize = idx.parse().map_err(|_| format!("bad device index in {s:?} (expected cpu:N or cuda:N)"))?;
+        let idx: usize = idx
+            .parse()
+            .map_err(|_| format!("bad device index in {s:?} (expected cpu:N or cuda:N)"))?;
         match kind {
             "cpu" => Ok(DeviceId::Cpu(idx)),
             "cuda" => Ok(DeviceId::Cuda(idx)),
@@ -69,7 +71,10 @@ pub struct Executor {
 
 impl fmt::Debug for Executor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Executor").field("id", &self.id).field("threads", &self.pool.current_num_threads()).finish()
+        f.debug_struct("Executor")
+            .field("id", &self.id)
+            .field("threads", &self.pool.current_num_threads())
+            .finish()
     }
 }
 
@@ -80,13 +85,22 @@ impl Executor {
             DeviceId::Cpu(_) => Device::Cpu,
             DeviceId::Cuda(i) => cuda_device(i)?,
         };
-        let threads = if matches!(id, DeviceId::Cuda(_)) { 1 } else { threads.max(1) };
+        let threads = if matches!(id, DeviceId::Cuda(_)) {
+            1
+        } else {
+            threads.max(1)
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(move |i| format!("tandem-{id}-{i}"))
             .build()
             .map_err(|e| ActorError::Device(format!("{id}: cannot start thread pool: {e}")))?;
-        Ok(Arc::new(Self { id, device, pool, busy: Default::default() }))
+        Ok(Arc::new(Self {
+            id,
+            device,
+            pool,
+            busy: Default::default(),
+        }))
     }
 
     pub fn id(&self) -> DeviceId {
@@ -131,7 +145,10 @@ impl Executor {
 }
 
 pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into())
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 #[cfg(feature = "cuda")]
@@ -141,7 +158,9 @@ fn cuda_device(i: usize) -> Result<Device, ActorError> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(i: usize) -> Result<Device, ActorError> {
-    Err(ActorError::Device(format!("cuda:{i} requested but tandem was built without the `cuda` feature")))
+    Err(ActorError::Device(format!(
+        "cuda:{i} requested but tandem was built without the `cuda` feature"
+    )))
 }
 
 mod parking_lot_free {
@@ -189,7 +208,10 @@ mod tests {
         let (ra, rb) = tokio::join!(a.run(spin), b.run(spin));
         let wall = start.elapsed();
         let (na, nb) = (ra.unwrap().0, rb.unwrap().0);
-        assert!(na.starts_with("tandem-cpu:0") && nb.starts_with("tandem-cpu:1"), "{na} {nb}");
+        assert!(
+            na.starts_with("tandem-cpu:0") && nb.starts_with("tandem-cpu:1"),
+            "{na} {nb}"
+        );
         // Two 200 ms jobs on separate devices overlap; on one device they would take 400 ms.
         assert!(wall < Duration::from_millis(380), "took {wall:?}");
         assert!(a.busy_seconds() >= 0.19);

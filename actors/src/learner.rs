@@ -75,28 +75,50 @@ impl Actor for LearnerActor {
     type State = LearnerState;
     type Arguments = LearnerArgs;
 
-    async fn pre_start(&self, me: ActorRef<LearnerMsg>, mut args: LearnerArgs) -> Result<LearnerState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<LearnerMsg>,
+        mut args: LearnerArgs,
+    ) -> Result<LearnerState, ActorProcessingErr> {
         me.cast(LearnerMsg::Step)?;
         args.publish_every = args.publish_every.max(1);
-        Ok(LearnerState { args, step: 0, version: 0, started: Instant::now() })
+        Ok(LearnerState {
+            args,
+            step: 0,
+            version: 0,
+            started: Instant::now(),
+        })
     }
 
-    async fn handle(&self, me: ActorRef<LearnerMsg>, _msg: LearnerMsg, st: &mut LearnerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<LearnerMsg>,
+        _msg: LearnerMsg,
+        st: &mut LearnerState,
+    ) -> Result<(), ActorProcessingErr> {
         if st.step >= st.args.steps {
             me.stop(Some("done".into()));
             return Ok(());
         }
         let version = st.version;
-        let batch = st.args.replay.call(|reply| ReplayMsg::NextBatch { version, reply }, None).await?;
+        let batch = st
+            .args
+            .replay
+            .call(|reply| ReplayMsg::NextBatch { version, reply }, None)
+            .await?;
         let Some(batch) = batch.success_or(ActorError::Other("replay stopped".into()))? else {
             me.stop(Some("pipeline closed before the last step".into()));
             return Ok(());
         };
         let n = batch.trajectories.len().max(1);
-        let staleness: Vec<u64> = batch.trajectories.iter().map(|t| version - t.policy_version.min(version)).collect();
+        let staleness: Vec<u64> = batch
+            .trajectories
+            .iter()
+            .map(|t| version - t.policy_version.min(version))
+            .collect();
         let tokens: usize = batch.trajectories.iter().map(|t| t.response_ids.len()).sum();
         let step = st.step;
-        let publish = (step + 1) % st.args.publish_every == 0 || step + 1 == st.args.steps;
+        let publish = (step + 1).is_multiple_of(st.args.publish_every) || step + 1 == st.args.steps;
         let trainer = st.args.trainer.clone();
         let delay = st.args.extra_step_delay;
         let trajectories = batch.trajectories;
@@ -104,11 +126,17 @@ impl Actor for LearnerActor {
             .args
             .executor
             .run(move |_| -> Result<_, ActorError> {
-                let mut t = trainer.lock().map_err(|_| ActorError::Other("trainer poisoned".into()))?;
+                let mut t = trainer
+                    .lock()
+                    .map_err(|_| ActorError::Other("trainer poisoned".into()))?;
                 let stats = t.step(&trajectories, version, step)?;
                 std::thread::sleep(delay);
                 let sync_start = Instant::now();
-                let weights = if publish { Some((t.policy_weights()?, t.critic_weights()?)) } else { None };
+                let weights = if publish {
+                    Some((t.policy_weights()?, t.critic_weights()?))
+                } else {
+                    None
+                };
                 Ok((stats, weights, sync_start.elapsed()))
             })
             .await?;
@@ -117,13 +145,24 @@ impl Actor for LearnerActor {
         if let Some((policy, critic)) = weights {
             st.version += 1;
             let now = Instant::now();
-            let wrap = |tensors| Arc::new(WeightsSnapshot { version: st.version, tensors, published_at: now });
-            st.args.snapshot.cast(SnapshotMsg::Publish { policy: wrap(policy), critic: critic.map(wrap) })?;
+            let wrap = |tensors| {
+                Arc::new(WeightsSnapshot {
+                    version: st.version,
+                    tensors,
+                    published_at: now,
+                })
+            };
+            st.args.snapshot.cast(SnapshotMsg::Publish {
+                policy: wrap(policy),
+                critic: critic.map(wrap),
+            })?;
         }
         let adopt_latency_s = if version > 0 {
-            st.args.snapshot.call(|reply| SnapshotMsg::AdoptLatency { version, reply }, None).await?.success_or(
-                ActorError::Other("snapshot stopped".into()),
-            )?
+            st.args
+                .snapshot
+                .call(|reply| SnapshotMsg::AdoptLatency { version, reply }, None)
+                .await?
+                .success_or(ActorError::Other("snapshot stopped".into()))?
         } else {
             None
         };

@@ -80,7 +80,11 @@ impl Default for TrainerConfig {
             gae: GaeConfig::default(),
             loss: PpoLossConfig::default(),
             reward: RewardConfig::default(),
-            kl: KlControllerConfig::Adaptive { init_beta: 0.1, target: 6.0, k_beta: 0.1 },
+            kl: KlControllerConfig::Adaptive {
+                init_beta: 0.1,
+                target: 6.0,
+                k_beta: 0.1,
+            },
         }
     }
 }
@@ -118,7 +122,14 @@ pub struct PpoTrainer {
 }
 
 fn adamw(vars: &VarMap, lr: f64) -> Result<AdamW, ActorError> {
-    Ok(AdamW::new(vars.all_vars(), ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?)
+    Ok(AdamW::new(
+        vars.all_vars(),
+        ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?)
 }
 
 fn sorted_vars(vars: &VarMap) -> Vec<Var> {
@@ -183,7 +194,11 @@ impl PpoTrainer {
     }
 
     pub fn critic_weights(&self) -> Result<Option<HashMap<String, Tensor>>, ActorError> {
-        self.critic.as_ref().map(|(_, v, _)| snapshot(v)).transpose().map_err(Into::into)
+        self.critic
+            .as_ref()
+            .map(|(_, v, _)| snapshot(v))
+            .transpose()
+            .map_err(Into::into)
     }
 
     /// One learner step at policy version `version` (see the module docs).
@@ -209,13 +224,19 @@ impl PpoTrainer {
         let prox = if on_policy {
             sampled.clone()
         } else {
-            let out = self.policy.token_logprobs(&layout.ids, &layout.mask, start, self.temperature)?;
+            let out = self
+                .policy
+                .token_logprobs(&layout.ids, &layout.mask, start, self.temperature)?;
             out.logprobs.narrow(1, 0, width)?.detach()
         };
 
         // Rewards with the KL penalty against the reference, at the current beta.
         let beta = self.kl.beta();
-        let tr = self.cfg.reward.token_rewards(&scores, &sampled, &ref_logp, mask, beta).map_err(rl)?;
+        let tr = self
+            .cfg
+            .reward
+            .token_rewards(&scores, &sampled, &ref_logp, mask, beta)
+            .map_err(rl)?;
         let seq_rewards = tr.rewards.sum(1)?;
         let seq_kl = tr.kl.sum(1)?;
 
@@ -270,9 +291,11 @@ impl PpoTrainer {
                     behaviour_logp: behaviour_mb.as_ref(),
                     advantages: &adv_mb,
                     entropy: Some(&entropy),
-                    value: value_parts
-                        .as_ref()
-                        .map(|(v, o, r)| ValueInputs { values: v, old_values: o, returns: r }),
+                    value: value_parts.as_ref().map(|(v, o, r)| ValueInputs {
+                        values: v,
+                        old_values: o,
+                        returns: r,
+                    }),
                     mask: &m,
                 };
                 let out = ppo_loss(&self.cfg.loss, &inputs).map_err(rl)?;
@@ -282,7 +305,11 @@ impl PpoTrainer {
                     continue;
                 }
                 let mut grads = out.loss.backward()?;
-                let max = if self.cfg.max_grad_norm > 0.0 { self.cfg.max_grad_norm } else { f64::INFINITY };
+                let max = if self.cfg.max_grad_norm > 0.0 {
+                    self.cfg.max_grad_norm
+                } else {
+                    f64::INFINITY
+                };
                 let pn = clip_grad_norm(&policy_vars, &mut grads, max).map_err(rl)?;
                 let cn = match &critic_vars {
                     Some(v) => clip_grad_norm(v, &mut grads, max).map_err(rl)?,

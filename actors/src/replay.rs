@@ -36,7 +36,10 @@ pub enum ReplayMsg {
     Closed,
     /// A batch for a learner about to train `version`; `None` once the pipeline has closed
     /// and too few trajectories remain.
-    NextBatch { version: u64, reply: RpcReplyPort<Option<LearnerBatch>> },
+    NextBatch {
+        version: u64,
+        reply: RpcReplyPort<Option<LearnerBatch>>,
+    },
     /// Number of trajectories currently held.
     Held(RpcReplyPort<usize>),
 }
@@ -66,22 +69,41 @@ impl Actor for ReplayActor {
     type State = ReplayState;
     type Arguments = ReplayArgs;
 
-    async fn pre_start(&self, me: ActorRef<ReplayMsg>, mut args: ReplayArgs) -> Result<ReplayState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<ReplayMsg>,
+        mut args: ReplayArgs,
+    ) -> Result<ReplayState, ActorProcessingErr> {
         let input = args.input.take().ok_or("replay needs an input channel")?;
         let me2 = me.clone();
         tokio::spawn(async move {
             while let Some(batch) = input.recv().await {
                 // Waits for the credit: the call returns once the batch is in the buffer.
-                if !matches!(me2.call(|reply| ReplayMsg::Arrived(batch, reply), None).await, Ok(CallResult::Success(()))) {
+                if !matches!(
+                    me2.call(|reply| ReplayMsg::Arrived(batch, reply), None).await,
+                    Ok(CallResult::Success(()))
+                ) {
                     return;
                 }
             }
             let _ = me2.cast(ReplayMsg::Closed);
         });
-        Ok(ReplayState { args, buffer: vec![], pending: None, credit: None, dropped_stale: 0, closed: false })
+        Ok(ReplayState {
+            args,
+            buffer: vec![],
+            pending: None,
+            credit: None,
+            dropped_stale: 0,
+            closed: false,
+        })
     }
 
-    async fn handle(&self, _me: ActorRef<ReplayMsg>, msg: ReplayMsg, st: &mut ReplayState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<ReplayMsg>,
+        msg: ReplayMsg,
+        st: &mut ReplayState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ReplayMsg::Arrived(batch, credit) => {
                 let n = batch.trajectories.len().max(1) as f64;

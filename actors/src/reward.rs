@@ -17,6 +17,9 @@ use crate::device::Executor;
 use crate::reward_source::RewardSource;
 use crate::trajectory::TrajectoryBatch;
 
+/// Scores per row and, with a reference model, its log-probs per response token.
+type ScoresAndRefs = (Vec<f32>, Option<Vec<Vec<f32>>>);
+
 pub enum RewardMsg {
     /// Score the next batch (self-sent).
     Step,
@@ -46,7 +49,12 @@ impl Actor for RewardActor {
         Ok(args)
     }
 
-    async fn handle(&self, me: ActorRef<RewardMsg>, _msg: RewardMsg, st: &mut RewardArgs) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<RewardMsg>,
+        _msg: RewardMsg,
+        st: &mut RewardArgs,
+    ) -> Result<(), ActorProcessingErr> {
         let Some(mut batch) = st.input.recv().await else {
             me.stop(Some("rollout stage closed".into()));
             return Ok(());
@@ -58,7 +66,7 @@ impl Actor for RewardActor {
         let responses: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.response_ids.clone()).collect();
         let (out, took) = st
             .executor
-            .run(move |dev| -> Result<(Vec<f32>, Option<Vec<Vec<f32>>>), crate::error::ActorError> {
+            .run(move |dev| -> Result<ScoresAndRefs, crate::error::ActorError> {
                 let p: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
                 let r: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
                 let scores = source.score(&p, &r, dev)?;

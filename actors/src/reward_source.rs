@@ -49,7 +49,10 @@ pub struct TokenSetReward {
 
 impl TokenSetReward {
     pub fn new(name: impl Into<String>, tokens: impl IntoIterator<Item = u32>) -> Self {
-        Self { tokens: tokens.into_iter().collect(), name: name.into() }
+        Self {
+            tokens: tokens.into_iter().collect(),
+            name: name.into(),
+        }
     }
 }
 
@@ -76,7 +79,9 @@ mod tests {
     #[test]
     fn token_set_reward_is_the_fraction_of_hits() {
         let r = TokenSetReward::new("positive", [3, 5]);
-        let s = r.score(&[&[1], &[1], &[1]], &[&[3, 5, 7, 9], &[8], &[5]], &Device::Cpu).unwrap();
+        let s = r
+            .score(&[&[1], &[1], &[1]], &[&[3, 5, 7, 9], &[8], &[5]], &Device::Cpu)
+            .unwrap();
         assert_eq!(s, vec![0.5, 0.0, 1.0]);
     }
 }

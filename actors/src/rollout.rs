@@ -10,8 +10,8 @@
 
 use std::sync::Arc;
 
-use rand::{rngs::StdRng, SeedableRng};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rand::{rngs::StdRng, SeedableRng};
 use tandem_models::{generate, Decoding, LanguageModel, ModelConfig, SamplingConfig};
 
 use crate::channel::{StageReceiver, StageSender};
@@ -52,10 +52,19 @@ impl Actor for RolloutActor {
 
     async fn pre_start(&self, me: ActorRef<RolloutMsg>, args: RolloutArgs) -> Result<RolloutState, ActorProcessingErr> {
         args.snapshot.cast(SnapshotMsg::AddRollout(me.clone()))?;
-        Ok(RolloutState { args, model: None, pending: None })
+        Ok(RolloutState {
+            args,
+            model: None,
+            pending: None,
+        })
     }
 
-    async fn handle(&self, me: ActorRef<RolloutMsg>, msg: RolloutMsg, st: &mut RolloutState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<RolloutMsg>,
+        msg: RolloutMsg,
+        st: &mut RolloutState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             RolloutMsg::Adopt(w) => {
                 if st.model.as_ref().is_some_and(|(v, _)| *v >= w.version) {
@@ -75,7 +84,9 @@ impl Actor for RolloutActor {
                 }
             }
             RolloutMsg::Step => {
-                let Some((version, model)) = st.model.clone() else { return Ok(()) };
+                let Some((version, model)) = st.model.clone() else {
+                    return Ok(());
+                };
                 let ticket = match st.pending.take() {
                     Some(t) => t,
                     None => match st.args.tickets.recv().await {
@@ -112,8 +123,11 @@ impl RolloutActor {
         model: Arc<LanguageModel>,
     ) -> Result<TrajectoryBatch, ActorProcessingErr> {
         let n = ticket.samples_per_prompt.max(1);
-        let prompts: Vec<Vec<u32>> =
-            ticket.prompts.iter().flat_map(|p| std::iter::repeat_n(p.ids.clone(), n)).collect();
+        let prompts: Vec<Vec<u32>> = ticket
+            .prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.ids.clone(), n))
+            .collect();
         let sampling = st.args.sampling.clone();
         let seed = ticket.seed;
         let (gen, took) = st
@@ -127,7 +141,8 @@ impl RolloutActor {
         let gen = gen?;
         let tokens: usize = gen.responses.iter().map(Vec::len).sum();
         metrics::counter!("tandem_rollout_tokens", "actor" => st.args.name.clone()).increment(tokens as u64);
-        metrics::histogram!("tandem_rollout_generate_seconds", "actor" => st.args.name.clone()).record(took.as_secs_f64());
+        metrics::histogram!("tandem_rollout_generate_seconds", "actor" => st.args.name.clone())
+            .record(took.as_secs_f64());
         let trajectories = gen
             .responses
             .into_iter()
@@ -135,30 +150,35 @@ impl RolloutActor {
             .zip(gen.full_logprobs)
             .zip(gen.stopped)
             .enumerate()
-            .map(|(row, (((response_ids, behaviour_logprobs), full_logprobs), stopped))| {
-                let prompt = &ticket.prompts[row / n];
-                Trajectory {
-                    ticket: ticket.id,
-                    row: row as u32,
-                    prompt_index: prompt.index,
-                    prompt_ids: prompt.ids.clone(),
-                    response_ids,
-                    behaviour_logprobs,
-                    full_logprobs,
-                    stopped,
-                    policy_version: version,
-                    sampler: st.args.name.clone(),
-                    sampling_seed: seed,
-                    ref_logprobs: vec![],
-                    score: 0.0,
-                    values: vec![],
-                }
-            })
+            .map(
+                |(row, (((response_ids, behaviour_logprobs), full_logprobs), stopped))| {
+                    let prompt = &ticket.prompts[row / n];
+                    Trajectory {
+                        ticket: ticket.id,
+                        row: row as u32,
+                        prompt_index: prompt.index,
+                        prompt_ids: prompt.ids.clone(),
+                        response_ids,
+                        behaviour_logprobs,
+                        full_logprobs,
+                        stopped,
+                        policy_version: version,
+                        sampler: st.args.name.clone(),
+                        sampling_seed: seed,
+                        ref_logprobs: vec![],
+                        score: 0.0,
+                        values: vec![],
+                    }
+                },
+            )
             .collect();
         Ok(TrajectoryBatch {
             ticket: ticket.clone(),
             trajectories,
-            times: StageTimes { generate_s: took.as_secs_f64(), ..Default::default() },
+            times: StageTimes {
+                generate_s: took.as_secs_f64(),
+                ..Default::default()
+            },
             tokens_generated: tokens,
         })
     }

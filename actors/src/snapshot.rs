@@ -17,15 +17,25 @@ use crate::value::ValueMsg;
 
 pub enum SnapshotMsg {
     /// A new policy version (and critic, when there is one) from the learner.
-    Publish { policy: SharedWeights, critic: Option<SharedWeights> },
+    Publish {
+        policy: SharedWeights,
+        critic: Option<SharedWeights>,
+    },
     /// A receiver adopted `version` after `latency`.
-    Adopted { receiver: String, version: u64, latency: Duration },
+    Adopted {
+        receiver: String,
+        version: u64,
+        latency: Duration,
+    },
     /// Register a rollout actor; it gets the latest policy at once.
     AddRollout(ActorRef<RolloutMsg>),
     /// Register the value actor; it gets the latest critic at once.
     SetValue(ActorRef<ValueMsg>),
     /// The worst publish-to-adopt latency of `version` seen so far, in seconds.
-    AdoptLatency { version: u64, reply: RpcReplyPort<Option<f64>> },
+    AdoptLatency {
+        version: u64,
+        reply: RpcReplyPort<Option<f64>>,
+    },
 }
 
 pub struct SnapshotActor;
@@ -48,11 +58,26 @@ impl Actor for SnapshotActor {
     type State = SnapshotState;
     type Arguments = SnapshotArgs;
 
-    async fn pre_start(&self, _me: ActorRef<SnapshotMsg>, args: SnapshotArgs) -> Result<SnapshotState, ActorProcessingErr> {
-        Ok(SnapshotState { policy: args.policy, critic: args.critic, rollouts: vec![], value: None, latency: BTreeMap::new() })
+    async fn pre_start(
+        &self,
+        _me: ActorRef<SnapshotMsg>,
+        args: SnapshotArgs,
+    ) -> Result<SnapshotState, ActorProcessingErr> {
+        Ok(SnapshotState {
+            policy: args.policy,
+            critic: args.critic,
+            rollouts: vec![],
+            value: None,
+            latency: BTreeMap::new(),
+        })
     }
 
-    async fn handle(&self, _me: ActorRef<SnapshotMsg>, msg: SnapshotMsg, st: &mut SnapshotState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<SnapshotMsg>,
+        msg: SnapshotMsg,
+        st: &mut SnapshotState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SnapshotMsg::Publish { policy, critic } => {
                 metrics::gauge!("tandem_policy_version").set(policy.version as f64);
@@ -72,8 +97,13 @@ impl Actor for SnapshotActor {
                     st.latency.pop_first();
                 }
             }
-            SnapshotMsg::Adopted { receiver, version, latency } => {
-                metrics::histogram!("tandem_weight_adopt_seconds", "receiver" => receiver).record(latency.as_secs_f64());
+            SnapshotMsg::Adopted {
+                receiver,
+                version,
+                latency,
+            } => {
+                metrics::histogram!("tandem_weight_adopt_seconds", "receiver" => receiver)
+                    .record(latency.as_secs_f64());
                 let e = st.latency.entry(version).or_insert(0.0);
                 *e = e.max(latency.as_secs_f64());
             }

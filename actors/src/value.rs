@@ -51,10 +51,19 @@ impl Actor for ValueActor {
         } else {
             me.cast(ValueMsg::Step)?;
         }
-        Ok(ValueState { args, model: None, pending: None })
+        Ok(ValueState {
+            args,
+            model: None,
+            pending: None,
+        })
     }
 
-    async fn handle(&self, me: ActorRef<ValueMsg>, msg: ValueMsg, st: &mut ValueState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<ValueMsg>,
+        msg: ValueMsg,
+        st: &mut ValueState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ValueMsg::Adopt(w) => {
                 let Some(cfg) = &st.args.critic else { return Ok(()) };

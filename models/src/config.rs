@@ -212,22 +212,22 @@ impl ModelConfig {
                 msg,
             })
         };
-        if d.heads == 0
-            || d.hidden % d.heads != 0
-                && !matches!(&self.arch, Architecture::Qwen2(c) | Architecture::Llama(c) if c.head_dim.is_some())
-        {
+        // An explicit head_dim (Llama family) frees the head count from dividing the width.
+        let explicit_head_dim =
+            matches!(&self.arch, Architecture::Qwen2(c) | Architecture::Llama(c) if c.head_dim.is_some());
+        if d.heads == 0 || (!d.hidden.is_multiple_of(d.heads) && !explicit_head_dim) {
             return bad(
                 "num_attention_heads",
                 format!("{} does not divide hidden size {}", d.heads, d.hidden),
             );
         }
-        if d.kv_heads == 0 || d.heads % d.kv_heads != 0 {
+        if d.kv_heads == 0 || !d.heads.is_multiple_of(d.kv_heads) {
             return bad(
                 "num_key_value_heads",
                 format!("{} does not divide {} heads", d.kv_heads, d.heads),
             );
         }
-        if d.head_dim % 2 != 0 && !matches!(self.arch, Architecture::Gpt2(_)) {
+        if !d.head_dim.is_multiple_of(2) && !matches!(self.arch, Architecture::Gpt2(_)) {
             return bad(
                 "head_dim",
                 format!("rotary embeddings need an even head size, got {}", d.head_dim),

@@ -139,7 +139,7 @@ fn padding_never_changes_a_row() {
         for (i, p) in prompts().iter().enumerate() {
             let alone = generate(
                 &model,
-                &[p.clone()],
+                std::slice::from_ref(p),
                 &greedy,
                 &mut StdRng::seed_from_u64(0),
                 Decoding::Cached,

@@ -72,7 +72,7 @@ fn language_models_match_transformers() {
             let mut rng = StdRng::seed_from_u64(0);
             let g = generate(
                 &model,
-                &[ids.clone()],
+                std::slice::from_ref(&ids),
                 &SamplingConfig::greedy(12),
                 &mut rng,
                 Decoding::Cached,

@@ -339,7 +339,10 @@ impl Config {
             return Err(format!("data.prompts: file not found: {}", self.data.prompts.display()));
         }
         let d = &self.data;
-        if d.prompts_per_ticket == 0 || d.prompts_per_step == 0 || d.prompts_per_step % d.prompts_per_ticket != 0 {
+        if d.prompts_per_ticket == 0
+            || d.prompts_per_step == 0
+            || !d.prompts_per_step.is_multiple_of(d.prompts_per_ticket)
+        {
             return Err(format!(
                 "data.prompts_per_step ({}) must be a positive multiple of data.prompts_per_ticket ({})",
                 d.prompts_per_step, d.prompts_per_ticket

@@ -250,7 +250,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             published_at: now,
         })
     };
-    let (snap, _) = Actor::spawn_linked(
+    let (snap, snap_h) = Actor::spawn_linked(
         Some("snapshot".into()),
         SnapshotActor,
         SnapshotArgs {
@@ -261,8 +261,8 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     )
     .await
     .map_err(spawn_err)?;
-    let mut children = vec![snap.get_cell()];
-    let (val, _) = Actor::spawn_linked(
+    let mut children = vec![(snap.get_cell(), snap_h)];
+    let (val, val_h) = Actor::spawn_linked(
         Some(format!("value/{}", p.value_device)),
         ValueActor,
         ValueArgs {
@@ -277,8 +277,8 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     )
     .await
     .map_err(spawn_err)?;
-    children.push(val.get_cell());
-    let (rew, _) = Actor::spawn_linked(
+    children.push((val.get_cell(), val_h));
+    let (rew, rew_h) = Actor::spawn_linked(
         Some(format!("reward/{}", p.reward_device)),
         RewardActor,
         RewardArgs {
@@ -298,11 +298,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     )
     .await
     .map_err(spawn_err)?;
-    children.push(rew.get_cell());
+    children.push((rew.get_cell(), rew_h));
     for d in &p.rollout_devices {
         for i in 0..p.rollouts_per_device {
             let name = format!("rollout/{d}/{i}");
-            let (r, _) = Actor::spawn_linked(
+            let (r, r_h) = Actor::spawn_linked(
                 Some(name.clone()),
                 RolloutActor,
                 RolloutArgs {
@@ -319,12 +319,12 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             )
             .await
             .map_err(spawn_err)?;
-            children.push(r.get_cell());
+            children.push((r.get_cell(), r_h));
         }
     }
     let rollout_blocked = gen_tx.stats().clone();
     drop((ticket_rx, gen_tx));
-    let (replay, _) = Actor::spawn_linked(
+    let (replay, replay_h) = Actor::spawn_linked(
         Some("replay".into()),
         ReplayActor,
         ReplayArgs {
@@ -337,9 +337,9 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     )
     .await
     .map_err(spawn_err)?;
-    children.push(replay.get_cell());
+    children.push((replay.get_cell(), replay_h));
     let (report_tx, mut report_rx) = tokio::sync::mpsc::channel(16);
-    let (learner, _) = Actor::spawn_linked(
+    let (learner, learner_h) = Actor::spawn_linked(
         Some(format!("learner/{}", p.learner_device)),
         LearnerActor,
         LearnerArgs {
@@ -356,7 +356,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     )
     .await
     .map_err(spawn_err)?;
-    children.push(learner.get_cell());
+    children.push((learner.get_cell(), learner_h));
 
     // Drive: write reports until the last step, a failure or Ctrl-C.
     let metrics_path = run_dir.join("metrics.jsonl");
@@ -401,8 +401,12 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         b.finish_and_clear();
     }
     drop(probes);
-    for c in children.iter().rev() {
+    // Kill downstream first, then wait until every actor is gone (names free for a next run).
+    for (c, _) in children.iter().rev() {
         c.kill();
+    }
+    for (_, h) in children {
+        let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
     }
     root.stop(None);
     let _ = root_handle.await;
