@@ -39,6 +39,8 @@ use crate::error::RuntimeError;
 use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
 use crate::supervisor::RunSupervisor;
 
+static NEXT_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// How to run, beyond the config.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -235,9 +237,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     // Receiver clones to watch channel depths; dropped before shutdown.
     let probes = [gen_rx.clone(), rew_rx.clone(), val_rx.clone()];
 
-    // Actors.
+    // Actors. ractor's registry is process-wide, so names carry the run's number.
+    let run_no = NEXT_RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let registered = |name: &str| Some(format!("{name}#{run_no}"));
     let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (root, root_handle) = Actor::spawn(Some("supervisor".into()), RunSupervisor, fail_tx)
+    let (root, root_handle) = Actor::spawn(registered("supervisor"), RunSupervisor, fail_tx)
         .await
         .map_err(|e| RuntimeError::Other(format!("cannot start the supervisor: {e}")))?;
     let sup: ActorCell = root.get_cell();
@@ -251,7 +255,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         })
     };
     let (snap, snap_h) = Actor::spawn_linked(
-        Some("snapshot".into()),
+        registered("snapshot"),
         SnapshotActor,
         SnapshotArgs {
             policy: wrap(initial_policy),
@@ -263,7 +267,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     .map_err(spawn_err)?;
     let mut children = vec![(snap.get_cell(), snap_h)];
     let (val, val_h) = Actor::spawn_linked(
-        Some(format!("value/{}", p.value_device)),
+        registered(&format!("value/{}", p.value_device)),
         ValueActor,
         ValueArgs {
             name: format!("value/{}", p.value_device),
@@ -279,7 +283,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     .map_err(spawn_err)?;
     children.push((val.get_cell(), val_h));
     let (rew, rew_h) = Actor::spawn_linked(
-        Some(format!("reward/{}", p.reward_device)),
+        registered(&format!("reward/{}", p.reward_device)),
         RewardActor,
         RewardArgs {
             name: format!("reward/{}", p.reward_device),
@@ -303,7 +307,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         for i in 0..p.rollouts_per_device {
             let name = format!("rollout/{d}/{i}");
             let (r, r_h) = Actor::spawn_linked(
-                Some(name.clone()),
+                registered(&name),
                 RolloutActor,
                 RolloutArgs {
                     name,
@@ -325,7 +329,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let rollout_blocked = gen_tx.stats().clone();
     drop((ticket_rx, gen_tx));
     let (replay, replay_h) = Actor::spawn_linked(
-        Some("replay".into()),
+        registered("replay"),
         ReplayActor,
         ReplayArgs {
             input: Some(val_rx),
@@ -340,7 +344,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     children.push((replay.get_cell(), replay_h));
     let (report_tx, mut report_rx) = tokio::sync::mpsc::channel(16);
     let (learner, learner_h) = Actor::spawn_linked(
-        Some(format!("learner/{}", p.learner_device)),
+        registered(&format!("learner/{}", p.learner_device)),
         LearnerActor,
         LearnerArgs {
             executor: learner_exec,
