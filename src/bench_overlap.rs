@@ -12,6 +12,11 @@
 //!
 //! The last line of stdout is one JSON object: sync_step_s, async_step_s, gen_s, learn_s,
 //! ideal_step_s, async_over_ideal, speedup (= sync / async), ideal_speedup (= sync / ideal).
+//! Two more fields tell why async falls short of the ideal when it does:
+//! `async_learner_wait_s` (median time the learner waited for data in async mode: near zero
+//! when the overlap works) and `contention` (the learner's busy time per step in async mode
+//! over that in sync mode: above 1 when the two devices slow each other down, e.g. on
+//! virtual CPUs that share a physical core).
 
 use std::path::PathBuf;
 
@@ -104,6 +109,8 @@ pub fn run(args: &OverlapBench) -> anyhow::Result<()> {
     let learn_s = median(sync.iter().skip(w).map(|r| r.learn_s + r.weight_sync_s).collect());
     let (sync_step_s, async_step_s) = (step_time(&sync, w), step_time(&asyn, w));
     let ideal_step_s = gen_s.max(learn_s);
+    let async_learn_s = median(asyn.iter().skip(w).map(|r| r.learn_s + r.weight_sync_s).collect());
+    let async_learner_wait_s = median(asyn.iter().skip(w).map(|r| r.learner_wait_s).collect());
     println!("sync step {sync_step_s:.3}s, async step {async_step_s:.3}s; generation side {gen_s:.3}s, learner {learn_s:.3}s per step");
     crate::print_json(&json!({
         "sync_step_s": sync_step_s,
@@ -114,5 +121,7 @@ pub fn run(args: &OverlapBench) -> anyhow::Result<()> {
         "async_over_ideal": async_step_s / ideal_step_s,
         "speedup": sync_step_s / async_step_s,
         "ideal_speedup": sync_step_s / ideal_step_s,
+        "async_learner_wait_s": async_learner_wait_s,
+        "contention": async_learn_s / learn_s,
     }))
 }

@@ -53,3 +53,52 @@ fn bench_rejects_zero_sizes() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--batch"), "{stderr}");
 }
+
+/// The overlap bench at CI size. Timings on a shared machine are noisy, so this checks the
+/// machine-independent part: in async mode the learner finds its batch ready (it waits far
+/// less than the sampling side takes per step), and sync mode is on-policy.
+#[test]
+fn bench_overlap_reports_the_ratios_and_async_keeps_the_learner_fed() {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/quickstart.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "bench",
+            "overlap",
+            "--steps",
+            "8",
+            "--warmup",
+            "2",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .output()
+        .expect("run tandem");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let get = |k: &str| report[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {report}"));
+    for k in [
+        "sync_step_s",
+        "async_step_s",
+        "gen_s",
+        "learn_s",
+        "ideal_step_s",
+        "async_over_ideal",
+        "speedup",
+    ] {
+        assert!(get(k) > 0.0 && get(k).is_finite(), "{k}: {report}");
+    }
+    assert!((get("ideal_step_s") - get("gen_s").max(get("learn_s"))).abs() < 1e-12);
+    assert!((get("speedup") - get("sync_step_s") / get("async_step_s")).abs() < 1e-9);
+    // The learner is the slower side here, so with samplers one version ahead its batch is
+    // always waiting for it.
+    assert!(get("learn_s") > get("gen_s"), "{report}");
+    assert!(
+        get("async_learner_wait_s") < 0.25 * get("gen_s"),
+        "learner starved in async mode: {report}"
+    );
+}

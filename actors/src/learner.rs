@@ -40,6 +40,8 @@ pub struct StepReport {
     /// Worst publish-to-adopt latency of the previous published version.
     pub adopt_latency_s: Option<f64>,
     pub replay_buffered: usize,
+    /// Seconds the learner waited for this step's batch (near 0 when sampling keeps ahead).
+    pub learner_wait_s: f64,
     pub wall_s: f64,
 }
 
@@ -101,6 +103,7 @@ impl Actor for LearnerActor {
             return Ok(());
         }
         let version = st.version;
+        let asked = Instant::now();
         let batch = st
             .args
             .replay
@@ -110,6 +113,7 @@ impl Actor for LearnerActor {
             me.stop(Some("pipeline closed before the last step".into()));
             return Ok(());
         };
+        let wait = asked.elapsed();
         let n = batch.trajectories.len().max(1);
         let staleness: Vec<u64> = batch
             .trajectories
@@ -184,6 +188,7 @@ impl Actor for LearnerActor {
             weight_sync_s: (copy_took + sync_start.elapsed()).as_secs_f64(),
             adopt_latency_s,
             replay_buffered: batch.buffered,
+            learner_wait_s: wait.as_secs_f64(),
             wall_s: st.started.elapsed().as_secs_f64(),
             stats,
         };
