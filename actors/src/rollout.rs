@@ -16,7 +16,7 @@ use tandem_models::{generate, Decoding, LanguageModel, ModelConfig, SamplingConf
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
-use crate::snapshot::SnapshotMsg;
+use crate::snapshot::{adopt, SnapshotMsg};
 use crate::trajectory::{SharedWeights, StageTimes, Trajectory, TrajectoryBatch, WorkTicket};
 
 pub enum RolloutMsg {
@@ -67,18 +67,12 @@ impl Actor for RolloutActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             RolloutMsg::Adopt(w) => {
-                if st.model.as_ref().is_some_and(|(v, _)| *v >= w.version) {
+                let (cfg, dev) = (&st.args.config, st.args.executor.device());
+                let build = |t| LanguageModel::from_tensors(cfg, t, dev);
+                let Some(first) = adopt(&mut st.model, &w, &st.args.name, &st.args.snapshot, build)? else {
                     return Ok(());
-                }
-                let model = LanguageModel::from_tensors(&st.args.config, w.tensors.clone(), st.args.executor.device())?;
-                let first = st.model.is_none();
-                st.model = Some((w.version, Arc::new(model)));
+                };
                 metrics::gauge!("tandem_rollout_policy_version", "actor" => st.args.name.clone()).set(w.version as f64);
-                st.args.snapshot.cast(SnapshotMsg::Adopted {
-                    receiver: st.args.name.clone(),
-                    version: w.version,
-                    latency: w.published_at.elapsed(),
-                })?;
                 if first || st.pending.is_some() {
                     me.cast(RolloutMsg::Step)?;
                 }

@@ -6,9 +6,11 @@
 //! Receivers report back when they adopt a version; the publish-to-adopt latency of each
 //! version is recorded as a histogram and kept for the learner's metrics line.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
+use candle_core::Tensor;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::rollout::RolloutMsg;
@@ -123,4 +125,27 @@ impl Actor for SnapshotActor {
         }
         Ok(())
     }
+}
+
+/// A receiver's side of the hand-off: swaps `current` to a model built over `w` (sharing its
+/// tensors) unless `current` is already as new, and reports the publish-to-adopt latency.
+/// Returns `None` when nothing changed, else whether this was the receiver's first model.
+pub fn adopt<M>(
+    current: &mut Option<(u64, Arc<M>)>,
+    w: &SharedWeights,
+    receiver: &str,
+    snapshot: &ActorRef<SnapshotMsg>,
+    build: impl FnOnce(HashMap<String, Tensor>) -> Result<M, tandem_models::ModelError>,
+) -> Result<Option<bool>, ActorProcessingErr> {
+    if current.as_ref().is_some_and(|(v, _)| *v >= w.version) {
+        return Ok(None);
+    }
+    let first = current.is_none();
+    *current = Some((w.version, Arc::new(build(w.tensors.clone())?)));
+    snapshot.cast(SnapshotMsg::Adopted {
+        receiver: receiver.to_string(),
+        version: w.version,
+        latency: w.published_at.elapsed(),
+    })?;
+    Ok(Some(first))
 }

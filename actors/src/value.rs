@@ -14,7 +14,7 @@ use tandem_models::{ModelConfig, ScalarModel};
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
-use crate::snapshot::SnapshotMsg;
+use crate::snapshot::{adopt, SnapshotMsg};
 use crate::trajectory::{SharedWeights, TrajectoryBatch};
 
 pub enum ValueMsg {
@@ -67,17 +67,10 @@ impl Actor for ValueActor {
         match msg {
             ValueMsg::Adopt(w) => {
                 let Some(cfg) = &st.args.critic else { return Ok(()) };
-                if st.model.as_ref().is_some_and(|(v, _)| *v >= w.version) {
+                let build = |t| ScalarModel::from_tensors(cfg, t, st.args.executor.device());
+                let Some(first) = adopt(&mut st.model, &w, &st.args.name, &st.args.snapshot, build)? else {
                     return Ok(());
-                }
-                let first = st.model.is_none();
-                let m = ScalarModel::from_tensors(cfg, w.tensors.clone(), st.args.executor.device())?;
-                st.model = Some((w.version, Arc::new(m)));
-                st.args.snapshot.cast(SnapshotMsg::Adopted {
-                    receiver: st.args.name.clone(),
-                    version: w.version,
-                    latency: w.published_at.elapsed(),
-                })?;
+                };
                 if first || st.pending.is_some() {
                     me.cast(ValueMsg::Step)?;
                 }

@@ -14,143 +14,37 @@ use tandem_models::{ModelConfig, TextTokenizer};
 use crate::config::{BuiltinArch, BuiltinModel};
 use crate::error::RuntimeError;
 
-/// Words of the built-in vocabulary, after the two special tokens.
-pub const WORDS: &[&str] = &[
-    "the",
-    "a",
-    "of",
-    "to",
-    "and",
-    "in",
-    "is",
-    "it",
-    "that",
-    "was",
-    "for",
-    "on",
-    "with",
-    "as",
-    "he",
-    "be",
-    "at",
-    "by",
-    "this",
-    "had",
-    "not",
-    "are",
-    "but",
-    "from",
-    "or",
-    "have",
-    "an",
-    "they",
-    "which",
-    "one",
-    "you",
-    "were",
-    "her",
-    "all",
-    "she",
-    "there",
-    "would",
-    "their",
-    "we",
-    "him",
-    "been",
-    "has",
-    "when",
-    "who",
-    "will",
-    "more",
-    "no",
-    "if",
-    "out",
-    "so",
-    "said",
-    "what",
-    "up",
-    "its",
-    "about",
-    "into",
-    "than",
-    "them",
-    "can",
-    "only",
-    "other",
-    "new",
-    "some",
-    "could",
-    "time",
-    "these",
-    "two",
-    "may",
-    "then",
-    "do",
-    "first",
-    "any",
-    "my",
-    "now",
-    "seemed",
-    "movie",
-    "film",
-    "story",
-    "plot",
-    "acting",
-    "his",
-    "very",
-    "really",
-    "just",
-    "too",
-    ".",
-    ",",
-    "!",
-    "good",
-    "great",
-    "wonderful",
-    "happy",
-    "love",
-    "best",
-    "nice",
-    "fun",
-    "excellent",
-    "beautiful",
-    "amazing",
-    "enjoy",
-    "bad",
-    "terrible",
-    "awful",
-    "sad",
-    "hate",
-    "worst",
-    "boring",
-    "dull",
-    "poor",
-    "ugly",
+/// Words of the built-in vocabulary besides the sentiment words.
+#[rustfmt::skip]
+const PLAIN_WORDS: &[&str] = &[
+    "the", "a", "of", "to", "and", "in", "is", "it", "that", "was", "for", "on", "with", "as", "he", "be", "at", "by",
+    "this", "had", "not", "are", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all",
+    "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out",
+    "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could",
+    "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "seemed", "movie", "film", "story",
+    "plot", "acting", "his", "very", "really", "just", "too", ".", ",", "!",
 ];
 
-/// The positive-words reward's default list.
-pub const POSITIVE_WORDS: &[&str] = &[
-    "good",
-    "great",
-    "wonderful",
-    "happy",
-    "love",
-    "best",
-    "nice",
-    "fun",
-    "excellent",
-    "beautiful",
-    "amazing",
-    "enjoy",
-];
+/// The positive-words reward's default list (part of the built-in vocabulary).
+#[rustfmt::skip]
+pub const POSITIVE_WORDS: &[&str] =
+    &["good", "great", "wonderful", "happy", "love", "best", "nice", "fun", "excellent", "beautiful", "amazing", "enjoy"];
+
+#[rustfmt::skip]
+const NEGATIVE_WORDS: &[&str] = &["bad", "terrible", "awful", "sad", "hate", "worst", "boring", "dull", "poor", "ugly"];
+
+/// The built-in vocabulary after the two special tokens.
+fn words() -> impl Iterator<Item = &'static str> {
+    PLAIN_WORDS.iter().chain(POSITIVE_WORDS).chain(NEGATIVE_WORDS).copied()
+}
 
 /// The built-in `tokenizer.json`.
 pub fn tokenizer_json() -> String {
     let mut vocab = serde_json::Map::new();
     vocab.insert("<|endoftext|>".into(), json!(0));
     vocab.insert("<unk>".into(), json!(1));
-    for (i, w) in WORDS.iter().enumerate() {
-        vocab.insert((*w).into(), json!(i + 2));
+    for (i, w) in words().enumerate() {
+        vocab.insert(w.into(), json!(i + 2));
     }
     json!({
         "version": "1.0",
@@ -176,7 +70,7 @@ pub fn tokenizer() -> Result<TextTokenizer, RuntimeError> {
 
 /// The model config of a built-in spec over the built-in vocabulary.
 pub fn model_config(spec: &BuiltinModel, max_positions: usize) -> ModelConfig {
-    let vocab = WORDS.len() + 2;
+    let vocab = words().count() + 2;
     match spec.arch {
         BuiltinArch::Gpt2 => ModelConfig::gpt2(vocab, spec.hidden, spec.layers, spec.heads, max_positions),
         BuiltinArch::Qwen2 => ModelConfig::qwen2(
