@@ -21,6 +21,7 @@ fn metrics_without_timings(dir: &std::path::Path) -> Vec<Value> {
                 "value_s",
                 "learn_s",
                 "weight_sync_s",
+                "learner_wait_s",
                 "adopt_latency_s",
                 "wall_s",
             ] {
