@@ -13,6 +13,7 @@ mod device;
 mod error;
 mod inspect;
 mod run;
+mod top;
 
 use std::io::Write;
 
@@ -29,12 +30,36 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr as text or as JSON objects; the level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// tracing to stderr, filtered by RUST_LOG (e.g. `RUST_LOG=tandem_runtime=debug`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start an RL run from a config file.
     Run(run::RunArgs),
+    /// Live per-actor table from a run's metrics endpoint.
+    Top(top::TopArgs),
     /// Look at one model's numbers: token log-probs, a generation, a reward score.
     #[command(subcommand)]
     Inspect(inspect::InspectCommand),
@@ -47,6 +72,7 @@ impl Command {
     fn run(self) -> anyhow::Result<()> {
         match self {
             Command::Run(args) => run::run(args),
+            Command::Top(args) => top::run(args),
             Command::Inspect(cmd) => inspect::run(cmd),
             Command::Bench(cmd) => bench::run(cmd),
         }
@@ -63,6 +89,7 @@ pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match cli.command.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -23,6 +23,7 @@ pub struct ChannelStats {
     pub capacity: usize,
     blocked_ns: AtomicU64,
     sent: AtomicU64,
+    received: AtomicU64,
 }
 
 impl ChannelStats {
@@ -33,6 +34,14 @@ impl ChannelStats {
 
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Items in the channel now (sent and not yet received). Reading it does not keep the
+    /// channel open, unlike holding an end.
+    pub fn depth(&self) -> usize {
+        self.sent
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.received.load(Ordering::Relaxed)) as usize
     }
 }
 
@@ -72,6 +81,7 @@ pub fn stage_channel<T>(name: &'static str, capacity: usize) -> (StageSender<T>,
         capacity,
         blocked_ns: AtomicU64::new(0),
         sent: AtomicU64::new(0),
+        received: AtomicU64::new(0),
     });
     metrics::gauge!("tandem_channel_capacity", "channel" => name).set(capacity as f64);
     (
@@ -184,6 +194,7 @@ impl<T: Send + 'static> StageReceiver<T> {
     }
 
     fn after_recv(&self) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("tandem_channel_depth", "channel" => self.stats.name).set(self.rx.len() as f64);
     }
 

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::device::Executor;
 use crate::error::ActorError;
+use crate::meter::{ActorMeter, ActorState};
 use crate::ppo_trainer::{PpoTrainer, StepStats};
 use crate::replay::ReplayMsg;
 use crate::snapshot::SnapshotMsg;
@@ -61,6 +62,8 @@ pub struct LearnerArgs {
     pub reports: tokio::sync::mpsc::Sender<StepReport>,
     /// A test hook: extra seconds of (simulated) work per step.
     pub extra_step_delay: Duration,
+    /// This actor's measurements.
+    pub meter: Arc<ActorMeter>,
 }
 
 pub struct LearnerState {
@@ -98,11 +101,14 @@ impl Actor for LearnerActor {
         _msg: LearnerMsg,
         st: &mut LearnerState,
     ) -> Result<(), ActorProcessingErr> {
+        let _timer = st.args.meter.time_handle();
         if st.step >= st.args.steps {
+            st.args.meter.set_state(ActorState::Stopped);
             me.stop(Some("done".into()));
             return Ok(());
         }
         let version = st.version;
+        st.args.meter.set_state(ActorState::Idle);
         let asked = Instant::now();
         let batch = st
             .args
@@ -114,6 +120,7 @@ impl Actor for LearnerActor {
             return Ok(());
         };
         let wait = asked.elapsed();
+        st.args.meter.set_state(ActorState::Computing);
         let n = batch.trajectories.len().max(1);
         let staleness: Vec<u64> = batch
             .trajectories
@@ -145,6 +152,9 @@ impl Actor for LearnerActor {
             })
             .await?;
         let (stats, weights, copy_took) = out?;
+        st.args.meter.busy(learn_took);
+        st.args.meter.items(1);
+        st.args.meter.set_state(ActorState::Idle);
         let sync_start = Instant::now();
         if let Some((policy, critic)) = weights {
             st.version += 1;
@@ -174,6 +184,8 @@ impl Actor for LearnerActor {
         metrics::gauge!("tandem_learner_kl").set(stats.kl);
         metrics::gauge!("tandem_learner_beta").set(stats.beta);
         metrics::gauge!("tandem_learner_policy_loss").set(stats.policy_loss);
+        metrics::gauge!("tandem_learner_value_loss").set(stats.value_loss);
+        metrics::gauge!("tandem_learner_reward_mean").set(stats.reward_mean);
         let report = StepReport {
             step,
             policy_version: version,

@@ -14,7 +14,10 @@
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use std::sync::Arc;
+
 use crate::channel::StageReceiver;
+use crate::meter::ActorMeter;
 use crate::trajectory::{StageTimes, Trajectory, TrajectoryBatch};
 
 /// What the learner trains on in one step.
@@ -50,6 +53,8 @@ pub struct ReplayArgs {
     pub capacity: usize,
     pub batch_size: usize,
     pub max_staleness: u64,
+    /// This actor's measurements.
+    pub meter: Arc<ActorMeter>,
 }
 
 pub struct ReplayState {
@@ -104,8 +109,10 @@ impl Actor for ReplayActor {
         msg: ReplayMsg,
         st: &mut ReplayState,
     ) -> Result<(), ActorProcessingErr> {
+        let _timer = st.args.meter.time_handle();
         match msg {
             ReplayMsg::Arrived(batch, credit) => {
+                st.args.meter.items(batch.trajectories.len() as u64);
                 let n = batch.trajectories.len().max(1) as f64;
                 let share = StageTimes {
                     generate_s: batch.times.generate_s / n,

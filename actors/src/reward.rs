@@ -14,6 +14,7 @@ use tandem_models::LanguageModel;
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
+use crate::meter::{ActorMeter, ActorState};
 use crate::reward_source::RewardSource;
 use crate::trajectory::TrajectoryBatch;
 
@@ -35,6 +36,8 @@ pub struct RewardArgs {
     pub temperature: f64,
     pub input: StageReceiver<TrajectoryBatch>,
     pub out: StageSender<TrajectoryBatch>,
+    /// This actor's measurements.
+    pub meter: Arc<ActorMeter>,
 }
 
 pub struct RewardActor;
@@ -55,7 +58,10 @@ impl Actor for RewardActor {
         _msg: RewardMsg,
         st: &mut RewardArgs,
     ) -> Result<(), ActorProcessingErr> {
+        let _timer = st.meter.time_handle();
+        st.meter.set_state(ActorState::Idle);
         let Some(mut batch) = st.input.recv().await else {
+            st.meter.set_state(ActorState::Stopped);
             me.stop(Some("rollout stage closed".into()));
             return Ok(());
         };
@@ -64,6 +70,7 @@ impl Actor for RewardActor {
         let temperature = st.temperature;
         let prompts: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.prompt_ids.clone()).collect();
         let responses: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.response_ids.clone()).collect();
+        st.meter.set_state(ActorState::Computing);
         let (out, took) = st
             .executor
             .run(move |dev| -> Result<ScoresAndRefs, crate::error::ActorError> {
@@ -90,9 +97,14 @@ impl Actor for RewardActor {
             };
         }
         batch.times.reward_s = took.as_secs_f64();
-        metrics::counter!("tandem_reward_items", "actor" => st.name.clone()).increment(batch.trajectories.len() as u64);
-        metrics::histogram!("tandem_reward_seconds", "actor" => st.name.clone()).record(took.as_secs_f64());
-        if st.out.send(batch).await.is_err() {
+        st.meter.busy(took);
+        st.meter.items(batch.trajectories.len() as u64);
+        st.meter.set_state(ActorState::Blocked);
+        let sent = st.out.send(batch).await;
+        st.meter.set_state(ActorState::Idle);
+        if let Ok(waited) = sent {
+            st.meter.blocked(waited);
+        } else {
             me.stop(Some("value stage gone".into()));
             return Ok(());
         }

@@ -16,6 +16,7 @@ use tandem_models::{generate, Decoding, LanguageModel, ModelConfig, SamplingConf
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
+use crate::meter::{ActorMeter, ActorState};
 use crate::snapshot::{adopt, SnapshotMsg};
 use crate::trajectory::{SharedWeights, StageTimes, Trajectory, TrajectoryBatch, WorkTicket};
 
@@ -35,6 +36,8 @@ pub struct RolloutArgs {
     pub tickets: StageReceiver<WorkTicket>,
     pub out: StageSender<TrajectoryBatch>,
     pub snapshot: ActorRef<SnapshotMsg>,
+    /// This actor's measurements.
+    pub meter: Arc<ActorMeter>,
 }
 
 pub struct RolloutState {
@@ -65,6 +68,7 @@ impl Actor for RolloutActor {
         msg: RolloutMsg,
         st: &mut RolloutState,
     ) -> Result<(), ActorProcessingErr> {
+        let _timer = st.args.meter.time_handle();
         match msg {
             RolloutMsg::Adopt(w) => {
                 let (cfg, dev) = (&st.args.config, st.args.executor.device());
@@ -72,7 +76,7 @@ impl Actor for RolloutActor {
                 let Some(first) = adopt(&mut st.model, &w, &st.args.name, &st.args.snapshot, build)? else {
                     return Ok(());
                 };
-                metrics::gauge!("tandem_rollout_policy_version", "actor" => st.args.name.clone()).set(w.version as f64);
+                st.args.meter.set_version(w.version);
                 if first || st.pending.is_some() {
                     me.cast(RolloutMsg::Step)?;
                 }
@@ -81,11 +85,13 @@ impl Actor for RolloutActor {
                 let Some((version, model)) = st.model.clone() else {
                     return Ok(());
                 };
+                st.args.meter.set_state(ActorState::Idle);
                 let ticket = match st.pending.take() {
                     Some(t) => t,
                     None => match st.args.tickets.recv().await {
                         Some(t) => t,
                         None => {
+                            st.args.meter.set_state(ActorState::Stopped);
                             me.stop(Some("no more tickets".into()));
                             return Ok(());
                         }
@@ -96,8 +102,14 @@ impl Actor for RolloutActor {
                     st.pending = Some(ticket);
                     return Ok(());
                 }
+                st.args.meter.set_state(ActorState::Computing);
                 let batch = self.sample(st, &ticket, version, model).await?;
-                if st.args.out.send(batch).await.is_err() {
+                st.args.meter.set_state(ActorState::Blocked);
+                let sent = st.args.out.send(batch).await;
+                st.args.meter.set_state(ActorState::Idle);
+                if let Ok(waited) = sent {
+                    st.args.meter.blocked(waited);
+                } else {
                     me.stop(Some("reward stage gone".into()));
                     return Ok(());
                 }
@@ -134,9 +146,9 @@ impl RolloutActor {
             .await?;
         let gen = gen?;
         let tokens: usize = gen.responses.iter().map(Vec::len).sum();
-        metrics::counter!("tandem_rollout_tokens", "actor" => st.args.name.clone()).increment(tokens as u64);
-        metrics::histogram!("tandem_rollout_generate_seconds", "actor" => st.args.name.clone())
-            .record(took.as_secs_f64());
+        st.args.meter.busy(took);
+        st.args.meter.items(tokens as u64);
+        metrics::counter!("tandem_rollout_batches_total", &st.args.meter.labels()).increment(1);
         let trajectories = gen
             .responses
             .into_iter()

@@ -13,6 +13,7 @@ use std::time::Duration;
 use candle_core::Tensor;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::meter::ActorMeter;
 use crate::rollout::RolloutMsg;
 use crate::trajectory::SharedWeights;
 use crate::value::ValueMsg;
@@ -45,6 +46,7 @@ pub struct SnapshotActor;
 pub struct SnapshotState {
     policy: SharedWeights,
     critic: Option<SharedWeights>,
+    meter: Arc<ActorMeter>,
     rollouts: Vec<ActorRef<RolloutMsg>>,
     value: Option<ActorRef<ValueMsg>>,
     latency: BTreeMap<u64, f64>,
@@ -53,6 +55,8 @@ pub struct SnapshotState {
 pub struct SnapshotArgs {
     pub policy: SharedWeights,
     pub critic: Option<SharedWeights>,
+    /// This actor's measurements.
+    pub meter: Arc<ActorMeter>,
 }
 
 impl Actor for SnapshotActor {
@@ -68,6 +72,7 @@ impl Actor for SnapshotActor {
         Ok(SnapshotState {
             policy: args.policy,
             critic: args.critic,
+            meter: args.meter,
             rollouts: vec![],
             value: None,
             latency: BTreeMap::new(),
@@ -80,9 +85,12 @@ impl Actor for SnapshotActor {
         msg: SnapshotMsg,
         st: &mut SnapshotState,
     ) -> Result<(), ActorProcessingErr> {
+        let _timer = st.meter.time_handle();
         match msg {
             SnapshotMsg::Publish { policy, critic } => {
                 metrics::gauge!("tandem_policy_version").set(policy.version as f64);
+                metrics::histogram!("tandem_weight_publish_seconds")
+                    .record(policy.published_at.elapsed().as_secs_f64());
                 // Critic first: the value stage must never see data newer than its critic.
                 if let (Some(c), Some(v)) = (&critic, &st.value) {
                     let _ = v.cast(ValueMsg::Adopt(c.clone()));

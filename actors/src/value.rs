@@ -14,6 +14,7 @@ use tandem_models::{ModelConfig, ScalarModel};
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
+use crate::meter::{ActorMeter, ActorState};
 use crate::snapshot::{adopt, SnapshotMsg};
 use crate::trajectory::{SharedWeights, TrajectoryBatch};
 
@@ -30,6 +31,8 @@ pub struct ValueArgs {
     pub input: StageReceiver<TrajectoryBatch>,
     pub out: StageSender<TrajectoryBatch>,
     pub snapshot: ActorRef<SnapshotMsg>,
+    /// This actor's measurements.
+    pub meter: Arc<ActorMeter>,
 }
 
 pub struct ValueState {
@@ -64,6 +67,7 @@ impl Actor for ValueActor {
         msg: ValueMsg,
         st: &mut ValueState,
     ) -> Result<(), ActorProcessingErr> {
+        let _timer = st.args.meter.time_handle();
         match msg {
             ValueMsg::Adopt(w) => {
                 let Some(cfg) = &st.args.critic else { return Ok(()) };
@@ -71,16 +75,19 @@ impl Actor for ValueActor {
                 let Some(first) = adopt(&mut st.model, &w, &st.args.name, &st.args.snapshot, build)? else {
                     return Ok(());
                 };
+                st.args.meter.set_version(w.version);
                 if first || st.pending.is_some() {
                     me.cast(ValueMsg::Step)?;
                 }
             }
             ValueMsg::Step => {
+                st.args.meter.set_state(ActorState::Idle);
                 let batch = match st.pending.take() {
                     Some(b) => b,
                     None => match st.args.input.recv().await {
                         Some(b) => b,
                         None => {
+                            st.args.meter.set_state(ActorState::Stopped);
                             me.stop(Some("reward stage closed".into()));
                             return Ok(());
                         }
@@ -106,7 +113,13 @@ impl Actor for ValueActor {
                         t.values = vec![0.0; t.response_ids.len()];
                     }
                 }
-                if st.args.out.send(batch).await.is_err() {
+                st.args.meter.items(batch.trajectories.len() as u64);
+                st.args.meter.set_state(ActorState::Blocked);
+                let sent = st.args.out.send(batch).await;
+                st.args.meter.set_state(ActorState::Idle);
+                if let Ok(waited) = sent {
+                    st.args.meter.blocked(waited);
+                } else {
                     me.stop(Some("replay gone".into()));
                     return Ok(());
                 }
@@ -126,6 +139,7 @@ impl ValueActor {
     ) -> Result<TrajectoryBatch, ActorProcessingErr> {
         let prompts: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.prompt_ids.clone()).collect();
         let responses: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.response_ids.clone()).collect();
+        st.args.meter.set_state(ActorState::Computing);
         let (values, took) = st
             .args
             .executor
@@ -142,7 +156,7 @@ impl ValueActor {
             t.values = values[i][..t.response_ids.len()].to_vec();
         }
         batch.times.value_s = took.as_secs_f64();
-        metrics::histogram!("tandem_value_seconds", "actor" => st.args.name.clone()).record(took.as_secs_f64());
+        st.args.meter.busy(took);
         Ok(batch)
     }
 }

@@ -67,6 +67,12 @@
 //! learner_device = "cpu:1"
 //! threads_per_device = 1
 //!
+//! [metrics]
+//! enabled = true           # serve Prometheus metrics while the run is live
+//! addr = "127.0.0.1:9184"  # bind address (loopback by default); port 0 picks a free port.
+//!                          # The bound address is written to RUN_DIR/metrics_addr.
+//! sample_interval_s = 1.0  # per-actor samples (RUN_DIR/actors.jsonl, busy/rate gauges)
+//!
 //! [channels]               # capacities of the bounded data plane, in generation batches
 //! tickets = 2
 //! rollout_to_reward = 2
@@ -103,6 +109,26 @@ pub struct Config {
     pub placement: PlacementConfig,
     #[serde(default)]
     pub channels: ChannelsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    pub addr: String,
+    pub sample_interval_s: f64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            addr: "127.0.0.1:9184".into(),
+            sample_interval_s: 1.0,
+        }
+    }
 }
 
 fn default_seed() -> u64 {
@@ -390,6 +416,12 @@ impl Config {
                 self.replay_capacity(),
                 self.batch_size()
             ));
+        }
+        if self.metrics.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!("metrics.addr: {:?} is not HOST:PORT", self.metrics.addr));
+        }
+        if !(self.metrics.sample_interval_s > 0.0) {
+            return Err("metrics.sample_interval_s must be > 0".into());
         }
         let p = &self.placement;
         if p.rollout_devices.is_empty() || p.rollouts_per_device == 0 {

@@ -1,7 +1,8 @@
 //! tandem-runtime: config, placement, the supervision tree and the run directory.
 //!
 //! A run directory holds the resolved `config.toml`, `metrics.jsonl` (one JSON object per
-//! learner step) and, at the end, the trained `policy/` (and `critic/`) in HF layout.
+//! learner step), `actors.jsonl` (per-actor samples), `metrics_addr` (the live Prometheus
+//! endpoint) and, at the end, the trained `policy/` (and `critic/`) in HF layout.
 
 pub mod builtin;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod error;
 pub mod pipeline;
 pub mod prompts;
 pub mod supervisor;
+pub mod telemetry;
 
 pub use config::Config;
 pub use error::RuntimeError;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use ractor::{Actor, ActorCell};
+use tandem_actors::channel::ChannelStats;
 use tandem_actors::learner::{LearnerActor, LearnerArgs};
 use tandem_actors::replay::{ReplayActor, ReplayArgs, ReplayMsg};
 use tandem_actors::reward::{RewardActor, RewardArgs};
@@ -26,7 +27,7 @@ use tandem_actors::rollout::{RolloutActor, RolloutArgs};
 use tandem_actors::snapshot::{SnapshotActor, SnapshotArgs};
 use tandem_actors::value::{ValueActor, ValueArgs};
 use tandem_actors::{
-    stage_channel, Advantage, DeviceId, Executor, PpoTrainer, StepReport, TrajectoryBatch, WeightsSnapshot,
+    stage_channel, ActorMeter, Advantage, DeviceId, Executor, PpoTrainer, StepReport, TrajectoryBatch, WeightsSnapshot,
 };
 use tandem_models::{
     load_tensors, save_checkpoint, snapshot, HeadKind, LanguageModel, ModelConfig, ScalarModel, TextTokenizer,
@@ -38,6 +39,7 @@ use crate::config::{Config, CriticInit, RewardKind};
 use crate::error::RuntimeError;
 use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
 use crate::supervisor::RunSupervisor;
+use crate::telemetry::{self, ActorSampler};
 
 static NEXT_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -234,8 +236,20 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         samples_per_prompt: cfg.data.samples_per_prompt,
     };
     let feeder = spawn_feeder(prompts, plan, ticket_tx);
-    // Receiver clones to watch channel depths; dropped before shutdown.
-    let probes = [gen_rx.clone(), rew_rx.clone(), val_rx.clone()];
+    let depths = [gen_rx.stats().clone(), rew_rx.stats().clone(), val_rx.stats().clone()];
+
+    // Meters, one per actor, each watching its inbound channel.
+    let meter = |kind: &'static str, name: &str, device: String, inbound: Option<Arc<ChannelStats>>| {
+        let m = ActorMeter::new(kind, name, device);
+        Arc::new(match inbound {
+            Some(ch) => {
+                let cap = ch.capacity;
+                m.with_inbound(move || ch.depth(), cap)
+            }
+            None => m,
+        })
+    };
+    let mut meters: Vec<Arc<ActorMeter>> = Vec::new();
 
     // Actors. ractor's registry is process-wide, so names carry the run's number.
     let run_no = NEXT_RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -247,6 +261,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let sup: ActorCell = root.get_cell();
     let spawn_err = |e: ractor::SpawnErr| RuntimeError::ActorFailed(e.to_string());
     let now = Instant::now();
+    let started = now;
     let wrap = |tensors| {
         Arc::new(WeightsSnapshot {
             version: 0,
@@ -254,10 +269,13 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             published_at: now,
         })
     };
+    let snap_meter = meter("snapshot", "snapshot", p.learner_device.to_string(), None);
+    meters.push(snap_meter.clone());
     let (snap, snap_h) = Actor::spawn_linked(
         registered("snapshot"),
         SnapshotActor,
         SnapshotArgs {
+            meter: snap_meter,
             policy: wrap(initial_policy),
             critic: initial_critic.map(wrap),
         },
@@ -270,6 +288,16 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         registered(&format!("value/{}", p.value_device)),
         ValueActor,
         ValueArgs {
+            meter: {
+                let m = meter(
+                    "value",
+                    &format!("value/{}", p.value_device),
+                    p.value_device.to_string(),
+                    Some(rew_rx.stats().clone()),
+                );
+                meters.push(m.clone());
+                m
+            },
             name: format!("value/{}", p.value_device),
             executor: dev(&p.value_device),
             critic: critic_config,
@@ -286,6 +314,16 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         registered(&format!("reward/{}", p.reward_device)),
         RewardActor,
         RewardArgs {
+            meter: {
+                let m = meter(
+                    "reward",
+                    &format!("reward/{}", p.reward_device),
+                    p.reward_device.to_string(),
+                    Some(gen_rx.stats().clone()),
+                );
+                meters.push(m.clone());
+                m
+            },
             name: format!("reward/{}", p.reward_device),
             executor: dev(&p.reward_device),
             source,
@@ -310,6 +348,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                 registered(&name),
                 RolloutActor,
                 RolloutArgs {
+                    meter: {
+                        let m = meter("rollout", &name, d.to_string(), Some(ticket_rx.stats().clone()));
+                        meters.push(m.clone());
+                        m
+                    },
                     name,
                     executor: dev(d),
                     config: policy.config.clone(),
@@ -332,6 +375,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         registered("replay"),
         ReplayActor,
         ReplayArgs {
+            meter: {
+                let m = meter("replay", "replay", "-".into(), Some(val_rx.stats().clone()));
+                meters.push(m.clone());
+                m
+            },
             input: Some(val_rx),
             capacity: cfg.replay_capacity(),
             batch_size: cfg.batch_size(),
@@ -347,6 +395,16 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         registered(&format!("learner/{}", p.learner_device)),
         LearnerActor,
         LearnerArgs {
+            meter: {
+                let m = meter(
+                    "learner",
+                    &format!("learner/{}", p.learner_device),
+                    p.learner_device.to_string(),
+                    None,
+                );
+                meters.push(m.clone());
+                m
+            },
             executor: learner_exec,
             trainer: trainer.clone(),
             replay: replay.clone(),
@@ -375,6 +433,29 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let mut failure = None;
     let mut max_held = 0usize;
     let mut probe = tokio::time::interval(Duration::from_millis(25));
+    let mut sampler = ActorSampler::new(meters, run_dir, started)?;
+    let mut sample_tick = tokio::time::interval(Duration::from_secs_f64(cfg.metrics.sample_interval_s));
+    let endpoint = match (cfg.metrics.enabled, telemetry::prometheus()) {
+        // A taken port must not stop a training run: warn and go on without the endpoint.
+        (true, Some(handle)) => match telemetry::serve(&cfg.metrics.addr, handle).await {
+            Ok((addr, task)) => {
+                let path = run_dir.join("metrics_addr");
+                std::fs::write(&path, addr.to_string()).map_err(|e| RuntimeError::io(&path, e))?;
+                tracing::info!(%addr, "serving Prometheus metrics");
+                Some(task)
+            }
+            Err(e) => {
+                tracing::warn!("no Prometheus endpoint: {e}");
+                None
+            }
+        },
+        (true, None) => {
+            tracing::warn!("another metrics recorder is installed; no Prometheus endpoint");
+            None
+        }
+        _ => None,
+    };
+    let mut latest_version = 0u64;
     loop {
         tokio::select! {
             r = report_rx.recv() => match r {
@@ -386,6 +467,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                         b.set_position(r.step + 1);
                         b.set_message(format!("reward {:.3} kl {:.3}", r.stats.reward_mean, r.stats.kl));
                     }
+                    latest_version = r.policy_version + 1;
                     reports.push(r);
                     if reports.len() as u64 == cfg.steps { break; }
                 }
@@ -396,15 +478,20 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             _ = probe.tick() => {
                 let held = replay.call(ReplayMsg::Held, Some(Duration::from_millis(200))).await.ok()
                     .and_then(|r| match r { ractor::rpc::CallResult::Success(n) => Some(n), _ => None }).unwrap_or(0);
-                let in_channels: usize = probes.iter().map(|c| c.len()).sum::<usize>();
+                let in_channels: usize = depths.iter().map(|c| c.depth()).sum::<usize>();
                 max_held = max_held.max(held + in_channels * per_ticket);
             }
+            _ = sample_tick.tick() => sampler.sample(latest_version)?,
         }
     }
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    drop(probes);
+    sampler.sample(latest_version)?;
+    if let Some(task) = endpoint {
+        task.abort();
+        let _ = std::fs::remove_file(run_dir.join("metrics_addr"));
+    }
     // Kill downstream first, then wait until every actor is gone (names free for a next run).
     for (c, _) in children.iter().rev() {
         c.kill();

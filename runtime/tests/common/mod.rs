@@ -11,7 +11,11 @@ pub fn configs_dir() -> PathBuf {
 }
 
 pub fn load(name: &str, overrides: &[&str]) -> Config {
-    let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    // Tests run in parallel: every run gets a free port for its metrics endpoint.
+    let o: Vec<String> = std::iter::once("metrics.addr=\"127.0.0.1:0\"")
+        .chain(overrides.iter().copied())
+        .map(String::from)
+        .collect();
     Config::load(&configs_dir().join(name), &o).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
