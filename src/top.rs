@@ -239,7 +239,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
         print!("{}", render(&parse_exposition(&first)));
         return Ok(());
     }
-    if !(args.interval > 0.0) {
+    if args.interval.is_nan() || args.interval <= 0.0 {
         return bad_input!("--interval must be > 0");
     }
     let mut text = first;

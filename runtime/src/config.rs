@@ -420,7 +420,7 @@ impl Config {
         if self.metrics.addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(format!("metrics.addr: {:?} is not HOST:PORT", self.metrics.addr));
         }
-        if !(self.metrics.sample_interval_s > 0.0) {
+        if self.metrics.sample_interval_s.is_nan() || self.metrics.sample_interval_s <= 0.0 {
             return Err("metrics.sample_interval_s must be > 0".into());
         }
         let p = &self.placement;
