@@ -12,6 +12,7 @@ mod bench_overlap;
 mod device;
 mod error;
 mod inspect;
+mod report;
 mod run;
 
 use std::io::Write;
@@ -41,6 +42,8 @@ enum Command {
     /// Micro-benchmarks of the model code.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Write a self-contained HTML report of a run's learning curves and actor utilisation.
+    Report(report::ReportArgs),
 }
 
 impl Command {
@@ -49,6 +52,7 @@ impl Command {
             Command::Run(args) => run::run(args),
             Command::Inspect(cmd) => inspect::run(cmd),
             Command::Bench(cmd) => bench::run(cmd),
+            Command::Report(args) => report::run(args),
         }
     }
 }
