@@ -12,6 +12,7 @@ mod bench_overlap;
 mod device;
 mod error;
 mod inspect;
+mod report;
 mod run;
 mod top;
 
@@ -66,6 +67,8 @@ enum Command {
     /// Micro-benchmarks of the model code.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Write a self-contained HTML report of a run's learning curves and actor utilisation.
+    Report(report::ReportArgs),
 }
 
 impl Command {
@@ -75,6 +78,7 @@ impl Command {
             Command::Top(args) => top::run(args),
             Command::Inspect(cmd) => inspect::run(cmd),
             Command::Bench(cmd) => bench::run(cmd),
+            Command::Report(args) => report::run(args),
         }
     }
 }
