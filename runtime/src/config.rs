@@ -364,6 +364,17 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads a run directory's resolved `config.toml` as it was written: no overrides, no path
+    /// resolution (its paths are already resolved against the run's working directory) and no
+    /// check that the files it names still exist.
+    pub fn load_resolved(path: &Path) -> Result<Self, RuntimeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+        toml::from_str(&text).map_err(|e| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    }
+
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
