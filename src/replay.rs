@@ -69,7 +69,10 @@ pub struct ReplayArgs {
 pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let dir = store_dir(&args.run_dir);
     if !dir.is_dir() {
-        return bad_input!("{}: no trajectory store (trajectories/) in this run directory", args.run_dir.display());
+        return bad_input!(
+            "{}: no trajectory store (trajectories/) in this run directory",
+            args.run_dir.display()
+        );
     }
     if args.repair {
         let (_, cut) = SegmentWriter::open(&dir, u64::MAX)?;
@@ -132,7 +135,11 @@ fn summary(picked: &[&StoredTrajectory], bytes: u64, total: usize) -> anyhow::Re
         steps.entry(t.outcome.step()).or_default().push(t);
     }
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{:>6} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9}", "step", "used", "dropped", "versions", "score", "min", "max")?;
+    writeln!(
+        out,
+        "{:>6} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "step", "used", "dropped", "versions", "score", "min", "max"
+    )?;
     for (step, ts) in &steps {
         let used = ts.iter().filter(|t| t.outcome.used()).count();
         let scores: Vec<f32> = ts.iter().map(|t| t.score).collect();
@@ -273,7 +280,11 @@ fn rescore(args: &ReplayArgs, picked: &[&StoredTrajectory]) -> anyhow::Result<()
             let cfg = run_config(&args.run_dir)?;
             match cfg.reward.kind {
                 RewardKind::RewardModel => {
-                    let dir = cfg.reward.model.clone().context("reward.model missing in the run's config")?;
+                    let dir = cfg
+                        .reward
+                        .model
+                        .clone()
+                        .context("reward.model missing in the run's config")?;
                     Box::new(RewardModelSource::new(ScalarModel::load(&dir, &device)?))
                 }
                 RewardKind::PositiveWords => {
@@ -283,7 +294,10 @@ fn rescore(args: &ReplayArgs, picked: &[&StoredTrajectory]) -> anyhow::Result<()
                         .clone()
                         .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
                     let tok = tokenizer(&args.run_dir)?;
-                    Box::new(TokenSetReward::new("positive_words", builtin::word_token_ids(&tok, &words)))
+                    Box::new(TokenSetReward::new(
+                        "positive_words",
+                        builtin::word_token_ids(&tok, &words),
+                    ))
                 }
             }
         }

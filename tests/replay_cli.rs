@@ -74,7 +74,10 @@ fn summary_show_filters_and_export() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("== step 1 ").count(), 2, "{text}");
-    assert!(text.contains("prompt:") && text.contains("response:") && text.contains("adv"), "{text}");
+    assert!(
+        text.contains("prompt:") && text.contains("response:") && text.contains("adv"),
+        "{text}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("all.jsonl");
@@ -88,14 +91,28 @@ fn summary_show_filters_and_export() {
     assert_eq!(lines.len() as u64, stored);
     let t = &lines[0];
     let n = t["response_ids"].as_array().unwrap().len();
-    for key in ["logprobs", "ref_logprobs", "kl", "values", "token_rewards", "advantages", "returns"] {
+    for key in [
+        "logprobs",
+        "ref_logprobs",
+        "kl",
+        "values",
+        "token_rewards",
+        "advantages",
+        "returns",
+    ] {
         assert_eq!(t[key].as_array().unwrap().len(), n, "{key}");
     }
 
     // Filters: by step, by version, by score.
     let count = |args: &[&str]| last_json(&replay(run, args))["trajectories"].as_u64().unwrap();
-    assert_eq!(count(&["--step", "2"]), lines.iter().filter(|t| t["step"] == 2).count() as u64);
-    assert_eq!(count(&["--version", "0"]), lines.iter().filter(|t| t["policy_version"] == 0).count() as u64);
+    assert_eq!(
+        count(&["--step", "2"]),
+        lines.iter().filter(|t| t["step"] == 2).count() as u64
+    );
+    assert_eq!(
+        count(&["--version", "0"]),
+        lines.iter().filter(|t| t["policy_version"] == 0).count() as u64
+    );
     let high = lines.iter().filter(|t| t["score"].as_f64().unwrap() >= 0.2).count() as u64;
     assert_eq!(count(&["--reward-min", "0.2"]), high);
     assert_eq!(count(&["--reward-max", "0.19999"]), stored - high);
@@ -126,7 +143,10 @@ fn verify_names_the_segment_and_offset_of_a_flipped_byte() {
     let out = replay(dir.path(), &["--verify"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("seg-000001.log at byte {at}: checksum mismatch")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("seg-000001.log at byte {at}: checksum mismatch")),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -148,7 +168,10 @@ fn sigkill_mid_run_leaves_a_store_that_reopens() {
         assert!(start.elapsed() < Duration::from_secs(120), "no trajectories stored");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let status = Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     child.wait().unwrap();
 

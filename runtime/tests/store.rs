@@ -21,7 +21,7 @@ fn trajectory(i: u64) -> StoredTrajectory {
         behaviour_logprobs: f(-1.0),
         full_logprobs: f(-1.5),
         ref_logprobs: f(-2.0),
-        stopped: i % 2 == 0,
+        stopped: i.is_multiple_of(2),
         score: 0.25 + i as f32,
         values: f(0.5),
         token_rewards: f(0.01),
@@ -32,7 +32,7 @@ fn trajectory(i: u64) -> StoredTrajectory {
         sampling_seed: 0xDEAD_BEEF_0000 + i,
         sampled_unix_ms: 1_700_000_000_000 + i,
         stored_unix_ms: 1_700_000_000_500 + i,
-        outcome: if i % 3 == 0 {
+        outcome: if i.is_multiple_of(3) {
             Outcome::Dropped { step: 11 + i }
         } else {
             Outcome::Used { step: 12 + i }
@@ -79,7 +79,10 @@ fn every_field_round_trips_with_its_offset() {
     assert!(read.torn_tail.is_none());
     for (i, (path, offset, r)) in read.records.into_iter().enumerate() {
         assert_eq!(r, Record::Trajectory(trajectory(i as u64)));
-        assert_eq!((path.file_name().unwrap().to_string_lossy().into_owned(), offset), at[i]);
+        assert_eq!(
+            (path.file_name().unwrap().to_string_lossy().into_owned(), offset),
+            at[i]
+        );
     }
     let len = std::fs::metadata(dir.path().join(segment_name(1))).unwrap().len();
     assert_eq!(read.bytes, len);
@@ -103,7 +106,10 @@ fn a_flipped_byte_is_found_at_its_records_offset() {
     let (_, offset, _) = damaged(SegmentWriter::open(dir.path(), 64 << 20).err().unwrap());
     assert_eq!(offset, bad);
     let e = read_store(dir.path(), ReadMode::Strict).unwrap_err().to_string();
-    assert!(e.contains(&format!("seg-000001.log at byte {bad}: checksum mismatch")), "{e}");
+    assert!(
+        e.contains(&format!("seg-000001.log at byte {bad}: checksum mismatch")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -152,7 +158,11 @@ fn segments_roll_over_and_damage_names_the_segment() {
     let read = read_store(dir.path(), ReadMode::Strict).unwrap();
     assert_eq!(read.records.len(), 10);
     // A record cut short in a segment that is not the last is damage, even for a tolerant reader.
-    let (seg, offset) = at.iter().find(|(s, o)| s == "seg-000002.log" && *o > 0).unwrap().clone();
+    let (seg, offset) = at
+        .iter()
+        .find(|(s, o)| s == "seg-000002.log" && *o > 0)
+        .unwrap()
+        .clone();
     let path = dir.path().join(&seg);
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(offset + 20).unwrap();

@@ -60,7 +60,13 @@ fn scan(buf: &[u8], mut each: impl FnMut(u64, &[u8]) -> Result<(), Damage>) -> O
     while at < buf.len() {
         let left = (buf.len() - at) as u64;
         if left < HEADER_BYTES {
-            return Some((at as u64, Damage::Torn { needed: HEADER_BYTES, left }));
+            return Some((
+                at as u64,
+                Damage::Torn {
+                    needed: HEADER_BYTES,
+                    left,
+                },
+            ));
         }
         let len = u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as u64;
         let stored = u32::from_le_bytes(buf[at + 4..at + 8].try_into().expect("4 bytes"));
@@ -258,6 +264,9 @@ impl SegmentWriter {
     /// Flushes and fsyncs the current segment (they survive a machine crash).
     pub fn sync(&mut self) -> Result<(), StoreError> {
         self.flush()?;
-        self.file.get_ref().sync_all().map_err(|e| StoreError::io(&self.path, e))
+        self.file
+            .get_ref()
+            .sync_all()
+            .map_err(|e| StoreError::io(&self.path, e))
     }
 }
