@@ -12,6 +12,7 @@ mod bench_overlap;
 mod device;
 mod error;
 mod inspect;
+mod replay;
 mod report;
 mod run;
 mod top;
@@ -61,6 +62,8 @@ enum Command {
     Run(run::RunArgs),
     /// Live per-actor table from a run's metrics endpoint.
     Top(top::TopArgs),
+    /// Inspect, verify, export and rescore a run's stored trajectories.
+    Replay(replay::ReplayArgs),
     /// Look at one model's numbers: token log-probs, a generation, a reward score.
     #[command(subcommand)]
     Inspect(inspect::InspectCommand),
@@ -76,6 +79,7 @@ impl Command {
         match self {
             Command::Run(args) => run::run(args),
             Command::Top(args) => top::run(args),
+            Command::Replay(args) => replay::run(args),
             Command::Inspect(cmd) => inspect::run(cmd),
             Command::Bench(cmd) => bench::run(cmd),
             Command::Report(args) => report::run(args),

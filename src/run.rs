@@ -72,5 +72,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "reward_first_quarter": if r.is_empty() { None } else { Some(mean(&r[..q.min(r.len())])) },
         "reward_last_quarter": if r.is_empty() { None } else { Some(mean(&r[r.len().saturating_sub(q)..])) },
         "wall_s": r.last().map(|x| x.wall_s),
+        "stored_trajectories": summary.store.map(|s| s.trajectories),
+        "store_bytes_per_trajectory": summary.store.map(|s| s.bytes_per_trajectory()),
     }))
 }

@@ -6,6 +6,13 @@
 //! exactly the weights the previous step produced. The step's report carries the losses,
 //! the staleness of the batch, the seconds each stage spent on it and the time spent copying
 //! and handing out weights.
+//!
+//! Trajectory store: with a `store` sender, after each step the learner sends the step's
+//! [`StepRecords`] (the trajectories it trained on with their per-token rewards, advantages and
+//! returns, plus those the replay buffer dropped as stale) from the device thread, right after
+//! the PPO step. The channel is bounded: if the store's writer falls behind, the learner's
+//! device thread waits for room (bounded memory over an unbounded backlog). If the store is
+//! gone, the records are discarded and training goes on.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +26,7 @@ use crate::meter::{ActorMeter, ActorState};
 use crate::ppo_trainer::{PpoTrainer, StepStats};
 use crate::replay::ReplayMsg;
 use crate::snapshot::SnapshotMsg;
-use crate::trajectory::WeightsSnapshot;
+use crate::trajectory::{StepRecords, WeightsSnapshot};
 
 /// One line of metrics.jsonl.
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +71,8 @@ pub struct LearnerArgs {
     pub extra_step_delay: Duration,
     /// This actor's measurements.
     pub meter: Arc<ActorMeter>,
+    /// Where each step's trajectories go to be stored (bounded; see the module docs).
+    pub store: Option<crossbeam_channel::Sender<StepRecords>>,
 }
 
 pub struct LearnerState {
@@ -133,6 +142,8 @@ impl Actor for LearnerActor {
         let trainer = st.args.trainer.clone();
         let delay = st.args.extra_step_delay;
         let trajectories = batch.trajectories;
+        let dropped = batch.dropped;
+        let store = st.args.store.clone();
         let (out, learn_took) = st
             .args
             .executor
@@ -140,7 +151,13 @@ impl Actor for LearnerActor {
                 let mut t = trainer
                     .lock()
                     .map_err(|_| ActorError::Other("trainer poisoned".into()))?;
-                let stats = t.step(&trajectories, version, step)?;
+                let (stats, outputs) = t.step_with_outputs(&trajectories, version, step)?;
+                if let Some(store) = store {
+                    let used = trajectories.into_iter().zip(outputs).collect();
+                    if store.send(StepRecords { step, used, dropped }).is_err() {
+                        tracing::warn!(step, "trajectory store is gone; step not stored");
+                    }
+                }
                 std::thread::sleep(delay);
                 let sync_start = Instant::now();
                 let weights = if publish {

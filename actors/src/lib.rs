@@ -37,4 +37,6 @@ pub use error::ActorError;
 pub use learner::StepReport;
 pub use meter::{ActorMeter, ActorState, MeterReading};
 pub use ppo_trainer::{Advantage, PpoTrainer, TrainerConfig};
-pub use trajectory::{Prompt, SharedWeights, Trajectory, TrajectoryBatch, WeightsSnapshot, WorkTicket};
+pub use trajectory::{
+    Prompt, SharedWeights, StepRecords, TokenOutputs, Trajectory, TrajectoryBatch, WeightsSnapshot, WorkTicket,
+};

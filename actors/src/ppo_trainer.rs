@@ -32,7 +32,7 @@ use tandem_models::rl::{
 use tandem_models::{snapshot, LanguageModel, ScalarModel};
 
 use crate::error::ActorError;
-use crate::trajectory::Trajectory;
+use crate::trajectory::{TokenOutputs, Trajectory};
 
 /// How advantages are estimated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -203,6 +203,17 @@ impl PpoTrainer {
 
     /// One learner step at policy version `version` (see the module docs).
     pub fn step(&mut self, batch: &[Trajectory], version: u64, step: u64) -> Result<StepStats, ActorError> {
+        Ok(self.step_with_outputs(batch, version, step)?.0)
+    }
+
+    /// [`PpoTrainer::step`], also returning the per-token rewards, advantages and returns it
+    /// computed for each trajectory (in batch order, cut to each response's length).
+    pub fn step_with_outputs(
+        &mut self,
+        batch: &[Trajectory],
+        version: u64,
+        step: u64,
+    ) -> Result<(StepStats, Vec<TokenOutputs>), ActorError> {
         let dev = self.device.clone();
         let n = batch.len();
         let prompts: Vec<&[u32]> = batch.iter().map(|t| t.prompt_ids.as_slice()).collect();
@@ -260,6 +271,23 @@ impl PpoTrainer {
                 (seq_adv.unsqueeze(1)?.broadcast_mul(mask)?, None)
             }
         };
+
+        let per_row = |t: &Tensor| -> Result<Vec<Vec<f32>>, ActorError> { Ok(t.to_dtype(DType::F32)?.to_vec2()?) };
+        let (rew_rows, adv_rows) = (per_row(&tr.rewards)?, per_row(&advantages)?);
+        let ret_rows = returns.as_ref().map(per_row).transpose()?;
+        let outputs: Vec<TokenOutputs> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let len = t.response_ids.len();
+                let cut = |rows: &[Vec<f32>]| rows[i][..len.min(rows[i].len())].to_vec();
+                TokenOutputs {
+                    rewards: cut(&rew_rows),
+                    advantages: cut(&adv_rows),
+                    returns: ret_rows.as_deref().map(cut).unwrap_or_default(),
+                }
+            })
+            .collect();
 
         let mut order: Vec<u32> = (0..n as u32).collect();
         let mut rng = StdRng::seed_from_u64(self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -336,7 +364,7 @@ impl PpoTrainer {
         let r_mean = rewards.iter().sum::<f64>() / n as f64;
         let r_std = (rewards.iter().map(|r| (r - r_mean).powi(2)).sum::<f64>() / n as f64).sqrt();
         let u = updates.max(1) as f64;
-        Ok(StepStats {
+        let stats = StepStats {
             reward_mean: r_mean,
             reward_std: r_std,
             score_mean: batch.iter().map(|t| t.score as f64).sum::<f64>() / n as f64,
@@ -351,7 +379,8 @@ impl PpoTrainer {
             explained_var: sums.explained_var / u,
             response_len_mean: batch.iter().map(|t| t.response_ids.len() as f64).sum::<f64>() / n as f64,
             skipped_updates: skipped,
-        })
+        };
+        Ok((stats, outputs))
     }
 }
 

@@ -10,6 +10,10 @@
 //! trajectory older than `version - max_staleness`, then answers with the `batch_size` oldest
 //! trajectories in (ticket, row) order, or keeps the request until enough have arrived. That
 //! order makes a sync-mode batch independent of which sampler finished first.
+//!
+//! With `keep_dropped` (a trajectory store is attached), the stale trajectories are not
+//! discarded but handed to the learner with the next batch ([`LearnerBatch::dropped`]), so the
+//! store can record them with the step that dropped them.
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -30,6 +34,8 @@ pub struct LearnerBatch {
     pub dropped_stale: u64,
     /// Trajectories held by the buffer when the batch was formed.
     pub buffered: usize,
+    /// Trajectories dropped as too stale since the previous batch (only with `keep_dropped`).
+    pub dropped: Vec<Trajectory>,
 }
 
 pub enum ReplayMsg {
@@ -53,6 +59,8 @@ pub struct ReplayArgs {
     pub capacity: usize,
     pub batch_size: usize,
     pub max_staleness: u64,
+    /// Hand stale trajectories to the learner (for the trajectory store) instead of discarding them.
+    pub keep_dropped: bool,
     /// This actor's measurements.
     pub meter: Arc<ActorMeter>,
 }
@@ -64,6 +72,8 @@ pub struct ReplayState {
     /// The forwarder's credit, withheld while the buffer is full.
     credit: Option<RpcReplyPort<()>>,
     dropped_stale: u64,
+    /// Stale trajectories not yet handed over (with `keep_dropped`).
+    dropped: Vec<Trajectory>,
     closed: bool,
 }
 
@@ -99,6 +109,7 @@ impl Actor for ReplayActor {
             pending: None,
             credit: None,
             dropped_stale: 0,
+            dropped: vec![],
             closed: false,
         })
     }
@@ -146,7 +157,13 @@ impl ReplayActor {
         let version = *version;
         let s = st.args.max_staleness;
         let before = st.buffer.len();
-        st.buffer.retain(|(t, _)| t.policy_version + s >= version);
+        let (keep, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut st.buffer)
+            .into_iter()
+            .partition(|(t, _)| t.policy_version + s >= version);
+        st.buffer = keep;
+        if st.args.keep_dropped {
+            st.dropped.extend(stale.into_iter().map(|(t, _)| t));
+        }
         let dropped = (before - st.buffer.len()) as u64;
         if dropped > 0 {
             st.dropped_stale += dropped;
@@ -175,6 +192,7 @@ impl ReplayActor {
             times,
             dropped_stale: st.dropped_stale,
             buffered,
+            dropped: std::mem::take(&mut st.dropped),
         };
         let _ = reply.send(Some(batch));
         metrics::gauge!("tandem_replay_buffered").set(st.buffer.len() as f64);

@@ -145,6 +145,7 @@ impl RolloutActor {
             })
             .await?;
         let gen = gen?;
+        let sampled_at = crate::trajectory::unix_ms();
         let tokens: usize = gen.responses.iter().map(Vec::len).sum();
         st.args.meter.busy(took);
         st.args.meter.items(tokens as u64);
@@ -174,6 +175,7 @@ impl RolloutActor {
                         ref_logprobs: vec![],
                         score: 0.0,
                         values: vec![],
+                        sampled_unix_ms: sampled_at,
                     }
                 },
             )

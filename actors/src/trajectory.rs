@@ -54,6 +54,36 @@ pub struct Trajectory {
     pub score: f32,
     /// Critic values per response token (Value stage).
     pub values: Vec<f32>,
+    /// When the response was sampled, in milliseconds since the Unix epoch.
+    pub sampled_unix_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the learner computed for one trajectory, one entry per response token.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenOutputs {
+    /// `-beta * KL_t`, plus the score at the last token.
+    pub rewards: Vec<f32>,
+    /// The advantages the policy loss used (after whitening, if configured).
+    pub advantages: Vec<f32>,
+    /// GAE returns (the value targets); empty without a critic.
+    pub returns: Vec<f32>,
+}
+
+/// The trajectories one learner step settled, for the trajectory store: those it trained on
+/// (with what it computed for them) and those the replay buffer dropped as too stale before
+/// forming the step's batch.
+#[derive(Debug, Clone)]
+pub struct StepRecords {
+    pub step: u64,
+    pub used: Vec<(Trajectory, TokenOutputs)>,
+    pub dropped: Vec<Trajectory>,
 }
 
 /// Seconds each stage spent computing on one batch.
@@ -89,4 +119,5 @@ fn assert_send_sync() {
     is::<TrajectoryBatch>();
     is::<WeightsSnapshot>();
     is::<WorkTicket>();
+    is::<StepRecords>();
 }

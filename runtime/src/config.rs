@@ -79,6 +79,12 @@
 //! reward_to_value = 2
 //! value_to_replay = 2
 //! replay_capacity = 64     # trajectories the replay buffer may hold (>= batch size)
+//!
+//! [store]                  # the trajectory store, RUN_DIR/trajectories/ (see crate::store)
+//! retention = "all"        # all | every_n (the steps that are multiples of `every`) | none
+//! every = 10               # with retention = "every_n"
+//! segment_bytes = 67108864 # a segment file is closed and the next begun past this size
+//! queue = 4                # learner steps the writer may lag behind before the learner waits
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -111,6 +117,50 @@ pub struct Config {
     pub channels: ChannelsConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// Which steps' trajectories the store keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    #[default]
+    All,
+    /// Steps that are multiples of `store.every`.
+    EveryN,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub retention: Retention,
+    pub every: u64,
+    pub segment_bytes: u64,
+    pub queue: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            retention: Retention::All,
+            every: 10,
+            segment_bytes: 64 << 20,
+            queue: 4,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Whether the trajectories of `step` are stored.
+    pub fn keeps(&self, step: u64) -> bool {
+        match self.retention {
+            Retention::All => true,
+            Retention::EveryN => step.is_multiple_of(self.every.max(1)),
+            Retention::None => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -314,6 +364,17 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads a run directory's resolved `config.toml` as it was written: no overrides, no path
+    /// resolution (its paths are already resolved against the run's working directory) and no
+    /// check that the files it names still exist.
+    pub fn load_resolved(path: &Path) -> Result<Self, RuntimeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+        toml::from_str(&text).map_err(|e| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    }
+
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -422,6 +483,12 @@ impl Config {
         }
         if self.metrics.sample_interval_s.is_nan() || self.metrics.sample_interval_s <= 0.0 {
             return Err("metrics.sample_interval_s must be > 0".into());
+        }
+        if self.store.retention == Retention::EveryN && self.store.every == 0 {
+            return Err("store.every must be >= 1 with retention = \"every_n\"".into());
+        }
+        if self.store.segment_bytes < 1024 || self.store.queue == 0 {
+            return Err("store.segment_bytes must be >= 1024 and store.queue >= 1".into());
         }
         let p = &self.placement;
         if p.rollout_devices.is_empty() || p.rollouts_per_device == 0 {

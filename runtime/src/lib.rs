@@ -2,16 +2,18 @@
 //!
 //! A run directory holds the resolved `config.toml`, `metrics.jsonl` (one JSON object per
 //! learner step), `actors.jsonl` (per-actor samples), `metrics_addr` (the live Prometheus
-//! endpoint) and, at the end, the trained `policy/` (and `critic/`) in HF layout.
+//! endpoint), the trajectory store `trajectories/` ([`store`]) and, at the end, the trained
+//! `policy/` (and `critic/`) in HF layout.
 
 pub mod builtin;
 pub mod config;
 pub mod error;
 pub mod pipeline;
 pub mod prompts;
+pub mod store;
 pub mod supervisor;
 pub mod telemetry;
 
-pub use config::Config;
+pub use config::{Config, Retention, StoreConfig};
 pub use error::RuntimeError;
 pub use pipeline::{run, RunOptions, RunSummary};

@@ -7,8 +7,10 @@
 //!
 //! Shutdown: the actors are killed (in-flight generation is abandoned; everything the learner
 //! reported is already on disk), which drops their channel ends; blocked producers and
-//! consumers then see closed channels and finish, and the feeder thread exits. Finally the
-//! trained policy (and critic) are saved in HF layout under `RUN_DIR/policy` (`RUN_DIR/critic`).
+//! consumers then see closed channels and finish, and the feeder thread exits. The learner's
+//! sender to the trajectory store goes with it, so the store's writer drains its queue, flushes
+//! and fsyncs (see [`crate::store`]). Finally the trained policy (and critic) are saved in HF
+//! layout under `RUN_DIR/policy` (`RUN_DIR/critic`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -38,6 +40,7 @@ use crate::builtin;
 use crate::config::{Config, CriticInit, RewardKind};
 use crate::error::RuntimeError;
 use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
+use crate::store::{spawn_writer, store_dir, StoreStats};
 use crate::supervisor::RunSupervisor;
 use crate::telemetry::{self, ActorSampler};
 
@@ -66,6 +69,8 @@ pub struct RunSummary {
     pub rollout_blocked_s: f64,
     /// Tickets the feeder issued.
     pub tickets_issued: u64,
+    /// What the trajectory store wrote (`None` with `store.retention = "none"`).
+    pub store: Option<StoreStats>,
 }
 
 struct LoadedPolicy {
@@ -219,6 +224,15 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         cfg.seed,
         ldev.clone(),
     )?));
+
+    // Trajectory store: its own thread, fed by the learner over a bounded channel.
+    let (store_tx, store_writer) = match cfg.store.retention {
+        crate::config::Retention::None => (None, None),
+        _ => {
+            let (tx, w) = spawn_writer(&store_dir(run_dir), &cfg.store)?;
+            (Some(tx), Some(w))
+        }
+    };
 
     // Data plane.
     let c = &cfg.channels;
@@ -384,6 +398,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             capacity: cfg.replay_capacity(),
             batch_size: cfg.batch_size(),
             max_staleness: cfg.mode.max_staleness,
+            keep_dropped: store_tx.is_some(),
         },
         sup.clone(),
     )
@@ -413,6 +428,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             publish_every: cfg.mode.publish_every,
             reports: report_tx,
             extra_step_delay: opts.learner_delay,
+            store: store_tx,
         },
         sup.clone(),
     )
@@ -504,10 +520,20 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let tickets_issued = tokio::task::spawn_blocking(move || feeder.join().unwrap_or(0))
         .await
         .unwrap_or(0);
+    // The learner (and its sender) is gone: the writer drains, flushes and fsyncs.
+    let store = match store_writer {
+        Some(w) => Some(
+            tokio::task::spawn_blocking(move || w.finish())
+                .await
+                .map_err(|e| RuntimeError::Other(format!("trajectory store: {e}")))?,
+        ),
+        None => None,
+    };
     if let Some(f) = failure {
         return Err(RuntimeError::ActorFailed(f));
     }
     save_models(run_dir, &policy.tokenizer, &trainer, &policy.config)?;
+    let store = store.transpose()?;
     Ok(RunSummary {
         reports,
         interrupted,
@@ -515,6 +541,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         held_bound,
         rollout_blocked_s: rollout_blocked.blocked().as_secs_f64(),
         tickets_issued,
+        store,
     })
 }
 
