@@ -129,9 +129,13 @@ fn a_truncation_mid_record_is_torn_and_reopening_cuts_it() {
     assert_eq!(read.records.len(), 3);
     assert_eq!(read.torn_tail.as_ref().map(|(_, o)| *o), Some(last));
     // Reopening cuts it off and appends after the last whole record.
+    let tail = std::fs::read(&path).unwrap()[last as usize..].to_vec();
     let (mut w, cut) = SegmentWriter::open(dir.path(), 64 << 20).unwrap();
     assert_eq!(cut, Some(last));
     assert_eq!(std::fs::metadata(&path).unwrap().len(), last);
+    // The cut bytes are kept beside the segment, byte for byte.
+    let aside = dir.path().join(format!("seg-000001.log.torn-{last}"));
+    assert_eq!(std::fs::read(&aside).unwrap(), tail);
     w.append(&encode(&Record::Trajectory(trajectory(9)))).unwrap();
     w.sync().unwrap();
     let read = read_store(dir.path(), ReadMode::Strict).unwrap();

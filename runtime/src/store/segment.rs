@@ -160,7 +160,8 @@ pub struct SegmentWriter {
 impl SegmentWriter {
     /// Opens `dir` for appending (creating it). A torn tail of the last segment — a record cut
     /// short, or a last record whose checksum fails — is cut off and logged, and its offset
-    /// returned; other damage in the last segment is an error (nothing is thrown away).
+    /// returned; the cut bytes are kept in `seg-N.log.torn-OFFSET` beside it. Other damage in
+    /// the last segment is an error (nothing is thrown away).
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Self, Option<u64>), StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
         let segments = list_segments(dir)?;
@@ -192,10 +193,20 @@ impl SegmentWriter {
                     return Err(StoreError::Damaged { path, offset, damage });
                 }
                 debug_assert_eq!(offset, last_end);
+                // The cut bytes are kept beside the segment: a damaged length field can look
+                // like a torn write, and then more than one record would follow it.
+                let aside = path.with_file_name(format!(
+                    "{}.torn-{offset}",
+                    path.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ));
+                std::fs::write(&aside, &buf[offset as usize..]).map_err(|e| StoreError::io(&aside, e))?;
                 tracing::warn!(
                     segment = %path.display(),
                     offset,
                     bytes = len - offset,
+                    kept = %aside.display(),
                     "trajectory store: cutting off a torn last record ({damage})"
                 );
                 let f = OpenOptions::new()
