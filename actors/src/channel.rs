@@ -169,30 +169,6 @@ impl<T: Send + 'static> StageReceiver<T> {
         item
     }
 
-    /// Waits at most `timeout` for an item.
-    pub async fn recv_timeout(&self, timeout: Duration) -> Result<T, crossbeam_channel::RecvTimeoutError> {
-        if let Ok(item) = self.rx.try_recv() {
-            self.after_recv();
-            return Ok(item);
-        }
-        let rx = self.rx.clone();
-        let r = tokio::task::spawn_blocking(move || rx.recv_timeout(timeout))
-            .await
-            .unwrap_or(Err(crossbeam_channel::RecvTimeoutError::Disconnected));
-        if r.is_ok() {
-            self.after_recv();
-        }
-        r
-    }
-
-    pub fn try_recv(&self) -> Option<T> {
-        let r = self.rx.try_recv().ok();
-        if r.is_some() {
-            self.after_recv();
-        }
-        r
-    }
-
     fn after_recv(&self) {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("tandem_channel_depth", "channel" => self.stats.name).set(self.rx.len() as f64);

@@ -133,15 +133,6 @@ impl Generation {
             .map(|r| (0..w).map(|i| if i < r.len() { 1.0 } else { 0.0 }).collect())
             .collect()
     }
-
-    /// Behaviour log-probs right-padded with 0.0.
-    pub fn padded_logprobs(&self) -> Vec<Vec<f32>> {
-        let w = self.width();
-        self.logprobs
-            .iter()
-            .map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(w).collect())
-            .collect()
-    }
 }
 
 /// Samples one token from a row of logits; returns (token, log q, full log-prob).

@@ -40,13 +40,4 @@ impl KvCache {
         *slot = Some((k.clone(), v.clone()));
         Ok((k, v))
     }
-
-    /// Keeps only the batch rows listed in `rows` (used when finished sequences leave a batch).
-    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
-        }
-        Ok(())
-    }
 }
