@@ -18,13 +18,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use tandem_actors::reward_source::{RewardModelSource, RewardSource, TokenSetReward};
+use tandem_actors::reward_source::{RewardModelSource, RewardSource};
 use tandem_models::{ScalarModel, TextTokenizer};
-use tandem_runtime::config::RewardKind;
+use tandem_runtime::pipeline::reward_source;
 use tandem_runtime::store::{read_store, store_dir, ReadMode, Record, SegmentWriter, StoredTrajectory};
 use tandem_runtime::{builtin, Config};
 
@@ -274,33 +275,9 @@ fn show(tok: &TextTokenizer, t: &StoredTrajectory) -> anyhow::Result<()> {
 
 fn rescore(args: &ReplayArgs, picked: &[&StoredTrajectory]) -> anyhow::Result<()> {
     let device = candle_core::Device::Cpu;
-    let source: Box<dyn RewardSource> = match &args.reward_model {
-        Some(dir) => Box::new(RewardModelSource::new(ScalarModel::load(dir, &device)?)),
-        None => {
-            let cfg = run_config(&args.run_dir)?;
-            match cfg.reward.kind {
-                RewardKind::RewardModel => {
-                    let dir = cfg
-                        .reward
-                        .model
-                        .clone()
-                        .context("reward.model missing in the run's config")?;
-                    Box::new(RewardModelSource::new(ScalarModel::load(&dir, &device)?))
-                }
-                RewardKind::PositiveWords => {
-                    let words: Vec<String> = cfg
-                        .reward
-                        .words
-                        .clone()
-                        .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
-                    let tok = tokenizer(&args.run_dir)?;
-                    Box::new(TokenSetReward::new(
-                        "positive_words",
-                        builtin::word_token_ids(&tok, &words),
-                    ))
-                }
-            }
-        }
+    let source: Arc<dyn RewardSource> = match &args.reward_model {
+        Some(dir) => Arc::new(RewardModelSource::new(ScalarModel::load(dir, &device)?)),
+        None => reward_source(&run_config(&args.run_dir)?, &tokenizer(&args.run_dir)?, &device)?,
     };
     let (mut differing, mut sum, mut max) = (0usize, 0f64, 0f64);
     for chunk in picked.chunks(32) {

@@ -157,29 +157,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         }
         _ => None,
     };
-    let source: Arc<dyn RewardSource> = match cfg.reward.kind {
-        RewardKind::RewardModel => {
-            let (dir, _, _) = rm_tensors.as_ref().expect("validated");
-            Arc::new(RewardModelSource::new(ScalarModel::load(
-                dir,
-                dev(&p.reward_device).device(),
-            )?))
-        }
-        RewardKind::PositiveWords => {
-            let words: Vec<String> = cfg
-                .reward
-                .words
-                .clone()
-                .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
-            let ids = builtin::word_token_ids(&policy.tokenizer, &words);
-            if ids.is_empty() {
-                return Err(RuntimeError::Other(
-                    "reward.words: none of the words is a token of the policy's tokenizer".into(),
-                ));
-            }
-            Arc::new(TokenSetReward::new("positive_words", ids))
-        }
-    };
+    let source = reward_source(cfg, &policy.tokenizer, dev(&p.reward_device).device())?;
 
     let critic = if cfg.algorithm.advantage == Advantage::Gae {
         let c = &cfg.models.critic;
@@ -542,6 +520,38 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         rollout_blocked_s: rollout_blocked.blocked().as_secs_f64(),
         tickets_issued,
         store,
+    })
+}
+
+/// The reward source the config names: the reward model, or the positive-words rule over the
+/// policy's tokenizer. `tandem replay --rescore` builds it the same way.
+pub fn reward_source(
+    cfg: &Config,
+    tokenizer: &TextTokenizer,
+    device: &candle_core::Device,
+) -> Result<Arc<dyn RewardSource>, RuntimeError> {
+    Ok(match cfg.reward.kind {
+        RewardKind::RewardModel => {
+            let dir = cfg.reward.model.as_ref().ok_or_else(|| RuntimeError::Config {
+                path: "config.toml".into(),
+                msg: "reward.model is required with kind = \"reward_model\"".into(),
+            })?;
+            Arc::new(RewardModelSource::new(ScalarModel::load(dir, device)?))
+        }
+        RewardKind::PositiveWords => {
+            let words: Vec<String> = cfg
+                .reward
+                .words
+                .clone()
+                .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
+            let ids = builtin::word_token_ids(tokenizer, &words);
+            if ids.is_empty() {
+                return Err(RuntimeError::Other(
+                    "reward.words: none of the words is a token of the policy's tokenizer".into(),
+                ));
+            }
+            Arc::new(TokenSetReward::new("positive_words", ids))
+        }
     })
 }
 
