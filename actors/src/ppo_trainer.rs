@@ -21,15 +21,16 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use candle_nn::VarMap;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
+use tandem_models::adamw::ParamsAdamW;
 use tandem_models::batch::PromptResponseBatch;
 use tandem_models::rl::{
     clip_grad_norm, gae, grpo_advantages, masked_whiten, ppo_loss, rloo_advantages, GaeConfig, GrpoConfig,
     KlController, KlControllerConfig, PpoInputs, PpoLossConfig, RewardConfig, ValueInputs,
 };
-use tandem_models::{snapshot, LanguageModel, ScalarModel};
+use tandem_models::{snapshot, AdamW, LanguageModel, ScalarModel};
 
 use crate::error::ActorError;
 use crate::trajectory::{TokenOutputs, Trajectory};
@@ -121,9 +122,10 @@ pub struct PpoTrainer {
     device: Device,
 }
 
+/// AdamW with savable moments (for checkpoints), same arithmetic as candle's.
 fn adamw(vars: &VarMap, lr: f64) -> Result<AdamW, ActorError> {
-    Ok(AdamW::new(
-        vars.all_vars(),
+    Ok(AdamW::from_varmap(
+        vars,
         ParamsAdamW {
             lr,
             weight_decay: 0.0,

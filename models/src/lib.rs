@@ -7,6 +7,7 @@
 //! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate.
 //! - [`rl`]: RL math: KL, rewards, KL control, GAE, PPO, critic-free advantages, RM losses.
 
+pub mod adamw;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod model;
 pub mod rl;
 pub mod tokenizer;
 
+pub use adamw::AdamW;
 pub use checkpoint::{load_tensors, save_checkpoint};
 pub use config::{HeadKind, ModelConfig};
 pub use error::{ModelError, Result};
