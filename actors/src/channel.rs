@@ -32,10 +32,6 @@ impl ChannelStats {
         Duration::from_nanos(self.blocked_ns.load(Ordering::Relaxed))
     }
 
-    pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
-    }
-
     /// Items in the channel now (sent and not yet received). Reading it does not keep the
     /// channel open, unlike holding an end.
     pub fn depth(&self) -> usize {
@@ -172,14 +168,6 @@ impl<T: Send + 'static> StageReceiver<T> {
     fn after_recv(&self) {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("tandem_channel_depth", "channel" => self.stats.name).set(self.rx.len() as f64);
-    }
-
-    pub fn len(&self) -> usize {
-        self.rx.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rx.is_empty()
     }
 
     pub fn stats(&self) -> &Arc<ChannelStats> {

@@ -66,7 +66,7 @@ pub struct Executor {
     id: DeviceId,
     device: Device,
     pool: rayon::ThreadPool,
-    busy: parking_lot_free::BusyClock,
+    busy: busy_clock::BusyClock,
 }
 
 impl fmt::Debug for Executor {
@@ -103,16 +103,8 @@ impl Executor {
         }))
     }
 
-    pub fn id(&self) -> DeviceId {
-        self.id
-    }
-
     pub fn device(&self) -> &Device {
         &self.device
-    }
-
-    pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
     }
 
     /// Seconds this device has spent computing since it started.
@@ -163,7 +155,7 @@ fn cuda_device(i: usize) -> Result<Device, ActorError> {
     )))
 }
 
-mod parking_lot_free {
+mod busy_clock {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
