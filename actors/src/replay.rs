@@ -18,6 +18,7 @@
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::channel::StageReceiver;
@@ -49,8 +50,6 @@ pub enum ReplayMsg {
         version: u64,
         reply: RpcReplyPort<Option<LearnerBatch>>,
     },
-    /// Number of trajectories currently held.
-    Held(RpcReplyPort<usize>),
 }
 
 pub struct ReplayArgs {
@@ -63,6 +62,8 @@ pub struct ReplayArgs {
     pub keep_dropped: bool,
     /// This actor's measurements.
     pub meter: Arc<ActorMeter>,
+    /// Trajectories in the buffer now, readable without a message to the actor.
+    pub held: Arc<AtomicUsize>,
 }
 
 pub struct ReplayState {
@@ -131,15 +132,11 @@ impl Actor for ReplayActor {
                     value_s: batch.times.value_s / n,
                 };
                 st.buffer.extend(batch.trajectories.into_iter().map(|t| (t, share)));
-                metrics::gauge!("tandem_replay_buffered").set(st.buffer.len() as f64);
+                st.publish_held();
                 st.credit = Some(credit);
             }
             ReplayMsg::Closed => st.closed = true,
             ReplayMsg::NextBatch { version, reply } => st.pending = Some((version, reply)),
-            ReplayMsg::Held(reply) => {
-                let _ = reply.send(st.buffer.len());
-                return Ok(());
-            }
         }
         self.try_serve(st);
         if st.buffer.len() < st.args.capacity {
@@ -148,6 +145,13 @@ impl Actor for ReplayActor {
             }
         }
         Ok(())
+    }
+}
+
+impl ReplayState {
+    fn publish_held(&self) {
+        self.args.held.store(self.buffer.len(), Ordering::Relaxed);
+        metrics::gauge!("tandem_replay_buffered").set(self.buffer.len() as f64);
     }
 }
 
@@ -195,6 +199,6 @@ impl ReplayActor {
             dropped: std::mem::take(&mut st.dropped),
         };
         let _ = reply.send(Some(batch));
-        metrics::gauge!("tandem_replay_buffered").set(st.buffer.len() as f64);
+        st.publish_held();
     }
 }

@@ -22,7 +22,7 @@ use candle_core::Tensor;
 use ractor::{Actor, ActorCell};
 use tandem_actors::channel::ChannelStats;
 use tandem_actors::learner::{LearnerActor, LearnerArgs};
-use tandem_actors::replay::{ReplayActor, ReplayArgs, ReplayMsg};
+use tandem_actors::replay::{ReplayActor, ReplayArgs};
 use tandem_actors::reward::{RewardActor, RewardArgs};
 use tandem_actors::reward_source::{RewardModelSource, RewardSource, TokenSetReward};
 use tandem_actors::rollout::{RolloutActor, RolloutArgs};
@@ -363,6 +363,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     }
     let rollout_blocked = gen_tx.stats().clone();
     drop((ticket_rx, gen_tx));
+    let replay_held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (replay, replay_h) = Actor::spawn_linked(
         registered("replay"),
         ReplayActor,
@@ -377,6 +378,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             batch_size: cfg.batch_size(),
             max_staleness: cfg.mode.max_staleness,
             keep_dropped: store_tx.is_some(),
+            held: replay_held.clone(),
         },
         sup.clone(),
     )
@@ -470,8 +472,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             f = fail_rx.recv() => { failure = f; break; }
             _ = tokio::signal::ctrl_c() => { interrupted = true; break; }
             _ = probe.tick() => {
-                let held = replay.call(ReplayMsg::Held, Some(Duration::from_millis(200))).await.ok()
-                    .and_then(|r| match r { ractor::rpc::CallResult::Success(n) => Some(n), _ => None }).unwrap_or(0);
+                let held = replay_held.load(std::sync::atomic::Ordering::Relaxed);
                 let in_channels: usize = depths.iter().map(|c| c.depth()).sum::<usize>();
                 max_held = max_held.max(held + in_channels * per_ticket);
             }
