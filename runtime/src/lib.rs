@@ -3,9 +3,11 @@
 //! A run directory holds the resolved `config.toml`, `metrics.jsonl` (one JSON object per
 //! learner step), `actors.jsonl` (per-actor samples), `metrics_addr` (the live Prometheus
 //! endpoint), the trajectory store `trajectories/` ([`store`]) and, at the end, the trained
-//! `policy/` (and `critic/`) in HF layout.
+//! `policy/` (and `critic/`) in HF layout. `checkpoints/step-K/` hold what a resumed run
+//! continues from ([`checkpoint`]).
 
 pub mod builtin;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod pipeline;
