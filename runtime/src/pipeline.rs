@@ -749,9 +749,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     };
     let mut latest_version = start.version;
     let mut next_step = start.step;
+    // When the learner stopped early: its failure report may still be on its way.
+    let mut learner_gone: Option<Instant> = None;
     loop {
         tokio::select! {
-            ev = events_rx.recv() => match ev {
+            ev = events_rx.recv(), if learner_gone.is_none() => match ev {
                 Some(LearnerEvent::Report(r)) => {
                     let line = serde_json::to_string(&r).expect("report serialises");
                     writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
@@ -776,7 +778,8 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                     let _ = reply.send(r.map(|_| ()));
                 }
                 Some(LearnerEvent::Halted(msg)) => failure = Some(msg),
-                None => break,
+                None if next_step >= cfg.steps || draining_since.is_some() || failure.is_some() => break,
+                None => learner_gone = Some(Instant::now()),
             },
             f = fail_rx.recv() => {
                 let Some(f) = f else { continue };
@@ -815,6 +818,10 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                 let held = replay_held.load(Ordering::Relaxed);
                 let in_channels: usize = depths.iter().map(|c| c.depth()).sum::<usize>();
                 max_held = max_held.max(held + in_channels * per_ticket);
+                if learner_gone.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+                    failure = Some(format!("the learner stopped after step {next_step} of {}", cfg.steps));
+                    break;
+                }
                 if draining_since.is_some_and(|t| t.elapsed() > Duration::from_secs(300)) {
                     tracing::error!("the learner did not reach a step boundary within 300 s; stopping without a final checkpoint");
                     break;
