@@ -1,4 +1,4 @@
-//! `tandem run` from the command line: Ctrl-C stops cleanly, bad input is reported with the
+//! `tandem run` from the command line: Ctrl-C stops cleanly with a checkpoint, bad input is reported with the
 //! file, line and key, and exits 2 without a backtrace.
 
 use std::path::Path;
@@ -59,6 +59,10 @@ fn ctrl_c_stops_the_run_cleanly() {
     }
     assert_eq!(summary["steps"], text.lines().count());
     assert!(run_dir.join("policy/model.safetensors").is_file());
+    // The stop came at a step boundary with a checkpoint of it.
+    let n = text.lines().count();
+    assert_eq!(summary["checkpoints"].as_array().unwrap().last().unwrap(), n);
+    assert!(run_dir.join(format!("checkpoints/step-{n}/state.json")).is_file());
 }
 
 fn fails_with(args: &[&str], needles: &[&str]) {
