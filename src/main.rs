@@ -14,6 +14,7 @@ mod error;
 mod inspect;
 mod replay;
 mod report;
+mod rerun;
 mod run;
 mod top;
 
