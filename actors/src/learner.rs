@@ -91,6 +91,9 @@ pub enum LearnerMsg {
     Step,
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for LearnerMsg {}
+
 /// Where a learner starts (step 0, or a checkpoint's counters).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LearnerStart {

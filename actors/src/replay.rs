@@ -75,6 +75,9 @@ pub enum ReplayMsg {
     Drain,
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for ReplayMsg {}
+
 pub struct ReplayArgs {
     /// Taken by the forwarding task.
     pub input: Option<StageReceiver<TrajectoryBatch>>,

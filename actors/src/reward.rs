@@ -31,6 +31,9 @@ pub enum RewardMsg {
     Step,
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for RewardMsg {}
+
 #[derive(Clone)]
 pub struct RewardArgs {
     pub name: String,

@@ -36,6 +36,9 @@ pub enum RolloutMsg {
     Reissued,
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for RolloutMsg {}
+
 #[derive(Clone)]
 pub struct RolloutArgs {
     pub name: String,

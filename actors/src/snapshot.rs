@@ -5,6 +5,10 @@
 //! actor and to the value actor — receivers share the tensors, nothing is copied per receiver.
 //! Receivers report back when they adopt a version; the publish-to-adopt latency of each
 //! version is recorded as a histogram and kept for the learner's metrics line.
+//!
+//! Receivers in other processes (worker nodes) [`SnapshotMsg::Subscribe`] instead: they get a
+//! `watch` receiver that always holds the latest version, so a slow link skips intermediate
+//! versions rather than queueing them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -34,12 +38,17 @@ pub enum SnapshotMsg {
     AddRollout(ActorRef<RolloutMsg>),
     /// Register the value actor; it gets the latest critic at once.
     SetValue(ActorRef<ValueMsg>),
+    /// A watch on the latest policy (for receivers that copy weights elsewhere).
+    Subscribe(RpcReplyPort<tokio::sync::watch::Receiver<SharedWeights>>),
     /// The worst publish-to-adopt latency of `version` seen so far, in seconds.
     AdoptLatency {
         version: u64,
         reply: RpcReplyPort<Option<f64>>,
     },
 }
+
+// Local only: never sent to another node.
+impl ractor::Message for SnapshotMsg {}
 
 pub struct SnapshotActor;
 
@@ -50,6 +59,7 @@ pub struct SnapshotState {
     rollouts: Vec<ActorRef<RolloutMsg>>,
     value: Option<ActorRef<ValueMsg>>,
     latency: BTreeMap<u64, f64>,
+    watch: tokio::sync::watch::Sender<SharedWeights>,
 }
 
 pub struct SnapshotArgs {
@@ -70,6 +80,7 @@ impl Actor for SnapshotActor {
         args: SnapshotArgs,
     ) -> Result<SnapshotState, ActorProcessingErr> {
         Ok(SnapshotState {
+            watch: tokio::sync::watch::Sender::new(args.policy.clone()),
             policy: args.policy,
             critic: args.critic,
             meter: args.meter,
@@ -98,6 +109,7 @@ impl Actor for SnapshotActor {
                 for r in &st.rollouts {
                     let _ = r.cast(RolloutMsg::Adopt(policy.clone()));
                 }
+                st.watch.send_replace(policy.clone());
                 st.policy = policy;
                 if critic.is_some() {
                     st.critic = critic;
@@ -126,6 +138,9 @@ impl Actor for SnapshotActor {
                     let _ = v.cast(ValueMsg::Adopt(c.clone()));
                 }
                 st.value = Some(v);
+            }
+            SnapshotMsg::Subscribe(reply) => {
+                let _ = reply.send(st.watch.subscribe());
             }
             SnapshotMsg::AdoptLatency { version, reply } => {
                 let _ = reply.send(st.latency.get(&version).copied());

@@ -25,6 +25,9 @@ pub enum ValueMsg {
     Adopt(SharedWeights),
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for ValueMsg {}
+
 #[derive(Clone)]
 pub struct ValueArgs {
     pub name: String,

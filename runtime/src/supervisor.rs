@@ -77,6 +77,9 @@ pub enum SupervisorMsg {
     Shutdown(RpcReplyPort<()>),
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for SupervisorMsg {}
+
 pub struct SupervisorArgs {
     pub config: SupervisionConfig,
     pub reissued: ReissueQueue,
