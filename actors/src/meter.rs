@@ -1,6 +1,7 @@
 //! Per-actor measurements: what `tandem top`, the Prometheus endpoint and the report show.
 //!
-//! Every actor owns an [`ActorMeter`] labelled with its kind, id and device. It counts messages
+//! Every actor owns an [`ActorMeter`] labelled with its kind, id, device and node (`head` for
+//! actors of the head process; a worker's name for the head-side proxies of its samplers). It counts messages
 //! handled, seconds computing on the device, seconds blocked on a full outbound channel, work
 //! items (tokens for rollout actors, scored items for reward, trajectories for value and
 //! replay, steps for the learner), the policy version in use and the actor's state. The
@@ -62,6 +63,7 @@ pub struct ActorMeter {
     pub kind: &'static str,
     pub name: String,
     pub device: String,
+    pub node: String,
     messages: AtomicU64,
     busy_ns: AtomicU64,
     blocked_ns: AtomicU64,
@@ -98,10 +100,21 @@ impl std::fmt::Debug for ActorMeter {
 
 impl ActorMeter {
     pub fn new(kind: &'static str, name: impl Into<String>, device: impl Into<String>) -> Self {
+        Self::on_node(kind, name, device, "head")
+    }
+
+    /// A meter for an actor that works on `node` (its series carry `node="..."`).
+    pub fn on_node(
+        kind: &'static str,
+        name: impl Into<String>,
+        device: impl Into<String>,
+        node: impl Into<String>,
+    ) -> Self {
         let m = Self {
             kind,
             name: name.into(),
             device: device.into(),
+            node: node.into(),
             messages: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
@@ -126,11 +139,12 @@ impl ActorMeter {
         self
     }
 
-    pub fn labels(&self) -> [(&'static str, String); 3] {
+    pub fn labels(&self) -> [(&'static str, String); 4] {
         [
             ("kind", self.kind.to_string()),
             ("actor", self.name.clone()),
             ("device", self.device.clone()),
+            ("node", self.node.clone()),
         ]
     }
 

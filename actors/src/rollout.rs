@@ -162,66 +162,78 @@ impl RolloutActor {
         version: u64,
         model: Arc<LanguageModel>,
     ) -> Result<TrajectoryBatch, ActorProcessingErr> {
-        let n = ticket.samples_per_prompt.max(1);
-        let prompts: Vec<Vec<u32>> = ticket
-            .prompts
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.ids.clone(), n))
-            .collect();
-        let sampling = st.args.sampling.clone();
-        let seed = ticket.seed;
-        let (gen, took) = st
-            .args
-            .executor
-            .run(move |_| {
-                let mut rng = StdRng::seed_from_u64(seed);
-                generate(&model, &prompts, &sampling, &mut rng, Decoding::Cached)
-            })
-            .await?;
-        let gen = gen?;
-        let sampled_at = crate::trajectory::unix_ms();
-        let tokens: usize = gen.responses.iter().map(Vec::len).sum();
-        st.args.meter.busy(took);
-        st.args.meter.items(tokens as u64);
+        let batch = sample_ticket(&st.args.executor, model, &st.args.sampling, ticket, version, &st.args.name).await?;
+        st.args.meter.busy(std::time::Duration::from_secs_f64(batch.times.generate_s));
+        st.args.meter.items(batch.tokens_generated as u64);
         metrics::counter!("tandem_rollout_batches_total", &st.args.meter.labels()).increment(1);
-        let trajectories = gen
-            .responses
-            .into_iter()
-            .zip(gen.logprobs)
-            .zip(gen.full_logprobs)
-            .zip(gen.stopped)
-            .enumerate()
-            .map(
-                |(row, (((response_ids, behaviour_logprobs), full_logprobs), stopped))| {
-                    let prompt = &ticket.prompts[row / n];
-                    Trajectory {
-                        ticket: ticket.id,
-                        row: row as u32,
-                        prompt_index: prompt.index,
-                        prompt_ids: prompt.ids.clone(),
-                        response_ids,
-                        behaviour_logprobs,
-                        full_logprobs,
-                        stopped,
-                        policy_version: version,
-                        sampler: st.args.name.clone(),
-                        sampling_seed: seed,
-                        ref_logprobs: vec![],
-                        score: 0.0,
-                        values: vec![],
-                        sampled_unix_ms: sampled_at,
-                    }
-                },
-            )
-            .collect();
-        Ok(TrajectoryBatch {
-            ticket: ticket.clone(),
-            trajectories,
-            times: StageTimes {
-                generate_s: took.as_secs_f64(),
-                ..Default::default()
-            },
-            tokens_generated: tokens,
-        })
+        Ok(batch)
     }
+}
+
+/// Samples one ticket with `model` (policy `version`) on `executor`, seeded by the ticket: the
+/// work of a rollout actor, shared with the samplers of worker nodes.
+pub async fn sample_ticket(
+    executor: &Arc<Executor>,
+    model: Arc<LanguageModel>,
+    sampling: &SamplingConfig,
+    ticket: &WorkTicket,
+    version: u64,
+    sampler: &str,
+) -> Result<TrajectoryBatch, ActorProcessingErr> {
+    let n = ticket.samples_per_prompt.max(1);
+    let prompts: Vec<Vec<u32>> = ticket
+        .prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.ids.clone(), n))
+        .collect();
+    let sampling = sampling.clone();
+    let seed = ticket.seed;
+    let (gen, took) = executor
+        .run(move |_| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            generate(&model, &prompts, &sampling, &mut rng, Decoding::Cached)
+        })
+        .await?;
+    let gen = gen?;
+    let sampled_at = crate::trajectory::unix_ms();
+    let tokens: usize = gen.responses.iter().map(Vec::len).sum();
+    let trajectories = gen
+        .responses
+        .into_iter()
+        .zip(gen.logprobs)
+        .zip(gen.full_logprobs)
+        .zip(gen.stopped)
+        .enumerate()
+        .map(
+            |(row, (((response_ids, behaviour_logprobs), full_logprobs), stopped))| {
+                let prompt = &ticket.prompts[row / n];
+                Trajectory {
+                    ticket: ticket.id,
+                    row: row as u32,
+                    prompt_index: prompt.index,
+                    prompt_ids: prompt.ids.clone(),
+                    response_ids,
+                    behaviour_logprobs,
+                    full_logprobs,
+                    stopped,
+                    policy_version: version,
+                    sampler: sampler.to_string(),
+                    sampling_seed: seed,
+                    ref_logprobs: vec![],
+                    score: 0.0,
+                    values: vec![],
+                    sampled_unix_ms: sampled_at,
+                }
+            },
+        )
+        .collect();
+    Ok(TrajectoryBatch {
+        ticket: ticket.clone(),
+        trajectories,
+        times: StageTimes {
+            generate_s: took.as_secs_f64(),
+            ..Default::default()
+        },
+        tokens_generated: tokens,
+    })
 }

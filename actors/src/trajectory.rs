@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 /// One prompt of the data set.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Prompt {
     /// Position in the prompt stream (epoch * len + shuffled index); unique per issue.
     pub index: u64,
@@ -20,7 +20,7 @@ pub struct Prompt {
 }
 
 /// A generation batch handed to a rollout actor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WorkTicket {
     pub id: u64,
     /// The learner step this ticket's trajectories are meant for.
@@ -87,15 +87,16 @@ pub struct StepRecords {
 }
 
 /// Seconds each stage spent computing on one batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StageTimes {
     pub generate_s: f64,
     pub reward_s: f64,
     pub value_s: f64,
 }
 
-/// A batch of trajectories from one ticket, as it moves between stages.
-#[derive(Debug, Clone)]
+/// A batch of trajectories from one ticket, as it moves between stages (and, encoded, from a
+/// worker node back to the head).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrajectoryBatch {
     pub ticket: WorkTicket,
     pub trajectories: Vec<Trajectory>,

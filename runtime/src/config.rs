@@ -67,6 +67,20 @@
 //! learner_device = "cpu:1"
 //! threads_per_device = 1
 //!
+//! [[placement.nodes]]      # rollout actors on a worker node (`tandem node --name w1 --join ...`);
+//! name = "w1"              # needs [cluster]. The head runs one proxy per rollout (see crate::cluster)
+//! rollouts = 2             # rollout actors (samplers) on that node
+//! devices = ["cpu:0"]      # the node's devices they use, round-robin
+//!
+//! [cluster]                # this run is the head of worker nodes (see crate::cluster)
+//! listen = "127.0.0.1:7946"  # node listener; loopback by default, port 0 picks a free port
+//!                          # (the bound address is written to RUN_DIR/cluster_addr)
+//! cookie_file = "cookie"   # the shared secret; else the TANDEM_CLUSTER_COOKIE environment
+//!                          # variable. There is no default: a run without either is refused
+//! wait_for_nodes_s = 60.0  # how long the start waits for every placed node to join (then warns)
+//! chunk_bytes = 1048576    # weights travel as safetensors bytes in chunks of this size
+//! sample_timeout_s = 300.0 # a remote batch not back by then fails its proxy (tickets reissued)
+//!
 //! [metrics]
 //! enabled = true           # serve Prometheus metrics while the run is live
 //! addr = "127.0.0.1:9184"  # bind address (loopback by default); port 0 picks a free port.
@@ -142,6 +156,45 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     #[serde(default, skip_serializing_if = "FaultConfig::is_empty")]
     pub faults: FaultConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The head's side of worker nodes (see `crate::cluster`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub listen: String,
+    pub cookie_file: Option<PathBuf>,
+    pub wait_for_nodes_s: f64,
+    pub chunk_bytes: usize,
+    pub sample_timeout_s: f64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7946".into(),
+            cookie_file: None,
+            wait_for_nodes_s: 60.0,
+            chunk_bytes: 1 << 20,
+            sample_timeout_s: 300.0,
+        }
+    }
+}
+
+/// Rollout actors placed on one worker node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodePlacement {
+    pub name: String,
+    pub rollouts: usize,
+    #[serde(default = "default_node_devices")]
+    pub devices: Vec<DeviceId>,
+}
+
+fn default_node_devices() -> Vec<DeviceId> {
+    vec![DeviceId::Cpu(0)]
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -373,6 +426,8 @@ pub struct PlacementConfig {
     pub value_device: DeviceId,
     pub learner_device: DeviceId,
     pub threads_per_device: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodePlacement>,
 }
 
 impl Default for PlacementConfig {
@@ -384,6 +439,7 @@ impl Default for PlacementConfig {
             value_device: DeviceId::Cpu(0),
             learner_device: DeviceId::Cpu(1),
             threads_per_device: 1,
+            nodes: vec![],
         }
     }
 }
@@ -475,6 +531,9 @@ impl Config {
             fix(p);
         }
         if let Some(p) = &mut self.reward.model {
+            fix(p);
+        }
+        if let Some(p) = self.cluster.as_mut().and_then(|c| c.cookie_file.as_mut()) {
             fix(p);
         }
     }
@@ -587,8 +646,39 @@ impl Config {
             return Err("supervision.max_nonfinite_steps must be >= 1".into());
         }
         let p = &self.placement;
-        if p.rollout_devices.is_empty() || p.rollouts_per_device == 0 {
+        let remote: usize = p.nodes.iter().map(|n| n.rollouts).sum();
+        if p.rollout_devices.len() * p.rollouts_per_device + remote == 0 {
             return Err("placement: at least one rollout actor is needed".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for n in &p.nodes {
+            let ok = !n.name.is_empty() && n.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok {
+                return Err(format!("placement.nodes: name {:?} must be letters, digits, '-' or '_'", n.name));
+            }
+            if !names.insert(&n.name) {
+                return Err(format!("placement.nodes: node {:?} is placed twice", n.name));
+            }
+            if n.rollouts == 0 || n.devices.is_empty() {
+                return Err(format!("placement.nodes {:?}: needs rollouts >= 1 and a device", n.name));
+            }
+        }
+        match &self.cluster {
+            None if !p.nodes.is_empty() => {
+                return Err("placement.nodes needs a [cluster] section (the head's listener and cookie)".into())
+            }
+            Some(c) => {
+                if c.listen.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(format!("cluster.listen: {:?} is not HOST:PORT", c.listen));
+                }
+                if c.chunk_bytes < 1024 || c.chunk_bytes > 16 << 20 {
+                    return Err("cluster.chunk_bytes must be between 1024 and 16777216".into());
+                }
+                if !(c.sample_timeout_s > 0.0 && c.wait_for_nodes_s >= 0.0) {
+                    return Err("cluster: need sample_timeout_s > 0 and wait_for_nodes_s >= 0".into());
+                }
+            }
+            None => {}
         }
         Ok(())
     }

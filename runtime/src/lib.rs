@@ -4,10 +4,13 @@
 //! learner step), `actors.jsonl` (per-actor samples), `metrics_addr` (the live Prometheus
 //! endpoint), the trajectory store `trajectories/` ([`store`]) and, at the end, the trained
 //! `policy/` (and `critic/`) in HF layout. `checkpoints/step-K/` hold what a resumed run
-//! continues from ([`checkpoint`]).
+//! continues from ([`checkpoint`]). With `[cluster]`, rollouts also run on worker nodes
+//! ([`cluster`]); `cluster_addr` then holds the head's listener and `cluster.jsonl` one line per
+//! policy version sent to each node.
 
 pub mod builtin;
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod pipeline;

@@ -53,6 +53,9 @@ use tandem_models::{
 
 use crate::builtin;
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, ModelLayout};
+use crate::cluster::node_link::{NodeLinkActor, NodeLinkArgs, NodeView};
+use crate::cluster::remote_rollout::{RemoteRolloutActor, RemoteRolloutArgs};
+use crate::cluster::wire::Setup;
 use crate::config::{Config, CriticInit, RewardKind};
 use crate::error::RuntimeError;
 use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
@@ -631,6 +634,97 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             .await?;
         }
     }
+    let head = match &cfg.cluster {
+        Some(cc) => {
+            let cookie = crate::cluster::read_cookie(cc.cookie_file.as_deref())?;
+            let head = crate::cluster::start_head(cc, cookie, p.nodes.iter().map(|n| n.name.clone()).collect()).await?;
+            let path = run_dir.join("cluster_addr");
+            std::fs::write(&path, head.addr.to_string()).map_err(|e| RuntimeError::io(&path, e))?;
+            Some(head)
+        }
+        None => None,
+    };
+    let mut node_views = Vec::new();
+    for n in &p.nodes {
+        let cc = cfg.cluster.as_ref().expect("validated: nodes need [cluster]");
+        let slots: Vec<DeviceId> = (0..n.rollouts).map(|i| n.devices[i % n.devices.len()]).collect();
+        let (view_tx, view_rx) = tokio::sync::watch::channel(NodeView::default());
+        let link_name = format!("link/{}", n.name);
+        let m = Arc::new(ActorMeter::on_node("link", &link_name, "-", &n.name));
+        meters.push(m.clone());
+        let (link, _) = Actor::spawn_linked(
+            Some(registered(&link_name)),
+            NodeLinkActor,
+            NodeLinkArgs {
+                node: n.name.clone(),
+                setup: Setup {
+                    node: n.name.clone(),
+                    model_config_json: policy.config.to_json().to_string(),
+                    sampling: cfg.sampling.clone(),
+                    slots: slots.clone(),
+                },
+                snapshot: snap.clone(),
+                view: view_tx,
+                chunk_bytes: cc.chunk_bytes,
+                log: run_dir.join("cluster.jsonl"),
+                meter: m,
+            },
+            sup.clone(),
+        )
+        .await
+        .map_err(spawn_err)?;
+        watch(&link_name, ChildRole::Essential, link.get_cell())?;
+        for (i, d) in slots.iter().enumerate() {
+            let name = format!("rollout/{}/{i}", n.name);
+            let m = ActorMeter::on_node("rollout", &name, format!("{}/{d}", n.name), &n.name);
+            let ch = ticket_rx.stats().clone();
+            let m = Arc::new(m.with_inbound(move || ch.depth(), c.tickets));
+            meters.push(m.clone());
+            let held = HeldTickets::default();
+            let args = RemoteRolloutArgs {
+                name: name.clone(),
+                node: n.name.clone(),
+                slot: i as u32,
+                view: view_rx.clone(),
+                max_staleness: cfg.mode.max_staleness,
+                tickets: ticket_rx.clone(),
+                out: gen_tx.clone(),
+                meter: m.clone(),
+                held: held.clone(),
+                reissued: reissued.clone(),
+                timeout: Duration::from_secs_f64(cc.sample_timeout_s),
+            };
+            start_child(ChildSpec {
+                spawn: spawner(registered(&name), || RemoteRolloutActor, args),
+                name,
+                role: ChildRole::Rollout,
+                held,
+                meter: m,
+            })
+            .await?;
+        }
+        node_views.push((n.name.clone(), view_rx));
+    }
+    if let Some(cc) = cfg.cluster.as_ref().filter(|_| !node_views.is_empty()) {
+        // Give the placed nodes a moment to join; proxies of late nodes wait for them anyway.
+        let deadline = Instant::now() + Duration::from_secs_f64(cc.wait_for_nodes_s);
+        loop {
+            let missing: Vec<&str> = node_views
+                .iter()
+                .filter(|(_, v)| v.borrow().version.is_none())
+                .map(|(n, _)| n.as_str())
+                .collect();
+            if missing.is_empty() {
+                tracing::info!("every placed node has joined and holds the policy");
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(?missing, "starting without every placed node; their samplers begin when they join");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let rollout_blocked = gen_tx.stats().clone();
     drop((ticket_rx, gen_tx));
     let replay_held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -842,6 +936,9 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let _ = root.call(SupervisorMsg::Shutdown, Some(Duration::from_secs(120))).await;
     root.stop(None);
     let _ = root_handle.await;
+    if let Some(h) = head {
+        let _ = h.server.kill_and_wait(Some(Duration::from_secs(10))).await;
+    }
     let tickets_issued = tokio::task::spawn_blocking(move || feeder.join().unwrap_or(0))
         .await
         .unwrap_or(0);

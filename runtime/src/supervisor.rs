@@ -3,7 +3,8 @@
 //! Every pipeline actor is linked to the [`RunSupervisor`]. What a failure (an error or a
 //! panic) leads to depends on the actor's [`ChildRole`]:
 //!
-//! - **Rollout, reward and value actors** are restarted. The tickets the failed actor held are
+//! - **Rollout, reward and value actors** (and the head-side proxies of worker nodes' rollouts,
+//!   see [`crate::cluster`]) are restarted. The tickets the failed actor held are
 //!   put in the [`ReissueQueue`] at once (and waiting rollouts are woken to take them); the
 //!   actor is spawned again after a back-off of `backoff_s`, doubled for each earlier failure of
 //!   the same actor within `window_s`, at most `backoff_max_s`. Its meter counts the restart.
@@ -27,6 +28,7 @@ use tandem_actors::rollout::RolloutMsg;
 use tandem_actors::{ActorMeter, HeldTickets, ReissueQueue};
 use tokio::sync::mpsc;
 
+use crate::cluster::remote_rollout::RemoteRolloutMsg;
 use crate::config::SupervisionConfig;
 
 /// Spawns one instance of a child, linked to the given supervisor.
@@ -224,8 +226,10 @@ impl RunSupervisor {
             st.args.reissued.push(held);
             for (_, (_, role, cell)) in &st.live {
                 if *role == ChildRole::Rollout {
-                    let r: ActorRef<RolloutMsg> = cell.clone().into();
-                    let _ = r.cast(RolloutMsg::Reissued);
+                    // A local sampler or a worker node's proxy; the other cast fails on the type.
+                    if cell.send_message(RolloutMsg::Reissued).is_err() {
+                        let _ = cell.send_message(RemoteRolloutMsg::Reissued);
+                    }
                 }
             }
         }

@@ -128,7 +128,7 @@ impl ActorSampler {
                 metrics::gauge!("tandem_actor_version_lag", &l).set(lag as f64);
             }
             let line = json!({
-                "t": t, "actor": m.name, "kind": m.kind, "device": m.device, "state": r.state.name(),
+                "t": t, "actor": m.name, "kind": m.kind, "device": m.device, "node": m.node, "state": r.state.name(),
                 "busy_frac": busy, "messages": r.messages, "queue_depth": r.queue_depth,
                 "queue_capacity": r.queue_capacity, "rate": rate, "version_lag": lag,
                 "blocked_s": r.blocked.as_secs_f64(), "restarts": r.restarts,

@@ -1,0 +1,173 @@
+//! Worker nodes over ractor_cluster: rollout actors in other processes (or machines).
+//!
+//! A run with a `[cluster]` section is a **head**: it starts a ractor_cluster `NodeServer` on
+//! `cluster.listen` (loopback unless configured otherwise) and places the rollouts of each
+//! `[[placement.nodes]]` entry on the worker that joins under that name
+//! (`tandem node --join HOST:PORT --name w1`, see [`worker`]).
+//!
+//! ```text
+//!  head process                                             worker process "w1"
+//!  ─────────────────────────────────────────────            ─────────────────────────
+//!  tickets ─► RemoteRolloutActor rollout/w1/0 ──Sample──►   NodeHostActor
+//!          ─► RemoteRolloutActor rollout/w1/1 ◄─batch───      (slot 0 → cpu:0,
+//!               │ bounded rollout_to_reward                     slot 1 → cpu:0)
+//!               ▼                                               ▲
+//!             Reward ─► Value ─► Replay ◄─ Learner ─► Snapshot  │
+//!                                                  │ watch      │
+//!                                   NodeLinkActor w1 ──Setup, Chunk×n, Commit──┘
+//! ```
+//!
+//! Why this shape: the head keeps one **proxy actor per remote rollout slot**
+//! ([`remote_rollout`]) inside its own supervision tree, so a remote sampler is supervised,
+//! metered (series labelled `node="w1"`, device `w1/cpu:0`) and accounted for (its
+//! `HeldTickets`) exactly like a local one, and node loss reuses the existing
+//! restart-and-reissue path instead of a second one. The worker runs one plain actor
+//! ([`node_host`]) that does what it is asked and holds no pipeline state, so a worker can die
+//! or restart at any time. The head's [`node_link`] (one per node) owns the weights traffic so a
+//! node gets each version once, however many slots it has.
+//!
+//! - **Actor layer**: ractor_cluster messages (`RactorClusterMessage`) over its authenticated
+//!   TCP session; the worker's host actor is found through the process group
+//!   `tandem.node.<name>`, which ractor_cluster keeps in sync on both sides (and empties on
+//!   the head when the connection drops). Payloads are bincode or raw bytes ([`wire`]).
+//! - **Authentication**: ractor_cluster's challenge–response on a shared cookie (never sent in
+//!   clear), from `cluster.cookie_file` / `--cookie-file` or `TANDEM_CLUSTER_COOKIE`; there is
+//!   no built-in default. A node with another cookie is disconnected during the handshake; the
+//!   head logs `node connection refused: authentication failed` with its address and the
+//!   worker exits with status 1 and `the head refused this node`. TLS is not wired up
+//!   (ractor_cluster supports it; the session is plain TCP, hence loopback by default).
+//! - **Weights**: versioned safetensors bytes, sent only when the node holds another version,
+//!   in CRC32-checked chunks of `cluster.chunk_bytes` plus a checked commit ([`node_link`]);
+//!   MB/s and publish-to-adopt latency per version go to metrics and `RUN_DIR/cluster.jsonl`.
+//! - **Trajectories**: one ticket in flight per proxy; batches come back as the call's reply
+//!   and go into the bounded `rollout_to_reward` channel ([`remote_rollout`]).
+//! - **Node loss**: the proxies' calls fail, their tickets are reissued to the remaining
+//!   samplers, and they wait for the node; a node that joins again is set up, sent the current
+//!   weights and used again.
+
+pub mod node_host;
+pub mod node_link;
+pub mod remote_rollout;
+pub mod wire;
+pub mod worker;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Mutex;
+
+use ractor::{Actor, ActorRef};
+use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+
+use crate::config::ClusterConfig;
+use crate::error::RuntimeError;
+
+/// The environment variable a cookie is read from when no file is named.
+pub const COOKIE_ENV: &str = "TANDEM_CLUSTER_COOKIE";
+
+/// The shared secret: the file's content (trimmed), else `TANDEM_CLUSTER_COOKIE`.
+pub fn read_cookie(file: Option<&Path>) -> Result<String, RuntimeError> {
+    let cookie = match file {
+        Some(f) => std::fs::read_to_string(f).map_err(|e| RuntimeError::io(f, e))?.trim().to_string(),
+        None => std::env::var(COOKIE_ENV).unwrap_or_default().trim().to_string(),
+    };
+    if cookie.is_empty() {
+        let from = file.map_or(format!("{COOKIE_ENV} is not set"), |f| format!("{} is empty", f.display()));
+        return Err(RuntimeError::Other(format!(
+            "no cluster cookie: {from}; give a cookie file or set {COOKIE_ENV} (there is no default)"
+        )));
+    }
+    Ok(cookie)
+}
+
+/// A `NodeServer` on the address (port 0: a free one, found by binding it first).
+async fn start_server(
+    listen: SocketAddr,
+    cookie: String,
+    name: &str,
+    events: impl NodeEventSubscription,
+) -> Result<(ActorRef<NodeServerMessage>, SocketAddr), RuntimeError> {
+    let addr = if listen.port() == 0 {
+        let l = std::net::TcpListener::bind(listen)
+            .map_err(|e| RuntimeError::Other(format!("cluster listener {listen}: {e}")))?;
+        l.local_addr().map_err(|e| RuntimeError::Other(format!("cluster listener: {e}")))?
+    } else {
+        listen
+    };
+    let server = NodeServer::new(
+        addr.port(),
+        cookie,
+        name.to_string(),
+        addr.ip().to_string(),
+        None,
+        Some(NodeConnectionMode::Isolated),
+    )
+    .with_listen_addr(addr.ip());
+    let (server, _) = Actor::spawn(None, server, ())
+        .await
+        .map_err(|e| RuntimeError::Other(format!("cluster listener {addr}: {e}")))?;
+    server
+        .cast(NodeServerMessage::SubscribeToEvents {
+            id: "tandem".into(),
+            subscription: Box::new(events),
+        })
+        .map_err(|e| RuntimeError::Other(format!("cluster listener: {e}")))?;
+    Ok((server, addr))
+}
+
+/// The head's node server.
+pub struct Head {
+    pub server: ActorRef<NodeServerMessage>,
+    pub addr: SocketAddr,
+}
+
+/// Starts the head's listener; nodes not in `expected` are logged (and never used).
+pub async fn start_head(cfg: &ClusterConfig, cookie: String, expected: Vec<String>) -> Result<Head, RuntimeError> {
+    let listen: SocketAddr = cfg.listen.parse().map_err(|_| RuntimeError::Other("cluster.listen".into()))?;
+    let events = HeadEvents {
+        expected,
+        authenticated: Mutex::new(HashSet::new()),
+    };
+    let (server, addr) = start_server(listen, cookie, "head", events).await?;
+    tracing::info!(%addr, "cluster head listening");
+    Ok(Head { server, addr })
+}
+
+/// `w1` of a ractor_cluster peer name `w1@host`.
+fn node_name(ses: &NodeServerSessionInformation) -> Option<String> {
+    let n = ses.peer_name.as_ref()?;
+    Some(n.name.split('@').next().unwrap_or(&n.name).to_string())
+}
+
+/// Logs joins, departures and refused connections on the head.
+struct HeadEvents {
+    expected: Vec<String>,
+    authenticated: Mutex<HashSet<u64>>,
+}
+
+impl NodeEventSubscription for HeadEvents {
+    fn node_session_opened(&self, ses: NodeServerSessionInformation) {
+        tracing::debug!(peer = %ses.peer_addr, "node connection opened");
+    }
+
+    fn node_session_authenicated(&self, ses: NodeServerSessionInformation) {
+        self.authenticated.lock().expect("events lock").insert(ses.node_id);
+        let name = node_name(&ses).unwrap_or_default();
+        if self.expected.contains(&name) {
+            tracing::info!(node = %name, peer = %ses.peer_addr, "node authenticated");
+        } else {
+            tracing::warn!(node = %name, peer = %ses.peer_addr, "node authenticated but not in placement.nodes; it gets no work");
+        }
+    }
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let was = self.authenticated.lock().expect("events lock").remove(&ses.node_id);
+        let name = node_name(&ses).unwrap_or_else(|| "?".into());
+        if was {
+            tracing::warn!(node = %name, peer = %ses.peer_addr, "node disconnected");
+        } else {
+            tracing::warn!(node = %name, peer = %ses.peer_addr, "node connection refused: authentication failed (wrong cookie?)");
+        }
+    }
+}

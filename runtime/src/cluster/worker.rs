@@ -1,0 +1,129 @@
+//! `tandem node`: a worker process that joins a head and hosts the rollouts placed on it.
+//!
+//! The worker starts its own ractor_cluster `NodeServer` (on loopback, a free port; the
+//! connection is the one it opens to the head), spawns its [`NodeHostActor`] in the process
+//! group `tandem.node.<name>` and connects to the head. Then:
+//!
+//! - the head refusing it (the handshake fails: another cookie) is an error, exit status 1;
+//! - losing the head after having joined (the run ended, or the network) makes it try to
+//!   connect again for `reconnect_s` seconds, keeping its weights, so a head that comes back
+//!   does not resend a version the node already holds; after that it exits with status 0.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ractor::Actor;
+use ractor_cluster::node::NodeServerSessionInformation;
+use ractor_cluster::NodeEventSubscription;
+use tandem_actors::DeviceId;
+use tokio::sync::mpsc;
+
+use super::node_host::{NodeHostActor, NodeHostArgs};
+use super::node_link::node_group;
+use crate::error::RuntimeError;
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The head's `HOST:PORT`.
+    pub join: String,
+    pub name: String,
+    pub cookie: String,
+    pub devices: Vec<DeviceId>,
+    pub threads_per_device: usize,
+    /// Seconds to keep trying to reach the head (at start, and after losing it).
+    pub reconnect_s: f64,
+}
+
+enum Event {
+    Authenticated,
+    /// The session closed; whether it had authenticated.
+    Closed(bool),
+}
+
+struct WorkerEvents {
+    tx: mpsc::UnboundedSender<Event>,
+    authenticated: Mutex<HashSet<u64>>,
+}
+
+impl NodeEventSubscription for WorkerEvents {
+    fn node_session_opened(&self, _ses: NodeServerSessionInformation) {}
+
+    fn node_session_authenicated(&self, ses: NodeServerSessionInformation) {
+        self.authenticated.lock().expect("events lock").insert(ses.node_id);
+        let _ = self.tx.send(Event::Authenticated);
+    }
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let was = self.authenticated.lock().expect("events lock").remove(&ses.node_id);
+        let _ = self.tx.send(Event::Closed(was));
+    }
+}
+
+/// Runs the worker until the head refuses it, or is gone for longer than `reconnect_s`.
+pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let local = "127.0.0.1:0".parse().expect("loopback address");
+    let subscription = WorkerEvents {
+        tx,
+        authenticated: Mutex::new(HashSet::new()),
+    };
+    let (server, _) = super::start_server(local, opts.cookie.clone(), &opts.name, subscription).await?;
+    let (host, _) = Actor::spawn(
+        None,
+        NodeHostActor,
+        NodeHostArgs {
+            name: opts.name.clone(),
+            devices: opts.devices.clone(),
+            threads_per_device: opts.threads_per_device,
+        },
+    )
+    .await
+    .map_err(|e| RuntimeError::Other(format!("cannot start the node's host actor: {e}")))?;
+    ractor::pg::join(node_group(&opts.name), vec![host.get_cell()]);
+    let patience = Duration::from_secs_f64(opts.reconnect_s);
+    let mut joined_once = false;
+    let result = 'outer: loop {
+        // Connect, retrying while the head is unreachable.
+        let since = Instant::now();
+        loop {
+            match ractor_cluster::client_connect(&server, opts.join.as_str()).await {
+                Ok(()) => break,
+                Err(e) if since.elapsed() >= patience => {
+                    break 'outer if joined_once {
+                        tracing::info!(head = %opts.join, "the head is gone; exiting");
+                        Ok(())
+                    } else {
+                        Err(RuntimeError::Other(format!("cannot reach the head at {}: {e}", opts.join)))
+                    };
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+        // Wait for the handshake, then for the session to end.
+        loop {
+            match events.recv().await {
+                Some(Event::Authenticated) => {
+                    joined_once = true;
+                    tracing::info!(head = %opts.join, node = %opts.name, "joined the head");
+                }
+                Some(Event::Closed(true)) => {
+                    tracing::warn!(head = %opts.join, "lost the head; reconnecting");
+                    break;
+                }
+                Some(Event::Closed(false)) => {
+                    tracing::error!(head = %opts.join, "the head refused this node: authentication failed (is the cookie the head's?)");
+                    break 'outer Err(RuntimeError::Other(format!(
+                        "the head at {} refused this node: authentication failed (is the cookie the head's?)",
+                        opts.join
+                    )));
+                }
+                None => break 'outer Ok(()),
+            }
+        }
+    };
+    host.stop(None);
+    server.stop(None);
+    result
+}
