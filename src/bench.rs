@@ -38,6 +38,8 @@ pub enum BenchCommand {
     Generate(GenerateBench),
     /// Sync vs async PPO step time with sampling on cpu:0 and the learner on cpu:1.
     Overlap(crate::bench_overlap::OverlapBench),
+    /// Weight transfer to a worker node over loopback vs a plain TCP copy of the same bytes.
+    Cluster(crate::bench_cluster::ClusterBench),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +68,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Generate(args) => generate_bench(&args),
         BenchCommand::Overlap(args) => crate::bench_overlap::run(&args),
+        BenchCommand::Cluster(args) => crate::bench_cluster::run(&args),
     }
 }
 

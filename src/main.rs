@@ -8,10 +8,12 @@
 //! the command line — the same status clap uses for usage errors), 1 for anything else.
 
 mod bench;
+mod bench_cluster;
 mod bench_overlap;
 mod device;
 mod error;
 mod inspect;
+mod node;
 mod replay;
 mod report;
 mod rerun;
@@ -71,6 +73,8 @@ enum Command {
     /// Micro-benchmarks of the model code.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// A worker node: join a head and host the rollouts it places here.
+    Node(node::NodeArgs),
     /// Write a self-contained HTML report of a run's learning curves and actor utilisation.
     Report(report::ReportArgs),
 }
@@ -84,6 +88,7 @@ impl Command {
             Command::Inspect(cmd) => inspect::run(cmd),
             Command::Bench(cmd) => bench::run(cmd),
             Command::Report(args) => report::run(args),
+            Command::Node(args) => node::run(args),
         }
     }
 }
