@@ -1,0 +1,259 @@
+//! Worker nodes over loopback: a head (`tandem run configs/cluster.toml`) and two `tandem node`
+//! processes. A worker SIGKILLed mid-run loses no prompts (its tickets are reissued to the other
+//! worker), comes back under the same name and samples again; the run finishes with every
+//! ticket accounted for. A worker with another cookie is refused, and both sides log it.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_runtime::checkpoint;
+use tandem_runtime::store::{read_store, store_dir, ReadMode, Record};
+
+fn tandem() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    c.env_remove("TANDEM_CLUSTER_COOKIE");
+    c
+}
+
+fn config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/cluster.toml")
+}
+
+/// A child whose stderr is collected by a thread; killed on drop.
+struct Proc {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (pipe, log) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Self { child, stderr }
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100)); // let the stderr thread finish
+                return s;
+            }
+            assert!(t.elapsed() < limit, "still running after {limit:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn head(run_dir: &Path, cookie: &str, extra: &[&str]) -> Proc {
+    let mut c = tandem();
+    c.args(["run", config().to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
+        .args(["--set", "metrics.addr=\"127.0.0.1:0\"", "--set", "cluster.listen=\"127.0.0.1:0\""])
+        .args(["--set", "checkpoint.every=100"])
+        .env("TANDEM_CLUSTER_COOKIE", cookie);
+    for e in extra {
+        c.args(["--set", e]);
+    }
+    Proc::spawn(c)
+}
+
+fn worker(addr: &str, name: &str, cookie_file: &Path) -> Proc {
+    let mut c = tandem();
+    c.args(["node", "--join", addr, "--name", name, "--cookie-file", cookie_file.to_str().unwrap()])
+        .args(["--reconnect-s", "3"]);
+    Proc::spawn(c)
+}
+
+fn wait_for<T>(what: &str, head: &mut Proc, mut f: impl FnMut() -> Option<T>) -> T {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if let Some(s) = head.child.try_wait().unwrap() {
+            panic!("the head exited ({s}) while waiting for {what}:\n{}", head.log());
+        }
+        assert!(t.elapsed() < Duration::from_secs(180), "no {what} after 180 s:\n{}", head.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metric_lines(run_dir: &Path) -> usize {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl")).map_or(0, |s| s.lines().count())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let cookie_file = dir.path().join("cookie");
+    std::fs::write(&cookie_file, "s3cret-cookie\n").unwrap();
+    let steps = 14u64;
+    let mut head = head(&run_dir, "s3cret-cookie", &[&format!("steps={steps}")]);
+    let addr = wait_for("cluster_addr", &mut head, || std::fs::read_to_string(run_dir.join("cluster_addr")).ok());
+    let mut w1 = worker(&addr, "w1", &cookie_file);
+    let _w2 = worker(&addr, "w2", &cookie_file);
+
+    wait_for("3 steps", &mut head, || (metric_lines(&run_dir) >= 3).then_some(()));
+    // Live: the remote samplers are in `tandem top`, labelled with their node.
+    let metrics_addr = std::fs::read_to_string(run_dir.join("metrics_addr")).unwrap();
+    let top = tandem().args(["top", "--once", "--addr", &metrics_addr]).output().unwrap();
+    let table = String::from_utf8_lossy(&top.stdout);
+    assert!(top.status.success(), "{}", String::from_utf8_lossy(&top.stderr));
+    for d in ["w1/cpu:0", "w2/cpu:0"] {
+        assert!(table.contains(d), "no {d} row in\n{table}");
+    }
+
+    w1.child.kill().unwrap(); // SIGKILL, mid-run
+    w1.child.wait().unwrap();
+    let killed_at = metric_lines(&run_dir);
+    let head_log = head.stderr.clone();
+    wait_for("the head to notice", &mut head, || log_has(&head_log, "node left"));
+    // The run goes on with w2 alone.
+    wait_for("2 more steps", &mut head, || (metric_lines(&run_dir) >= killed_at + 2).then_some(()));
+    assert!(metric_lines(&run_dir) < steps as usize, "the run ended before w1 could come back");
+    let back_at = unix_ms();
+    let _w1 = worker(&addr, "w1", &cookie_file);
+
+    let status = head.wait(Duration::from_secs(300));
+    let log = head.log();
+    assert!(status.success(), "{log}");
+    assert_eq!(metric_lines(&run_dir), steps as usize);
+
+    // Every ticket below the final checkpoint's watermark is accounted for exactly once: stored
+    // (used, or dropped as stale) or in the checkpoint's replay buffer.
+    let (last, ckdir) = checkpoint::list(&run_dir).unwrap().pop().unwrap();
+    assert_eq!(last, steps);
+    let ck = checkpoint::read(&ckdir, &candle_core::Device::Cpu).unwrap();
+    let mut rows: BTreeMap<(u64, u32), usize> = BTreeMap::new();
+    let mut samplers: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (_, _, r) in read_store(&store_dir(&run_dir), ReadMode::Strict).unwrap().records {
+        let Record::Trajectory(t) = r;
+        *rows.entry((t.ticket, t.row)).or_insert(0) += 1;
+        samplers.entry(t.sampler.clone()).or_default().push(t.sampled_unix_ms);
+    }
+    for t in &ck.replay {
+        *rows.entry((t.ticket, t.row)).or_insert(0) += 1;
+    }
+    assert!(rows.values().all(|&n| n == 1), "a trajectory was stored twice");
+    let per_ticket = 16u32;
+    let w = ck.meta.tickets.below;
+    assert!(ck.meta.tickets.above.is_empty());
+    for ticket in 0..w {
+        for row in 0..per_ticket {
+            assert!(rows.contains_key(&(ticket, row)), "ticket {ticket} row {row} was lost");
+        }
+    }
+    assert_eq!(rows.len() as u64, w * per_ticket as u64, "only accounted tickets are stored");
+    let summary: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&{
+            let mut s = Vec::new();
+            std::io::Read::read_to_end(head.child.stdout.as_mut().unwrap(), &mut s).unwrap();
+            s
+        })
+        .lines()
+        .last()
+        .unwrap(),
+    )
+    .unwrap();
+    let last_report: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap().lines().last().unwrap(),
+    )
+    .unwrap();
+    let dropped = last_report["dropped_stale"].as_u64().unwrap();
+    assert_eq!(rows.len() as u64, steps * 32 + dropped + ck.replay.len() as u64);
+    assert_eq!(summary["steps"], steps);
+
+    // Only the workers sampled, and w1 sampled again after it came back.
+    assert_eq!(samplers.keys().collect::<Vec<_>>(), ["rollout/w1/0", "rollout/w2/0"]);
+    assert!(samplers["rollout/w1/0"].iter().any(|&t| t >= back_at), "w1 sampled nothing after it came back");
+    assert!(log.contains("node left"), "{log}");
+
+    // Weights went to each node per version, checked, with rates and publish-to-adopt latency.
+    let sent: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("cluster.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for node in ["w1", "w2"] {
+        let mine: Vec<&serde_json::Value> = sent.iter().filter(|v| v["node"] == node).collect();
+        assert!(mine.len() >= 2, "{node}: {mine:?}");
+        for v in &mine {
+            assert!(v["mb_per_s"].as_f64().unwrap() > 0.0 && v["publish_to_adopt_s"].as_f64().unwrap() >= 0.0);
+            assert!(v["bytes"].as_u64().unwrap() > 100_000);
+        }
+    }
+    // w1 was sent the policy again after it came back (a new process holds none).
+    let w1_versions: Vec<u64> = sent.iter().filter(|v| v["node"] == "w1").map(|v| v["version"].as_u64().unwrap()).collect();
+    assert!(w1_versions.windows(2).any(|p| p[1] > p[0] + 1), "w1 versions {w1_versions:?}");
+    // actors.jsonl labels the remote samplers with their node.
+    let actors = std::fs::read_to_string(run_dir.join("actors.jsonl")).unwrap();
+    assert!(actors.lines().any(|l| l.contains("\"node\":\"w2\"") && l.contains("\"device\":\"w2/cpu:0\"")));
+}
+
+fn log_has(log: &Mutex<String>, needle: &str) -> Option<()> {
+    log.lock().unwrap().contains(needle).then_some(())
+}
+
+#[test]
+fn a_worker_with_another_cookie_is_refused_and_both_sides_log_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let wrong = dir.path().join("wrong-cookie");
+    std::fs::write(&wrong, "not-the-cookie").unwrap();
+    let mut head = head(&run_dir, "the-cookie", &["steps=1000"]);
+    let addr = wait_for("cluster_addr", &mut head, || std::fs::read_to_string(run_dir.join("cluster_addr")).ok());
+    let mut w = worker(&addr, "w1", &wrong);
+    let status = w.wait(Duration::from_secs(60));
+    let wlog = w.log();
+    assert_eq!(status.code(), Some(1), "{wlog}");
+    assert!(wlog.contains("refused this node: authentication failed"), "{wlog}");
+    let head_log = head.stderr.clone();
+    wait_for("the refusal in the head's log", &mut head, || {
+        log_has(&head_log, "node connection refused: authentication failed")
+    });
+    // Nothing was placed on the refused worker: the head has no step yet.
+    assert_eq!(metric_lines(&run_dir), 0);
+    let _ = Command::new("kill").args(["-INT", &head.child.id().to_string()]).status();
+    head.wait(Duration::from_secs(120));
+
+    // A head without any cookie does not start.
+    let out = tandem()
+        .args(["run", config().to_str().unwrap(), "--run-dir", dir.path().join("nocookie").to_str().unwrap()])
+        .args(["--set", "cluster.listen=\"127.0.0.1:0\"", "--set", "metrics.enabled=false"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no cluster cookie") && stderr.contains("TANDEM_CLUSTER_COOKIE"), "{stderr}");
+}
