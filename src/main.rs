@@ -20,7 +20,7 @@ mod rerun;
 mod run;
 mod top;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use std::process::ExitCode;
 
@@ -52,6 +52,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

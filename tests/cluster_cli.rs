@@ -134,7 +134,13 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
         assert!(table.contains(d), "no {d} row in\n{table}");
     }
 
-    w1.child.kill().unwrap(); // SIGKILL, mid-run
+    // SIGKILL w1 mid-run, while its sampler waits for a batch from it (when we can catch that).
+    let computing = format!("tandem_actor_state{{kind=\"rollout\",actor=\"rollout/w1/0\",device=\"w1/cpu:0\",node=\"w1\"}} 1");
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) && !scrape(&metrics_addr).contains(&computing) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    w1.child.kill().unwrap();
     w1.child.wait().unwrap();
     let killed_at = metric_lines(&run_dir);
     let head_log = head.stderr.clone();
@@ -198,6 +204,12 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
     assert_eq!(samplers.keys().collect::<Vec<_>>(), ["rollout/w1/0", "rollout/w2/0"]);
     assert!(samplers["rollout/w1/0"].iter().any(|&t| t >= back_at), "w1 sampled nothing after it came back");
     assert!(log.contains("node left"), "{log}");
+    // What w1 held went to w2.
+    assert!(log.contains("sampling a reissued ticket"), "{log}");
+    eprintln!(
+        "w1's proxy failed and was restarted: {}",
+        log.contains("reissuing held tickets") && log.contains("restarted")
+    );
 
     // Weights went to each node per version, checked, with rates and publish-to-adopt latency.
     let sent: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("cluster.jsonl"))
@@ -219,6 +231,16 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
     // actors.jsonl labels the remote samplers with their node.
     let actors = std::fs::read_to_string(run_dir.join("actors.jsonl")).unwrap();
     assert!(actors.lines().any(|l| l.contains("\"node\":\"w2\"") && l.contains("\"device\":\"w2/cpu:0\"")));
+}
+
+/// The head's Prometheus exposition text.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return String::new() };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 fn log_has(log: &Mutex<String>, needle: &str) -> Option<()> {
