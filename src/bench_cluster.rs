@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use rand::Rng;
 use ractor::Actor;
+use rand::Rng;
 use serde_json::json;
 use tandem_actors::snapshot::{SnapshotActor, SnapshotArgs, SnapshotMsg};
 use tandem_actors::{ActorMeter, DeviceId, WeightsSnapshot};
@@ -75,7 +75,7 @@ impl Drop for Worker {
 }
 
 pub fn run(args: &ClusterBench) -> anyhow::Result<()> {
-    if args.versions == 0 || args.hidden == 0 || args.layers == 0 || args.hidden % 8 != 0 {
+    if args.versions == 0 || args.hidden == 0 || args.layers == 0 || !args.hidden.is_multiple_of(8) {
         return bad_input!("--versions and --layers must be >= 1 and --hidden a positive multiple of 8");
     }
     if !(1024..=16 << 20).contains(&args.chunk_bytes) {
@@ -162,7 +162,15 @@ async fn cluster_transfer(
     let exe = std::env::current_exe().context("cannot find the tandem binary")?;
     let _worker = Worker(
         Command::new(exe)
-            .args(["node", "--join", &head.addr.to_string(), "--name", "bench", "--reconnect-s", "1"])
+            .args([
+                "node",
+                "--join",
+                &head.addr.to_string(),
+                "--name",
+                "bench",
+                "--reconnect-s",
+                "1",
+            ])
             .env(COOKIE_ENV, &cookie)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -43,13 +43,16 @@ fn default_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|s| s.trim().replace(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'), "-"))
+        .map(|s| {
+            s.trim()
+                .replace(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'), "-")
+        })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "node".into())
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
-    if !(args.reconnect_s >= 0.0) {
+    if args.reconnect_s.is_nan() || args.reconnect_s < 0.0 {
         return bad_input!("--reconnect-s must be >= 0");
     }
     if args.devices.is_empty() {

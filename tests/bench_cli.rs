@@ -102,3 +102,33 @@ fn bench_overlap_reports_the_ratios_and_async_keeps_the_learner_fed() {
         "learner starved in async mode: {report}"
     );
 }
+
+/// The cluster bench at a small size: a real worker process adopts every version, and the
+/// figures (cluster and plain-TCP MB/s, their ratio, publish-to-adopt latency) are positive.
+#[test]
+fn bench_cluster_prints_transfer_rates_and_their_ratio() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["bench", "cluster", "--hidden", "64", "--layers", "2", "--versions", "2"])
+        .args(["--chunk-bytes", "65536"])
+        .env_remove("TANDEM_CLUSTER_COOKIE")
+        .output()
+        .expect("run tandem");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    for key in ["cluster_mb_per_s", "tcp_mb_per_s", "ratio", "publish_to_adopt_s"] {
+        let v = report[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {report}"));
+        assert!(v > 0.0 && v.is_finite(), "{key} = {v}");
+    }
+    let ratio = report["cluster_mb_per_s"].as_f64().unwrap() / report["tcp_mb_per_s"].as_f64().unwrap();
+    assert!((report["ratio"].as_f64().unwrap() - ratio).abs() < 1e-9);
+    assert_eq!(report["per_version"].as_array().unwrap().len(), 2);
+    // More than one chunk per version at this chunk size.
+    assert!(report["bytes"].as_u64().unwrap() > 65536);
+}

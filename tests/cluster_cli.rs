@@ -70,10 +70,20 @@ impl Drop for Proc {
 
 fn head(run_dir: &Path, cookie: &str, extra: &[&str]) -> Proc {
     let mut c = tandem();
-    c.args(["run", config().to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
-        .args(["--set", "metrics.addr=\"127.0.0.1:0\"", "--set", "cluster.listen=\"127.0.0.1:0\""])
-        .args(["--set", "checkpoint.every=100"])
-        .env("TANDEM_CLUSTER_COOKIE", cookie);
+    c.args([
+        "run",
+        config().to_str().unwrap(),
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ])
+    .args([
+        "--set",
+        "metrics.addr=\"127.0.0.1:0\"",
+        "--set",
+        "cluster.listen=\"127.0.0.1:0\"",
+    ])
+    .args(["--set", "checkpoint.every=100"])
+    .env("TANDEM_CLUSTER_COOKIE", cookie);
     for e in extra {
         c.args(["--set", e]);
     }
@@ -82,8 +92,16 @@ fn head(run_dir: &Path, cookie: &str, extra: &[&str]) -> Proc {
 
 fn worker(addr: &str, name: &str, cookie_file: &Path) -> Proc {
     let mut c = tandem();
-    c.args(["node", "--join", addr, "--name", name, "--cookie-file", cookie_file.to_str().unwrap()])
-        .args(["--reconnect-s", "3"]);
+    c.args([
+        "node",
+        "--join",
+        addr,
+        "--name",
+        name,
+        "--cookie-file",
+        cookie_file.to_str().unwrap(),
+    ])
+    .args(["--reconnect-s", "3"]);
     Proc::spawn(c)
 }
 
@@ -96,7 +114,11 @@ fn wait_for<T>(what: &str, head: &mut Proc, mut f: impl FnMut() -> Option<T>) ->
         if let Some(s) = head.child.try_wait().unwrap() {
             panic!("the head exited ({s}) while waiting for {what}:\n{}", head.log());
         }
-        assert!(t.elapsed() < Duration::from_secs(180), "no {what} after 180 s:\n{}", head.log());
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "no {what} after 180 s:\n{}",
+            head.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -120,14 +142,19 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
     std::fs::write(&cookie_file, "s3cret-cookie\n").unwrap();
     let steps = 14u64;
     let mut head = head(&run_dir, "s3cret-cookie", &[&format!("steps={steps}")]);
-    let addr = wait_for("cluster_addr", &mut head, || std::fs::read_to_string(run_dir.join("cluster_addr")).ok());
+    let addr = wait_for("cluster_addr", &mut head, || {
+        std::fs::read_to_string(run_dir.join("cluster_addr")).ok()
+    });
     let mut w1 = worker(&addr, "w1", &cookie_file);
     let _w2 = worker(&addr, "w2", &cookie_file);
 
     wait_for("3 steps", &mut head, || (metric_lines(&run_dir) >= 3).then_some(()));
     // Live: the remote samplers are in `tandem top`, labelled with their node.
     let metrics_addr = std::fs::read_to_string(run_dir.join("metrics_addr")).unwrap();
-    let top = tandem().args(["top", "--once", "--addr", &metrics_addr]).output().unwrap();
+    let top = tandem()
+        .args(["top", "--once", "--addr", &metrics_addr])
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&top.stdout);
     assert!(top.status.success(), "{}", String::from_utf8_lossy(&top.stderr));
     for d in ["w1/cpu:0", "w2/cpu:0"] {
@@ -135,9 +162,9 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
     }
 
     // SIGKILL w1 mid-run, while its sampler waits for a batch from it (when we can catch that).
-    let computing = format!("tandem_actor_state{{kind=\"rollout\",actor=\"rollout/w1/0\",device=\"w1/cpu:0\",node=\"w1\"}} 1");
+    let computing = "tandem_actor_state{kind=\"rollout\",actor=\"rollout/w1/0\",device=\"w1/cpu:0\",node=\"w1\"} 1";
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(20) && !scrape(&metrics_addr).contains(&computing) {
+    while t.elapsed() < Duration::from_secs(20) && !scrape(&metrics_addr).contains(computing) {
         std::thread::sleep(Duration::from_millis(2));
     }
     w1.child.kill().unwrap();
@@ -146,8 +173,13 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
     let head_log = head.stderr.clone();
     wait_for("the head to notice", &mut head, || log_has(&head_log, "node left"));
     // The run goes on with w2 alone.
-    wait_for("2 more steps", &mut head, || (metric_lines(&run_dir) >= killed_at + 2).then_some(()));
-    assert!(metric_lines(&run_dir) < steps as usize, "the run ended before w1 could come back");
+    wait_for("2 more steps", &mut head, || {
+        (metric_lines(&run_dir) >= killed_at + 2).then_some(())
+    });
+    assert!(
+        metric_lines(&run_dir) < steps as usize,
+        "the run ended before w1 could come back"
+    );
     let back_at = unix_ms();
     let _w1 = worker(&addr, "w1", &cookie_file);
 
@@ -180,7 +212,11 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
             assert!(rows.contains_key(&(ticket, row)), "ticket {ticket} row {row} was lost");
         }
     }
-    assert_eq!(rows.len() as u64, w * per_ticket as u64, "only accounted tickets are stored");
+    assert_eq!(
+        rows.len() as u64,
+        w * per_ticket as u64,
+        "only accounted tickets are stored"
+    );
     let summary: serde_json::Value = serde_json::from_str(
         String::from_utf8_lossy(&{
             let mut s = Vec::new();
@@ -193,7 +229,11 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
     )
     .unwrap();
     let last_report: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap().lines().last().unwrap(),
+        std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
     )
     .unwrap();
     let dropped = last_report["dropped_stale"].as_u64().unwrap();
@@ -202,7 +242,10 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
 
     // Only the workers sampled, and w1 sampled again after it came back.
     assert_eq!(samplers.keys().collect::<Vec<_>>(), ["rollout/w1/0", "rollout/w2/0"]);
-    assert!(samplers["rollout/w1/0"].iter().any(|&t| t >= back_at), "w1 sampled nothing after it came back");
+    assert!(
+        samplers["rollout/w1/0"].iter().any(|&t| t >= back_at),
+        "w1 sampled nothing after it came back"
+    );
     assert!(log.contains("node left"), "{log}");
     // What w1 held went to w2.
     assert!(log.contains("sampling a reissued ticket"), "{log}");
@@ -226,17 +269,28 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
         }
     }
     // w1 was sent the policy again after it came back (a new process holds none).
-    let w1_versions: Vec<u64> = sent.iter().filter(|v| v["node"] == "w1").map(|v| v["version"].as_u64().unwrap()).collect();
-    assert!(w1_versions.windows(2).any(|p| p[1] > p[0] + 1), "w1 versions {w1_versions:?}");
+    let w1_versions: Vec<u64> = sent
+        .iter()
+        .filter(|v| v["node"] == "w1")
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert!(
+        w1_versions.windows(2).any(|p| p[1] > p[0] + 1),
+        "w1 versions {w1_versions:?}"
+    );
     // actors.jsonl labels the remote samplers with their node.
     let actors = std::fs::read_to_string(run_dir.join("actors.jsonl")).unwrap();
-    assert!(actors.lines().any(|l| l.contains("\"node\":\"w2\"") && l.contains("\"device\":\"w2/cpu:0\"")));
+    assert!(actors
+        .lines()
+        .any(|l| l.contains("\"node\":\"w2\"") && l.contains("\"device\":\"w2/cpu:0\"")));
 }
 
 /// The head's Prometheus exposition text.
 fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return String::new() };
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
     let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
@@ -254,7 +308,9 @@ fn a_worker_with_another_cookie_is_refused_and_both_sides_log_it() {
     let wrong = dir.path().join("wrong-cookie");
     std::fs::write(&wrong, "not-the-cookie").unwrap();
     let mut head = head(&run_dir, "the-cookie", &["steps=1000"]);
-    let addr = wait_for("cluster_addr", &mut head, || std::fs::read_to_string(run_dir.join("cluster_addr")).ok());
+    let addr = wait_for("cluster_addr", &mut head, || {
+        std::fs::read_to_string(run_dir.join("cluster_addr")).ok()
+    });
     let mut w = worker(&addr, "w1", &wrong);
     let status = w.wait(Duration::from_secs(60));
     let wlog = w.log();
@@ -266,16 +322,31 @@ fn a_worker_with_another_cookie_is_refused_and_both_sides_log_it() {
     });
     // Nothing was placed on the refused worker: the head has no step yet.
     assert_eq!(metric_lines(&run_dir), 0);
-    let _ = Command::new("kill").args(["-INT", &head.child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-INT", &head.child.id().to_string()])
+        .status();
     head.wait(Duration::from_secs(120));
 
     // A head without any cookie does not start.
     let out = tandem()
-        .args(["run", config().to_str().unwrap(), "--run-dir", dir.path().join("nocookie").to_str().unwrap()])
-        .args(["--set", "cluster.listen=\"127.0.0.1:0\"", "--set", "metrics.enabled=false"])
+        .args([
+            "run",
+            config().to_str().unwrap(),
+            "--run-dir",
+            dir.path().join("nocookie").to_str().unwrap(),
+        ])
+        .args([
+            "--set",
+            "cluster.listen=\"127.0.0.1:0\"",
+            "--set",
+            "metrics.enabled=false",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("no cluster cookie") && stderr.contains("TANDEM_CLUSTER_COOKIE"), "{stderr}");
+    assert!(
+        stderr.contains("no cluster cookie") && stderr.contains("TANDEM_CLUSTER_COOKIE"),
+        "{stderr}"
+    );
 }

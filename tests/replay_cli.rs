@@ -215,7 +215,10 @@ fn rerun_step_reproduces_recorded_steps_exactly() {
     // after it, the weights are not compared and that is said.
     let v = last_json(&replay(run_dir(), &["--rerun-step", "0"]));
     assert_eq!(v["identical"], true, "{v}");
-    assert!(v["weights"]["note"].as_str().unwrap().contains("no checkpoint of step 1"));
+    assert!(v["weights"]["note"]
+        .as_str()
+        .unwrap()
+        .contains("no checkpoint of step 1"));
 
     // A recorded loss that does not match: exit 1, and the field shows the difference.
     let metrics = run.join("metrics.jsonl");
@@ -226,7 +229,8 @@ fn rerun_step_reproduces_recorded_steps_exactly() {
     std::fs::write(&metrics, edited.join("\n")).unwrap();
     let out = replay(&run, &["--rerun-step", "2"]);
     assert_eq!(out.status.code(), Some(1));
-    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     assert!((v["stats"]["policy_loss"]["abs_diff"].as_f64().unwrap() - 0.5).abs() < 1e-9);
 
     // No checkpoint before the step: a clear error, exit 2.

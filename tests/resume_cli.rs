@@ -87,7 +87,10 @@ fn sigkill_then_resume_matches_an_uninterrupted_sync_run() {
     let summary: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     let from = summary["resumed_from"].as_u64().unwrap();
-    assert!(from >= 4 && from as usize <= lines_at_kill, "resumed from {from}, {lines_at_kill} lines");
+    assert!(
+        from >= 4 && from as usize <= lines_at_kill,
+        "resumed from {from}, {lines_at_kill} lines"
+    );
 
     let (a, b) = (metrics(&whole), metrics(&killed));
     assert_eq!(b.len(), 8, "one line per step, none repeated");

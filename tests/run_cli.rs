@@ -125,7 +125,14 @@ fn bad_configs_name_the_file_line_and_key() {
     });
     let policy = format!("models.policy.path=\"{}\"", model.display());
     let run_dir = dir.path().join("r");
-    let args = ["run", &config("reward_model.toml"), "--set", &policy, "--run-dir", run_dir.to_str().unwrap()];
+    let args = [
+        "run",
+        &config("reward_model.toml"),
+        "--set",
+        &policy,
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ];
     fails_with(&args, &[model.to_str().unwrap(), &format!("transformer.h.{layers}.")]);
     write_cfg(&|c| {
         c.remove("n_embd");

@@ -48,7 +48,12 @@ fn trained_checkpoints_load_in_transformers() {
     for (config, dirs) in [
         (
             "configs/quickstart.toml",
-            &["policy", "critic", "checkpoints/step-3/policy", "checkpoints/step-3/critic"][..],
+            &[
+                "policy",
+                "critic",
+                "checkpoints/step-3/policy",
+                "checkpoints/step-3/critic",
+            ][..],
         ),
         ("configs/grpo.toml", &["policy", "checkpoints/step-3/policy"][..]),
     ] {

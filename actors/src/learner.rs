@@ -74,7 +74,7 @@ pub struct StepReport {
 
 /// What the learner tells the runtime, in order.
 pub enum LearnerEvent {
-    Report(StepReport),
+    Report(Box<StepReport>),
     /// Write a checkpoint of the state before `step`; the learner waits for the answer.
     Checkpoint {
         step: u64,
@@ -204,7 +204,11 @@ impl Actor for LearnerActor {
             return Ok(());
         };
         {
-            let mut hand = st.args.in_hand.lock().map_err(|_| ActorError::Other("in-hand lock".into()))?;
+            let mut hand = st
+                .args
+                .in_hand
+                .lock()
+                .map_err(|_| ActorError::Other("in-hand lock".into()))?;
             hand.clear();
             hand.extend(batch.trajectories.iter().cloned());
             hand.extend(batch.dropped.iter().cloned());
@@ -255,7 +259,11 @@ impl Actor for LearnerActor {
         let (stats, weights, copy_took) = out?;
         if stats.skipped_updates > 0 {
             st.nonfinite_streak += 1;
-            tracing::warn!(step, skipped = stats.skipped_updates, "non-finite loss or gradient; updates skipped");
+            tracing::warn!(
+                step,
+                skipped = stats.skipped_updates,
+                "non-finite loss or gradient; updates skipped"
+            );
         } else {
             st.nonfinite_streak = 0;
         }
@@ -314,11 +322,21 @@ impl Actor for LearnerActor {
             stats,
         };
         st.step += 1;
-        if st.args.events.send(LearnerEvent::Report(report)).await.is_err() {
+        if st
+            .args
+            .events
+            .send(LearnerEvent::Report(Box::new(report)))
+            .await
+            .is_err()
+        {
             me.stop(Some("report receiver gone".into()));
             return Ok(());
         }
-        st.args.in_hand.lock().map_err(|_| ActorError::Other("in-hand lock".into()))?.clear();
+        st.args
+            .in_hand
+            .lock()
+            .map_err(|_| ActorError::Other("in-hand lock".into()))?
+            .clear();
         if st.nonfinite_streak >= st.args.max_nonfinite_steps.max(1) {
             let last = st.last_checkpoint.map_or("none".to_string(), |k| format!("step-{k}"));
             let msg = format!(

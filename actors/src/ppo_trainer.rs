@@ -277,7 +277,11 @@ impl PpoTrainer {
                 opt.load_state(n, &prefixed("critic/"))?;
             }
             (None, None, None) => {}
-            _ => return Err(ActorError::Other("checkpoint and run disagree on having a critic".into())),
+            _ => {
+                return Err(ActorError::Other(
+                    "checkpoint and run disagree on having a critic".into(),
+                ))
+            }
         }
         self.kl.restore_beta(s.beta).map_err(rl)?;
         self.completed_steps = s.completed_steps;

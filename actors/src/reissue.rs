@@ -116,7 +116,10 @@ mod tests {
         assert_eq!(s.below, 4);
         assert_eq!(s.above, BTreeSet::from([5]));
         s.remove(1);
-        assert_eq!((s.below, s.contains(1), s.contains(2), s.contains(5)), (1, false, true, true));
+        assert_eq!(
+            (s.below, s.contains(1), s.contains(2), s.contains(5)),
+            (1, false, true, true)
+        );
         assert!(s.insert(1));
         assert_eq!(s.below, 4);
     }

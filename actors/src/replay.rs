@@ -137,7 +137,11 @@ impl Actor for ReplayActor {
         let restore = std::mem::take(&mut args.restore);
         let st = ReplayState {
             args,
-            buffer: restore.buffered.into_iter().map(|t| (t, StageTimes::default())).collect(),
+            buffer: restore
+                .buffered
+                .into_iter()
+                .map(|t| (t, StageTimes::default()))
+                .collect(),
             pending: None,
             credit: None,
             dropped_stale: restore.dropped_stale,
@@ -159,7 +163,10 @@ impl Actor for ReplayActor {
         let _timer = st.args.meter.time_handle();
         match msg {
             ReplayMsg::Arrived(batch, credit) if !st.arrived.insert(batch.ticket.id) => {
-                tracing::warn!(ticket = batch.ticket.id, "ticket arrived twice; the second copy is discarded");
+                tracing::warn!(
+                    ticket = batch.ticket.id,
+                    "ticket arrived twice; the second copy is discarded"
+                );
                 metrics::counter!("tandem_replay_duplicate_tickets").increment(1);
                 st.credit = Some(credit);
             }
@@ -178,7 +185,7 @@ impl Actor for ReplayActor {
             ReplayMsg::Closed => st.closed = true,
             ReplayMsg::NextBatch { version, reply } => st.pending = Some((version, reply)),
             ReplayMsg::Checkpoint(reply) => {
-                let mut buffered: Vec<Trajectory> = st.dropped.iter().cloned().collect();
+                let mut buffered: Vec<Trajectory> = st.dropped.to_vec();
                 buffered.extend(st.buffer.iter().map(|(t, _)| t.clone()));
                 buffered.sort_by_key(|t| (t.ticket, t.row));
                 let _ = reply.send(ReplayCheckpoint {

@@ -162,8 +162,18 @@ impl RolloutActor {
         version: u64,
         model: Arc<LanguageModel>,
     ) -> Result<TrajectoryBatch, ActorProcessingErr> {
-        let batch = sample_ticket(&st.args.executor, model, &st.args.sampling, ticket, version, &st.args.name).await?;
-        st.args.meter.busy(std::time::Duration::from_secs_f64(batch.times.generate_s));
+        let batch = sample_ticket(
+            &st.args.executor,
+            model,
+            &st.args.sampling,
+            ticket,
+            version,
+            &st.args.name,
+        )
+        .await?;
+        st.args
+            .meter
+            .busy(std::time::Duration::from_secs_f64(batch.times.generate_s));
         st.args.meter.items(batch.tokens_generated as u64);
         metrics::counter!("tandem_rollout_batches_total", &st.args.meter.labels()).increment(1);
         Ok(batch)

@@ -201,10 +201,7 @@ pub fn read(dir: &Path, device: &Device) -> Result<Checkpoint, RuntimeError> {
     })?;
     let replay_path = dir.join("replay.bin");
     let bytes = std::fs::read(&replay_path).map_err(|e| RuntimeError::io(&replay_path, e))?;
-    let replay = decode_trajectories(&bytes).map_err(|msg| RuntimeError::Config {
-        path: replay_path,
-        msg,
-    })?;
+    let replay = decode_trajectories(&bytes).map_err(|msg| RuntimeError::Config { path: replay_path, msg })?;
     let trainer = TrainerState {
         policy,
         critic,

@@ -652,15 +652,24 @@ impl Config {
         }
         let mut names = std::collections::BTreeSet::new();
         for n in &p.nodes {
-            let ok = !n.name.is_empty() && n.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            let ok = !n.name.is_empty()
+                && n.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
             if !ok {
-                return Err(format!("placement.nodes: name {:?} must be letters, digits, '-' or '_'", n.name));
+                return Err(format!(
+                    "placement.nodes: name {:?} must be letters, digits, '-' or '_'",
+                    n.name
+                ));
             }
             if !names.insert(&n.name) {
                 return Err(format!("placement.nodes: node {:?} is placed twice", n.name));
             }
             if n.rollouts == 0 || n.devices.is_empty() {
-                return Err(format!("placement.nodes {:?}: needs rollouts >= 1 and a device", n.name));
+                return Err(format!(
+                    "placement.nodes {:?}: needs rollouts >= 1 and a device",
+                    n.name
+                ));
             }
         }
         match &self.cluster {

@@ -43,8 +43,8 @@ use tandem_actors::rollout::{RolloutActor, RolloutArgs};
 use tandem_actors::snapshot::{SnapshotActor, SnapshotArgs};
 use tandem_actors::value::{ValueActor, ValueArgs};
 use tandem_actors::{
-    stage_channel, ActorError, ActorMeter, Advantage, DeviceId, Executor, Faults, HeldTickets, LearnerEvent, PpoTrainer,
-    ReissueQueue, StepReport, Trajectory, TrajectoryBatch, WeightsSnapshot,
+    stage_channel, ActorError, ActorMeter, Advantage, DeviceId, Executor, Faults, HeldTickets, LearnerEvent,
+    PpoTrainer, ReissueQueue, StepReport, Trajectory, TrajectoryBatch, WeightsSnapshot,
 };
 use tandem_models::{
     load_tensors, save_checkpoint, snapshot, HeadKind, LanguageModel, ModelConfig, ScalarModel, TextTokenizer,
@@ -183,7 +183,11 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
             dir: &dir,
             seed: cfg.seed.wrapping_add(1),
         };
-        Some(ScalarModel::trainable(&config.with_head(HeadKind::Scalar), init, device)?)
+        Some(ScalarModel::trainable(
+            &config.with_head(HeadKind::Scalar),
+            init,
+            device,
+        )?)
     } else {
         None
     };
@@ -253,12 +257,8 @@ impl CheckpointWriter {
         let trainer = self.trainer.clone();
         let run_dir = self.run_dir.clone();
         let (policy_config, critic_config) = (self.policy_config.clone(), self.critic_config.clone());
-        let (tokenizer, config_toml, keep, seed) = (
-            self.tokenizer.clone(),
-            self.config_toml.clone(),
-            self.keep,
-            self.seed,
-        );
+        let (tokenizer, config_toml, keep, seed) =
+            (self.tokenizer.clone(), self.config_toml.clone(), self.keep, self.seed);
         tokio::task::spawn_blocking(move || -> Result<PathBuf, String> {
             let state = {
                 let t = trainer
@@ -318,7 +318,11 @@ fn set_aside_metrics(path: &Path, step: u64) -> Result<(), RuntimeError> {
         let s = serde_json::from_str::<serde_json::Value>(line)
             .ok()
             .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
-        let out = if s.is_some_and(|s| s < step) { &mut keep } else { &mut aside };
+        let out = if s.is_some_and(|s| s < step) {
+            &mut keep
+        } else {
+            &mut aside
+        };
         out.push_str(line);
         out.push('\n');
     }
@@ -580,7 +584,12 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     .await?;
 
     let name = format!("reward/{}", p.reward_device);
-    let m = meter("reward", &name, p.reward_device.to_string(), Some(gen_rx.stats().clone()));
+    let m = meter(
+        "reward",
+        &name,
+        p.reward_device.to_string(),
+        Some(gen_rx.stats().clone()),
+    );
     meters.push(m.clone());
     let held = HeldTickets::default();
     let args = RewardArgs {
@@ -719,7 +728,10 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                 break;
             }
             if Instant::now() >= deadline {
-                tracing::warn!(?missing, "starting without every placed node; their samplers begin when they join");
+                tracing::warn!(
+                    ?missing,
+                    "starting without every placed node; their samplers begin when they join"
+                );
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -858,7 +870,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                     }
                     latest_version = r.policy_version + 1;
                     next_step = r.step + 1;
-                    reports.push(r);
+                    reports.push(*r);
                 }
                 Some(LearnerEvent::Checkpoint { step, version, wall_s, reply }) => {
                     let r = checkpoints.write(step, version, wall_s, vec![]).await;

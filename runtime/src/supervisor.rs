@@ -105,7 +105,11 @@ impl Actor for RunSupervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, _me: ActorRef<SupervisorMsg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
         Ok(SupervisorState {
             args,
             specs: HashMap::new(),
@@ -224,7 +228,7 @@ impl RunSupervisor {
         if !held.is_empty() {
             tracing::info!(actor = %name, tickets = ?held.iter().map(|t| t.id).collect::<Vec<_>>(), "reissuing held tickets");
             st.args.reissued.push(held);
-            for (_, (_, role, cell)) in &st.live {
+            for (_, role, cell) in st.live.values() {
                 if *role == ChildRole::Rollout {
                     // A local sampler or a worker node's proxy; the other cast fails on the type.
                     if cell.send_message(RolloutMsg::Reissued).is_err() {

@@ -68,7 +68,11 @@ async fn injected_actor_panics_lose_no_prompts() {
             assert!(rows.contains_key(&(ticket, row)), "ticket {ticket} row {row} was lost");
         }
     }
-    assert_eq!(rows.len() as u64, w * per_ticket as u64, "only accounted tickets are stored");
+    assert_eq!(
+        rows.len() as u64,
+        w * per_ticket as u64,
+        "only accounted tickets are stored"
+    );
     let dropped: u64 = s.reports.last().unwrap().dropped_stale;
     let used = 10 * cfg.batch_size() as u64;
     assert_eq!(rows.len() as u64, used + dropped + ck.replay.len() as u64);
@@ -92,7 +96,10 @@ async fn too_many_failures_stop_the_run_with_a_checkpoint() {
     let e = run(&cfg, options(dir.path(), false)).await.unwrap_err().to_string();
     assert!(e.contains("rollout/cpu:0/0"), "{e}");
     assert!(e.contains("injected fault: rollout batch"), "{e}");
-    assert!(e.contains("3 actor failures within 60 s exceed supervision.max_restarts = 2"), "{e}");
+    assert!(
+        e.contains("3 actor failures within 60 s exceed supervision.max_restarts = 2"),
+        "{e}"
+    );
     assert!(e.contains("latest checkpoint:") && e.contains("step-0"), "{e}");
     assert_eq!(checkpoint::list(dir.path()).unwrap().len(), 1);
 }
@@ -139,18 +146,31 @@ async fn non_finite_steps_are_skipped_then_stop_the_run_keeping_the_checkpoint_b
     let updates_per_step = 4 * 2; // ppo_epochs x minibatches in configs/sync.toml
     assert_eq!(r[2].stats.skipped_updates, updates_per_step);
     assert_eq!((r[2].nonfinite_streak, r[3].nonfinite_streak), (1, 0));
-    assert!(r.iter().all(|x| x.stats.beta.is_finite() && x.stats.policy_loss.is_finite()));
+    assert!(r
+        .iter()
+        .all(|x| x.stats.beta.is_finite() && x.stats.policy_loss.is_finite()));
 
     // Three in a row: the run stops after the third, and no checkpoint is taken meanwhile.
     let dir = tempfile::tempdir().unwrap();
     let cfg = load(
         "sync.toml",
-        &["steps=10", "checkpoint.every=2", "faults.nonfinite_loss_steps=[3, 4, 5]"],
+        &[
+            "steps=10",
+            "checkpoint.every=2",
+            "faults.nonfinite_loss_steps=[3, 4, 5]",
+        ],
     );
     let e = run(&cfg, options(dir.path(), false)).await.unwrap_err().to_string();
-    assert!(e.contains("3 learner steps in a row (steps 3..=5) had a non-finite loss or gradient"), "{e}");
+    assert!(
+        e.contains("3 learner steps in a row (steps 3..=5) had a non-finite loss or gradient"),
+        "{e}"
+    );
     assert!(e.contains("the last checkpoint before them is step-2"), "{e}");
-    let kept: Vec<u64> = checkpoint::list(dir.path()).unwrap().into_iter().map(|(k, _)| k).collect();
+    let kept: Vec<u64> = checkpoint::list(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
     assert_eq!(kept, vec![0, 2]);
     let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 6);

@@ -69,11 +69,16 @@ pub const COOKIE_ENV: &str = "TANDEM_CLUSTER_COOKIE";
 /// The shared secret: the file's content (trimmed), else `TANDEM_CLUSTER_COOKIE`.
 pub fn read_cookie(file: Option<&Path>) -> Result<String, RuntimeError> {
     let cookie = match file {
-        Some(f) => std::fs::read_to_string(f).map_err(|e| RuntimeError::io(f, e))?.trim().to_string(),
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| RuntimeError::io(f, e))?
+            .trim()
+            .to_string(),
         None => std::env::var(COOKIE_ENV).unwrap_or_default().trim().to_string(),
     };
     if cookie.is_empty() {
-        let from = file.map_or(format!("{COOKIE_ENV} is not set"), |f| format!("{} is empty", f.display()));
+        let from = file.map_or(format!("{COOKIE_ENV} is not set"), |f| {
+            format!("{} is empty", f.display())
+        });
         return Err(RuntimeError::Other(format!(
             "no cluster cookie: {from}; give a cookie file or set {COOKIE_ENV} (there is no default)"
         )));
@@ -91,7 +96,8 @@ async fn start_server(
     let addr = if listen.port() == 0 {
         let l = std::net::TcpListener::bind(listen)
             .map_err(|e| RuntimeError::Other(format!("cluster listener {listen}: {e}")))?;
-        l.local_addr().map_err(|e| RuntimeError::Other(format!("cluster listener: {e}")))?
+        l.local_addr()
+            .map_err(|e| RuntimeError::Other(format!("cluster listener: {e}")))?
     } else {
         listen
     };
@@ -124,7 +130,10 @@ pub struct Head {
 
 /// Starts the head's listener; nodes not in `expected` are logged (and never used).
 pub async fn start_head(cfg: &ClusterConfig, cookie: String, expected: Vec<String>) -> Result<Head, RuntimeError> {
-    let listen: SocketAddr = cfg.listen.parse().map_err(|_| RuntimeError::Other("cluster.listen".into()))?;
+    let listen: SocketAddr = cfg
+        .listen
+        .parse()
+        .map_err(|_| RuntimeError::Other("cluster.listen".into()))?;
     let events = HeadEvents {
         expected,
         authenticated: Mutex::new(HashSet::new()),

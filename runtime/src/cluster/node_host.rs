@@ -99,7 +99,12 @@ impl Actor for NodeHostActor {
         })
     }
 
-    async fn handle(&self, _me: ActorRef<NodeMsg>, msg: NodeMsg, st: &mut NodeHostState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<NodeMsg>,
+        msg: NodeMsg,
+        st: &mut NodeHostState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             NodeMsg::Setup(bytes, reply) => {
                 let result = self.setup(st, &bytes);
@@ -149,15 +154,26 @@ impl NodeHostActor {
     fn setup(&self, st: &mut NodeHostState, bytes: &[u8]) -> Result<Option<u64>, String> {
         let s: Setup = wire::decode(bytes, "setup")?;
         if s.node != st.args.name {
-            return Err(format!("the head placed node {:?} here, but this node is {:?}", s.node, st.args.name));
+            return Err(format!(
+                "the head placed node {:?} here, but this node is {:?}",
+                s.node, st.args.name
+            ));
         }
         if let Some(d) = s.slots.iter().find(|d| !st.executors.contains_key(d)) {
             return Err(format!(
                 "the head placed a rollout on {d}, which this node does not offer (--devices {})",
-                st.args.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
+                st.args
+                    .devices
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
             ));
         }
-        let same = st.hosted.as_ref().is_some_and(|h| h.config_json == s.model_config_json && h.slots == s.slots);
+        let same = st
+            .hosted
+            .as_ref()
+            .is_some_and(|h| h.config_json == s.model_config_json && h.slots == s.slots);
         if !same {
             st.models = None;
         }
@@ -199,7 +215,10 @@ impl NodeHostActor {
             return;
         }
         if c.index != i.next || c.total != i.total {
-            i.error = Some(format!("chunk {}/{} arrived when {}/{} was expected", c.index, c.total, i.next, i.total));
+            i.error = Some(format!(
+                "chunk {}/{} arrived when {}/{} was expected",
+                c.index, c.total, i.next, i.total
+            ));
             return;
         }
         i.bytes.extend_from_slice(&c.data);
@@ -209,9 +228,11 @@ impl NodeHostActor {
     async fn commit(&self, st: &mut NodeHostState, bytes: &[u8]) -> Result<f64, String> {
         let c: Commit = wire::decode(bytes, "commit")?;
         let hosted = st.hosted.as_ref().ok_or("weights before setup")?;
-        let inc = st.incoming.take().filter(|i| i.version == c.version).ok_or_else(|| {
-            format!("commit of version {} without its chunks", c.version)
-        })?;
+        let inc = st
+            .incoming
+            .take()
+            .filter(|i| i.version == c.version)
+            .ok_or_else(|| format!("commit of version {} without its chunks", c.version))?;
         if let Some(e) = inc.error {
             return Err(e);
         }
@@ -239,7 +260,8 @@ impl NodeHostActor {
             let (model, _) = st.executors[&d]
                 .run(move |dev| -> Result<LanguageModel, String> {
                     let tensors = wire::weights_from_bytes(&blob, dev)?;
-                    LanguageModel::from_tensors(&config, tensors, dev).map_err(|e| format!("cannot build the policy: {e}"))
+                    LanguageModel::from_tensors(&config, tensors, dev)
+                        .map_err(|e| format!("cannot build the policy: {e}"))
                 })
                 .await
                 .map_err(|e| e.to_string())?;
@@ -252,8 +274,16 @@ impl NodeHostActor {
 
     fn sample_job(&self, st: &NodeHostState, req: &SampleRequest) -> Result<SampleJob, String> {
         let hosted = st.hosted.as_ref().ok_or("sample before setup")?;
-        let d = *hosted.slots.get(req.slot as usize).ok_or_else(|| format!("no rollout slot {}", req.slot))?;
+        let d = *hosted
+            .slots
+            .get(req.slot as usize)
+            .ok_or_else(|| format!("no rollout slot {}", req.slot))?;
         let (version, models) = st.models.as_ref().ok_or("no policy weights yet")?;
-        Ok((st.executors[&d].clone(), models[&d].clone(), *version, hosted.sampling.clone()))
+        Ok((
+            st.executors[&d].clone(),
+            models[&d].clone(),
+            *version,
+            hosted.sampling.clone(),
+        ))
     }
 }

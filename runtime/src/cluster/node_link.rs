@@ -134,7 +134,12 @@ impl Actor for NodeLinkActor {
         Ok(())
     }
 
-    async fn handle(&self, me: ActorRef<LinkMsg>, msg: LinkMsg, st: &mut NodeLinkState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<LinkMsg>,
+        msg: LinkMsg,
+        st: &mut NodeLinkState,
+    ) -> Result<(), ActorProcessingErr> {
         let _timer = st.args.meter.time_handle();
         match msg {
             LinkMsg::Publish(w) => {
@@ -166,7 +171,10 @@ impl Actor for NodeLinkActor {
                     }
                 }
                 GroupChangeMessage::Leave(_, group, cells) if group == st.group => {
-                    let left = st.joined.as_ref().is_some_and(|h| cells.iter().any(|c| c.get_id() == h.get_id()));
+                    let left = st
+                        .joined
+                        .as_ref()
+                        .is_some_and(|h| cells.iter().any(|c| c.get_id() == h.get_id()));
                     if left {
                         tracing::warn!(node = %st.args.node, "node left; its samplers wait for it to come back");
                         self.down(st);
@@ -268,7 +276,9 @@ impl NodeLinkActor {
             .call(|r| NodeMsg::Commit(commit, r), Some(Duration::from_secs(300)))
             .await
             .map_err(|e| e.to_string())?
-            .success_or(ActorProcessingErr::from("no reply to the commit (node gone or timed out)"))
+            .success_or(ActorProcessingErr::from(
+                "no reply to the commit (node gone or timed out)",
+            ))
             .map_err(|e| e.to_string())?;
         let build_s = wire::decode::<CommitReply>(&reply, "commit reply")?.result?;
         let secs = started.elapsed().as_secs_f64();

@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tandem_actors::{ActorMeter, ActorState, HeldTickets, ReissueQueue, StageReceiver, StageSender, TrajectoryBatch, WorkTicket};
+use tandem_actors::{
+    ActorMeter, ActorState, HeldTickets, ReissueQueue, StageReceiver, StageSender, TrajectoryBatch, WorkTicket,
+};
 use tokio::sync::watch;
 
 use super::node_host::NodeMsg;
@@ -74,10 +76,7 @@ impl Actor for RemoteRolloutActor {
         args: RemoteRolloutArgs,
     ) -> Result<RemoteRolloutState, ActorProcessingErr> {
         me.cast(RemoteRolloutMsg::Step)?;
-        Ok(RemoteRolloutState {
-            args,
-            pending: None,
-        })
+        Ok(RemoteRolloutState { args, pending: None })
     }
 
     async fn handle(
@@ -147,7 +146,11 @@ impl Actor for RemoteRolloutActor {
 
 impl RemoteRolloutActor {
     /// Casts `Step` once the node's view changes (joined, left, or a new version).
-    fn wait_for_node(&self, me: &ActorRef<RemoteRolloutMsg>, st: &mut RemoteRolloutState) -> Result<(), ActorProcessingErr> {
+    fn wait_for_node(
+        &self,
+        me: &ActorRef<RemoteRolloutMsg>,
+        st: &mut RemoteRolloutState,
+    ) -> Result<(), ActorProcessingErr> {
         // The clone has seen what this Step saw: it wakes on the next change only.
         let mut view = st.args.view.clone();
         let me = me.clone();
@@ -174,7 +177,11 @@ impl RemoteRolloutActor {
         let reply = match host.call(|r| NodeMsg::Sample(req, r), Some(st.args.timeout)).await {
             Ok(CallResult::Success(bytes)) => bytes,
             Ok(CallResult::Timeout) => {
-                return Err(format!("node {node}: no batch for ticket {} within {:?}", ticket.id, st.args.timeout).into())
+                return Err(format!(
+                    "node {node}: no batch for ticket {} within {:?}",
+                    ticket.id, st.args.timeout
+                )
+                .into())
             }
             Ok(CallResult::SenderError) | Err(_) => {
                 return Err(format!("node {node} went away while sampling ticket {}", ticket.id).into())

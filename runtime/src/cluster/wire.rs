@@ -62,14 +62,19 @@ impl WeightChunk {
     /// Decodes and checks the chunk's CRC32.
     pub fn decode(mut bytes: Vec<u8>) -> Result<Self, String> {
         if bytes.len() < CHUNK_HEADER {
-            return Err(format!("weight chunk of {} bytes is shorter than its header", bytes.len()));
+            return Err(format!(
+                "weight chunk of {} bytes is shorter than its header",
+                bytes.len()
+            ));
         }
         let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
         let version = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
         let (index, total, crc32) = (u32_at(8), u32_at(12), u32_at(16));
         let data = bytes.split_off(CHUNK_HEADER);
         if crc32fast::hash(&data) != crc32 {
-            return Err(format!("weight chunk {index}/{total} of version {version}: CRC32 mismatch"));
+            return Err(format!(
+                "weight chunk {index}/{total} of version {version}: CRC32 mismatch"
+            ));
         }
         Ok(Self {
             version,
@@ -175,7 +180,10 @@ mod tests {
     fn weights_round_trip_through_safetensors_bytes() {
         let dev = Device::Cpu;
         let mut t = HashMap::new();
-        t.insert("a".to_string(), Tensor::arange(0f32, 6.0, &dev).unwrap().reshape((2, 3)).unwrap());
+        t.insert(
+            "a".to_string(),
+            Tensor::arange(0f32, 6.0, &dev).unwrap().reshape((2, 3)).unwrap(),
+        );
         t.insert("b".to_string(), Tensor::new(&[1.5f32], &dev).unwrap());
         let bytes = weights_to_bytes(&t).unwrap();
         assert_eq!(bytes, weights_to_bytes(&t).unwrap());

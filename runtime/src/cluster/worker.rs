@@ -95,7 +95,10 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
                         tracing::info!(head = %opts.join, "the head is gone; exiting");
                         Ok(())
                     } else {
-                        Err(RuntimeError::Other(format!("cannot reach the head at {}: {e}", opts.join)))
+                        Err(RuntimeError::Other(format!(
+                            "cannot reach the head at {}: {e}",
+                            opts.join
+                        )))
                     };
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,

@@ -298,13 +298,18 @@ pub fn set_aside_from_step(dir: &Path, step: u64) -> Result<usize, StoreError> {
     let aside = |p: &Path, suffix: String| {
         p.with_file_name(format!(
             "{}.{suffix}",
-            p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ))
     };
     let buf = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
     let kept = aside(path, format!("superseded-{offset}"));
     std::fs::write(&kept, &buf[*offset as usize..]).map_err(|e| StoreError::io(&kept, e))?;
-    let f = OpenOptions::new().write(true).open(path).map_err(|e| StoreError::io(path, e))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))?;
     f.set_len(*offset).map_err(|e| StoreError::io(path, e))?;
     f.sync_all().map_err(|e| StoreError::io(path, e))?;
     for (_, later) in list_segments(dir)?.into_iter().filter(|(_, p)| p > path) {
