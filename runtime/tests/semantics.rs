@@ -22,10 +22,14 @@ fn metrics_without_timings(dir: &std::path::Path) -> Vec<Value> {
                 "learn_s",
                 "weight_sync_s",
                 "learner_wait_s",
+                "checkpoint_s",
                 "adopt_latency_s",
                 "wall_s",
             ] {
-                assert!(m.remove(k).is_some() || k == "adopt_latency_s", "missing {k}");
+                assert!(
+                    m.remove(k).is_some() || k == "adopt_latency_s" || k == "checkpoint_s",
+                    "missing {k}"
+                );
             }
             v
         })
