@@ -1,7 +1,7 @@
 //! Worker nodes over loopback: a head (`tandem run configs/cluster.toml`) and two `tandem node`
 //! processes. A worker SIGKILLed mid-run loses no prompts (its tickets are reissued to the other
 //! worker), comes back under the same name and samples again; the run finishes with every
-//! ticket accounted for. A worker with another cookie is refused, and both sides log it.
+//! ticket accounted for, and the policy learns. A worker with another cookie is refused, and both sides log it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -140,8 +140,9 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
     let run_dir = dir.path().join("run");
     let cookie_file = dir.path().join("cookie");
     std::fs::write(&cookie_file, "s3cret-cookie\n").unwrap();
-    let steps = 14u64;
-    let mut head = head(&run_dir, "s3cret-cookie", &[&format!("steps={steps}")]);
+    // The shipped config as it is (step count included), but for the listener and endpoint.
+    let steps = 30u64;
+    let mut head = head(&run_dir, "s3cret-cookie", &[]);
     let addr = wait_for("cluster_addr", &mut head, || {
         std::fs::read_to_string(run_dir.join("cluster_addr")).ok()
     });
@@ -239,6 +240,20 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
     let dropped = last_report["dropped_stale"].as_u64().unwrap();
     assert_eq!(rows.len() as u64, steps * 32 + dropped + ck.replay.len() as u64);
     assert_eq!(summary["steps"], steps);
+    // And it learns, as the quickstart does (the margin of runtime/tests/configs.rs).
+    let rewards: Vec<f64> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["reward_mean"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let q = rewards.len() / 4;
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let (first, last) = (mean(&rewards[..q]), mean(&rewards[rewards.len() - q..]));
+    assert!(last > first + 0.05, "reward {first:.3} -> {last:.3}");
 
     // Only the workers sampled, and w1 sampled again after it came back.
     assert_eq!(samplers.keys().collect::<Vec<_>>(), ["rollout/w1/0", "rollout/w2/0"]);

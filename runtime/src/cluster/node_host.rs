@@ -201,10 +201,11 @@ impl NodeHostActor {
         };
         if c.index == 0 {
             st.incoming = Some(Incoming {
+                // A capacity hint only; the head is authenticated, but keep the hint sane.
+                bytes: Vec::with_capacity(c.data().len().saturating_mul(c.total as usize).min(1 << 30)),
                 version: c.version,
                 next: 0,
                 total: c.total,
-                bytes: Vec::new(),
                 error: None,
             });
         }
@@ -221,7 +222,7 @@ impl NodeHostActor {
             ));
             return;
         }
-        i.bytes.extend_from_slice(&c.data);
+        i.bytes.extend_from_slice(c.data());
         i.next += 1;
     }
 

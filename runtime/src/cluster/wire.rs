@@ -36,42 +36,57 @@ pub struct SetupReply {
     pub result: Result<Option<u64>, String>,
 }
 
-/// One piece of a version's safetensors blob.
+/// One piece of a version's safetensors blob, kept in its encoded frame (a 20-byte header:
+/// version, index, total, CRC32 of the data; then the data) so it is copied once per side.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WeightChunk {
     pub version: u64,
     pub index: u32,
     pub total: u32,
     pub crc32: u32,
-    pub data: Vec<u8>,
+    frame: Vec<u8>,
 }
 
 const CHUNK_HEADER: usize = 8 + 4 + 4 + 4;
 
 impl WeightChunk {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(CHUNK_HEADER + self.data.len());
-        out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&self.index.to_le_bytes());
-        out.extend_from_slice(&self.total.to_le_bytes());
-        out.extend_from_slice(&self.crc32.to_le_bytes());
-        out.extend_from_slice(&self.data);
-        out
+    pub fn new(version: u64, index: u32, total: u32, data: &[u8]) -> Self {
+        let crc32 = crc32fast::hash(data);
+        let mut frame = Vec::with_capacity(CHUNK_HEADER + data.len());
+        frame.extend_from_slice(&version.to_le_bytes());
+        frame.extend_from_slice(&index.to_le_bytes());
+        frame.extend_from_slice(&total.to_le_bytes());
+        frame.extend_from_slice(&crc32.to_le_bytes());
+        frame.extend_from_slice(data);
+        Self {
+            version,
+            index,
+            total,
+            crc32,
+            frame,
+        }
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.frame[CHUNK_HEADER..]
+    }
+
+    pub fn encode(self) -> Vec<u8> {
+        self.frame
     }
 
     /// Decodes and checks the chunk's CRC32.
-    pub fn decode(mut bytes: Vec<u8>) -> Result<Self, String> {
-        if bytes.len() < CHUNK_HEADER {
+    pub fn decode(frame: Vec<u8>) -> Result<Self, String> {
+        if frame.len() < CHUNK_HEADER {
             return Err(format!(
                 "weight chunk of {} bytes is shorter than its header",
-                bytes.len()
+                frame.len()
             ));
         }
-        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
-        let version = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let u32_at = |i: usize| u32::from_le_bytes(frame[i..i + 4].try_into().expect("4 bytes"));
+        let version = u64::from_le_bytes(frame[..8].try_into().expect("8 bytes"));
         let (index, total, crc32) = (u32_at(8), u32_at(12), u32_at(16));
-        let data = bytes.split_off(CHUNK_HEADER);
-        if crc32fast::hash(&data) != crc32 {
+        if crc32fast::hash(&frame[CHUNK_HEADER..]) != crc32 {
             return Err(format!(
                 "weight chunk {index}/{total} of version {version}: CRC32 mismatch"
             ));
@@ -81,7 +96,7 @@ impl WeightChunk {
             index,
             total,
             crc32,
-            data,
+            frame,
         })
     }
 }
@@ -92,14 +107,7 @@ pub fn chunks(version: u64, blob: &[u8], chunk_bytes: usize) -> impl Iterator<It
     (0..total).map(move |i| {
         let lo = (i as usize * chunk_bytes).min(blob.len());
         let hi = (lo + chunk_bytes).min(blob.len());
-        let data = blob[lo..hi].to_vec();
-        WeightChunk {
-            version,
-            index: i,
-            total,
-            crc32: crc32fast::hash(&data),
-            data,
-        }
+        WeightChunk::new(version, i, total, &blob[lo..hi])
     })
 }
 
@@ -162,15 +170,15 @@ mod tests {
         let blob: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let parts: Vec<WeightChunk> = chunks(3, &blob, 4096).collect();
         assert_eq!(parts.len(), 3);
-        assert!(parts.iter().all(|c| c.data.len() <= 4096 && c.total == 3));
+        assert!(parts.iter().all(|c| c.data().len() <= 4096 && c.total == 3));
         let mut back = Vec::new();
         for c in &parts {
-            let d = WeightChunk::decode(c.encode()).unwrap();
+            let d = WeightChunk::decode(c.clone().encode()).unwrap();
             assert_eq!(&d, c);
-            back.extend(d.data);
+            back.extend_from_slice(d.data());
         }
         assert_eq!(back, blob);
-        let mut bad = parts[1].encode();
+        let mut bad = parts[1].clone().encode();
         bad[CHUNK_HEADER + 5] ^= 1;
         assert!(WeightChunk::decode(bad).unwrap_err().contains("CRC32 mismatch"));
         assert!(WeightChunk::decode(vec![0; 3]).is_err());
