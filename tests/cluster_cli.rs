@@ -365,3 +365,45 @@ fn a_worker_with_another_cookie_is_refused_and_both_sides_log_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn cluster_keys_are_checked() {
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/quickstart.toml");
+    for (set, needle) in [
+        (
+            "placement.nodes=[{name=\"w1\", rollouts=1}]",
+            "placement.nodes needs a [cluster] section",
+        ),
+        (
+            "cluster.listen=\"nowhere\"",
+            "cluster.listen: \"nowhere\" is not HOST:PORT",
+        ),
+        ("cluster.chunk_bytes=16", "cluster.chunk_bytes must be between"),
+    ] {
+        let out = tandem()
+            .args(["run", quickstart.to_str().unwrap(), "--set", set])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{set}: {stderr}");
+        assert!(stderr.contains(needle), "{set}: {stderr}");
+    }
+    let out = tandem()
+        .args([
+            "run",
+            config().to_str().unwrap(),
+            "--set",
+            "placement.nodes=[{name=\"w 1\", rollouts=1}]",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be letters, digits"));
+    // A worker without a cookie does not start.
+    let out = tandem()
+        .args(["node", "--join", "127.0.0.1:1", "--name", "w1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no cluster cookie"), "{stderr}");
+}
