@@ -18,6 +18,7 @@
 //! - Compute runs on [`device::Executor`] threads, never on tokio workers.
 
 pub mod channel;
+pub mod command_reward;
 pub mod device;
 pub mod error;
 pub mod learner;
@@ -26,7 +27,10 @@ pub mod ppo_trainer;
 pub mod replay;
 pub mod reward;
 pub mod reward_source;
+pub mod rm_learner;
+pub mod rm_trainer;
 pub mod rollout;
+pub mod rule_reward;
 pub mod snapshot;
 pub mod trajectory;
 pub mod value;

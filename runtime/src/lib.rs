@@ -8,11 +8,14 @@
 pub mod builtin;
 pub mod config;
 pub mod error;
+pub mod mock_labeller;
 pub mod pipeline;
 pub mod prompts;
+pub mod reward_sources;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
+pub mod train_rm;
 
 pub use config::{Config, Retention, StoreConfig};
 pub use error::RuntimeError;

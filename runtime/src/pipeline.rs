@@ -524,14 +524,15 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     })
 }
 
-/// The reward source the config names: the reward model, or the positive-words rule over the
-/// policy's tokenizer. `tandem replay --rescore` builds it the same way.
+/// The reward source the config names: the reward model, the positive-words rule over the
+/// policy's tokenizer, or a rule/command source ([`crate::reward_sources`]), with the config's
+/// score shaping. `tandem replay --rescore` builds it the same way.
 pub fn reward_source(
     cfg: &Config,
     tokenizer: &TextTokenizer,
     device: &candle_core::Device,
 ) -> Result<Arc<dyn RewardSource>, RuntimeError> {
-    Ok(match cfg.reward.kind {
+    let source: Arc<dyn RewardSource> = match cfg.reward.kind {
         RewardKind::RewardModel => {
             let dir = cfg.reward.model.as_ref().ok_or_else(|| RuntimeError::Config {
                 path: "config.toml".into(),
@@ -553,7 +554,9 @@ pub fn reward_source(
             }
             Arc::new(TokenSetReward::new("positive_words", ids))
         }
-    })
+        _ => crate::reward_sources::rule_source(cfg, tokenizer)?,
+    };
+    crate::reward_sources::shaped(cfg, source)
 }
 
 fn progress_bar(steps: u64) -> indicatif::ProgressBar {
