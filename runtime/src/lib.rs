@@ -5,6 +5,7 @@
 //! endpoint), the trajectory store `trajectories/` ([`store`]) and, at the end, the trained
 //! `policy/` (and `critic/`) in HF layout.
 
+pub mod best_of;
 pub mod builtin;
 pub mod config;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod mock_labeller;
 pub mod pipeline;
 pub mod prompts;
 pub mod reward_sources;
+pub mod step_probe;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;

@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Test hook: extra seconds per learner step (a deliberately slow learner).
     pub learner_delay: Duration,
+    /// Extra fields for each step's metrics line ([`crate::step_probe`]).
+    pub step_probe: Option<crate::step_probe::StepProbe>,
 }
 
 /// What a finished run reports back.
@@ -73,13 +75,13 @@ pub struct RunSummary {
     pub store: Option<StoreStats>,
 }
 
-struct LoadedPolicy {
-    config: ModelConfig,
-    tokenizer: TextTokenizer,
-    init: Option<(PathBuf, std::collections::HashMap<String, Tensor>)>,
+pub(crate) struct LoadedPolicy {
+    pub(crate) config: ModelConfig,
+    pub(crate) tokenizer: TextTokenizer,
+    pub(crate) init: Option<(PathBuf, std::collections::HashMap<String, Tensor>)>,
 }
 
-fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
+pub(crate) fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
     let m = &cfg.models.policy;
     if let Some(dir) = &m.path {
         let config = ModelConfig::from_dir(dir)?;
@@ -111,6 +113,9 @@ fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
 
 /// Runs `cfg` to completion (or Ctrl-C) and returns the reports.
 pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeError> {
+    if cfg.mock_labeller.is_some() {
+        return crate::mock_labeller::run(cfg, opts).await;
+    }
     let run_dir = &opts.run_dir;
     std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
     let resolved = run_dir.join("config.toml");
@@ -211,6 +216,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             (Some(tx), Some(w))
         }
     };
+    let (store_tx, probe_rx) = crate::step_probe::tap(store_tx, opts.step_probe.clone(), cfg.store.queue);
 
     // Data plane.
     let c = &cfg.channels;
@@ -456,7 +462,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         tokio::select! {
             r = report_rx.recv() => match r {
                 Some(r) => {
-                    let line = serde_json::to_string(&r).expect("report serialises");
+                    let line = crate::step_probe::merge(&r, probe_rx.as_ref());
                     writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
                     metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
                     if let Some(b) = &bar {

@@ -588,12 +588,18 @@ fn load_backbone(cfg: &RmConfig) -> Result<Backbone, RuntimeError> {
     }
 }
 
-/// Trains, normalises and saves a reward model; see the module docs.
-pub async fn train_rm(cfg: &RmConfig, run_dir: &Path) -> Result<RmSummary, RuntimeError> {
-    std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
-    let resolved = run_dir.join("config.toml");
-    std::fs::write(&resolved, cfg.to_toml()).map_err(|e| RuntimeError::io(&resolved, e))?;
+/// Tokenised data handed to [`train_rm_on`] directly (the mock labeller's path).
+#[derive(Debug, Clone)]
+pub struct RmInputs {
+    pub train: Vec<Comparison>,
+    pub eval: Vec<Comparison>,
+    /// Normalisation reference (prompt, response) ids; `None`: the held-out responses.
+    pub reference: Option<Vec<(Vec<u32>, Vec<u32>)>>,
+}
 
+/// Trains, normalises and saves a reward model on the files the config names; see the
+/// module docs.
+pub async fn train_rm(cfg: &RmConfig, run_dir: &Path) -> Result<RmSummary, RuntimeError> {
     let backbone = load_backbone(cfg)?;
     let tok = &backbone.tokenizer;
     let d = &cfg.data;
@@ -606,6 +612,24 @@ pub async fn train_rm(cfg: &RmConfig, run_dir: &Path) -> Result<RmSummary, Runti
             train.split_off(train.len() - n.min(train.len() - 1))
         }
     };
+    let reference = match &cfg.normalize.reference {
+        Some(p) if cfg.normalize.kind != NormalizeKind::None => Some(load_reference(p, tok, d)?),
+        _ => None,
+    };
+    train_rm_on(cfg, run_dir, RmInputs { train, eval, reference }).await
+}
+
+/// [`train_rm`] on already tokenised data (the config's data paths are only recorded).
+pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Result<RmSummary, RuntimeError> {
+    std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
+    let resolved = run_dir.join("config.toml");
+    std::fs::write(&resolved, cfg.to_toml()).map_err(|e| RuntimeError::io(&resolved, e))?;
+    let backbone = load_backbone(cfg)?;
+    let tok = &backbone.tokenizer;
+    let RmInputs { train, eval, reference } = data;
+    if train.is_empty() {
+        return Err(RuntimeError::Other("no training comparisons".into()));
+    }
     let t = &cfg.train;
     let total_steps = t.epochs * train.len().div_ceil(t.batch_size);
     let exec = Executor::new(cfg.placement.device, cfg.placement.threads)?;
@@ -708,8 +732,8 @@ pub async fn train_rm(cfg: &RmConfig, run_dir: &Path) -> Result<RmSummary, Runti
         .lock()
         .map_err(|_| RuntimeError::Other("reward-model trainer poisoned".into()))?
         .weights()?;
-    let reference: Vec<(Vec<u32>, Vec<u32>)> = match &cfg.normalize.reference {
-        Some(p) => load_reference(p, tok, d)?,
+    let reference: Vec<(Vec<u32>, Vec<u32>)> = match reference {
+        Some(r) => r,
         None => eval
             .iter()
             .flat_map(|e| e.responses.iter().map(|r| (e.prompt.clone(), r.clone())))
