@@ -15,7 +15,9 @@ mod inspect;
 mod replay;
 mod report;
 mod run;
+mod sample;
 mod top;
+mod train_rm;
 
 use std::io::Write;
 
@@ -72,6 +74,10 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Write a self-contained HTML report of a run's learning curves and actor utilisation.
     Report(report::ReportArgs),
+    /// Train a reward model from preference data (pairwise, HH-RLHF or ranked JSONL).
+    TrainRm(train_rm::TrainRmArgs),
+    /// Best-of-N sampling: generate N per prompt, keep the best-scored, write JSONL.
+    Sample(sample::SampleArgs),
 }
 
 impl Command {
@@ -83,6 +89,8 @@ impl Command {
             Command::Inspect(cmd) => inspect::run(cmd),
             Command::Bench(cmd) => bench::run(cmd),
             Command::Report(args) => report::run(args),
+            Command::TrainRm(args) => train_rm::run(args),
+            Command::Sample(args) => sample::run(args),
         }
     }
 }
