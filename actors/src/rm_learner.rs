@@ -118,8 +118,9 @@ impl Actor for RmLearnerActor {
         let load_wait = asked.elapsed();
         let step = st.step;
         let a = &st.args;
-        let evaluate = (a.eval_every > 0 && (step + 1) % a.eval_every == 0) || step + 1 == a.total_steps;
-        let checkpoint = a.checkpoint_every > 0 && (step + 1) % a.checkpoint_every == 0 && step + 1 < a.total_steps;
+        let evaluate = (a.eval_every > 0 && (step + 1).is_multiple_of(a.eval_every)) || step + 1 == a.total_steps;
+        let checkpoint =
+            a.checkpoint_every > 0 && (step + 1).is_multiple_of(a.checkpoint_every) && step + 1 < a.total_steps;
         let trainer = a.trainer.clone();
         let eval = a.eval.clone();
         let eval_bs = a.eval_batch_size;

@@ -308,7 +308,7 @@ impl RmConfig {
         if t.epochs == 0 || t.batch_size == 0 || t.eval_batch_size == 0 {
             return Err("train.epochs, train.batch_size and train.eval_batch_size must be >= 1".into());
         }
-        if !(t.lr > 0.0 && t.lr.is_finite()) || !(0.0..=t.lr).contains(&t.min_lr) {
+        if !(t.lr > 0.0 && t.lr.is_finite() && (0.0..=t.lr).contains(&t.min_lr)) {
             return Err("train.lr must be > 0 and train.min_lr in [0, lr]".into());
         }
         if self.channels.batches == 0 || self.placement.threads == 0 {
@@ -485,18 +485,13 @@ pub fn common_prompt_len(a: &str, b: &str) -> usize {
     }
     a[..lcp]
         .char_indices()
-        .filter(|(_, c)| c.is_whitespace())
+        .rfind(|(_, c)| c.is_whitespace())
         .map(|(i, c)| i + c.len_utf8())
-        .last()
         .unwrap_or(0)
 }
 
 /// `{"prompt", "response"}` lines for the normalisation reference set.
-fn load_reference(
-    path: &Path,
-    tokenizer: &TextTokenizer,
-    data: &RmData,
-) -> Result<Vec<(Vec<u32>, Vec<u32>)>, RuntimeError> {
+fn load_reference(path: &Path, tokenizer: &TextTokenizer, data: &RmData) -> Result<Vec<PromptResponse>, RuntimeError> {
     let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -588,13 +583,16 @@ fn load_backbone(cfg: &RmConfig) -> Result<Backbone, RuntimeError> {
     }
 }
 
+/// Prompt and response ids.
+pub type PromptResponse = (Vec<u32>, Vec<u32>);
+
 /// Tokenised data handed to [`train_rm_on`] directly (the mock labeller's path).
 #[derive(Debug, Clone)]
 pub struct RmInputs {
     pub train: Vec<Comparison>,
     pub eval: Vec<Comparison>,
     /// Normalisation reference (prompt, response) ids; `None`: the held-out responses.
-    pub reference: Option<Vec<(Vec<u32>, Vec<u32>)>>,
+    pub reference: Option<Vec<PromptResponse>>,
 }
 
 /// Trains, normalises and saves a reward model on the files the config names; see the
@@ -732,7 +730,7 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
         .lock()
         .map_err(|_| RuntimeError::Other("reward-model trainer poisoned".into()))?
         .weights()?;
-    let reference: Vec<(Vec<u32>, Vec<u32>)> = match reference {
+    let reference: Vec<PromptResponse> = match reference {
         Some(r) => r,
         None => eval
             .iter()
@@ -802,7 +800,7 @@ fn save_step_checkpoint(
 pub fn score_pairs(
     config: &ModelConfig,
     weights: &HashMap<String, Tensor>,
-    pairs: &[(Vec<u32>, Vec<u32>)],
+    pairs: &[PromptResponse],
     device: &Device,
 ) -> Result<Vec<f64>, tandem_actors::ActorError> {
     let model = ScalarModel::from_tensors(config, weights.clone(), device)?;
@@ -833,7 +831,7 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 fn normalize(
     config: &ModelConfig,
     mut weights: HashMap<String, Tensor>,
-    reference: &[(Vec<u32>, Vec<u32>)],
+    reference: &[PromptResponse],
     kind: NormalizeKind,
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, Normalization), tandem_actors::ActorError> {
