@@ -4,6 +4,10 @@
 //! learner step), `actors.jsonl` (per-actor samples), `metrics_addr` (the live Prometheus
 //! endpoint), the trajectory store `trajectories/` ([`store`]) and, at the end, the trained
 //! `policy/` (and `critic/`) in HF layout.
+//!
+//! Besides PPO runs ([`pipeline`]): reward-model training from preferences ([`train_rm`]),
+//! best-of-N sampling ([`best_of`]), the mock-labeller experiment ([`mock_labeller`]) and the
+//! rule/command reward sources a config can name ([`reward_sources`]).
 
 pub mod best_of;
 pub mod builtin;
