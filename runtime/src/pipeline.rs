@@ -228,8 +228,8 @@ struct CheckpointWriter {
 
 impl CheckpointWriter {
     /// Writes the checkpoint before `step`; `extra` are trajectories to keep beside the replay
-    /// buffer's (a failed learner's batch). With `expect_completed`, the trainer must have
-    /// completed exactly `step` steps.
+    /// buffer's (a failed learner's batch). The trainer must have completed exactly `step` steps
+    /// and not have failed inside one.
     async fn write(&self, step: u64, version: u64, wall_s: f64, extra: Vec<Trajectory>) -> Result<PathBuf, String> {
         if let Some(w) = &self.store_written {
             let waiting = Instant::now();

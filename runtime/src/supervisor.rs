@@ -219,7 +219,7 @@ impl RunSupervisor {
         if !held.is_empty() {
             tracing::info!(actor = %name, tickets = ?held.iter().map(|t| t.id).collect::<Vec<_>>(), "reissuing held tickets");
             st.args.reissued.push(held);
-            for (_, (_, role, cell)) in &st.live {
+            for (_, role, cell) in st.live.values() {
                 if *role == ChildRole::Rollout {
                     let r: ActorRef<RolloutMsg> = cell.clone().into();
                     let _ = r.cast(RolloutMsg::Reissued);
