@@ -14,6 +14,7 @@ mod error;
 mod inspect;
 mod replay;
 mod report;
+mod rerun;
 mod run;
 mod sample;
 mod top;
@@ -103,9 +104,24 @@ pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Panics inside actors are caught and handled by their supervisor (restart, or a clear error);
+/// they are logged as one line, with the default report and backtrace only under RUST_BACKTRACE.
+fn install_panic_logger() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            return default(info);
+        }
+        let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        tracing::error!(%thread, %location, "panic: {}", info.payload_as_str().unwrap_or("(non-string payload)"));
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    install_panic_logger();
     match cli.command.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

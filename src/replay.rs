@@ -14,6 +14,10 @@
 //! - `--rescore [--reward-model DIR]`: scores the stored responses again with the run's reward
 //!   (or the given reward model) and reports the differences.
 //!
+//! - `--rerun-step K`: executes learner step K again from `checkpoints/step-K` and the stored
+//!   batch, and compares losses, per-token outputs and weights with what the run recorded
+//!   (see `crate::rerun`).
+//!
 //! Reading without `--verify` tolerates a torn last record (it is reported, never read).
 
 use std::io::Write;
@@ -65,6 +69,9 @@ pub struct ReplayArgs {
     /// Reward model to rescore with (default: the run's own reward).
     #[arg(long, value_name = "DIR", requires = "rescore")]
     reward_model: Option<PathBuf>,
+    /// Execute learner step K again from its checkpoint and stored batch; compare with the run.
+    #[arg(long, value_name = "K")]
+    rerun_step: Option<u64>,
 }
 
 pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
@@ -103,6 +110,9 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         return crate::print_json(&json!({
             "ok": true, "segments": segments, "records": all.len(), "bytes": read.bytes,
         }));
+    }
+    if let Some(k) = args.rerun_step {
+        return crate::rerun::rerun_step(&args.run_dir, k, &all);
     }
     let picked: Vec<&StoredTrajectory> = all.iter().filter(|t| args.matches(t)).collect();
     if let Some(path) = &args.export_jsonl {

@@ -1,11 +1,16 @@
-//! `tandem run CONFIG.toml [--run-dir DIR] [--set section.key=value ...]`: one RL run.
+//! `tandem run CONFIG.toml [--run-dir DIR] [--overwrite] [--set section.key=value ...]`: one RL
+//! run; `tandem run --resume RUN_DIR [--set ...]` continues one from its latest checkpoint.
 //!
 //! The run directory is `--run-dir`, else the config's `run_dir` (relative to the working
 //! directory), else `runs/<config name>`. It receives the resolved `config.toml`,
-//! `metrics.jsonl` (one line per learner step) and the trained `policy/` and `critic/`.
-//! A progress bar is drawn when stdout is a terminal. Ctrl-C stops the run cleanly: what was
-//! reported is on disk, the models are saved, and the exit status is 0.
-//! The last line on stdout is a JSON summary.
+//! `metrics.jsonl` (one line per learner step), `checkpoints/` and the trained `policy/` and
+//! `critic/`. A directory that already holds a run is refused unless `--overwrite` (which
+//! deletes it first) or `--resume` is given. A resumed run reads `RUN_DIR/config.toml`; `--set`
+//! may change it (for example `--set steps=200` to train longer).
+//!
+//! A progress bar is drawn when stdout is a terminal. Ctrl-C stops the run at the next step
+//! boundary with a checkpoint (a second Ctrl-C stops at once): what was reported is on disk,
+//! the models are saved, and the exit status is 0. The last line on stdout is a JSON summary.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -19,10 +24,17 @@ use tandem_runtime::{Config, RunOptions, RunSummary};
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The run's TOML config.
-    config: PathBuf,
+    #[arg(required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Continue the run in this directory from its latest checkpoint.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "run_dir", "overwrite"])]
+    resume: Option<PathBuf>,
     /// Where the run writes its outputs (overrides the config's `run_dir`).
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Delete the run directory first if it holds an earlier run.
+    #[arg(long)]
+    overwrite: bool,
     /// Override a config key, e.g. `--set steps=10 --set mode.max_staleness=0`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -42,25 +54,38 @@ pub fn run_config(cfg: &Config, opts: RunOptions) -> anyhow::Result<RunSummary> 
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&args.config, &args.set)?;
-    let run_dir = args.run_dir.or_else(|| cfg.run_dir.clone()).unwrap_or_else(|| {
-        let stem = args
-            .config
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "run".into());
-        PathBuf::from("runs").join(stem)
-    });
+    let (cfg, run_dir, label) = match (&args.resume, &args.config) {
+        (Some(dir), _) => {
+            let cfg = Config::load_run(&dir.join("config.toml"), &args.set)?;
+            (cfg, dir.clone(), dir.clone())
+        }
+        (None, Some(config)) => {
+            let cfg = Config::load(config, &args.set)?;
+            let run_dir = args.run_dir.clone().or_else(|| cfg.run_dir.clone()).unwrap_or_else(|| {
+                let stem = config
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "run".into());
+                PathBuf::from("runs").join(stem)
+            });
+            (cfg, run_dir, config.clone())
+        }
+        (None, None) => unreachable!("clap requires a config without --resume"),
+    };
+    if args.overwrite && run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot remove {}", run_dir.display()))?;
+    }
     let progress = std::io::stdout().is_terminal();
     let summary = run_config(
         &cfg,
         RunOptions {
             run_dir: run_dir.clone(),
             progress,
+            resume: args.resume.is_some(),
             ..Default::default()
         },
     )
-    .with_context(|| format!("run {}", args.config.display()))?;
+    .with_context(|| format!("run {}", label.display()))?;
     let r = &summary.reports;
     let q = (r.len() / 4).max(1);
     let mean =
@@ -72,6 +97,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "reward_first_quarter": if r.is_empty() { None } else { Some(mean(&r[..q.min(r.len())])) },
         "reward_last_quarter": if r.is_empty() { None } else { Some(mean(&r[r.len().saturating_sub(q)..])) },
         "wall_s": r.last().map(|x| x.wall_s),
+        "resumed_from": summary.resumed_from,
+        "checkpoints": summary.checkpoints,
+        "restarts": summary.restarts,
+        "prompts_skipped": summary.prompts_skipped,
         "stored_trajectories": summary.store.map(|s| s.trajectories),
         "store_bytes_per_trajectory": summary.store.map(|s| s.bytes_per_trajectory()),
     }))

@@ -1,4 +1,4 @@
-//! `tandem replay` on a real run: summary, show, filters, export, verify, rescore; and a run
+//! `tandem replay` on a real run: summary, show, filters, export, verify, rescore, rerun-step; and a run
 //! killed with SIGKILL mid-write leaves a store that verifies (after its torn tail, if any, is
 //! cut) and reopens.
 
@@ -186,4 +186,55 @@ fn sigkill_mid_run_leaves_a_store_that_reopens() {
     let (mut w, cut) = tandem_runtime::store::SegmentWriter::open(&store, 20000).unwrap();
     assert_eq!(cut, None);
     w.sync().unwrap();
+}
+
+#[test]
+fn rerun_step_reproduces_recorded_steps_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("sync");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/sync.toml");
+    let out = tandem()
+        .args(["run", config.to_str().unwrap(), "--run-dir", run.to_str().unwrap()])
+        .args(["--set", "steps=4", "--set", "metrics.addr=\"127.0.0.1:0\""])
+        .args(["--set", "checkpoint.every=1", "--set", "checkpoint.keep=10"])
+        .output()
+        .unwrap();
+    last_json(&out);
+
+    // A sync step: losses, per-token outputs and the next checkpoint's weights all identical.
+    let v = last_json(&replay(&run, &["--rerun-step", "2"]));
+    assert_eq!(v["identical"], true, "{v}");
+    assert_eq!(v["trajectories"], 32);
+    assert_eq!(v["stats"]["policy_loss"]["abs_diff"], 0.0);
+    assert_eq!(v["token_outputs_max_abs_diff"], 0.0);
+    assert!(v["weights"]["compared_with"].as_str().unwrap().ends_with("step-3"));
+    assert_eq!(v["weights"]["policy_max_abs_diff"], 0.0);
+    assert_eq!(v["weights"]["critic_max_abs_diff"], 0.0);
+
+    // An async step (the shared quickstart run) reruns identically too; with no checkpoint
+    // after it, the weights are not compared and that is said.
+    let v = last_json(&replay(run_dir(), &["--rerun-step", "0"]));
+    assert_eq!(v["identical"], true, "{v}");
+    assert!(v["weights"]["note"]
+        .as_str()
+        .unwrap()
+        .contains("no checkpoint of step 1"));
+
+    // A recorded loss that does not match: exit 1, and the field shows the difference.
+    let metrics = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let mut lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    lines[2]["policy_loss"] = serde_json::json!(lines[2]["policy_loss"].as_f64().unwrap() + 0.5);
+    let edited: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&metrics, edited.join("\n")).unwrap();
+    let out = replay(&run, &["--rerun-step", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert!((v["stats"]["policy_loss"]["abs_diff"].as_f64().unwrap() - 0.5).abs() < 1e-9);
+
+    // No checkpoint before the step: a clear error, exit 2.
+    let out = replay(&run, &["--rerun-step", "7"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint of step 7"));
 }

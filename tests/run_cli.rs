@@ -1,4 +1,4 @@
-//! `tandem run` from the command line: Ctrl-C stops cleanly, bad input is reported with the
+//! `tandem run` from the command line: Ctrl-C stops cleanly with a checkpoint, bad input is reported with the
 //! file, line and key, and exits 2 without a backtrace.
 
 use std::path::Path;
@@ -59,6 +59,10 @@ fn ctrl_c_stops_the_run_cleanly() {
     }
     assert_eq!(summary["steps"], text.lines().count());
     assert!(run_dir.join("policy/model.safetensors").is_file());
+    // The stop came at a step boundary with a checkpoint of it.
+    let n = text.lines().count();
+    assert_eq!(summary["checkpoints"].as_array().unwrap().last().unwrap(), n);
+    assert!(run_dir.join(format!("checkpoints/step-{n}/state.json")).is_file());
 }
 
 fn fails_with(args: &[&str], needles: &[&str]) {
@@ -100,6 +104,40 @@ fn bad_configs_name_the_file_line_and_key() {
         &["run", bad.to_str().unwrap()],
         &["models.policy.path", "no-such-model"],
     );
+    // A model directory that does not match its config: a missing tensor, a missing key.
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf/gpt2-tiny");
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), model.join(f.file_name())).unwrap();
+    }
+    let fixture_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
+    let write_cfg = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut c = fixture_cfg.as_object().unwrap().clone();
+        edit(&mut c);
+        std::fs::write(model.join("config.json"), serde_json::to_string(&c).unwrap()).unwrap();
+    };
+    let layers = fixture_cfg["n_layer"].as_u64().unwrap();
+    write_cfg(&|c| {
+        c.insert("n_layer".into(), (layers + 1).into());
+    });
+    let policy = format!("models.policy.path=\"{}\"", model.display());
+    let run_dir = dir.path().join("r");
+    let args = [
+        "run",
+        &config("reward_model.toml"),
+        "--set",
+        &policy,
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ];
+    fails_with(&args, &[model.to_str().unwrap(), &format!("transformer.h.{layers}.")]);
+    write_cfg(&|c| {
+        c.remove("n_embd");
+    });
+    fails_with(&args, &["config.json", "n_embd"]);
     // A bad --set.
     fails_with(
         &["run", &config("quickstart.toml"), "--set", "mode.nope=1"],

@@ -46,8 +46,16 @@ fn trained_checkpoints_load_in_transformers() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let run = tempfile::tempdir().unwrap();
     for (config, dirs) in [
-        ("configs/quickstart.toml", &["policy", "critic"][..]),
-        ("configs/grpo.toml", &["policy"][..]),
+        (
+            "configs/quickstart.toml",
+            &[
+                "policy",
+                "critic",
+                "checkpoints/step-3/policy",
+                "checkpoints/step-3/critic",
+            ][..],
+        ),
+        ("configs/grpo.toml", &["policy", "checkpoints/step-3/policy"][..]),
     ] {
         let run_dir = run.path().join(config);
         tandem(&[
@@ -62,7 +70,7 @@ fn trained_checkpoints_load_in_transformers() {
         for d in dirs {
             let dir = run_dir.join(d);
             let theirs = transformers(&py, &dir, text);
-            let kind = if *d == "policy" { "logprobs" } else { "score" };
+            let kind = if d.ends_with("policy") { "logprobs" } else { "score" };
             let ours = tandem(&["inspect", kind, "--model", dir.to_str().unwrap(), "--text", text]);
             if kind == "logprobs" {
                 let a = ours["next_token_logprobs"].as_array().unwrap();

@@ -13,7 +13,21 @@
 //! the PPO step. The channel is bounded: if the store's writer falls behind, the learner's
 //! device thread waits for room (bounded memory over an unbounded backlog). If the store is
 //! gone, the records are discarded and training goes on.
+//!
+//! Checkpoints: at the start of step k the learner's state is exactly "after k steps", so that
+//! is where checkpoints are taken: every `checkpoint_every` steps (step 0 included), after the
+//! last step, and when the run asks it to stop (the `stop` flag; the replay buffer is drained so
+//! a learner waiting for data wakes up). The learner sends [`LearnerEvent::Checkpoint`] on the
+//! same channel as its reports — so every report before it is written first — and waits until
+//! the runtime has written it. The batch in hand during a step is kept in `in_hand`, so if the
+//! learner fails mid-step a checkpoint can put it back with the buffered trajectories.
+//!
+//! Non-finite steps: a step in which any minibatch was skipped for a NaN or infinite loss or
+//! gradient counts toward `nonfinite_streak`; no checkpoint is taken while the streak lasts (so
+//! the last one is from before its first step), and after `max_nonfinite_steps` such steps in
+//! a row the learner stops the run with [`LearnerEvent::Halted`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,11 +36,12 @@ use serde::Serialize;
 
 use crate::device::Executor;
 use crate::error::ActorError;
+use crate::faults::Faults;
 use crate::meter::{ActorMeter, ActorState};
 use crate::ppo_trainer::{PpoTrainer, StepStats};
 use crate::replay::ReplayMsg;
 use crate::snapshot::SnapshotMsg;
-use crate::trajectory::{StepRecords, WeightsSnapshot};
+use crate::trajectory::{StepRecords, Trajectory, WeightsSnapshot};
 
 /// One line of metrics.jsonl.
 #[derive(Debug, Clone, Serialize)]
@@ -50,11 +65,40 @@ pub struct StepReport {
     pub replay_buffered: usize,
     /// Seconds the learner waited for this step's batch (near 0 when sampling keeps ahead).
     pub learner_wait_s: f64,
+    /// Steps in a row (this one included) with a non-finite loss or gradient.
+    pub nonfinite_streak: u64,
+    /// Seconds spent writing the checkpoint taken before this step (0 without one).
+    pub checkpoint_s: f64,
     pub wall_s: f64,
+}
+
+/// What the learner tells the runtime, in order.
+pub enum LearnerEvent {
+    Report(StepReport),
+    /// Write a checkpoint of the state before `step`; the learner waits for the answer.
+    Checkpoint {
+        step: u64,
+        /// The policy version samplers hold (published after step - 1).
+        version: u64,
+        wall_s: f64,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// The learner stopped the run on purpose; the message says why.
+    Halted(String),
 }
 
 pub enum LearnerMsg {
     Step,
+}
+
+/// Where a learner starts (step 0, or a checkpoint's counters).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LearnerStart {
+    pub step: u64,
+    pub version: u64,
+    pub wall_s: f64,
+    /// Whether a checkpoint of `step` already exists (a resumed run).
+    pub checkpointed: bool,
 }
 
 pub struct LearnerArgs {
@@ -65,8 +109,18 @@ pub struct LearnerArgs {
     pub snapshot: ActorRef<SnapshotMsg>,
     pub steps: u64,
     pub publish_every: u64,
-    /// Step reports, in order. The learner stops when the receiver is gone.
-    pub reports: tokio::sync::mpsc::Sender<StepReport>,
+    /// Reports and checkpoint requests, in order. The learner stops when the receiver is gone.
+    pub events: tokio::sync::mpsc::Sender<LearnerEvent>,
+    pub start: LearnerStart,
+    /// Checkpoint every this many steps (0: only at the end and when stopped).
+    pub checkpoint_every: u64,
+    /// Set by the runtime to stop at the next step boundary (with a checkpoint).
+    pub stop: Arc<AtomicBool>,
+    /// The batch of the step in progress (see the module docs).
+    pub in_hand: Arc<Mutex<Vec<Trajectory>>>,
+    /// Stop after this many non-finite steps in a row.
+    pub max_nonfinite_steps: u64,
+    pub faults: Arc<Faults>,
     /// A test hook: extra seconds of (simulated) work per step.
     pub extra_step_delay: Duration,
     /// This actor's measurements.
@@ -80,6 +134,9 @@ pub struct LearnerState {
     step: u64,
     version: u64,
     started: Instant,
+    last_checkpoint: Option<u64>,
+    checkpoint_s: f64,
+    nonfinite_streak: u64,
 }
 
 pub struct LearnerActor;
@@ -96,11 +153,15 @@ impl Actor for LearnerActor {
     ) -> Result<LearnerState, ActorProcessingErr> {
         me.cast(LearnerMsg::Step)?;
         args.publish_every = args.publish_every.max(1);
+        let start = args.start;
         Ok(LearnerState {
             args,
-            step: 0,
-            version: 0,
-            started: Instant::now(),
+            step: start.step,
+            version: start.version,
+            started: Instant::now() - Duration::from_secs_f64(start.wall_s),
+            last_checkpoint: start.checkpointed.then_some(start.step),
+            checkpoint_s: 0.0,
+            nonfinite_streak: 0,
         })
     }
 
@@ -111,7 +172,13 @@ impl Actor for LearnerActor {
         st: &mut LearnerState,
     ) -> Result<(), ActorProcessingErr> {
         let _timer = st.args.meter.time_handle();
-        if st.step >= st.args.steps {
+        let finishing = st.step >= st.args.steps || st.args.stop.load(Ordering::Relaxed);
+        let every = st.args.checkpoint_every;
+        let periodic = every > 0 && st.step.is_multiple_of(every);
+        if (finishing || periodic) && st.nonfinite_streak == 0 && st.last_checkpoint != Some(st.step) {
+            self.checkpoint(st).await?;
+        }
+        if finishing {
             st.args.meter.set_state(ActorState::Stopped);
             me.stop(Some("done".into()));
             return Ok(());
@@ -125,9 +192,27 @@ impl Actor for LearnerActor {
             .call(|reply| ReplayMsg::NextBatch { version, reply }, None)
             .await?;
         let Some(batch) = batch.success_or(ActorError::Other("replay stopped".into()))? else {
-            me.stop(Some("pipeline closed before the last step".into()));
+            if st.args.stop.load(Ordering::Relaxed) {
+                // Drained to stop: take the final checkpoint at the top of the next step.
+                me.cast(LearnerMsg::Step)?;
+            } else {
+                me.stop(Some("pipeline closed before the last step".into()));
+            }
             return Ok(());
         };
+        {
+            let mut hand = st
+                .args
+                .in_hand
+                .lock()
+                .map_err(|_| ActorError::Other("in-hand lock".into()))?;
+            hand.clear();
+            hand.extend(batch.trajectories.iter().cloned());
+            hand.extend(batch.dropped.iter().cloned());
+        }
+        if let Some(msg) = st.args.faults.learner_failure(st.step) {
+            return Err(msg.into());
+        }
         let wait = asked.elapsed();
         st.args.meter.set_state(ActorState::Computing);
         let n = batch.trajectories.len().max(1);
@@ -169,6 +254,16 @@ impl Actor for LearnerActor {
             })
             .await?;
         let (stats, weights, copy_took) = out?;
+        if stats.skipped_updates > 0 {
+            st.nonfinite_streak += 1;
+            tracing::warn!(
+                step,
+                skipped = stats.skipped_updates,
+                "non-finite loss or gradient; updates skipped"
+            );
+        } else {
+            st.nonfinite_streak = 0;
+        }
         st.args.meter.busy(learn_took);
         st.args.meter.items(1);
         st.args.meter.set_state(ActorState::Idle);
@@ -218,15 +313,61 @@ impl Actor for LearnerActor {
             adopt_latency_s,
             replay_buffered: batch.buffered,
             learner_wait_s: wait.as_secs_f64(),
+            nonfinite_streak: st.nonfinite_streak,
+            checkpoint_s: std::mem::take(&mut st.checkpoint_s),
             wall_s: st.started.elapsed().as_secs_f64(),
             stats,
         };
         st.step += 1;
-        if st.args.reports.send(report).await.is_err() {
+        if st.args.events.send(LearnerEvent::Report(report)).await.is_err() {
             me.stop(Some("report receiver gone".into()));
             return Ok(());
         }
+        st.args
+            .in_hand
+            .lock()
+            .map_err(|_| ActorError::Other("in-hand lock".into()))?
+            .clear();
+        if st.nonfinite_streak >= st.args.max_nonfinite_steps.max(1) {
+            let last = st.last_checkpoint.map_or("none".to_string(), |k| format!("step-{k}"));
+            let msg = format!(
+                "{} learner steps in a row (steps {}..={}) had a non-finite loss or gradient; stopping. \
+                 Their updates were skipped; the last checkpoint before them is {last}",
+                st.nonfinite_streak,
+                st.step - st.nonfinite_streak,
+                st.step - 1
+            );
+            let _ = st.args.events.send(LearnerEvent::Halted(msg)).await;
+            st.args.meter.set_state(ActorState::Stopped);
+            me.stop(Some("halted".into()));
+            return Ok(());
+        }
         me.cast(LearnerMsg::Step)?;
+        Ok(())
+    }
+}
+
+impl LearnerActor {
+    /// Asks the runtime to write a checkpoint of the state before `st.step` and waits for it.
+    async fn checkpoint(&self, st: &mut LearnerState) -> Result<(), ActorProcessingErr> {
+        let started = Instant::now();
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let event = LearnerEvent::Checkpoint {
+            step: st.step,
+            version: st.version,
+            wall_s: st.started.elapsed().as_secs_f64(),
+            reply,
+        };
+        if st.args.events.send(event).await.is_err() {
+            return Ok(());
+        }
+        match done.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("checkpoint before step {} failed: {e}", st.step).into()),
+            Err(_) => return Ok(()),
+        }
+        st.last_checkpoint = Some(st.step);
+        st.checkpoint_s = started.elapsed().as_secs_f64();
         Ok(())
     }
 }

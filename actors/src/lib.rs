@@ -16,14 +16,18 @@
 //!   `j - max_staleness`; the replay buffer drops (and counts) anything older than that when
 //!   the learner asks for a batch.
 //! - Compute runs on [`device::Executor`] threads, never on tokio workers.
+//! - A failed rollout, reward or value actor loses no prompts: the tickets it held are
+//!   reissued ([`reissue`]); the learner checkpoints at step boundaries only ([`learner`]).
 
 pub mod channel;
 pub mod command_reward;
 pub mod device;
 pub mod error;
+pub mod faults;
 pub mod learner;
 pub mod meter;
 pub mod ppo_trainer;
+pub mod reissue;
 pub mod replay;
 pub mod reward;
 pub mod reward_source;
@@ -38,9 +42,11 @@ pub mod value;
 pub use channel::{stage_channel, StageReceiver, StageSender};
 pub use device::{DeviceId, Executor};
 pub use error::ActorError;
-pub use learner::StepReport;
+pub use faults::{FaultConfig, Faults};
+pub use learner::{LearnerEvent, StepReport};
 pub use meter::{ActorMeter, ActorState, MeterReading};
-pub use ppo_trainer::{Advantage, PpoTrainer, TrainerConfig};
+pub use ppo_trainer::{Advantage, PpoTrainer, TrainerConfig, TrainerState};
+pub use reissue::{HeldTickets, ReissueQueue, TicketSet};
 pub use trajectory::{
     Prompt, SharedWeights, StepRecords, TokenOutputs, Trajectory, TrajectoryBatch, WeightsSnapshot, WorkTicket,
 };

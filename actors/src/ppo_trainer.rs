@@ -16,7 +16,13 @@
 //! 6. The KL controller sees the mean per-sequence KL of the batch.
 //!
 //! Shuffling uses a seeded RNG derived from the run seed and the step, so a sync run is
-//! reproducible.
+//! reproducible — and nothing else in a step is random, so [`TrainerState`] (weights, AdamW
+//! moments and step counts, beta, completed steps) is all a checkpoint needs to repeat a step
+//! exactly.
+//!
+//! Non-finite values: a minibatch whose loss or gradient norm is NaN or infinite is skipped
+//! (no optimiser step) and counted in [`StepStats::skipped_updates`]; a non-finite batch KL
+//! leaves beta unchanged.
 
 use std::collections::HashMap;
 
@@ -120,6 +126,22 @@ pub struct PpoTrainer {
     samples_per_prompt: usize,
     seed: u64,
     device: Device,
+    completed_steps: u64,
+    /// Steps whose every loss is made NaN (fault injection).
+    nonfinite_steps: Vec<u64>,
+}
+
+/// Everything a checkpoint keeps of the learner.
+#[derive(Debug, Clone)]
+pub struct TrainerState {
+    pub policy: HashMap<String, Tensor>,
+    pub critic: Option<HashMap<String, Tensor>>,
+    /// AdamW moments as `policy/m/NAME`, `policy/v/NAME`, `critic/m/NAME`, `critic/v/NAME`.
+    pub optimizer: HashMap<String, Tensor>,
+    pub policy_optimizer_steps: usize,
+    pub critic_optimizer_steps: Option<usize>,
+    pub beta: f64,
+    pub completed_steps: u64,
 }
 
 /// AdamW with savable moments (for checkpoints), same arithmetic as candle's.
@@ -132,6 +154,25 @@ fn adamw(vars: &VarMap, lr: f64) -> Result<AdamW, ActorError> {
             ..Default::default()
         },
     )?)
+}
+
+/// Sets every variable of `vars` from `tensors` (same names and shapes).
+fn load_vars(vars: &VarMap, tensors: &HashMap<String, Tensor>, what: &str) -> Result<(), ActorError> {
+    let data = vars.data().lock().expect("varmap lock");
+    for (name, var) in data.iter() {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| ActorError::Other(format!("{what} checkpoint lacks tensor {name}")))?;
+        if t.dims() != var.dims() {
+            return Err(ActorError::Other(format!(
+                "{what} checkpoint tensor {name} has shape {:?}, the model {:?}",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
 }
 
 fn sorted_vars(vars: &VarMap) -> Vec<Var> {
@@ -180,7 +221,71 @@ impl PpoTrainer {
             samples_per_prompt,
             seed,
             device,
+            completed_steps: 0,
+            nonfinite_steps: vec![],
         })
+    }
+
+    /// Makes every loss of these steps NaN (fault injection for the non-finite guard).
+    pub fn inject_nonfinite_loss(&mut self, steps: Vec<u64>) {
+        self.nonfinite_steps = steps;
+    }
+
+    /// Learner steps completed (including those before a resume).
+    pub fn completed_steps(&self) -> u64 {
+        self.completed_steps
+    }
+
+    /// A copy of the learner's state for a checkpoint.
+    pub fn state(&self) -> Result<TrainerState, ActorError> {
+        let mut optimizer = HashMap::new();
+        let (policy_optimizer_steps, m) = self.policy_opt.state()?;
+        optimizer.extend(m.into_iter().map(|(k, v)| (format!("policy/{k}"), v)));
+        let critic_optimizer_steps = match &self.critic {
+            Some((_, _, opt)) => {
+                let (n, m) = opt.state()?;
+                optimizer.extend(m.into_iter().map(|(k, v)| (format!("critic/{k}"), v)));
+                Some(n)
+            }
+            None => None,
+        };
+        Ok(TrainerState {
+            policy: self.policy_weights()?,
+            critic: self.critic_weights()?,
+            optimizer,
+            policy_optimizer_steps,
+            critic_optimizer_steps,
+            beta: self.kl.beta(),
+            completed_steps: self.completed_steps,
+        })
+    }
+
+    /// Restores a [`TrainerState`]; every tensor must be present with its shape.
+    pub fn load_state(&mut self, s: &TrainerState) -> Result<(), ActorError> {
+        let prefixed = |p: &str| -> HashMap<String, Tensor> {
+            s.optimizer
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(p).map(|k| (k.to_string(), v.clone())))
+                .collect()
+        };
+        load_vars(&self.policy_vars, &s.policy, "policy")?;
+        self.policy_opt
+            .load_state(s.policy_optimizer_steps, &prefixed("policy/"))?;
+        match (&mut self.critic, &s.critic, s.critic_optimizer_steps) {
+            (Some((_, vars, opt)), Some(w), Some(n)) => {
+                load_vars(vars, w, "critic")?;
+                opt.load_state(n, &prefixed("critic/"))?;
+            }
+            (None, None, None) => {}
+            _ => {
+                return Err(ActorError::Other(
+                    "checkpoint and run disagree on having a critic".into(),
+                ))
+            }
+        }
+        self.kl.restore_beta(s.beta).map_err(rl)?;
+        self.completed_steps = s.completed_steps;
+        Ok(())
     }
 
     pub fn beta(&self) -> f64 {
@@ -328,7 +433,10 @@ impl PpoTrainer {
                     }),
                     mask: &m,
                 };
-                let out = ppo_loss(&self.cfg.loss, &inputs).map_err(rl)?;
+                let mut out = ppo_loss(&self.cfg.loss, &inputs).map_err(rl)?;
+                if self.nonfinite_steps.contains(&step) {
+                    out.loss = out.loss.affine(f64::NAN, 0.0)?;
+                }
                 let loss_val = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !loss_val.is_finite() {
                     skipped += 1;
@@ -361,7 +469,10 @@ impl PpoTrainer {
             metrics::counter!("tandem_learner_skipped_updates").increment(skipped);
         }
         let mean_kl = seq_kl.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        self.kl.update(mean_kl).map_err(rl)?;
+        if mean_kl.is_finite() {
+            self.kl.update(mean_kl).map_err(rl)?;
+        }
+        self.completed_steps = step + 1;
         let rewards: Vec<f64> = seq_rewards.to_dtype(DType::F64)?.to_vec1()?;
         let r_mean = rewards.iter().sum::<f64>() / n as f64;
         let r_std = (rewards.iter().map(|r| (r - r_mean).powi(2)).sum::<f64>() / n as f64).sqrt();

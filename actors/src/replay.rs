@@ -14,6 +14,13 @@
 //! With `keep_dropped` (a trajectory store is attached), the stale trajectories are not
 //! discarded but handed to the learner with the next batch ([`LearnerBatch::dropped`]), so the
 //! store can record them with the step that dropped them.
+//!
+//! Accounting: the buffer records the id of every ticket whose batch arrived ([`TicketSet`]);
+//! a ticket that arrives twice (a retried ticket whose first batch got through after all) is
+//! discarded and counted. [`ReplayMsg::Checkpoint`] answers with the buffered trajectories,
+//! that set and the stale count — what a checkpoint needs so a resumed run issues exactly the
+//! tickets that never arrived. [`ReplayMsg::Drain`] makes every batch request (pending or
+//! later) answer `None`, which is how the run stops a learner that is waiting for data.
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -23,6 +30,7 @@ use std::sync::Arc;
 
 use crate::channel::StageReceiver;
 use crate::meter::ActorMeter;
+use crate::reissue::TicketSet;
 use crate::trajectory::{StageTimes, Trajectory, TrajectoryBatch};
 
 /// What the learner trains on in one step.
@@ -39,6 +47,17 @@ pub struct LearnerBatch {
     pub dropped: Vec<Trajectory>,
 }
 
+/// What a checkpoint keeps of the replay buffer.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayCheckpoint {
+    /// Unconsumed trajectories, in (ticket, row) order.
+    pub buffered: Vec<Trajectory>,
+    /// Every ticket whose batch arrived (consumed, dropped or buffered).
+    pub arrived: TicketSet,
+    /// Trajectories dropped as too stale so far in the run.
+    pub dropped_stale: u64,
+}
+
 pub enum ReplayMsg {
     /// A batch from the value stage; the reply is the credit for the next one.
     Arrived(TrajectoryBatch, RpcReplyPort<()>),
@@ -50,6 +69,10 @@ pub enum ReplayMsg {
         version: u64,
         reply: RpcReplyPort<Option<LearnerBatch>>,
     },
+    /// The buffer's contents for a checkpoint.
+    Checkpoint(RpcReplyPort<ReplayCheckpoint>),
+    /// Answer every batch request with `None` from now on.
+    Drain,
 }
 
 pub struct ReplayArgs {
@@ -64,6 +87,8 @@ pub struct ReplayArgs {
     pub meter: Arc<ActorMeter>,
     /// Trajectories in the buffer now, readable without a message to the actor.
     pub held: Arc<AtomicUsize>,
+    /// Where a resumed run starts: the checkpoint's buffer.
+    pub restore: ReplayCheckpoint,
 }
 
 pub struct ReplayState {
@@ -75,7 +100,9 @@ pub struct ReplayState {
     dropped_stale: u64,
     /// Stale trajectories not yet handed over (with `keep_dropped`).
     dropped: Vec<Trajectory>,
+    arrived: TicketSet,
     closed: bool,
+    draining: bool,
 }
 
 pub struct ReplayActor;
@@ -104,15 +131,24 @@ impl Actor for ReplayActor {
             }
             let _ = me2.cast(ReplayMsg::Closed);
         });
-        Ok(ReplayState {
+        let restore = std::mem::take(&mut args.restore);
+        let st = ReplayState {
             args,
-            buffer: vec![],
+            buffer: restore
+                .buffered
+                .into_iter()
+                .map(|t| (t, StageTimes::default()))
+                .collect(),
             pending: None,
             credit: None,
-            dropped_stale: 0,
+            dropped_stale: restore.dropped_stale,
             dropped: vec![],
+            arrived: restore.arrived,
             closed: false,
-        })
+            draining: false,
+        };
+        st.publish_held();
+        Ok(st)
     }
 
     async fn handle(
@@ -123,6 +159,14 @@ impl Actor for ReplayActor {
     ) -> Result<(), ActorProcessingErr> {
         let _timer = st.args.meter.time_handle();
         match msg {
+            ReplayMsg::Arrived(batch, credit) if !st.arrived.insert(batch.ticket.id) => {
+                tracing::warn!(
+                    ticket = batch.ticket.id,
+                    "ticket arrived twice; the second copy is discarded"
+                );
+                metrics::counter!("tandem_replay_duplicate_tickets").increment(1);
+                st.credit = Some(credit);
+            }
             ReplayMsg::Arrived(batch, credit) => {
                 st.args.meter.items(batch.trajectories.len() as u64);
                 let n = batch.trajectories.len().max(1) as f64;
@@ -137,6 +181,17 @@ impl Actor for ReplayActor {
             }
             ReplayMsg::Closed => st.closed = true,
             ReplayMsg::NextBatch { version, reply } => st.pending = Some((version, reply)),
+            ReplayMsg::Checkpoint(reply) => {
+                let mut buffered: Vec<Trajectory> = st.dropped.iter().cloned().collect();
+                buffered.extend(st.buffer.iter().map(|(t, _)| t.clone()));
+                buffered.sort_by_key(|t| (t.ticket, t.row));
+                let _ = reply.send(ReplayCheckpoint {
+                    buffered,
+                    arrived: st.arrived.clone(),
+                    dropped_stale: st.dropped_stale,
+                });
+            }
+            ReplayMsg::Drain => st.draining = true,
         }
         self.try_serve(st);
         if st.buffer.len() < st.args.capacity {
@@ -159,6 +214,11 @@ impl ReplayActor {
     fn try_serve(&self, st: &mut ReplayState) {
         let Some((version, _)) = &st.pending else { return };
         let version = *version;
+        if st.draining {
+            let (_, reply) = st.pending.take().expect("checked above");
+            let _ = reply.send(None);
+            return;
+        }
         let s = st.args.max_staleness;
         let before = st.buffer.len();
         let (keep, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut st.buffer)

@@ -5,6 +5,9 @@
 //! batch with `score` and `ref_logprobs` filled in. The per-token reward
 //! `-beta * KL_t (+ score at the last token)` is assembled by the learner with the KL
 //! coefficient of the step that trains on the batch, so an adaptive beta is applied exactly.
+//!
+//! The ticket of the batch in hand is recorded in [`HeldTickets`] until the batch is handed
+//! downstream, so a supervisor can reissue it if this actor fails.
 
 use std::sync::Arc;
 
@@ -14,7 +17,9 @@ use tandem_models::LanguageModel;
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
+use crate::faults::Faults;
 use crate::meter::{ActorMeter, ActorState};
+use crate::reissue::HeldTickets;
 use crate::reward_source::RewardSource;
 use crate::trajectory::TrajectoryBatch;
 
@@ -26,6 +31,7 @@ pub enum RewardMsg {
     Step,
 }
 
+#[derive(Clone)]
 pub struct RewardArgs {
     pub name: String,
     pub executor: Arc<Executor>,
@@ -38,6 +44,9 @@ pub struct RewardArgs {
     pub out: StageSender<TrajectoryBatch>,
     /// This actor's measurements.
     pub meter: Arc<ActorMeter>,
+    /// The ticket in hand (for its supervisor).
+    pub held: HeldTickets,
+    pub faults: Arc<Faults>,
 }
 
 pub struct RewardActor;
@@ -65,6 +74,7 @@ impl Actor for RewardActor {
             me.stop(Some("rollout stage closed".into()));
             return Ok(());
         };
+        st.held.hold(&batch.ticket);
         let source = st.source.clone();
         let reference = st.reference.clone();
         let temperature = st.temperature;
@@ -99,10 +109,13 @@ impl Actor for RewardActor {
         batch.times.reward_s = took.as_secs_f64();
         st.meter.busy(took);
         st.meter.items(batch.trajectories.len() as u64);
+        st.faults.reward_batch();
         st.meter.set_state(ActorState::Blocked);
+        let ticket = batch.ticket.id;
         let sent = st.out.send(batch).await;
         st.meter.set_state(ActorState::Idle);
         if let Ok(waited) = sent {
+            st.held.release(ticket);
             st.meter.blocked(waited);
         } else {
             me.stop(Some("value stage gone".into()));

@@ -7,6 +7,11 @@
 //! and push the batch into the bounded channel to the reward stage — waiting there when the
 //! reward stage is full. New weights are swapped in between generation batches, never during
 //! one. The loop ends when the ticket channel closes or the downstream channel is gone.
+//!
+//! Failures: the tickets a rollout holds are recorded in its [`HeldTickets`] until their batch
+//! is handed downstream; tickets reissued after some stage actor failed ([`ReissueQueue`])
+//! are taken before new ones, and [`RolloutMsg::Reissued`] wakes a rollout that is waiting for
+//! a newer policy so a reissued ticket never waits behind a ticket meant for a later step.
 
 use std::sync::Arc;
 
@@ -16,7 +21,9 @@ use tandem_models::{generate, Decoding, LanguageModel, ModelConfig, SamplingConf
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
+use crate::faults::Faults;
 use crate::meter::{ActorMeter, ActorState};
+use crate::reissue::{HeldTickets, ReissueQueue};
 use crate::snapshot::{adopt, SnapshotMsg};
 use crate::trajectory::{SharedWeights, StageTimes, Trajectory, TrajectoryBatch, WorkTicket};
 
@@ -25,8 +32,11 @@ pub enum RolloutMsg {
     Step,
     /// Swap in a new policy version before the next batch.
     Adopt(SharedWeights),
+    /// Tickets were put in the reissue queue.
+    Reissued,
 }
 
+#[derive(Clone)]
 pub struct RolloutArgs {
     pub name: String,
     pub executor: Arc<Executor>,
@@ -38,6 +48,11 @@ pub struct RolloutArgs {
     pub snapshot: ActorRef<SnapshotMsg>,
     /// This actor's measurements.
     pub meter: Arc<ActorMeter>,
+    /// Tickets this actor holds (for its supervisor).
+    pub held: HeldTickets,
+    /// Tickets to sample again, taken before new ones.
+    pub reissued: ReissueQueue,
+    pub faults: Arc<Faults>,
 }
 
 pub struct RolloutState {
@@ -81,33 +96,49 @@ impl Actor for RolloutActor {
                     me.cast(RolloutMsg::Step)?;
                 }
             }
+            RolloutMsg::Reissued => {
+                if st.pending.is_some() {
+                    me.cast(RolloutMsg::Step)?;
+                }
+            }
             RolloutMsg::Step => {
                 let Some((version, model)) = st.model.clone() else {
                     return Ok(());
                 };
                 st.args.meter.set_state(ActorState::Idle);
-                let ticket = match st.pending.take() {
-                    Some(t) => t,
-                    None => match st.args.tickets.recv().await {
+                let limit = version + st.args.max_staleness;
+                let ticket = match st.args.reissued.pop_ready(limit) {
+                    Some(t) => {
+                        tracing::info!(actor = %st.args.name, ticket = t.id, "sampling a reissued ticket");
+                        t
+                    }
+                    None => match st.pending.take() {
                         Some(t) => t,
-                        None => {
-                            st.args.meter.set_state(ActorState::Stopped);
-                            me.stop(Some("no more tickets".into()));
-                            return Ok(());
-                        }
+                        None => match st.args.tickets.recv().await {
+                            Some(t) => t,
+                            None => {
+                                st.args.meter.set_state(ActorState::Stopped);
+                                me.stop(Some("no more tickets".into()));
+                                return Ok(());
+                            }
+                        },
                     },
                 };
-                if ticket.step > version + st.args.max_staleness {
+                st.args.held.hold(&ticket);
+                if ticket.step > limit {
                     // Too far ahead of the policy: wait for a newer version (Adopt resumes us).
+                    // (Reissued tickets are only taken when ready, so this is a new one.)
                     st.pending = Some(ticket);
                     return Ok(());
                 }
                 st.args.meter.set_state(ActorState::Computing);
                 let batch = self.sample(st, &ticket, version, model).await?;
+                st.args.faults.rollout_batch();
                 st.args.meter.set_state(ActorState::Blocked);
                 let sent = st.args.out.send(batch).await;
                 st.args.meter.set_state(ActorState::Idle);
                 if let Ok(waited) = sent {
+                    st.args.held.release(ticket.id);
                     st.args.meter.blocked(waited);
                 } else {
                     me.stop(Some("reward stage gone".into()));

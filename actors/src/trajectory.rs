@@ -32,7 +32,7 @@ pub struct WorkTicket {
 }
 
 /// One sampled response and everything the pipeline learns about it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Trajectory {
     pub ticket: u64,
     pub row: u32,

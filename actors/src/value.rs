@@ -14,7 +14,9 @@ use tandem_models::{ModelConfig, ScalarModel};
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
+use crate::faults::Faults;
 use crate::meter::{ActorMeter, ActorState};
+use crate::reissue::HeldTickets;
 use crate::snapshot::{adopt, SnapshotMsg};
 use crate::trajectory::{SharedWeights, TrajectoryBatch};
 
@@ -23,6 +25,7 @@ pub enum ValueMsg {
     Adopt(SharedWeights),
 }
 
+#[derive(Clone)]
 pub struct ValueArgs {
     pub name: String,
     pub executor: Arc<Executor>,
@@ -33,6 +36,9 @@ pub struct ValueArgs {
     pub snapshot: ActorRef<SnapshotMsg>,
     /// This actor's measurements.
     pub meter: Arc<ActorMeter>,
+    /// The ticket in hand (for its supervisor).
+    pub held: HeldTickets,
+    pub faults: Arc<Faults>,
 }
 
 pub struct ValueState {
@@ -93,6 +99,7 @@ impl Actor for ValueActor {
                         }
                     },
                 };
+                st.args.held.hold(&batch.ticket);
                 let mut batch = match &st.model {
                     None if st.args.critic.is_none() => batch,
                     None => {
@@ -114,10 +121,13 @@ impl Actor for ValueActor {
                     }
                 }
                 st.args.meter.items(batch.trajectories.len() as u64);
+                st.args.faults.value_batch();
                 st.args.meter.set_state(ActorState::Blocked);
+                let ticket = batch.ticket.id;
                 let sent = st.args.out.send(batch).await;
                 st.args.meter.set_state(ActorState::Idle);
                 if let Ok(waited) = sent {
+                    st.args.held.release(ticket);
                     st.args.meter.blocked(waited);
                 } else {
                     me.stop(Some("replay gone".into()));

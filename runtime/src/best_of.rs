@@ -110,7 +110,13 @@ pub async fn best_of_n(
     }
     let exec = Executor::new(cfg.placement.rollout_devices[0], cfg.placement.threads_per_device)?;
     let (model, tokenizer) = policy(cfg, policy_dir, exec.device())?;
-    let prompts = load_prompts(&cfg.data.prompts, &tokenizer, cfg.data.prompt_max_tokens)?;
+    let prompts = load_prompts(
+        &cfg.data.prompts,
+        &tokenizer,
+        cfg.data.prompt_max_tokens,
+        cfg.data.on_bad_line,
+    )?
+    .prompts;
     let source: Arc<dyn RewardSource> = reward_source(cfg, &tokenizer, exec.device())?;
     let (sampling, seed, batch) = (cfg.sampling.clone(), cfg.seed, cfg.data.prompts_per_ticket);
     let ps = prompts.clone();

@@ -110,12 +110,28 @@
 //! lr = 1e-3
 //! normalize = "gain_bias"  # none | reference_bias | gain_bias, on the initial policy's samples
 //! min_eval_accuracy = 0.0  # fail before PPO if the reward model is worse than this
+//! [checkpoint]             # RUN_DIR/checkpoints/step-K (see crate::checkpoint)
+//! every = 10               # learner steps between checkpoints (0: only at the end and on stop)
+//! keep = 3                 # complete checkpoints kept (oldest removed first)
+//!
+//! [supervision]            # see crate::supervisor
+//! max_restarts = 5         # rollout/reward/value failures within window_s before the run stops
+//! window_s = 60.0
+//! backoff_s = 0.1          # first restart delay, doubled per earlier failure of the same actor
+//! backoff_max_s = 5.0
+//! max_nonfinite_steps = 3  # learner steps in a row with a NaN/Inf loss or gradient before the run stops
+//!
+//! [faults]                 # fault injection for tests (see tandem_actors::faults); all off by default
+//! rollout_panic_every = 0
 //! ```
+//!
+//! `[data] on_bad_line = "error"` (default) stops at a malformed prompts line with its number;
+//! `"skip"` skips such lines, logs each with its number and counts them.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tandem_actors::{DeviceId, TrainerConfig};
+use tandem_actors::{DeviceId, FaultConfig, TrainerConfig};
 use tandem_models::SamplingConfig;
 
 use crate::error::RuntimeError;
@@ -147,6 +163,56 @@ pub struct Config {
     /// The controlled mock-labeller experiment (see [`crate::mock_labeller`]).
     #[serde(default)]
     pub mock_labeller: Option<crate::mock_labeller::MockLabellerConfig>,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub supervision: SupervisionConfig,
+    #[serde(default, skip_serializing_if = "FaultConfig::is_empty")]
+    pub faults: FaultConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    pub every: u64,
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every: 10, keep: 3 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    pub max_restarts: u64,
+    pub window_s: f64,
+    pub backoff_s: f64,
+    pub backoff_max_s: f64,
+    pub max_nonfinite_steps: u64,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        Self {
+            max_restarts: 5,
+            window_s: 60.0,
+            backoff_s: 0.1,
+            backoff_max_s: 5.0,
+            max_nonfinite_steps: 3,
+        }
+    }
+}
+
+/// What to do with a malformed prompts line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BadLinePolicy {
+    #[default]
+    Error,
+    Skip,
 }
 
 /// Which steps' trajectories the store keeps.
@@ -353,6 +419,8 @@ pub struct DataConfig {
     pub samples_per_prompt: usize,
     #[serde(default = "default_ticket")]
     pub prompts_per_ticket: usize,
+    #[serde(default)]
+    pub on_bad_line: BadLinePolicy,
 }
 
 fn default_prompt_max() -> usize {
@@ -414,28 +482,44 @@ impl Default for ChannelsConfig {
 impl Config {
     /// Reads, overrides, resolves and validates a config file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
+        let mut cfg = Self::parse(path, overrides)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.validate().map_err(|msg| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads a run directory's resolved `config.toml` (its paths are absolute), applies
+    /// overrides and validates it: how `tandem run --resume` gets its config.
+    pub fn load_run(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
+        let cfg = Self::parse(path, overrides)?;
+        cfg.validate().map_err(|msg| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        Ok(cfg)
+    }
+
+    fn parse(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
         let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
         let bad = |msg: String| RuntimeError::Config {
             path: path.to_path_buf(),
             msg,
         };
-        let mut cfg: Config = if overrides.is_empty() {
-            toml::from_str(&text).map_err(|e| bad(e.to_string()))?
-        } else {
-            let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-            for o in overrides {
-                apply_override(&mut table, o).map_err(|m| bad(format!("--set {o}: {m}")))?;
-            }
-            Config::deserialize(table).map_err(|e| bad(format!("after --set overrides: {e}")))?
-        };
-        let base = path.parent().unwrap_or(Path::new("."));
-        cfg.resolve_paths(base);
-        cfg.validate().map_err(bad)?;
-        Ok(cfg)
+        if overrides.is_empty() {
+            return toml::from_str(&text).map_err(|e| bad(e.to_string()));
+        }
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut table, o).map_err(|m| bad(format!("--set {o}: {m}")))?;
+        }
+        Config::deserialize(table).map_err(|e| bad(format!("after --set overrides: {e}")))
     }
 
-    /// Reads a run directory's resolved `config.toml` as it was written: no overrides, no path
-    /// resolution (its paths are already resolved against the run's working directory) and no
+    /// Reads a run directory's resolved `config.toml` as it was written: no overrides and no
     /// check that the files it names still exist.
     pub fn load_resolved(path: &Path) -> Result<Self, RuntimeError> {
         let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
@@ -445,11 +529,12 @@ impl Config {
         })
     }
 
+    /// Makes every path absolute, relative ones taken from `base` (so the run directory's copy
+    /// works from any working directory).
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
+            let joined = base.join(&*p);
+            *p = std::path::absolute(&joined).unwrap_or(joined);
         };
         fix(&mut self.data.prompts);
         if let Some(p) = &mut self.models.policy.path {
@@ -581,6 +666,16 @@ impl Config {
         }
         if self.store.segment_bytes < 1024 || self.store.queue == 0 {
             return Err("store.segment_bytes must be >= 1024 and store.queue >= 1".into());
+        }
+        if self.checkpoint.keep == 0 {
+            return Err("checkpoint.keep must be >= 1".into());
+        }
+        let sv = &self.supervision;
+        if !(sv.window_s > 0.0 && sv.backoff_s >= 0.0 && sv.backoff_max_s >= sv.backoff_s) {
+            return Err("supervision: need window_s > 0 and 0 <= backoff_s <= backoff_max_s".into());
+        }
+        if sv.max_nonfinite_steps == 0 {
+            return Err("supervision.max_nonfinite_steps must be >= 1".into());
         }
         let p = &self.placement;
         if p.rollout_devices.is_empty() || p.rollouts_per_device == 0 {

@@ -3,7 +3,8 @@
 //! A run directory holds the resolved `config.toml`, `metrics.jsonl` (one JSON object per
 //! learner step), `actors.jsonl` (per-actor samples), `metrics_addr` (the live Prometheus
 //! endpoint), the trajectory store `trajectories/` ([`store`]) and, at the end, the trained
-//! `policy/` (and `critic/`) in HF layout.
+//! `policy/` (and `critic/`) in HF layout. `checkpoints/step-K/` hold what a resumed run
+//! continues from ([`checkpoint`]).
 //!
 //! Besides PPO runs ([`pipeline`]): reward-model training from preferences ([`train_rm`]),
 //! best-of-N sampling ([`best_of`]), the mock-labeller experiment ([`mock_labeller`]) and the
@@ -11,6 +12,7 @@
 
 pub mod best_of;
 pub mod builtin;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod mock_labeller;

@@ -182,7 +182,13 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let device = cfg.placement.learner_device;
     let exec = Executor::new(device, cfg.placement.threads_per_device)?;
     let truth = reward_source(cfg, &policy.tokenizer, exec.device())?;
-    let prompts = load_prompts(&cfg.data.prompts, &policy.tokenizer, cfg.data.prompt_max_tokens)?;
+    let prompts = load_prompts(
+        &cfg.data.prompts,
+        &policy.tokenizer,
+        cfg.data.prompt_max_tokens,
+        cfg.data.on_bad_line,
+    )?
+    .prompts;
     let want = m.pairs + m.eval_pairs;
     let (c, p, t) = (cfg.clone(), policy.clone(), truth.clone());
     let (out, took) = exec

@@ -1,35 +1,50 @@
-//! Starting, running and stopping one RL run.
+//! Starting, running, checkpointing and stopping one RL run.
 //!
-//! [`run`] builds the devices of the placement, loads or initialises the models, wires the
-//! bounded channels (tickets → rollout ×N → reward → value → replay) and spawns every actor
-//! under the [`RunSupervisor`]. It then appends each learner report to `RUN_DIR/metrics.jsonl`
-//! until the last step, an actor failure, or Ctrl-C.
+//! [`run`] builds the devices of the placement, loads or initialises the models (and, with
+//! [`RunOptions::resume`], restores the latest checkpoint over them), wires the bounded
+//! channels (tickets → rollout ×N → reward → value → replay) and spawns every actor under the
+//! [`RunSupervisor`]. It then serves the learner's events — appending each step report to
+//! `RUN_DIR/metrics.jsonl` and writing the checkpoints the learner asks for — until the learner
+//! is done, a failure, or Ctrl-C.
 //!
-//! Shutdown: the actors are killed (in-flight generation is abandoned; everything the learner
-//! reported is already on disk), which drops their channel ends; blocked producers and
+//! Stopping on purpose (Ctrl-C, or the supervisor giving up on failing actors): the run sets
+//! the learner's stop flag and drains the replay buffer, so the learner takes a final
+//! checkpoint at its next step boundary and stops; a second Ctrl-C stops at once. A learner
+//! that fails gets a checkpoint from here when its state is still at a step boundary (the
+//! batch it held goes back with the buffered trajectories). A run that stops for too many
+//! non-finite steps keeps the last checkpoint from before them.
+//!
+//! Resuming: `metrics.jsonl` lines and stored trajectories of steps at or after the checkpoint
+//! are set aside (the resumed run redoes those steps), the replay buffer is refilled from the
+//! checkpoint and the feeder issues every ticket the checkpoint does not account for.
+//!
+//! Shutdown: the supervisor kills the actors (in-flight generation is abandoned; everything
+//! the learner reported is on disk), which drops their channel ends; blocked producers and
 //! consumers then see closed channels and finish, and the feeder thread exits. The learner's
-//! sender to the trajectory store goes with it, so the store's writer drains its queue, flushes
-//! and fsyncs (see [`crate::store`]). Finally the trained policy (and critic) are saved in HF
-//! layout under `RUN_DIR/policy` (`RUN_DIR/critic`).
+//! sender to the trajectory store goes with it, so the store's writer drains its queue,
+//! flushes and fsyncs (see [`crate::store`]). Finally the trained policy (and critic) are saved
+//! in HF layout under `RUN_DIR/policy` (`RUN_DIR/critic`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use ractor::{Actor, ActorCell};
+use ractor::{Actor, ActorCell, ActorRef};
 use tandem_actors::channel::ChannelStats;
-use tandem_actors::learner::{LearnerActor, LearnerArgs};
-use tandem_actors::replay::{ReplayActor, ReplayArgs};
+use tandem_actors::learner::{LearnerActor, LearnerArgs, LearnerStart};
+use tandem_actors::replay::{ReplayActor, ReplayArgs, ReplayCheckpoint, ReplayMsg};
 use tandem_actors::reward::{RewardActor, RewardArgs};
 use tandem_actors::reward_source::{RewardModelSource, RewardSource, TokenSetReward};
 use tandem_actors::rollout::{RolloutActor, RolloutArgs};
 use tandem_actors::snapshot::{SnapshotActor, SnapshotArgs};
 use tandem_actors::value::{ValueActor, ValueArgs};
 use tandem_actors::{
-    stage_channel, ActorMeter, Advantage, DeviceId, Executor, PpoTrainer, StepReport, TrajectoryBatch, WeightsSnapshot,
+    stage_channel, ActorError, ActorMeter, Advantage, DeviceId, Executor, Faults, HeldTickets, LearnerEvent,
+    PpoTrainer, ReissueQueue, StepReport, Trajectory, TrajectoryBatch, WeightsSnapshot,
 };
 use tandem_models::{
     load_tensors, save_checkpoint, snapshot, HeadKind, LanguageModel, ModelConfig, ScalarModel, TextTokenizer,
@@ -37,11 +52,12 @@ use tandem_models::{
 };
 
 use crate::builtin;
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta, ModelLayout};
 use crate::config::{Config, CriticInit, RewardKind};
 use crate::error::RuntimeError;
 use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
-use crate::store::{spawn_writer, store_dir, StoreStats};
-use crate::supervisor::RunSupervisor;
+use crate::store::{set_aside_from_step, spawn_writer, store_dir, StoreStats};
+use crate::supervisor::{ChildRole, ChildSpec, RunSupervisor, SpawnFn, SupervisorArgs, SupervisorMsg};
 use crate::telemetry::{self, ActorSampler};
 
 static NEXT_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -56,6 +72,8 @@ pub struct RunOptions {
     pub learner_delay: Duration,
     /// Extra fields for each step's metrics line ([`crate::step_probe`]).
     pub step_probe: Option<crate::step_probe::StepProbe>,
+    /// Continue from the latest complete checkpoint in `run_dir`.
+    pub resume: bool,
 }
 
 /// What a finished run reports back.
@@ -73,11 +91,19 @@ pub struct RunSummary {
     pub tickets_issued: u64,
     /// What the trajectory store wrote (`None` with `store.retention = "none"`).
     pub store: Option<StoreStats>,
+    /// The checkpoint step the run resumed from.
+    pub resumed_from: Option<u64>,
+    /// Steps of the checkpoints this run wrote, in order.
+    pub checkpoints: Vec<u64>,
+    /// Actor restarts by the supervisor.
+    pub restarts: u64,
+    /// Malformed prompt lines skipped (`data.on_bad_line = "skip"`).
+    pub prompts_skipped: usize,
 }
 
-pub(crate) struct LoadedPolicy {
-    pub(crate) config: ModelConfig,
-    pub(crate) tokenizer: TextTokenizer,
+pub struct LoadedPolicy {
+    pub config: ModelConfig,
+    pub tokenizer: TextTokenizer,
     pub(crate) init: Option<(PathBuf, std::collections::HashMap<String, Tensor>)>,
 }
 
@@ -111,15 +137,256 @@ pub(crate) fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
     }
 }
 
-/// Runs `cfg` to completion (or Ctrl-C) and returns the reports.
+/// A run's learner as the config initialises it (before any checkpoint is restored).
+pub struct BuiltLearner {
+    pub trainer: PpoTrainer,
+    pub policy: LoadedPolicy,
+    pub critic_config: Option<ModelConfig>,
+    /// The initial policy weights: the frozen reference model.
+    pub initial_policy: std::collections::HashMap<String, Tensor>,
+}
+
+/// Builds the policy, critic and trainer the config describes on `device`. `tandem replay
+/// --rerun-step` builds them the same way before restoring a checkpoint.
+pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<BuiltLearner, RuntimeError> {
+    let policy = load_policy(cfg)?;
+    let init = match &policy.init {
+        Some((dir, t)) => WeightInit::Checkpoint {
+            tensors: t,
+            dir,
+            seed: cfg.seed,
+        },
+        None => WeightInit::Random { seed: cfg.seed },
+    };
+    let (policy_model, policy_vars) = LanguageModel::trainable(&policy.config, init, device)?;
+    let initial_policy = snapshot(&policy_vars)?;
+    let critic = if cfg.algorithm.advantage == Advantage::Gae {
+        let c = &cfg.models.critic;
+        let (dir, config, tensors) = match c.init {
+            CriticInit::RewardModel => {
+                let dir = cfg.reward.model.clone().expect("validated");
+                let config = ModelConfig::from_dir(&dir)?;
+                let t = load_tensors(&dir, &config, device)?;
+                (dir, config, t)
+            }
+            CriticInit::Policy => (PathBuf::from("<policy>"), policy.config.clone(), initial_policy.clone()),
+            CriticInit::Path => {
+                let dir = c.path.clone().expect("validated");
+                let config = ModelConfig::from_dir(&dir)?;
+                let t = load_tensors(&dir, &config, device)?;
+                (dir, config, t)
+            }
+        };
+        let init = WeightInit::Checkpoint {
+            tensors: &tensors,
+            dir: &dir,
+            seed: cfg.seed.wrapping_add(1),
+        };
+        Some(ScalarModel::trainable(
+            &config.with_head(HeadKind::Scalar),
+            init,
+            device,
+        )?)
+    } else {
+        None
+    };
+    let critic_config = critic.as_ref().map(|(m, _)| m.config().clone());
+    let mut trainer = PpoTrainer::new(
+        cfg.algorithm.clone(),
+        (policy_model, policy_vars),
+        critic,
+        sampling_temperature(cfg),
+        cfg.data.samples_per_prompt,
+        cfg.seed,
+        device.clone(),
+    )?;
+    trainer.inject_nonfinite_loss(cfg.faults.nonfinite_loss_steps.clone());
+    Ok(BuiltLearner {
+        trainer,
+        policy,
+        critic_config,
+        initial_policy,
+    })
+}
+
+fn sampling_temperature(cfg: &Config) -> f64 {
+    if cfg.sampling.greedy {
+        1.0
+    } else {
+        cfg.sampling.temperature.max(1e-6)
+    }
+}
+
+/// What writing a checkpoint needs.
+struct CheckpointWriter {
+    run_dir: PathBuf,
+    trainer: Arc<Mutex<PpoTrainer>>,
+    replay: ActorRef<ReplayMsg>,
+    /// The store's progress: checkpoints wait until every earlier step is written.
+    store_written: Option<Arc<AtomicU64>>,
+    policy_config: ModelConfig,
+    critic_config: Option<ModelConfig>,
+    tokenizer: TextTokenizer,
+    config_toml: String,
+    keep: usize,
+    seed: u64,
+}
+
+impl CheckpointWriter {
+    /// Writes the checkpoint before `step`; `extra` are trajectories to keep beside the replay
+    /// buffer's (a failed learner's batch). The trainer must have completed exactly `step` steps
+    /// and not have failed inside one.
+    async fn write(&self, step: u64, version: u64, wall_s: f64, extra: Vec<Trajectory>) -> Result<PathBuf, String> {
+        if let Some(w) = &self.store_written {
+            let waiting = Instant::now();
+            while w.load(Ordering::Acquire) < step {
+                if waiting.elapsed() > Duration::from_secs(120) {
+                    return Err("the trajectory store has not written the steps before it for 120 s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let replay = self
+            .replay
+            .call(ReplayMsg::Checkpoint, Some(Duration::from_secs(60)))
+            .await
+            .map_err(|e| format!("replay buffer: {e}"))?
+            .success_or(ActorError::Other("replay buffer did not answer".into()))
+            .map_err(|e| e.to_string())?;
+        let trainer = self.trainer.clone();
+        let run_dir = self.run_dir.clone();
+        let (policy_config, critic_config) = (self.policy_config.clone(), self.critic_config.clone());
+        let (tokenizer, config_toml, keep, seed) =
+            (self.tokenizer.clone(), self.config_toml.clone(), self.keep, self.seed);
+        tokio::task::spawn_blocking(move || -> Result<PathBuf, String> {
+            let state = {
+                let t = trainer
+                    .lock()
+                    .map_err(|_| "the learner failed inside a step, so its weights may be half-updated".to_string())?;
+                if t.completed_steps() != step {
+                    return Err(format!(
+                        "the learner completed {} steps, not {step} (a step's report was lost)",
+                        t.completed_steps()
+                    ));
+                }
+                t.state().map_err(|e| e.to_string())?
+            };
+            let mut buffered = replay.buffered;
+            buffered.extend(extra);
+            buffered.sort_by_key(|t| (t.ticket, t.row));
+            let meta = CheckpointMeta {
+                format: checkpoint::FORMAT,
+                step,
+                version,
+                policy_optimizer_steps: state.policy_optimizer_steps,
+                critic_optimizer_steps: state.critic_optimizer_steps,
+                beta: state.beta,
+                beta_bits: state.beta.to_bits(),
+                tickets: replay.arrived,
+                dropped_stale: replay.dropped_stale,
+                replay_trajectories: buffered.len(),
+                wall_s,
+                seed,
+                written_unix_ms: tandem_actors::trajectory::unix_ms(),
+            };
+            let ckpt = Checkpoint {
+                meta,
+                trainer: state,
+                replay: buffered,
+            };
+            let layout = ModelLayout {
+                policy: &policy_config,
+                critic: critic_config.as_ref(),
+                tokenizer: &tokenizer,
+            };
+            checkpoint::write(&run_dir, &ckpt, &layout, &config_toml, keep).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("checkpoint writer: {e}"))?
+    }
+}
+
+/// Keeps the metrics.jsonl lines of steps before `step`; later lines (steps a resumed run
+/// redoes) are appended to `metrics.jsonl.superseded`.
+fn set_aside_metrics(path: &Path, step: u64) -> Result<(), RuntimeError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let (mut keep, mut aside) = (String::new(), String::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let s = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+        let out = if s.is_some_and(|s| s < step) {
+            &mut keep
+        } else {
+            &mut aside
+        };
+        out.push_str(line);
+        out.push('\n');
+    }
+    if !aside.is_empty() {
+        let sup = path.with_extension("jsonl.superseded");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&sup)
+            .map_err(|e| RuntimeError::io(&sup, e))?;
+        f.write_all(aside.as_bytes()).map_err(|e| RuntimeError::io(&sup, e))?;
+    }
+    std::fs::write(path, keep).map_err(|e| RuntimeError::io(path, e))
+}
+
+/// Makes a [`SpawnFn`] for a restartable actor.
+fn spawner<A>(name: String, make: fn() -> A, args: A::Arguments) -> SpawnFn
+where
+    A: Actor,
+    A::Arguments: Clone + Sync,
+{
+    Arc::new(move |sup: ActorCell| {
+        let (name, args) = (name.clone(), args.clone());
+        Box::pin(async move {
+            Actor::spawn_linked(Some(name), make(), args, sup)
+                .await
+                .map(|(r, _)| r.get_cell())
+        })
+    })
+}
+
+/// Runs `cfg` to completion (or a stop) and returns the reports.
 pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeError> {
     if cfg.mock_labeller.is_some() {
         return crate::mock_labeller::run(cfg, opts).await;
     }
     let run_dir = &opts.run_dir;
     std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
+    checkpoint::remove_partial(run_dir)?;
+    let existing = checkpoint::list(run_dir)?;
+    let resume_from = match (opts.resume, existing.last()) {
+        (true, Some(last)) => Some(last.clone()),
+        (true, None) => {
+            return Err(RuntimeError::Other(format!(
+                "{}: no complete checkpoint to resume from",
+                checkpoint::checkpoints_dir(run_dir).display()
+            )))
+        }
+        (false, Some(_)) => {
+            return Err(RuntimeError::Config {
+                path: run_dir.clone(),
+                msg: "this run directory holds another run (it has checkpoints); continue it with `tandem run --resume`, replace it with --overwrite or choose another --run-dir".into(),
+            })
+        }
+        (false, None) if std::fs::metadata(run_dir.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0) => {
+            return Err(RuntimeError::Config {
+                path: run_dir.clone(),
+                msg: "this run directory holds another run (it has metrics.jsonl); replace it with --overwrite or choose another --run-dir".into(),
+            })
+        }
+        (false, None) => None,
+    };
+    let config_toml = cfg.to_toml();
     let resolved = run_dir.join("config.toml");
-    std::fs::write(&resolved, cfg.to_toml()).map_err(|e| RuntimeError::io(&resolved, e))?;
+    std::fs::write(&resolved, &config_toml).map_err(|e| RuntimeError::io(&resolved, e))?;
 
     // Devices.
     let p = &cfg.placement;
@@ -135,84 +402,70 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     }
     let dev = |d: &DeviceId| devices[d].clone();
 
-    // Models.
-    let policy = load_policy(cfg)?;
+    // Models, and the checkpoint over them when resuming.
     let learner_exec = dev(&p.learner_device);
     let ldev = learner_exec.device().clone();
-    let init = match &policy.init {
-        Some((dir, t)) => WeightInit::Checkpoint {
-            tensors: t,
-            dir,
-            seed: cfg.seed,
-        },
-        None => WeightInit::Random { seed: cfg.seed },
-    };
-    let (policy_model, policy_vars) = LanguageModel::trainable(&policy.config, init, &ldev)?;
-    let initial_policy = snapshot(&policy_vars)?;
+    let BuiltLearner {
+        mut trainer,
+        policy,
+        critic_config,
+        initial_policy,
+    } = build_learner(cfg, &ldev)?;
+    let mut start = LearnerStart::default();
+    let mut restore = ReplayCheckpoint::default();
+    if let Some((step, dir)) = &resume_from {
+        let c = checkpoint::read(dir, &ldev)?;
+        if c.meta.step >= cfg.steps {
+            return Err(RuntimeError::Config {
+                path: resolved.clone(),
+                msg: format!(
+                    "the latest checkpoint is at step {step} and the run has steps = {}; nothing to resume (raise it with --set steps=N)",
+                    cfg.steps
+                ),
+            });
+        }
+        trainer
+            .load_state(&c.trainer)
+            .map_err(|e| RuntimeError::Other(format!("{}: {e}", dir.display())))?;
+        start = LearnerStart {
+            step: c.meta.step,
+            version: c.meta.version,
+            wall_s: c.meta.wall_s,
+            checkpointed: true,
+        };
+        restore = ReplayCheckpoint {
+            buffered: c.replay,
+            arrived: c.meta.tickets,
+            dropped_stale: c.meta.dropped_stale,
+        };
+        set_aside_metrics(&run_dir.join("metrics.jsonl"), c.meta.step)?;
+        if store_dir(run_dir).exists() {
+            set_aside_from_step(&store_dir(run_dir), c.meta.step)?;
+        }
+        tracing::info!(step = c.meta.step, dir = %dir.display(), "resuming from checkpoint");
+    }
     let reference = Arc::new(LanguageModel::from_tensors(
         &policy.config,
-        initial_policy.clone(),
+        initial_policy,
         dev(&p.reward_device).device(),
     )?);
-
-    let rm_tensors = match (&cfg.reward.kind, &cfg.reward.model) {
-        (RewardKind::RewardModel, Some(dir)) => {
-            let c = ModelConfig::from_dir(dir)?;
-            Some((dir.clone(), c.clone(), load_tensors(dir, &c, &ldev)?))
-        }
-        _ => None,
-    };
     let source = reward_source(cfg, &policy.tokenizer, dev(&p.reward_device).device())?;
-
-    let critic = if cfg.algorithm.advantage == Advantage::Gae {
-        let c = &cfg.models.critic;
-        let (dir, config, tensors) = match c.init {
-            CriticInit::RewardModel => {
-                let (dir, config, t) = rm_tensors.clone().expect("validated");
-                (dir, config, t)
-            }
-            CriticInit::Policy => (PathBuf::from("<policy>"), policy.config.clone(), initial_policy.clone()),
-            CriticInit::Path => {
-                let dir = c.path.clone().expect("validated");
-                let config = ModelConfig::from_dir(&dir)?;
-                let t = load_tensors(&dir, &config, &ldev)?;
-                (dir, config, t)
-            }
-        };
-        let init = WeightInit::Checkpoint {
-            tensors: &tensors,
-            dir: &dir,
-            seed: cfg.seed.wrapping_add(1),
-        };
-        Some(ScalarModel::trainable(
-            &config.with_head(HeadKind::Scalar),
-            init,
-            &ldev,
-        )?)
-    } else {
-        None
+    let wrap = |tensors| {
+        Arc::new(WeightsSnapshot {
+            version: start.version,
+            tensors,
+            published_at: Instant::now(),
+        })
     };
-    let critic_config = critic.as_ref().map(|(m, _)| m.config().clone());
-    let initial_critic = critic.as_ref().map(|(_, v)| snapshot(v)).transpose()?;
-    let trainer = Arc::new(Mutex::new(PpoTrainer::new(
-        cfg.algorithm.clone(),
-        (policy_model, policy_vars),
-        critic,
-        if cfg.sampling.greedy {
-            1.0
-        } else {
-            cfg.sampling.temperature.max(1e-6)
-        },
-        cfg.data.samples_per_prompt,
-        cfg.seed,
-        ldev.clone(),
-    )?));
+    let first_policy = wrap(trainer.policy_weights()?);
+    let first_critic = trainer.critic_weights()?.map(wrap);
+    let trainer = Arc::new(Mutex::new(trainer));
 
     // Trajectory store: its own thread, fed by the learner over a bounded channel.
     let (store_tx, store_writer) = match cfg.store.retention {
         crate::config::Retention::None => (None, None),
         _ => {
-            let (tx, w) = spawn_writer(&store_dir(run_dir), &cfg.store)?;
+            let (tx, w) = spawn_writer(&store_dir(run_dir), &cfg.store, start.step)?;
             (Some(tx), Some(w))
         }
     };
@@ -226,14 +479,19 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let (val_tx, val_rx) = stage_channel::<TrajectoryBatch>("value_to_replay", c.value_to_replay);
     let per_ticket = cfg.data.prompts_per_ticket * cfg.data.samples_per_prompt;
     let held_bound = (c.rollout_to_reward + c.reward_to_value + c.value_to_replay) * per_ticket + cfg.replay_capacity();
-    let prompts = load_prompts(&cfg.data.prompts, &policy.tokenizer, cfg.data.prompt_max_tokens)?;
+    let prompts = load_prompts(
+        &cfg.data.prompts,
+        &policy.tokenizer,
+        cfg.data.prompt_max_tokens,
+        cfg.data.on_bad_line,
+    )?;
     let plan = TicketPlan {
         seed: cfg.seed,
         prompts_per_ticket: cfg.data.prompts_per_ticket,
         tickets_per_step: cfg.tickets_per_step(),
         samples_per_prompt: cfg.data.samples_per_prompt,
     };
-    let feeder = spawn_feeder(prompts, plan, ticket_tx);
+    let feeder = spawn_feeder(prompts.prompts, plan, ticket_tx, restore.arrived.clone());
     let depths = [gen_rx.stats().clone(), rew_rx.stats().clone(), val_rx.stats().clone()];
 
     // Meters, one per actor, each watching its inbound channel.
@@ -251,127 +509,148 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
 
     // Actors. ractor's registry is process-wide, so names carry the run's number.
     let run_no = NEXT_RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let registered = |name: &str| Some(format!("{name}#{run_no}"));
+    let registered = |name: &str| format!("{name}#{run_no}");
     let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (root, root_handle) = Actor::spawn(registered("supervisor"), RunSupervisor, fail_tx)
-        .await
-        .map_err(|e| RuntimeError::Other(format!("cannot start the supervisor: {e}")))?;
+    let reissued = ReissueQueue::default();
+    let faults = Arc::new(Faults::new(cfg.faults.clone()));
+    let (root, root_handle) = Actor::spawn(
+        Some(registered("supervisor")),
+        RunSupervisor,
+        SupervisorArgs {
+            config: cfg.supervision.clone(),
+            reissued: reissued.clone(),
+            failures: fail_tx,
+        },
+    )
+    .await
+    .map_err(|e| RuntimeError::Other(format!("cannot start the supervisor: {e}")))?;
     let sup: ActorCell = root.get_cell();
     let spawn_err = |e: ractor::SpawnErr| RuntimeError::ActorFailed(e.to_string());
-    let now = Instant::now();
-    let started = now;
-    let wrap = |tensors| {
-        Arc::new(WeightsSnapshot {
-            version: 0,
-            tensors,
-            published_at: now,
+    let started = Instant::now();
+    let watch = |name: &str, role: ChildRole, cell: ActorCell| {
+        root.cast(SupervisorMsg::Watch {
+            name: name.to_string(),
+            role,
+            cell,
         })
+        .map_err(|e| RuntimeError::Other(format!("supervisor: {e}")))
     };
+    let start_child = |spec: ChildSpec| {
+        let root = root.clone();
+        async move {
+            root.call(|r| SupervisorMsg::Start(spec, r), None)
+                .await
+                .map_err(|e| RuntimeError::Other(format!("supervisor: {e}")))?
+                .success_or(ActorError::Other("supervisor stopped".into()))?
+                .map_err(RuntimeError::ActorFailed)
+        }
+    };
+
     let snap_meter = meter("snapshot", "snapshot", p.learner_device.to_string(), None);
     meters.push(snap_meter.clone());
-    let (snap, snap_h) = Actor::spawn_linked(
-        registered("snapshot"),
+    let (snap, _) = Actor::spawn_linked(
+        Some(registered("snapshot")),
         SnapshotActor,
         SnapshotArgs {
             meter: snap_meter,
-            policy: wrap(initial_policy),
-            critic: initial_critic.map(wrap),
+            policy: first_policy,
+            critic: first_critic,
         },
         sup.clone(),
     )
     .await
     .map_err(spawn_err)?;
-    let mut children = vec![(snap.get_cell(), snap_h)];
-    let (val, val_h) = Actor::spawn_linked(
-        registered(&format!("value/{}", p.value_device)),
-        ValueActor,
-        ValueArgs {
-            meter: {
-                let m = meter(
-                    "value",
-                    &format!("value/{}", p.value_device),
-                    p.value_device.to_string(),
-                    Some(rew_rx.stats().clone()),
-                );
-                meters.push(m.clone());
-                m
-            },
-            name: format!("value/{}", p.value_device),
-            executor: dev(&p.value_device),
-            critic: critic_config,
-            input: rew_rx,
-            out: val_tx,
-            snapshot: snap.clone(),
-        },
-        sup.clone(),
-    )
-    .await
-    .map_err(spawn_err)?;
-    children.push((val.get_cell(), val_h));
-    let (rew, rew_h) = Actor::spawn_linked(
-        registered(&format!("reward/{}", p.reward_device)),
-        RewardActor,
-        RewardArgs {
-            meter: {
-                let m = meter(
-                    "reward",
-                    &format!("reward/{}", p.reward_device),
-                    p.reward_device.to_string(),
-                    Some(gen_rx.stats().clone()),
-                );
-                meters.push(m.clone());
-                m
-            },
-            name: format!("reward/{}", p.reward_device),
-            executor: dev(&p.reward_device),
-            source,
-            reference: Some(reference),
-            temperature: if cfg.sampling.greedy {
-                1.0
-            } else {
-                cfg.sampling.temperature.max(1e-6)
-            },
-            input: gen_rx,
-            out: rew_tx,
-        },
-        sup.clone(),
-    )
-    .await
-    .map_err(spawn_err)?;
-    children.push((rew.get_cell(), rew_h));
+    watch("snapshot", ChildRole::Essential, snap.get_cell())?;
+
+    let name = format!("value/{}", p.value_device);
+    let m = meter("value", &name, p.value_device.to_string(), Some(rew_rx.stats().clone()));
+    meters.push(m.clone());
+    let held = HeldTickets::default();
+    let args = ValueArgs {
+        meter: m.clone(),
+        name: name.clone(),
+        executor: dev(&p.value_device),
+        critic: critic_config.clone(),
+        input: rew_rx,
+        out: val_tx,
+        snapshot: snap.clone(),
+        held: held.clone(),
+        faults: faults.clone(),
+    };
+    start_child(ChildSpec {
+        spawn: spawner(registered(&name), || ValueActor, args),
+        name,
+        role: ChildRole::Stage,
+        held,
+        meter: m,
+    })
+    .await?;
+
+    let name = format!("reward/{}", p.reward_device);
+    let m = meter(
+        "reward",
+        &name,
+        p.reward_device.to_string(),
+        Some(gen_rx.stats().clone()),
+    );
+    meters.push(m.clone());
+    let held = HeldTickets::default();
+    let args = RewardArgs {
+        meter: m.clone(),
+        name: name.clone(),
+        executor: dev(&p.reward_device),
+        source,
+        reference: Some(reference),
+        temperature: sampling_temperature(cfg),
+        input: gen_rx,
+        out: rew_tx,
+        held: held.clone(),
+        faults: faults.clone(),
+    };
+    start_child(ChildSpec {
+        spawn: spawner(registered(&name), || RewardActor, args),
+        name,
+        role: ChildRole::Stage,
+        held,
+        meter: m,
+    })
+    .await?;
+
     for d in &p.rollout_devices {
         for i in 0..p.rollouts_per_device {
             let name = format!("rollout/{d}/{i}");
-            let (r, r_h) = Actor::spawn_linked(
-                registered(&name),
-                RolloutActor,
-                RolloutArgs {
-                    meter: {
-                        let m = meter("rollout", &name, d.to_string(), Some(ticket_rx.stats().clone()));
-                        meters.push(m.clone());
-                        m
-                    },
-                    name,
-                    executor: dev(d),
-                    config: policy.config.clone(),
-                    sampling: cfg.sampling.clone(),
-                    max_staleness: cfg.mode.max_staleness,
-                    tickets: ticket_rx.clone(),
-                    out: gen_tx.clone(),
-                    snapshot: snap.clone(),
-                },
-                sup.clone(),
-            )
-            .await
-            .map_err(spawn_err)?;
-            children.push((r.get_cell(), r_h));
+            let m = meter("rollout", &name, d.to_string(), Some(ticket_rx.stats().clone()));
+            meters.push(m.clone());
+            let held = HeldTickets::default();
+            let args = RolloutArgs {
+                meter: m.clone(),
+                name: name.clone(),
+                executor: dev(d),
+                config: policy.config.clone(),
+                sampling: cfg.sampling.clone(),
+                max_staleness: cfg.mode.max_staleness,
+                tickets: ticket_rx.clone(),
+                out: gen_tx.clone(),
+                snapshot: snap.clone(),
+                held: held.clone(),
+                reissued: reissued.clone(),
+                faults: faults.clone(),
+            };
+            start_child(ChildSpec {
+                spawn: spawner(registered(&name), || RolloutActor, args),
+                name,
+                role: ChildRole::Rollout,
+                held,
+                meter: m,
+            })
+            .await?;
         }
     }
     let rollout_blocked = gen_tx.stats().clone();
     drop((ticket_rx, gen_tx));
     let replay_held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (replay, replay_h) = Actor::spawn_linked(
-        registered("replay"),
+    let (replay, _) = Actor::spawn_linked(
+        Some(registered("replay")),
         ReplayActor,
         ReplayArgs {
             meter: {
@@ -385,24 +664,23 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             max_staleness: cfg.mode.max_staleness,
             keep_dropped: store_tx.is_some(),
             held: replay_held.clone(),
+            restore,
         },
         sup.clone(),
     )
     .await
     .map_err(spawn_err)?;
-    children.push((replay.get_cell(), replay_h));
-    let (report_tx, mut report_rx) = tokio::sync::mpsc::channel(16);
-    let (learner, learner_h) = Actor::spawn_linked(
-        registered(&format!("learner/{}", p.learner_device)),
+    watch("replay", ChildRole::Essential, replay.get_cell())?;
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(16);
+    let stop = Arc::new(AtomicBool::new(false));
+    let in_hand = Arc::new(Mutex::new(Vec::new()));
+    let learner_name = format!("learner/{}", p.learner_device);
+    let (learner, _) = Actor::spawn_linked(
+        Some(registered(&learner_name)),
         LearnerActor,
         LearnerArgs {
             meter: {
-                let m = meter(
-                    "learner",
-                    &format!("learner/{}", p.learner_device),
-                    p.learner_device.to_string(),
-                    None,
-                );
+                let m = meter("learner", &learner_name, p.learner_device.to_string(), None);
                 meters.push(m.clone());
                 m
             },
@@ -412,30 +690,50 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             snapshot: snap.clone(),
             steps: cfg.steps,
             publish_every: cfg.mode.publish_every,
-            reports: report_tx,
+            events: events_tx,
             extra_step_delay: opts.learner_delay,
             store: store_tx,
+            start,
+            checkpoint_every: cfg.checkpoint.every,
+            stop: stop.clone(),
+            in_hand: in_hand.clone(),
+            max_nonfinite_steps: cfg.supervision.max_nonfinite_steps,
+            faults,
         },
         sup.clone(),
     )
     .await
     .map_err(spawn_err)?;
-    children.push((learner.get_cell(), learner_h));
+    watch(&learner_name, ChildRole::Learner, learner.get_cell())?;
+    let checkpoints = CheckpointWriter {
+        run_dir: run_dir.clone(),
+        trainer: trainer.clone(),
+        replay: replay.clone(),
+        store_written: store_writer.as_ref().map(|w| w.steps_written()),
+        policy_config: policy.config.clone(),
+        critic_config: critic_config.clone(),
+        tokenizer: policy.tokenizer.clone(),
+        config_toml,
+        keep: cfg.checkpoint.keep,
+        seed: cfg.seed,
+    };
 
-    // Drive: write reports until the last step, a failure or Ctrl-C.
+    // Drive: serve the learner's events until it stops, a failure or Ctrl-C.
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&metrics_path)
         .map_err(|e| RuntimeError::io(&metrics_path, e))?;
-    let bar = opts.progress.then(|| progress_bar(cfg.steps));
+    let bar = opts.progress.then(|| progress_bar(cfg.steps, start.step));
     let mut reports = Vec::new();
+    let mut written: Vec<u64> = Vec::new();
     let mut interrupted = false;
-    let mut failure = None;
+    let mut failure: Option<String> = None;
+    let mut draining_since: Option<Instant> = None;
     let mut max_held = 0usize;
     let mut probe = tokio::time::interval(Duration::from_millis(25));
-    let mut sampler = ActorSampler::new(meters, run_dir, started)?;
+    let mut sampler = ActorSampler::new(meters.clone(), run_dir, started)?;
     let mut sample_tick = tokio::time::interval(Duration::from_secs_f64(cfg.metrics.sample_interval_s));
     let endpoint = match (cfg.metrics.enabled, telemetry::prometheus()) {
         // A taken port must not stop a training run: warn and go on without the endpoint.
@@ -457,11 +755,21 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         }
         _ => None,
     };
-    let mut latest_version = 0u64;
+    let drain = |since: &mut Option<Instant>| {
+        if since.is_none() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = replay.cast(ReplayMsg::Drain);
+            *since = Some(Instant::now());
+        }
+    };
+    let mut latest_version = start.version;
+    let mut next_step = start.step;
+    // When the learner stopped early: its failure report may still be on its way.
+    let mut learner_gone: Option<Instant> = None;
     loop {
         tokio::select! {
-            r = report_rx.recv() => match r {
-                Some(r) => {
+            ev = events_rx.recv(), if learner_gone.is_none() => match ev {
+                Some(LearnerEvent::Report(r)) => {
                     let line = crate::step_probe::merge(&r, probe_rx.as_ref());
                     writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
                     metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
@@ -470,17 +778,69 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                         b.set_message(format!("reward {:.3} kl {:.3}", r.stats.reward_mean, r.stats.kl));
                     }
                     latest_version = r.policy_version + 1;
+                    next_step = r.step + 1;
                     reports.push(r);
-                    if reports.len() as u64 == cfg.steps { break; }
                 }
-                None => break,
+                Some(LearnerEvent::Checkpoint { step, version, wall_s, reply }) => {
+                    let r = checkpoints.write(step, version, wall_s, vec![]).await;
+                    match &r {
+                        Ok(dir) => {
+                            tracing::info!(step, dir = %dir.display(), "checkpoint written");
+                            written.push(step);
+                        }
+                        Err(e) => tracing::error!(step, "checkpoint failed: {e}"),
+                    }
+                    let _ = reply.send(r.map(|_| ()));
+                }
+                Some(LearnerEvent::Halted(msg)) => failure = Some(msg),
+                None if next_step >= cfg.steps || draining_since.is_some() || failure.is_some() => break,
+                None => learner_gone = Some(Instant::now()),
             },
-            f = fail_rx.recv() => { failure = f; break; }
-            _ = tokio::signal::ctrl_c() => { interrupted = true; break; }
+            f = fail_rx.recv() => {
+                let Some(f) = f else { continue };
+                let what = format!("{}: {}", f.actor, f.error);
+                match f.role {
+                    // The supervisor gave up on a stage: stop at the next step boundary, with a checkpoint.
+                    ChildRole::Rollout | ChildRole::Stage => {
+                        failure.get_or_insert(what);
+                        drain(&mut draining_since);
+                    }
+                    ChildRole::Learner => {
+                        let hand = in_hand.lock().map(|mut h| std::mem::take(&mut *h)).unwrap_or_default();
+                        let note = match checkpoints.write(next_step, latest_version, started.elapsed().as_secs_f64() + start.wall_s, hand).await {
+                            Ok(dir) => {
+                                written.push(next_step);
+                                format!("checkpoint written: {}", dir.display())
+                            }
+                            Err(e) => format!("no checkpoint of its state: {e}"),
+                        };
+                        failure = Some(format!("{what}; {note}"));
+                        break;
+                    }
+                    ChildRole::Essential => {
+                        failure = Some(what);
+                        break;
+                    }
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                if draining_since.is_some() { break; }
+                tracing::warn!("interrupted: stopping at the next step boundary with a checkpoint (Ctrl-C again to stop now)");
+                interrupted = true;
+                drain(&mut draining_since);
+            }
             _ = probe.tick() => {
-                let held = replay_held.load(std::sync::atomic::Ordering::Relaxed);
+                let held = replay_held.load(Ordering::Relaxed);
                 let in_channels: usize = depths.iter().map(|c| c.depth()).sum::<usize>();
                 max_held = max_held.max(held + in_channels * per_ticket);
+                if learner_gone.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+                    failure = Some(format!("the learner stopped after step {next_step} of {}", cfg.steps));
+                    break;
+                }
+                if draining_since.is_some_and(|t| t.elapsed() > Duration::from_secs(300)) {
+                    tracing::error!("the learner did not reach a step boundary within 300 s; stopping without a final checkpoint");
+                    break;
+                }
             }
             _ = sample_tick.tick() => sampler.sample(latest_version)?,
         }
@@ -493,13 +853,8 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         task.abort();
         let _ = std::fs::remove_file(run_dir.join("metrics_addr"));
     }
-    // Kill downstream first, then wait until every actor is gone (names free for a next run).
-    for (c, _) in children.iter().rev() {
-        c.kill();
-    }
-    for (_, h) in children {
-        let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
-    }
+    // Kill every actor and wait until they are gone (names free for a next run).
+    let _ = root.call(SupervisorMsg::Shutdown, Some(Duration::from_secs(120))).await;
     root.stop(None);
     let _ = root_handle.await;
     let tickets_issued = tokio::task::spawn_blocking(move || feeder.join().unwrap_or(0))
@@ -515,7 +870,13 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         None => None,
     };
     if let Some(f) = failure {
-        return Err(RuntimeError::ActorFailed(f));
+        let last = checkpoint::list(run_dir)?
+            .last()
+            .map_or("none".to_string(), |(_, d)| d.display().to_string());
+        return Err(RuntimeError::ActorFailed(format!(
+            "{f}\nlatest checkpoint: {last} (continue with `tandem run --resume {}`)",
+            run_dir.display()
+        )));
     }
     save_models(run_dir, &policy.tokenizer, &trainer, &policy.config)?;
     let store = store.transpose()?;
@@ -527,6 +888,10 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         rollout_blocked_s: rollout_blocked.blocked().as_secs_f64(),
         tickets_issued,
         store,
+        resumed_from: resume_from.map(|(k, _)| k),
+        checkpoints: written,
+        restarts: meters.iter().map(|m| m.read().restarts).sum(),
+        prompts_skipped: prompts.skipped,
     })
 }
 
@@ -565,8 +930,9 @@ pub fn reward_source(
     crate::reward_sources::shaped(cfg, source)
 }
 
-fn progress_bar(steps: u64) -> indicatif::ProgressBar {
+fn progress_bar(steps: u64, from: u64) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(steps);
+    b.set_position(from);
     b.set_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
             .expect("valid template")

@@ -2,50 +2,68 @@
 //!
 //! Each line is a JSON object with a `"prompt"` string; HH-RLHF style text
 //! ("\n\nHuman: ... \n\nAssistant:") is used as written. Blank lines are skipped; anything
-//! else is an error naming the file and line. Prompts are tokenised with the policy's
+//! else is an error naming the file and line — or, with `data.on_bad_line = "skip"`, skipped,
+//! logged with its line number and counted. Prompts are tokenised with the policy's
 //! tokenizer and left-truncated to `prompt_max_tokens` (the end of a prompt is what the
 //! response continues).
 //!
 //! The feeder thread turns the prompt set into an endless stream of [`WorkTicket`]s: every
 //! epoch is a fresh seeded shuffle, cut into generation batches; ticket t is meant for
 //! learner step t / tickets_per_step and samples with a seed derived from (run seed, t). It
-//! blocks when the bounded ticket channel is full and exits when the channel closes.
+//! blocks when the bounded ticket channel is full and exits when the channel closes. A resumed
+//! run passes the tickets its checkpoint accounts for, and the feeder skips exactly those.
 
 use std::path::Path;
 use std::thread::JoinHandle;
 
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
-use tandem_actors::{Prompt, StageSender, WorkTicket};
+use tandem_actors::{Prompt, StageSender, TicketSet, WorkTicket};
 use tandem_models::TextTokenizer;
 
+use crate::config::BadLinePolicy;
 use crate::error::RuntimeError;
 
+/// A tokenised prompts file.
+#[derive(Debug, Clone, Default)]
+pub struct PromptSet {
+    pub prompts: Vec<Vec<u32>>,
+    /// Lines skipped as malformed (with `on_bad_line = "skip"`).
+    pub skipped: usize,
+}
+
 /// Reads and tokenises a prompts file.
-pub fn load_prompts(path: &Path, tokenizer: &TextTokenizer, max_tokens: usize) -> Result<Vec<Vec<u32>>, RuntimeError> {
+pub fn load_prompts(
+    path: &Path,
+    tokenizer: &TextTokenizer,
+    max_tokens: usize,
+    on_bad_line: BadLinePolicy,
+) -> Result<PromptSet, RuntimeError> {
     let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
     let mut out = Vec::new();
+    let mut skipped = 0;
     for (i, line) in text.lines().enumerate() {
-        let bad = |msg: String| RuntimeError::Prompts {
-            path: path.into(),
-            line: i + 1,
-            msg,
-        };
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-        let prompt = v
-            .get("prompt")
-            .and_then(|p| p.as_str())
-            .ok_or_else(|| bad("expected an object with a \"prompt\" string".into()))?;
-        let mut ids = tokenizer.encode(prompt).map_err(|e| bad(e.to_string()))?;
-        if ids.is_empty() {
-            return Err(bad("prompt tokenises to nothing".into()));
+        match parse_line(line, tokenizer, max_tokens) {
+            Ok(ids) => out.push(ids),
+            Err(msg) => {
+                let e = RuntimeError::Prompts {
+                    path: path.into(),
+                    line: i + 1,
+                    msg,
+                };
+                if on_bad_line == BadLinePolicy::Error {
+                    return Err(e);
+                }
+                tracing::warn!("skipping a prompt: {e}");
+                skipped += 1;
+            }
         }
-        if ids.len() > max_tokens {
-            ids.drain(..ids.len() - max_tokens);
-        }
-        out.push(ids);
+    }
+    if skipped > 0 {
+        tracing::warn!(skipped, path = %path.display(), "malformed prompt lines skipped (data.on_bad_line = \"skip\")");
+        metrics::gauge!("tandem_prompts_skipped").set(skipped as f64);
     }
     if out.is_empty() {
         return Err(RuntimeError::Prompts {
@@ -54,7 +72,23 @@ pub fn load_prompts(path: &Path, tokenizer: &TextTokenizer, max_tokens: usize) -
             msg: "no prompts".into(),
         });
     }
-    Ok(out)
+    Ok(PromptSet { prompts: out, skipped })
+}
+
+fn parse_line(line: &str, tokenizer: &TextTokenizer, max_tokens: usize) -> Result<Vec<u32>, String> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    let prompt = v
+        .get("prompt")
+        .and_then(|p| p.as_str())
+        .ok_or("expected an object with a \"prompt\" string")?;
+    let mut ids = tokenizer.encode(prompt).map_err(|e| e.to_string())?;
+    if ids.is_empty() {
+        return Err("prompt tokenises to nothing".into());
+    }
+    if ids.len() > max_tokens {
+        ids.drain(..ids.len() - max_tokens);
+    }
+    Ok(ids)
 }
 
 /// Settings of the ticket stream.
@@ -103,13 +137,19 @@ pub fn tickets(prompts: &[Vec<u32>], plan: TicketPlan) -> impl Iterator<Item = W
     })
 }
 
-/// Starts the feeder thread; it ends when every ticket receiver is gone.
-pub fn spawn_feeder(prompts: Vec<Vec<u32>>, plan: TicketPlan, tx: StageSender<WorkTicket>) -> JoinHandle<u64> {
+/// Starts the feeder thread, which issues every ticket not in `skip`; it ends when every
+/// ticket receiver is gone and returns how many it issued.
+pub fn spawn_feeder(
+    prompts: Vec<Vec<u32>>,
+    plan: TicketPlan,
+    tx: StageSender<WorkTicket>,
+    skip: TicketSet,
+) -> JoinHandle<u64> {
     std::thread::Builder::new()
         .name("tandem-feeder".into())
         .spawn(move || {
             let mut issued = 0;
-            for t in tickets(&prompts, plan) {
+            for t in tickets(&prompts, plan).filter(|t| !skip.contains(t.id)) {
                 if tx.send_blocking(t).is_err() {
                     break;
                 }

@@ -100,7 +100,7 @@ use tandem_models::{load_tensors, save_checkpoint, HeadKind, ModelConfig, Scalar
 use crate::builtin;
 use crate::config::ModelSource;
 use crate::error::RuntimeError;
-use crate::supervisor::RunSupervisor;
+use crate::supervisor::{ChildRole, RunSupervisor, SupervisorArgs, SupervisorMsg};
 
 static NEXT_RM_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -669,7 +669,12 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
 
     let run_no = NEXT_RM_RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (root, root_handle) = Actor::spawn(Some(format!("rm-supervisor#{run_no}")), RunSupervisor, fail_tx)
+    let supervision = SupervisorArgs {
+        config: Default::default(),
+        reissued: Default::default(),
+        failures: fail_tx,
+    };
+    let (root, root_handle) = Actor::spawn(Some(format!("rm-supervisor#{run_no}")), RunSupervisor, supervision)
         .await
         .map_err(|e| RuntimeError::Other(format!("cannot start the supervisor: {e}")))?;
     let (report_tx, mut report_rx) = tokio::sync::mpsc::channel(16);
@@ -692,6 +697,12 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
     )
     .await
     .map_err(|e| RuntimeError::ActorFailed(e.to_string()))?;
+    root.cast(SupervisorMsg::Watch {
+        name: "rm_learner".into(),
+        role: ChildRole::Learner,
+        cell: learner.get_cell(),
+    })
+    .map_err(|e| RuntimeError::Other(format!("supervisor: {e}")))?;
 
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| RuntimeError::io(&metrics_path, e))?;
@@ -711,7 +722,7 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
                 }
                 None => break,
             },
-            f = fail_rx.recv() => { failure = f; break; }
+            f = fail_rx.recv() => { failure = f.map(|f| format!("{}: {}", f.actor, f.error)); break; }
             _ = tokio::signal::ctrl_c() => { interrupted = true; break; }
         }
     }

@@ -22,6 +22,7 @@ fn metrics_without_timings(dir: &std::path::Path) -> Vec<Value> {
                 "learn_s",
                 "weight_sync_s",
                 "learner_wait_s",
+                "checkpoint_s",
                 "adopt_latency_s",
                 "wall_s",
             ] {

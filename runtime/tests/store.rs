@@ -204,7 +204,7 @@ fn run_writer(retention: Retention, every: u64, steps: u64) -> Vec<StoredTraject
         segment_bytes: 4096,
         queue: 1,
     };
-    let (tx, w) = spawn_writer(dir.path(), &cfg).unwrap();
+    let (tx, w) = spawn_writer(dir.path(), &cfg, 0).unwrap();
     for step in 0..steps {
         let t = trajectory(step);
         let computed = TokenOutputs {

@@ -124,6 +124,16 @@ impl KlController {
         self.beta
     }
 
+    /// Restores a coefficient saved from a running controller (checkpoints); it must be finite
+    /// and `>= 0`.
+    pub fn restore_beta(&mut self, beta: f64) -> Result<()> {
+        if !(beta.is_finite() && beta >= 0.0) {
+            invalid!("restored KL beta must be finite and >= 0, got {beta}");
+        }
+        self.beta = beta;
+        Ok(())
+    }
+
     /// Feeds the KL observed on the last batch and returns the new `beta`. An error (and no
     /// change) when `observed_kl` is not finite.
     pub fn update(&mut self, observed_kl: f64) -> Result<f64> {

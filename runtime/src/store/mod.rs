@@ -33,7 +33,10 @@ mod segment;
 mod writer;
 
 pub use record::{decode, encode, Outcome, Record, StoredTrajectory};
-pub use segment::{list_segments, read_store, segment_name, Damage, ReadMode, SegmentWriter, StoreRead, HEADER_BYTES};
+pub use segment::{
+    list_segments, read_store, segment_name, set_aside_from_step, Damage, ReadMode, SegmentWriter, StoreRead,
+    HEADER_BYTES,
+};
 pub use writer::{spawn_writer, StoreStats, StoreWriter};
 
 use std::path::PathBuf;

@@ -82,6 +82,29 @@ impl StoredTrajectory {
     }
 }
 
+impl StoredTrajectory {
+    /// The trajectory as the learner saw it (what `tandem replay --rerun-step` trains on again).
+    pub fn to_trajectory(&self) -> Trajectory {
+        Trajectory {
+            ticket: self.ticket,
+            row: self.row,
+            prompt_index: self.prompt_index,
+            prompt_ids: self.prompt_ids.clone(),
+            response_ids: self.response_ids.clone(),
+            behaviour_logprobs: self.behaviour_logprobs.clone(),
+            full_logprobs: self.full_logprobs.clone(),
+            stopped: self.stopped,
+            policy_version: self.policy_version,
+            sampler: self.sampler.clone(),
+            sampling_seed: self.sampling_seed,
+            ref_logprobs: self.ref_logprobs.clone(),
+            score: self.score,
+            values: self.values.clone(),
+            sampled_unix_ms: self.sampled_unix_ms,
+        }
+    }
+}
+
 /// A store record. New kinds are new variants (appended, so old logs still decode).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Record {

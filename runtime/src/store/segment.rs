@@ -281,3 +281,41 @@ impl SegmentWriter {
             .map_err(|e| StoreError::io(&self.path, e))
     }
 }
+
+/// Sets aside every record of learner steps `>= step` (a resumed run redoes them): the rest of
+/// the segment holding the first such record goes to `seg-N.log.superseded-OFFSET`, later
+/// segments are renamed `seg-N.log.superseded`. Records are in step order, so everything
+/// before the cut is kept. Returns how many records were set aside.
+pub fn set_aside_from_step(dir: &Path, step: u64) -> Result<usize, StoreError> {
+    let read = read_store(dir, ReadMode::Tolerant)?;
+    let Some(first) = read.records.iter().position(|(_, _, r)| match r {
+        Record::Trajectory(t) => t.outcome.step() >= step,
+    }) else {
+        return Ok(0);
+    };
+    let n = read.records.len() - first;
+    let (path, offset, _) = &read.records[first];
+    let aside = |p: &Path, suffix: String| {
+        p.with_file_name(format!(
+            "{}.{suffix}",
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ))
+    };
+    let buf = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    let kept = aside(path, format!("superseded-{offset}"));
+    std::fs::write(&kept, &buf[*offset as usize..]).map_err(|e| StoreError::io(&kept, e))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))?;
+    f.set_len(*offset).map_err(|e| StoreError::io(path, e))?;
+    f.sync_all().map_err(|e| StoreError::io(path, e))?;
+    for (_, later) in list_segments(dir)?.into_iter().filter(|(_, p)| p > path) {
+        let to = aside(&later, "superseded".into());
+        std::fs::rename(&later, &to).map_err(|e| StoreError::io(&later, e))?;
+    }
+    tracing::info!(records = n, step, kept = %kept.display(), "trajectory store: set aside the records of steps the resumed run redoes");
+    Ok(n)
+}

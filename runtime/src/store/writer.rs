@@ -1,6 +1,8 @@
 //! The store's writer thread: turns each learner step's records into log records.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -28,9 +30,15 @@ impl StoreStats {
 /// The running writer thread; [`StoreWriter::finish`] waits for it.
 pub struct StoreWriter {
     thread: JoinHandle<Result<StoreStats, StoreError>>,
+    written: Arc<AtomicU64>,
 }
 
 impl StoreWriter {
+    /// Learner steps whose records are written and flushed (or not kept): one past the last.
+    pub fn steps_written(&self) -> Arc<AtomicU64> {
+        self.written.clone()
+    }
+
     /// Waits until every sender is dropped and the writer has flushed and fsynced the log.
     pub fn finish(self) -> Result<StoreStats, StoreError> {
         self.thread
@@ -40,23 +48,36 @@ impl StoreWriter {
 }
 
 /// Opens (or reopens, cutting a torn tail) the store in `dir` and starts its writer thread.
-/// The returned sender is bounded by `cfg.queue` steps.
-pub fn spawn_writer(dir: &Path, cfg: &StoreConfig) -> Result<(Sender<StepRecords>, StoreWriter), StoreError> {
+/// The returned sender is bounded by `cfg.queue` steps; `first_step` is the first step the
+/// run will send (its resume point).
+pub fn spawn_writer(
+    dir: &Path,
+    cfg: &StoreConfig,
+    first_step: u64,
+) -> Result<(Sender<StepRecords>, StoreWriter), StoreError> {
     let (segments, _) = SegmentWriter::open(dir, cfg.segment_bytes)?;
     let (tx, rx) = crossbeam_channel::bounded(cfg.queue.max(1));
     let cfg = cfg.clone();
+    let written = Arc::new(AtomicU64::new(first_step));
+    let w = written.clone();
     let thread = std::thread::Builder::new()
         .name("tandem-store".into())
-        .spawn(move || write_loop(segments, rx, &cfg))
+        .spawn(move || write_loop(segments, rx, &cfg, &w))
         .map_err(|e| StoreError::io(dir, e))?;
-    Ok((tx, StoreWriter { thread }))
+    Ok((tx, StoreWriter { thread, written }))
 }
 
-fn write_loop(mut w: SegmentWriter, rx: Receiver<StepRecords>, cfg: &StoreConfig) -> Result<StoreStats, StoreError> {
+fn write_loop(
+    mut w: SegmentWriter,
+    rx: Receiver<StepRecords>,
+    cfg: &StoreConfig,
+    written: &AtomicU64,
+) -> Result<StoreStats, StoreError> {
     let mut stats = StoreStats::default();
     let result = (|| {
         for rec in rx.iter() {
             if !cfg.keeps(rec.step) {
+                written.fetch_max(rec.step + 1, Ordering::Release);
                 continue;
             }
             let now = unix_ms();
@@ -77,6 +98,7 @@ fn write_loop(mut w: SegmentWriter, rx: Receiver<StepRecords>, cfg: &StoreConfig
                 metrics::counter!("tandem_store_trajectories_written").increment(1);
             }
             w.flush()?;
+            written.fetch_max(step + 1, Ordering::Release);
             metrics::gauge!("tandem_store_bytes_per_trajectory").set(stats.bytes_per_trajectory());
         }
         Ok(())

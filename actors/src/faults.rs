@@ -1,0 +1,91 @@
+//! Fault injection, so supervision, restarts and the non-finite guard can be tested on real runs.
+//!
+//! Config form (`[faults]`, all off by default):
+//!
+//! ```toml
+//! [faults]
+//! rollout_panic_every = 7        # every 7th generation batch (over all samplers) panics
+//! reward_panic_every = 0         # the same for reward batches
+//! value_panic_every = 0          # ... and value batches
+//! learner_fail_at_step = 5       # the learner fails once, at the start of step 5
+//! nonfinite_loss_steps = [3, 4]  # every minibatch loss of these steps is NaN
+//! ```
+//!
+//! Counters live in one shared [`Faults`], so they keep counting across restarts: with
+//! `rollout_panic_every = 7` batches 7, 14, 21, ... fail whichever sampler (or restarted
+//! sampler) takes them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultConfig {
+    pub rollout_panic_every: u64,
+    pub reward_panic_every: u64,
+    pub value_panic_every: u64,
+    pub learner_fail_at_step: Option<u64>,
+    pub nonfinite_loss_steps: Vec<u64>,
+}
+
+impl FaultConfig {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The run's fault plan and its counters.
+#[derive(Debug, Default)]
+pub struct Faults {
+    cfg: FaultConfig,
+    rollout: AtomicU64,
+    reward: AtomicU64,
+    value: AtomicU64,
+    learner_failed: AtomicBool,
+}
+
+impl Faults {
+    pub fn new(cfg: FaultConfig) -> Self {
+        Self {
+            cfg,
+            ..Default::default()
+        }
+    }
+
+    fn every(counter: &AtomicU64, every: u64, what: &str) {
+        if every == 0 {
+            return;
+        }
+        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_multiple_of(every) {
+            panic!("injected fault: {what} batch {n} (faults.{what}_panic_every = {every})");
+        }
+    }
+
+    /// Counts a generation batch; panics when it is one the plan fails.
+    pub fn rollout_batch(&self) {
+        Self::every(&self.rollout, self.cfg.rollout_panic_every, "rollout");
+    }
+
+    /// Counts a reward batch; panics when it is one the plan fails.
+    pub fn reward_batch(&self) {
+        Self::every(&self.reward, self.cfg.reward_panic_every, "reward");
+    }
+
+    /// Counts a value batch; panics when it is one the plan fails.
+    pub fn value_batch(&self) {
+        Self::every(&self.value, self.cfg.value_panic_every, "value");
+    }
+
+    /// The error the learner fails with at `step`, once.
+    pub fn learner_failure(&self, step: u64) -> Option<String> {
+        (self.cfg.learner_fail_at_step == Some(step) && !self.learner_failed.swap(true, Ordering::Relaxed))
+            .then(|| format!("injected fault: learner failure at step {step} (faults.learner_fail_at_step)"))
+    }
+
+    /// Whether every loss of `step` is to be made NaN.
+    pub fn nonfinite_loss(&self, step: u64) -> bool {
+        self.cfg.nonfinite_loss_steps.contains(&step)
+    }
+}

@@ -1,0 +1,299 @@
+//! Checkpoints: everything needed to continue a run exactly where it was.
+//!
+//! `RUN_DIR/checkpoints/step-K/` holds the state *before* learner step K (after K steps):
+//!
+//! | file | what |
+//! |---|---|
+//! | `policy/`, `critic/` | the weights in Hugging Face layout with the tokenizer (loadable by transformers and `tandem inspect`) |
+//! | `optimizer.safetensors` | AdamW moments, `policy/m/NAME`, `policy/v/NAME`, `critic/...` |
+//! | `replay.bin` | the replay buffer's unconsumed trajectories (bincode, with length and CRC32) |
+//! | `state.json` | step, policy version, optimiser step counts, KL beta (exact bits), tickets accounted for, stale-drop count, wall seconds |
+//! | `config.toml` | the run's resolved config |
+//!
+//! RNG state needs no file: the learner's minibatch shuffle is seeded from (seed, step) and
+//! every work ticket carries its own sampling seed, so the counters are the RNG state. The data
+//! position is the set of tickets whose trajectories arrived at the replay buffer
+//! ([`TicketSet`]): a resumed feeder issues every other ticket, in order, so no prompt is
+//! skipped and none repeated beyond those in flight (lost with the process) at the checkpoint.
+//!
+//! Atomicity: a checkpoint is written to `checkpoints/.tmp-step-K`, fsynced and renamed to
+//! `step-K`, so a crash never leaves a half checkpoint under a `step-*` name; leftover `.tmp-*`
+//! directories are removed when a run starts. Only the last `checkpoint.keep` are kept.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use tandem_actors::{TicketSet, TrainerState, Trajectory};
+use tandem_models::{load_tensors, save_checkpoint, ModelConfig, TextTokenizer};
+
+use crate::error::RuntimeError;
+
+/// Version of the checkpoint layout.
+pub const FORMAT: u32 = 1;
+
+/// `state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format: u32,
+    /// Learner steps completed; the next step to run.
+    pub step: u64,
+    /// Policy version the samplers hold.
+    pub version: u64,
+    pub policy_optimizer_steps: usize,
+    pub critic_optimizer_steps: Option<usize>,
+    /// The KL coefficient, for reading.
+    pub beta: f64,
+    /// Its exact bits (JSON numbers need not round-trip).
+    pub beta_bits: u64,
+    /// Tickets whose trajectories reached the replay buffer.
+    pub tickets: TicketSet,
+    pub dropped_stale: u64,
+    pub replay_trajectories: usize,
+    pub wall_s: f64,
+    pub seed: u64,
+    pub written_unix_ms: u64,
+}
+
+/// A checkpoint in memory.
+pub struct Checkpoint {
+    pub meta: CheckpointMeta,
+    pub trainer: TrainerState,
+    pub replay: Vec<Trajectory>,
+}
+
+/// Model configs and tokenizer the weights are saved with.
+pub struct ModelLayout<'a> {
+    pub policy: &'a ModelConfig,
+    pub critic: Option<&'a ModelConfig>,
+    pub tokenizer: &'a TextTokenizer,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!("step-{step}"))
+}
+
+/// Complete checkpoints of a run, by step.
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, RuntimeError> {
+    let dir = checkpoints_dir(run_dir);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(RuntimeError::io(&dir, e)),
+    };
+    let mut out = vec![];
+    for e in entries {
+        let e = e.map_err(|e| RuntimeError::io(&dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(k) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            if e.path().join("state.json").is_file() {
+                out.push((k, e.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes `.tmp-*` directories a crash left behind.
+pub fn remove_partial(run_dir: &Path) -> Result<(), RuntimeError> {
+    let dir = checkpoints_dir(run_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            tracing::warn!(dir = %e.path().display(), "removing a checkpoint that was never completed");
+            std::fs::remove_dir_all(e.path()).map_err(|err| RuntimeError::io(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `ckpt` as `step-K` (temporary directory, fsync, rename) and keeps the last `keep`.
+pub fn write(
+    run_dir: &Path,
+    ckpt: &Checkpoint,
+    layout: &ModelLayout,
+    config_toml: &str,
+    keep: usize,
+) -> Result<PathBuf, RuntimeError> {
+    let root = checkpoints_dir(run_dir);
+    let step = ckpt.meta.step;
+    let tmp = root.join(format!(".tmp-step-{step}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
+
+    save_checkpoint(&tmp.join("policy"), layout.policy, &ckpt.trainer.policy, None)?;
+    layout.tokenizer.save_to_dir(&tmp.join("policy"))?;
+    if let (Some(w), Some(cfg)) = (&ckpt.trainer.critic, layout.critic) {
+        save_checkpoint(&tmp.join("critic"), cfg, w, None)?;
+        layout.tokenizer.save_to_dir(&tmp.join("critic"))?;
+    }
+    let opt = tmp.join("optimizer.safetensors");
+    let opt_cpu: HashMap<String, Tensor> = ckpt
+        .trainer
+        .optimizer
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+        .collect::<Result<_, candle_core::Error>>()?;
+    candle_core::safetensors::save(&opt_cpu, &opt)?;
+    write_synced(&tmp.join("replay.bin"), &encode_trajectories(&ckpt.replay))?;
+    let meta = serde_json::to_string_pretty(&ckpt.meta).expect("meta serialises");
+    write_synced(&tmp.join("state.json"), meta.as_bytes())?;
+    write_synced(&tmp.join("config.toml"), config_toml.as_bytes())?;
+    sync_tree(&tmp)?;
+
+    let dest = step_dir(run_dir, step);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| RuntimeError::io(&dest, e))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| RuntimeError::io(&dest, e))?;
+    if let Ok(d) = std::fs::File::open(&root) {
+        let _ = d.sync_all();
+    }
+    let all = list(run_dir)?;
+    for (k, dir) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        if *k != step {
+            std::fs::remove_dir_all(dir).map_err(|e| RuntimeError::io(dir, e))?;
+        }
+    }
+    Ok(dest)
+}
+
+/// Reads a checkpoint directory; the models are loaded with the configs saved in it.
+pub fn read(dir: &Path, device: &Device) -> Result<Checkpoint, RuntimeError> {
+    let state = dir.join("state.json");
+    let text = std::fs::read_to_string(&state).map_err(|e| RuntimeError::io(&state, e))?;
+    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| RuntimeError::Config {
+        path: state.clone(),
+        msg: e.to_string(),
+    })?;
+    if meta.format != FORMAT {
+        return Err(RuntimeError::Config {
+            path: state,
+            msg: format!("checkpoint format {} (this tandem reads {FORMAT})", meta.format),
+        });
+    }
+    let load = |sub: &str| -> Result<HashMap<String, Tensor>, RuntimeError> {
+        let d = dir.join(sub);
+        let cfg = ModelConfig::from_dir(&d)?;
+        Ok(load_tensors(&d, &cfg, device)?)
+    };
+    let policy = load("policy")?;
+    let critic = if meta.critic_optimizer_steps.is_some() {
+        Some(load("critic")?)
+    } else {
+        None
+    };
+    let opt = dir.join("optimizer.safetensors");
+    let optimizer = candle_core::safetensors::load(&opt, device).map_err(|e| RuntimeError::Config {
+        path: opt.clone(),
+        msg: e.to_string(),
+    })?;
+    let replay_path = dir.join("replay.bin");
+    let bytes = std::fs::read(&replay_path).map_err(|e| RuntimeError::io(&replay_path, e))?;
+    let replay = decode_trajectories(&bytes).map_err(|msg| RuntimeError::Config { path: replay_path, msg })?;
+    let trainer = TrainerState {
+        policy,
+        critic,
+        optimizer,
+        policy_optimizer_steps: meta.policy_optimizer_steps,
+        critic_optimizer_steps: meta.critic_optimizer_steps,
+        beta: f64::from_bits(meta.beta_bits),
+        completed_steps: meta.step,
+    };
+    Ok(Checkpoint { meta, trainer, replay })
+}
+
+const MAGIC: &[u8; 4] = b"TDRB";
+
+/// `TDRB`, u32 LE payload length, u32 LE CRC32, bincode payload.
+fn encode_trajectories(t: &[Trajectory]) -> Vec<u8> {
+    let payload = bincode::serde::encode_to_vec(t, bincode::config::standard()).expect("trajectories encode");
+    let mut out = Vec::with_capacity(payload.len() + 12);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+fn decode_trajectories(b: &[u8]) -> Result<Vec<Trajectory>, String> {
+    if b.len() < 12 || &b[..4] != MAGIC {
+        return Err("not a replay buffer file".into());
+    }
+    let len = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+    let payload = &b[12..];
+    if payload.len() != len {
+        return Err(format!("{} payload bytes, the header says {len}", payload.len()));
+    }
+    if crc32fast::hash(payload) != crc {
+        return Err("checksum mismatch".into());
+    }
+    let (t, _) = bincode::serde::decode_from_slice(payload, bincode::config::standard()).map_err(|e| e.to_string())?;
+    Ok(t)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
+    let mut f = std::fs::File::create(path).map_err(|e| RuntimeError::io(path, e))?;
+    f.write_all(bytes).map_err(|e| RuntimeError::io(path, e))?;
+    f.sync_all().map_err(|e| RuntimeError::io(path, e))
+}
+
+/// fsyncs every file under `dir` (the model files are written by other code).
+fn sync_tree(dir: &Path) -> Result<(), RuntimeError> {
+    for e in std::fs::read_dir(dir).map_err(|e| RuntimeError::io(dir, e))? {
+        let p = e.map_err(|e| RuntimeError::io(dir, e))?.path();
+        if p.is_dir() {
+            sync_tree(&p)?;
+        } else {
+            std::fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| RuntimeError::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_files_round_trip_and_catch_damage() {
+        let t = Trajectory {
+            ticket: 3,
+            row: 1,
+            prompt_index: 7,
+            prompt_ids: vec![1, 2],
+            response_ids: vec![3],
+            behaviour_logprobs: vec![-0.5],
+            full_logprobs: vec![-0.25],
+            stopped: true,
+            policy_version: 2,
+            sampler: "rollout/cpu:0/0".into(),
+            sampling_seed: 9,
+            ref_logprobs: vec![-0.75],
+            score: 0.5,
+            values: vec![0.125],
+            sampled_unix_ms: 11,
+        };
+        let mut b = encode_trajectories(std::slice::from_ref(&t));
+        assert_eq!(decode_trajectories(&b).unwrap(), vec![t]);
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        assert_eq!(decode_trajectories(&b).unwrap_err(), "checksum mismatch");
+        b.truncate(20);
+        assert!(decode_trajectories(&b).unwrap_err().contains("the header says"));
+    }
+}
