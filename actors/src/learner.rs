@@ -74,7 +74,7 @@ pub struct StepReport {
 
 /// What the learner tells the runtime, in order.
 pub enum LearnerEvent {
-    Report(StepReport),
+    Report(Box<StepReport>),
     /// Write a checkpoint of the state before `step`; the learner waits for the answer.
     Checkpoint {
         step: u64,
@@ -319,7 +319,13 @@ impl Actor for LearnerActor {
             stats,
         };
         st.step += 1;
-        if st.args.events.send(LearnerEvent::Report(report)).await.is_err() {
+        if st
+            .args
+            .events
+            .send(LearnerEvent::Report(Box::new(report)))
+            .await
+            .is_err()
+        {
             me.stop(Some("report receiver gone".into()));
             return Ok(());
         }

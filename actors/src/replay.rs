@@ -182,7 +182,7 @@ impl Actor for ReplayActor {
             ReplayMsg::Closed => st.closed = true,
             ReplayMsg::NextBatch { version, reply } => st.pending = Some((version, reply)),
             ReplayMsg::Checkpoint(reply) => {
-                let mut buffered: Vec<Trajectory> = st.dropped.iter().cloned().collect();
+                let mut buffered: Vec<Trajectory> = st.dropped.to_vec();
                 buffered.extend(st.buffer.iter().map(|(t, _)| t.clone()));
                 buffered.sort_by_key(|t| (t.ticket, t.row));
                 let _ = reply.send(ReplayCheckpoint {

@@ -779,7 +779,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                     }
                     latest_version = r.policy_version + 1;
                     next_step = r.step + 1;
-                    reports.push(r);
+                    reports.push(*r);
                 }
                 Some(LearnerEvent::Checkpoint { step, version, wall_s, reply }) => {
                     let r = checkpoints.write(step, version, wall_s, vec![]).await;
