@@ -1,4 +1,4 @@
-//! The CLI of issue 8: `tandem train-rm` (configs/rm/preferences.toml), the trained model read by
+//! The reward-model CLI: `tandem train-rm` (configs/rm/preferences.toml), the trained model read by
 //! `tandem inspect score`, `tandem sample --best-of N`, and external-command reward failures
 //! surfacing as actor failures of a run.
 
