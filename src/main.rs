@@ -18,7 +18,9 @@ mod replay;
 mod report;
 mod rerun;
 mod run;
+mod sample;
 mod top;
+mod train_rm;
 
 use std::io::{IsTerminal, Write};
 
@@ -78,6 +80,10 @@ enum Command {
     Node(node::NodeArgs),
     /// Write a self-contained HTML report of a run's learning curves and actor utilisation.
     Report(report::ReportArgs),
+    /// Train a reward model from preference data (pairwise, HH-RLHF or ranked JSONL).
+    TrainRm(train_rm::TrainRmArgs),
+    /// Best-of-N sampling: generate N per prompt, keep the best-scored, write JSONL.
+    Sample(sample::SampleArgs),
 }
 
 impl Command {
@@ -90,6 +96,8 @@ impl Command {
             Command::Bench(cmd) => bench::run(cmd),
             Command::Report(args) => report::run(args),
             Command::Node(args) => node::run(args),
+            Command::TrainRm(args) => train_rm::run(args),
+            Command::Sample(args) => sample::run(args),
         }
     }
 }

@@ -20,6 +20,7 @@
 //!   reissued ([`reissue`]); the learner checkpoints at step boundaries only ([`learner`]).
 
 pub mod channel;
+pub mod command_reward;
 pub mod device;
 pub mod error;
 pub mod faults;
@@ -30,7 +31,10 @@ pub mod reissue;
 pub mod replay;
 pub mod reward;
 pub mod reward_source;
+pub mod rm_learner;
+pub mod rm_trainer;
 pub mod rollout;
+pub mod rule_reward;
 pub mod snapshot;
 pub mod trajectory;
 pub mod value;

@@ -4,6 +4,12 @@
 //!   the last real token.
 //! - [`TokenSetReward`]: a rule in the spirit of the seed papers' mock sentiment task — the
 //!   fraction of response tokens drawn from a given set (for example positive words).
+//! - Regex, exact-match and score shaping (length and no-stop penalties) in
+//!   [`crate::rule_reward`]; an external verifier program in [`crate::command_reward`].
+//!
+//! A source's error (a command that hangs, crashes or prints garbage; a prompt without a
+//! reference answer) is returned from the reward actor's handler, which fails the actor with
+//! that message; the run supervisor then stops the run with it.
 
 use std::collections::HashSet;
 

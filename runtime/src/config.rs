@@ -27,10 +27,23 @@
 //! init = "reward_model"    # reward_model (InstructGPT) | policy | path
 //! path = "..."             # with init = "path"
 //!
-//! [reward]
-//! kind = "positive_words"  # positive_words | reward_model
+//! [reward]                 # see crate::reward_sources
+//! kind = "positive_words"  # positive_words | reward_model | regex | exact_match | command
 //! model = "path/to/rm"     # with kind = "reward_model"
 //! words = ["good", ...]    # with kind = "positive_words"; default: a built-in positive list
+//! pattern = "\\d+"         # with kind = "regex": searched in the response text
+//! match_score = 1.0        # regex / exact_match: score on a match ...
+//! miss_score = 0.0         # ... and otherwise. exact_match compares with the prompt line's
+//!                          # "answer" (trimmed, whitespace collapsed, lower-cased)
+//! command = ["python3", "verifier.py"]  # with kind = "command": JSONL requests on stdin,
+//!                          # one score per line on stdout (see tandem_actors::command_reward)
+//! cwd = "."                # the command's working directory (default: the config's directory)
+//! timeout_s = 10.0         # longest wait for one score line before the command is killed
+//! max_restarts = 2         # fresh processes after failures (hang, crash, garbage) per run
+//! length_penalty = 0.01    # any kind: score -= length_penalty * max(0, tokens - length_target)
+//! length_target = 0
+//! no_stop_penalty = -1.0   # any kind: a response with no stop token (sampling.stop_tokens)
+//! stop_window = 16         # in its first stop_window tokens (default: all) scores this instead
 //!
 //! [data]
 //! prompts = "data/prompts.jsonl"   # JSONL, one {"prompt": "..."} per line
@@ -100,6 +113,17 @@
 //! segment_bytes = 67108864 # a segment file is closed and the next begun past this size
 //! queue = 4                # learner steps the writer may lag behind before the learner waits
 //!
+//! [mock_labeller]          # optional: label policy samples, train a reward model on them,
+//!                          # then run PPO against it (see crate::mock_labeller)
+//! pairs = 512              # labelled training pairs sampled from the initial policy
+//! eval_pairs = 128         # held-out pairs
+//! words = ["good", ...]    # the programmatic preference: more of these words is better
+//!                          # (default: the built-in positive list); ties are not labelled
+//! epochs = 4               # reward-model training (see crate::train_rm::TrainSection)
+//! batch_size = 32
+//! lr = 1e-3
+//! normalize = "gain_bias"  # none | reference_bias | gain_bias, on the initial policy's samples
+//! min_eval_accuracy = 0.0  # fail before PPO if the reward model is worse than this
 //! [checkpoint]             # RUN_DIR/checkpoints/step-K (see crate::checkpoint)
 //! every = 10               # learner steps between checkpoints (0: only at the end and on stop)
 //! keep = 3                 # complete checkpoints kept (oldest removed first)
@@ -150,6 +174,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    /// The controlled mock-labeller experiment (see [`crate::mock_labeller`]).
+    #[serde(default)]
+    pub mock_labeller: Option<crate::mock_labeller::MockLabellerConfig>,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
@@ -380,8 +407,12 @@ pub struct CriticConfig {
 pub enum RewardKind {
     PositiveWords,
     RewardModel,
+    Regex,
+    ExactMatch,
+    Command,
 }
 
+/// `[reward]`; the rule and command sources are built in [`crate::reward_sources`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewardSourceConfig {
@@ -390,6 +421,44 @@ pub struct RewardSourceConfig {
     pub model: Option<PathBuf>,
     #[serde(default)]
     pub words: Option<Vec<String>>,
+    /// `kind = "regex"`: the pattern searched in the response text.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Rule sources: score on a match / otherwise.
+    #[serde(default = "one_f32")]
+    pub match_score: f32,
+    #[serde(default)]
+    pub miss_score: f32,
+    /// `kind = "command"`: program and arguments, working directory (default: the config's).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+    #[serde(default = "default_restarts")]
+    pub max_restarts: u32,
+    /// Any kind: `score -= length_penalty * max(0, response tokens - length_target)`.
+    #[serde(default)]
+    pub length_penalty: Option<f32>,
+    #[serde(default)]
+    pub length_target: usize,
+    /// Any kind: a response with no stop token in its first `stop_window` tokens (default:
+    /// all of them) scores `no_stop_penalty` instead.
+    #[serde(default)]
+    pub no_stop_penalty: Option<f32>,
+    #[serde(default)]
+    pub stop_window: Option<usize>,
+}
+
+fn one_f32() -> f32 {
+    1.0
+}
+fn default_timeout_s() -> f64 {
+    10.0
+}
+fn default_restarts() -> u32 {
+    2
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -536,6 +605,10 @@ impl Config {
         if let Some(p) = self.cluster.as_mut().and_then(|c| c.cookie_file.as_mut()) {
             fix(p);
         }
+        if self.reward.kind == RewardKind::Command {
+            let cwd = self.reward.cwd.get_or_insert_with(|| PathBuf::from("."));
+            fix(cwd);
+        }
     }
 
     /// Generation batches per learner step.
@@ -614,7 +687,25 @@ impl Config {
                 }
                 _ => {}
             },
-            RewardKind::PositiveWords => {}
+            RewardKind::Regex if self.reward.pattern.is_none() => {
+                return Err("reward.pattern is required with kind = \"regex\"".into())
+            }
+            RewardKind::Command if !matches!(&self.reward.command, Some(c) if !c.is_empty()) => {
+                return Err(
+                    "reward.command (a non-empty list: program and arguments) is required with kind = \"command\""
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        if !(self.reward.timeout_s > 0.0 && self.reward.timeout_s.is_finite()) {
+            return Err("reward.timeout_s must be > 0".into());
+        }
+        if self.reward.stop_window == Some(0) {
+            return Err("reward.stop_window must be >= 1".into());
+        }
+        if let Some(m) = &self.mock_labeller {
+            m.validate(self)?;
         }
         if self.replay_capacity() < self.batch_size() {
             return Err(format!(
@@ -699,7 +790,7 @@ impl Config {
 }
 
 /// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML or kept as a string.
-fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), String> {
+pub(crate) fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), String> {
     let (key, raw) = spec.split_once('=').ok_or("expected section.key=value")?;
     let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()

@@ -7,17 +7,26 @@
 //! continues from ([`checkpoint`]). With `[cluster]`, rollouts also run on worker nodes
 //! ([`cluster`]); `cluster_addr` then holds the head's listener and `cluster.jsonl` one line per
 //! policy version sent to each node.
+//!
+//! Besides PPO runs ([`pipeline`]): reward-model training from preferences ([`train_rm`]),
+//! best-of-N sampling ([`best_of`]), the mock-labeller experiment ([`mock_labeller`]) and the
+//! rule/command reward sources a config can name ([`reward_sources`]).
 
+pub mod best_of;
 pub mod builtin;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod mock_labeller;
 pub mod pipeline;
 pub mod prompts;
+pub mod reward_sources;
+pub mod step_probe;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
+pub mod train_rm;
 
 pub use config::{Config, Retention, StoreConfig};
 pub use error::RuntimeError;

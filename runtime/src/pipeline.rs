@@ -73,6 +73,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Test hook: extra seconds per learner step (a deliberately slow learner).
     pub learner_delay: Duration,
+    /// Extra fields for each step's metrics line ([`crate::step_probe`]).
+    pub step_probe: Option<crate::step_probe::StepProbe>,
     /// Continue from the latest complete checkpoint in `run_dir`.
     pub resume: bool,
 }
@@ -105,10 +107,10 @@ pub struct RunSummary {
 pub struct LoadedPolicy {
     pub config: ModelConfig,
     pub tokenizer: TextTokenizer,
-    init: Option<(PathBuf, std::collections::HashMap<String, Tensor>)>,
+    pub(crate) init: Option<(PathBuf, std::collections::HashMap<String, Tensor>)>,
 }
 
-fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
+pub(crate) fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
     let m = &cfg.models.policy;
     if let Some(dir) = &m.path {
         let config = ModelConfig::from_dir(dir)?;
@@ -235,8 +237,8 @@ struct CheckpointWriter {
 
 impl CheckpointWriter {
     /// Writes the checkpoint before `step`; `extra` are trajectories to keep beside the replay
-    /// buffer's (a failed learner's batch). With `expect_completed`, the trainer must have
-    /// completed exactly `step` steps.
+    /// buffer's (a failed learner's batch). The trainer must have completed exactly `step` steps
+    /// and not have failed inside one.
     async fn write(&self, step: u64, version: u64, wall_s: f64, extra: Vec<Trajectory>) -> Result<PathBuf, String> {
         if let Some(w) = &self.store_written {
             let waiting = Instant::now();
@@ -356,6 +358,9 @@ where
 
 /// Runs `cfg` to completion (or a stop) and returns the reports.
 pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeError> {
+    if cfg.mock_labeller.is_some() {
+        return crate::mock_labeller::run(cfg, opts).await;
+    }
     let run_dir = &opts.run_dir;
     std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
     checkpoint::remove_partial(run_dir)?;
@@ -467,6 +472,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             (Some(tx), Some(w))
         }
     };
+    let (store_tx, probe_rx) = crate::step_probe::tap(store_tx, opts.step_probe.clone(), cfg.store.queue);
 
     // Data plane.
     let c = &cfg.channels;
@@ -861,7 +867,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         tokio::select! {
             ev = events_rx.recv(), if learner_gone.is_none() => match ev {
                 Some(LearnerEvent::Report(r)) => {
-                    let line = serde_json::to_string(&r).expect("report serialises");
+                    let line = crate::step_probe::merge(&r, probe_rx.as_ref());
                     writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
                     metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
                     if let Some(b) = &bar {
@@ -989,14 +995,15 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     })
 }
 
-/// The reward source the config names: the reward model, or the positive-words rule over the
-/// policy's tokenizer. `tandem replay --rescore` builds it the same way.
+/// The reward source the config names: the reward model, the positive-words rule over the
+/// policy's tokenizer, or a rule/command source ([`crate::reward_sources`]), with the config's
+/// score shaping. `tandem replay --rescore` builds it the same way.
 pub fn reward_source(
     cfg: &Config,
     tokenizer: &TextTokenizer,
     device: &candle_core::Device,
 ) -> Result<Arc<dyn RewardSource>, RuntimeError> {
-    Ok(match cfg.reward.kind {
+    let source: Arc<dyn RewardSource> = match cfg.reward.kind {
         RewardKind::RewardModel => {
             let dir = cfg.reward.model.as_ref().ok_or_else(|| RuntimeError::Config {
                 path: "config.toml".into(),
@@ -1018,7 +1025,9 @@ pub fn reward_source(
             }
             Arc::new(TokenSetReward::new("positive_words", ids))
         }
-    })
+        _ => crate::reward_sources::rule_source(cfg, tokenizer)?,
+    };
+    crate::reward_sources::shaped(cfg, source)
 }
 
 fn progress_bar(steps: u64, from: u64) -> indicatif::ProgressBar {

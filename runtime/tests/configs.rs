@@ -22,6 +22,9 @@ async fn every_config_learns() {
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".toml"))
+        // Runs labelling, reward-model training and PPO; tests/mock_labeller.rs runs it and
+        // checks the true score.
+        .filter(|n| n != "mock_labeller.toml")
         .collect();
     names.sort();
     assert!(names.len() >= 4, "{names:?}");
@@ -39,8 +42,9 @@ async fn every_config_learns() {
         assert_eq!(r.len() as u64, cfg.steps, "{name}");
         let (first, last) = first_last(r, |x| x.stats.reward_mean);
         let margin = match cfg.reward.kind {
-            RewardKind::PositiveWords => 0.05,
             RewardKind::RewardModel => 0.25,
+            // Rule rewards score in [0, 1] like the positive-words fraction.
+            _ => 0.05,
         };
         println!("{name}: reward first quarter {first:.3}, last quarter {last:.3}");
         assert!(

@@ -1,0 +1,61 @@
+//! `tandem train-rm CONFIG.toml [--run-dir DIR] [--set section.key=value ...]`: train a reward
+//! model from preference data (see `tandem_runtime::train_rm` for the config and data forms).
+//!
+//! The run directory is `--run-dir`, else the config's `run_dir`, else `runs/<config name>`.
+//! It receives `config.toml`, `metrics.jsonl` (one line per step; `eval_*` fields on
+//! evaluation steps), `checkpoints/step-K/`, `normalization.json` and the final
+//! `reward_model/` in HF sequence-classification layout. The last line on stdout is a JSON
+//! summary. Bad config or data (a malformed line, as `FILE:LINE`) exits with status 2.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+use tandem_runtime::train_rm::{train_rm, RmConfig};
+
+#[derive(Debug, Args)]
+pub struct TrainRmArgs {
+    /// The reward-model TOML config.
+    config: PathBuf,
+    /// Where the run writes its outputs (overrides the config's `run_dir`).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Override a config key, e.g. `--set train.epochs=2 --set normalize.kind=gain_bias`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+pub fn run(args: TrainRmArgs) -> anyhow::Result<()> {
+    let cfg = RmConfig::load(&args.config, &args.set)?;
+    let run_dir = args.run_dir.or_else(|| cfg.run_dir.clone()).unwrap_or_else(|| {
+        let stem = args
+            .config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "rm".into());
+        PathBuf::from("runs").join(stem)
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("tandem-control")
+        .build()
+        .context("cannot start the async runtime")?;
+    let out = rt.block_on(train_rm(&cfg, &run_dir));
+    rt.shutdown_timeout(Duration::from_secs(5));
+    let s = out.with_context(|| format!("train-rm {}", args.config.display()))?;
+    crate::print_json(&json!({
+        "run_dir": run_dir,
+        "steps": s.reports.len(),
+        "interrupted": s.interrupted,
+        "train_examples": s.train_examples,
+        "eval_examples": s.eval_examples,
+        "eval_accuracy": s.eval_accuracy,
+        "eval_top1": s.reports.iter().rev().find_map(|r| r.eval_top1),
+        "normalization": s.normalization,
+        "reward_model": s.model_dir,
+        "wall_s": s.reports.last().map(|r| r.wall_s),
+    }))
+}
