@@ -301,8 +301,12 @@ impl NodeLinkActor {
             "transfer_s": secs - build_s, "build_s": build_s, "mb_per_s": mb_per_s,
             "publish_to_adopt_s": adopt.as_secs_f64(),
         });
+        // One write of the whole line: every node's link appends to this file, and O_APPEND
+        // keeps a single write whole (Display for a JSON value would write it piece by piece).
+        let mut bytes = line.to_string().into_bytes();
+        bytes.push(b'\n');
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&st.args.log) {
-            let _ = writeln!(f, "{line}");
+            let _ = f.write_all(&bytes);
         }
         Ok(())
     }
