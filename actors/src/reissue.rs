@@ -91,15 +91,6 @@ impl TicketSet {
     pub fn contains(&self, id: u64) -> bool {
         id < self.below || self.above.contains(&id)
     }
-
-    pub fn remove(&mut self, id: u64) {
-        if id < self.below {
-            self.above.extend(id + 1..self.below);
-            self.below = id;
-        } else {
-            self.above.remove(&id);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -115,13 +106,9 @@ mod tests {
         assert!(!s.insert(2));
         assert_eq!(s.below, 4);
         assert_eq!(s.above, BTreeSet::from([5]));
-        s.remove(1);
-        assert_eq!(
-            (s.below, s.contains(1), s.contains(2), s.contains(5)),
-            (1, false, true, true)
-        );
-        assert!(s.insert(1));
-        assert_eq!(s.below, 4);
+        assert!(s.contains(3) && s.contains(5) && !s.contains(4));
+        assert!(s.insert(4));
+        assert_eq!((s.below, s.above.len()), (6, 0));
     }
 
     #[test]
