@@ -81,7 +81,13 @@ fn parse_line(line: &str, tokenizer: &TextTokenizer, max_tokens: usize) -> Resul
         .get("prompt")
         .and_then(|p| p.as_str())
         .ok_or("expected an object with a \"prompt\" string")?;
-    let mut ids = tokenizer.encode(prompt).map_err(|e| e.to_string())?;
+    encode_prompt(tokenizer, prompt, max_tokens)
+}
+
+/// A prompt's token ids as the pipeline feeds them: tokenised, never empty, and left-truncated
+/// to `max_tokens` (the end of a prompt is what the response continues).
+pub fn encode_prompt(tokenizer: &TextTokenizer, text: &str, max_tokens: usize) -> Result<Vec<u32>, String> {
+    let mut ids = tokenizer.encode(text).map_err(|e| e.to_string())?;
     if ids.is_empty() {
         return Err("prompt tokenises to nothing".into());
     }
@@ -89,6 +95,30 @@ fn parse_line(line: &str, tokenizer: &TextTokenizer, max_tokens: usize) -> Resul
         ids.drain(..ids.len() - max_tokens);
     }
     Ok(ids)
+}
+
+/// Reads a JSONL file line by line, skipping blank lines, and hands each parsed object to
+/// `each`; a line that is not JSON, or that `each` rejects, is an error naming the file and
+/// line.
+pub fn read_jsonl(
+    path: &Path,
+    mut each: impl FnMut(&serde_json::Value) -> Result<(), String>,
+) -> Result<(), RuntimeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        serde_json::from_str(line)
+            .map_err(|e| format!("malformed JSON: {e}"))
+            .and_then(|v| each(&v))
+            .map_err(|msg| RuntimeError::Prompts {
+                path: path.into(),
+                line: i + 1,
+                msg,
+            })?;
+    }
+    Ok(())
 }
 
 /// Settings of the ticket stream.

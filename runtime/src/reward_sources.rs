@@ -25,6 +25,7 @@ use tandem_models::TextTokenizer;
 
 use crate::config::{Config, RewardKind};
 use crate::error::RuntimeError;
+use crate::prompts::read_jsonl;
 
 fn bad(msg: String) -> RuntimeError {
     RuntimeError::Config {
@@ -103,31 +104,21 @@ pub fn load_answers(
     tokenizer: &TextTokenizer,
     max_tokens: usize,
 ) -> Result<HashMap<Vec<u32>, String>, RuntimeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
     let mut out = HashMap::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |msg: String| RuntimeError::Prompts {
-            path: path.into(),
-            line: i + 1,
-            msg,
-        };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-        let Some(answer) = v.get("answer") else { continue };
-        let answer = answer
-            .as_str()
-            .ok_or_else(|| bad("\"answer\" must be a string".into()))?;
+    read_jsonl(path, |v| {
+        let Some(answer) = v.get("answer") else { return Ok(()) };
+        let answer = answer.as_str().ok_or("\"answer\" must be a string")?;
         let prompt = v
             .get("prompt")
             .and_then(|p| p.as_str())
-            .ok_or_else(|| bad("expected an object with a \"prompt\" string".into()))?;
-        let mut ids = tokenizer.encode(prompt).map_err(|e| bad(e.to_string()))?;
+            .ok_or("expected an object with a \"prompt\" string")?;
+        // Not `encode_prompt`: a prompt line the prompt loader skips must not fail here.
+        let mut ids = tokenizer.encode(prompt).map_err(|e| e.to_string())?;
         if ids.len() > max_tokens {
             ids.drain(..ids.len() - max_tokens);
         }
         out.insert(ids, answer.to_string());
-    }
+        Ok(())
+    })?;
     Ok(out)
 }

@@ -100,6 +100,7 @@ use tandem_models::{load_tensors, save_checkpoint, HeadKind, ModelConfig, Scalar
 use crate::builtin;
 use crate::config::ModelSource;
 use crate::error::RuntimeError;
+use crate::prompts::{encode_prompt, read_jsonl};
 use crate::supervisor::{ChildRole, RunSupervisor, SupervisorArgs, SupervisorMsg};
 
 static NEXT_RM_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -359,31 +360,15 @@ pub fn load_comparisons(
     prompt_max: usize,
     response_max: usize,
 ) -> Result<Vec<Comparison>, RuntimeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |msg: String| RuntimeError::Prompts {
-            path: path.into(),
-            line: i + 1,
-            msg,
-        };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-        let (prompt, responses, ranking) = parse_record(&v).map_err(bad)?;
-        let mut p = tokenizer.encode(&prompt).map_err(|e| bad(e.to_string()))?;
-        if p.is_empty() {
-            return Err(bad("the prompt tokenises to nothing".into()));
-        }
-        if p.len() > prompt_max {
-            p.drain(..p.len() - prompt_max);
-        }
+    read_jsonl(path, |v| {
+        let (prompt, responses, ranking) = parse_record(v)?;
+        let p = encode_prompt(tokenizer, &prompt, prompt_max)?;
         let mut rs = Vec::with_capacity(responses.len());
         for (j, r) in responses.iter().enumerate() {
-            let mut ids = tokenizer.encode(r).map_err(|e| bad(e.to_string()))?;
+            let mut ids = tokenizer.encode(r).map_err(|e| e.to_string())?;
             if ids.is_empty() {
-                return Err(bad(format!("response {j} tokenises to nothing")));
+                return Err(format!("response {j} tokenises to nothing"));
             }
             ids.truncate(response_max);
             rs.push(ids);
@@ -393,7 +378,8 @@ pub fn load_comparisons(
             responses: rs,
             ranking,
         });
-    }
+        Ok(())
+    })?;
     if out.is_empty() {
         return Err(RuntimeError::Prompts {
             path: path.into(),
@@ -492,34 +478,20 @@ pub fn common_prompt_len(a: &str, b: &str) -> usize {
 
 /// `{"prompt", "response"}` lines for the normalisation reference set.
 fn load_reference(path: &Path, tokenizer: &TextTokenizer, data: &RmData) -> Result<Vec<PromptResponse>, RuntimeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |msg: String| RuntimeError::Prompts {
-            path: path.into(),
-            line: i + 1,
-            msg,
-        };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    read_jsonl(path, |v| {
         let get = |k: &str| {
             v.get(k)
                 .and_then(|x| x.as_str())
-                .ok_or_else(|| bad(format!("expected {{\"prompt\", \"response\"}} strings; no \"{k}\"")))
+                .ok_or_else(|| format!("expected {{\"prompt\", \"response\"}} strings; no \"{k}\""))
         };
-        let mut p = tokenizer.encode(get("prompt")?).map_err(|e| bad(e.to_string()))?;
-        let mut r = tokenizer.encode(get("response")?).map_err(|e| bad(e.to_string()))?;
-        if p.is_empty() {
-            return Err(bad("the prompt tokenises to nothing".into()));
-        }
-        if p.len() > data.prompt_max_tokens {
-            p.drain(..p.len() - data.prompt_max_tokens);
-        }
+        let (prompt, response) = (get("prompt")?, get("response")?);
+        let p = encode_prompt(tokenizer, prompt, data.prompt_max_tokens)?;
+        let mut r = tokenizer.encode(response).map_err(|e| e.to_string())?;
         r.truncate(data.response_max_tokens);
         out.push((p, r));
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
