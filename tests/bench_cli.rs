@@ -1,6 +1,9 @@
 //! `tandem bench generate` at tiny sizes: the last line of stdout is a JSON object with
 //! positive throughput figures.
 
+mod common;
+use common::OutputWithin;
+
 use std::process::Command;
 
 use serde_json::Value;
@@ -18,8 +21,7 @@ fn bench_generate_prints_positive_figures_as_json() {
             "--repeats",
             "1",
         ])
-        .output()
-        .expect("run tandem");
+        .output_within();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -47,8 +49,7 @@ fn bench_generate_prints_positive_figures_as_json() {
 fn bench_rejects_zero_sizes() {
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["bench", "generate", "--batch", "0"])
-        .output()
-        .expect("run tandem");
+        .output_within();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--batch"), "{stderr}");
@@ -71,8 +72,7 @@ fn bench_overlap_reports_the_ratios_and_async_keeps_the_learner_fed() {
             "--config",
             config.to_str().unwrap(),
         ])
-        .output()
-        .expect("run tandem");
+        .output_within();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -111,8 +111,7 @@ fn bench_cluster_prints_transfer_rates_and_their_ratio() {
         .args(["bench", "cluster", "--hidden", "64", "--layers", "2", "--versions", "2"])
         .args(["--chunk-bytes", "65536"])
         .env_remove("TANDEM_CLUSTER_COOKIE")
-        .output()
-        .expect("run tandem");
+        .output_within();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

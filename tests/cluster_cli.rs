@@ -3,6 +3,9 @@
 //! worker), comes back under the same name and samples again; the run finishes with every
 //! ticket accounted for, and the policy learns. A worker with another cookie is refused, and both sides log it.
 
+mod common;
+use common::OutputWithin;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -154,8 +157,7 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
     let metrics_addr = std::fs::read_to_string(run_dir.join("metrics_addr")).unwrap();
     let top = tandem()
         .args(["top", "--once", "--addr", &metrics_addr])
-        .output()
-        .unwrap();
+        .output_within();
     let table = String::from_utf8_lossy(&top.stdout);
     assert!(top.status.success(), "{}", String::from_utf8_lossy(&top.stderr));
     for d in ["w1/cpu:0", "w2/cpu:0"] {
@@ -356,8 +358,7 @@ fn a_worker_with_another_cookie_is_refused_and_both_sides_log_it() {
             "--set",
             "metrics.enabled=false",
         ])
-        .output()
-        .unwrap();
+        .output_within();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -382,8 +383,7 @@ fn cluster_keys_are_checked() {
     ] {
         let out = tandem()
             .args(["run", quickstart.to_str().unwrap(), "--set", set])
-            .output()
-            .unwrap();
+            .output_within();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{set}: {stderr}");
         assert!(stderr.contains(needle), "{set}: {stderr}");
@@ -395,14 +395,12 @@ fn cluster_keys_are_checked() {
             "--set",
             "placement.nodes=[{name=\"w 1\", rollouts=1}]",
         ])
-        .output()
-        .unwrap();
+        .output_within();
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be letters, digits"));
     // A worker without a cookie does not start.
     let out = tandem()
         .args(["node", "--join", "127.0.0.1:1", "--name", "w1"])
-        .output()
-        .unwrap();
+        .output_within();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no cluster cookie"), "{stderr}");

@@ -2,6 +2,9 @@
 //! (or `$TANDEM_FIXTURES/hf`): its JSON matches the numbers transformers computed, `--text`
 //! matches `--ids`, and bad input exits with status 2 and a message instead of a panic.
 
+mod common;
+use common::OutputWithin;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -46,10 +49,7 @@ fn is_lm(expected: &Value) -> bool {
 }
 
 fn tandem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .output()
-        .expect("run tandem")
+    Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).output_within()
 }
 
 /// Runs tandem, asserts success and parses the single JSON object on stdout.

@@ -2,6 +2,9 @@
 //! killed with SIGKILL mid-write leaves a store that verifies (after its torn tail, if any, is
 //! cut) and reopens.
 
+mod common;
+use common::OutputWithin;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -19,7 +22,7 @@ fn quickstart() -> String {
 }
 
 fn replay(run_dir: &Path, args: &[&str]) -> Output {
-    tandem().arg("replay").arg(run_dir).args(args).output().unwrap()
+    tandem().arg("replay").arg(run_dir).args(args).output_within()
 }
 
 fn last_json(out: &Output) -> serde_json::Value {
@@ -42,8 +45,7 @@ fn run_dir() -> &'static Path {
         let out = tandem()
             .args(["run", &quickstart(), "--run-dir", run.to_str().unwrap()])
             .args(["--set", "steps=4", "--set", "metrics.addr=\"127.0.0.1:0\""])
-            .output()
-            .unwrap();
+            .output_within();
         let summary = last_json(&out);
         assert_eq!(summary["stored_trajectories"], 128);
         (dir, run)
@@ -197,8 +199,7 @@ fn rerun_step_reproduces_recorded_steps_exactly() {
         .args(["run", config.to_str().unwrap(), "--run-dir", run.to_str().unwrap()])
         .args(["--set", "steps=4", "--set", "metrics.addr=\"127.0.0.1:0\""])
         .args(["--set", "checkpoint.every=1", "--set", "checkpoint.keep=10"])
-        .output()
-        .unwrap();
+        .output_within();
     last_json(&out);
 
     // A sync step: losses, per-token outputs and the next checkpoint's weights all identical.

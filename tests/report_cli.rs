@@ -3,6 +3,9 @@
 //! an error naming the file and line (exit 2); and the page renders in headless Chromium where
 //! Chromium is installed.
 
+mod common;
+use common::OutputWithin;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -71,7 +74,7 @@ fn write_run(dir: &Path, with_actors: bool) {
 /// Runs `tandem report DIR [extra...]`, asserts success, and returns the report's path (the
 /// last stdout line) and its text.
 fn report(dir: &Path, extra: &[&str]) -> (PathBuf, String) {
-    let out = tandem().arg("report").arg(dir).args(extra).output().unwrap();
+    let out = tandem().arg("report").arg(dir).args(extra).output_within();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -204,7 +207,7 @@ fn without_actor_samples_the_utilisation_chart_says_so() {
 }
 
 fn failing(dir: &Path) -> (i32, String) {
-    let out = tandem().arg("report").arg(dir).output().unwrap();
+    let out = tandem().arg("report").arg(dir).output_within();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "{stderr}");
     (out.status.code().unwrap_or(-1), stderr)

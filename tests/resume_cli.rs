@@ -1,6 +1,9 @@
 //! `tandem run --resume` after SIGKILL: a sync run continues from its latest checkpoint and
 //! writes the same metrics, trajectories and weights as a run that was never interrupted.
 
+mod common;
+use common::OutputWithin;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,7 +67,7 @@ const LEARNING: [&str; 17] = [
 fn sigkill_then_resume_matches_an_uninterrupted_sync_run() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole");
-    let out = start(&whole).wait_with_output().unwrap();
+    let out = common::wait_output(start(&whole), common::LIMIT);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let killed = dir.path().join("killed");
@@ -80,8 +83,7 @@ fn sigkill_then_resume_matches_an_uninterrupted_sync_run() {
 
     let out = tandem()
         .args(["run", "--resume", killed.to_str().unwrap()])
-        .output()
-        .unwrap();
+        .output_within();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let summary: serde_json::Value =
@@ -114,8 +116,7 @@ fn sigkill_then_resume_matches_an_uninterrupted_sync_run() {
     // The trajectory log continues: it verifies, and holds every step once.
     let verify = tandem()
         .args(["replay", killed.to_str().unwrap(), "--verify"])
-        .output()
-        .unwrap();
+        .output_within();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
     let v: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&verify.stdout).lines().last().unwrap()).unwrap();

@@ -2,6 +2,9 @@
 //! `tandem inspect score`, `tandem sample --best-of N`, and external-command reward failures
 //! surfacing as actor failures of a run.
 
+mod common;
+use common::OutputWithin;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -15,8 +18,7 @@ fn tandem(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(args)
         .current_dir(repo())
-        .output()
-        .expect("run tandem")
+        .output_within()
 }
 
 fn last_json(out: &Output) -> Value {

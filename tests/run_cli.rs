@@ -1,6 +1,9 @@
 //! `tandem run` from the command line: Ctrl-C stops cleanly with a checkpoint, bad input is reported with the
 //! file, line and key, and exits 2 without a backtrace.
 
+mod common;
+use common::OutputWithin;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,7 +48,7 @@ fn ctrl_c_stops_the_run_cleanly() {
         .status()
         .unwrap();
     assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    let out = common::wait_output(child, Duration::from_secs(300));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
     let summary: serde_json::Value =
@@ -66,7 +69,7 @@ fn ctrl_c_stops_the_run_cleanly() {
 }
 
 fn fails_with(args: &[&str], needles: &[&str]) {
-    let out = tandem().args(args).output().unwrap();
+    let out = tandem().args(args).output_within();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
     for n in needles {

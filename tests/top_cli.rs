@@ -1,6 +1,9 @@
 //! The live view of a run: the Prometheus endpoint answers while a run is live with series for
 //! every actor kind, and `tandem top --once` prints one row per actor.
 
+mod common;
+use common::OutputWithin;
+
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -82,8 +85,7 @@ fn a_live_run_serves_metrics_and_top_shows_every_actor() {
         let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args(["top", "--once"])
             .args(&args)
-            .output()
-            .unwrap();
+            .output_within();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let table = String::from_utf8(out.stdout).unwrap();
         let rows: Vec<&str> = table.lines().skip(2).collect();
@@ -116,8 +118,7 @@ fn a_live_run_serves_metrics_and_top_shows_every_actor() {
 fn top_without_a_run_says_so() {
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["top", "--once", "--addr", "127.0.0.1:1"])
-        .output()
-        .unwrap();
+        .output_within();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no tandem metrics endpoint at 127.0.0.1:1"));
 }

@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod interrupts;
 pub mod mock_labeller;
 pub mod pipeline;
 pub mod prompts;

@@ -58,6 +58,7 @@ use crate::cluster::remote_rollout::{RemoteRolloutActor, RemoteRolloutArgs};
 use crate::cluster::wire::Setup;
 use crate::config::{Config, CriticInit, RewardKind};
 use crate::error::RuntimeError;
+use crate::interrupts::Interrupts;
 use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
 use crate::store::{set_aside_from_step, spawn_writer, store_dir, StoreStats};
 use crate::supervisor::{ChildRole, ChildSpec, RunSupervisor, SpawnFn, SupervisorArgs, SupervisorMsg};
@@ -863,6 +864,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let mut next_step = start.step;
     // When the learner stopped early: its failure report may still be on its way.
     let mut learner_gone: Option<Instant> = None;
+    let mut interrupts = Interrupts::listen()?;
     loop {
         tokio::select! {
             ev = events_rx.recv(), if learner_gone.is_none() => match ev {
@@ -920,7 +922,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
                     }
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupts.recv() => {
                 if draining_since.is_some() { break; }
                 tracing::warn!("interrupted: stopping at the next step boundary with a checkpoint (Ctrl-C again to stop now)");
                 interrupted = true;

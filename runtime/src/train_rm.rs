@@ -681,6 +681,7 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
     let mut reports = Vec::new();
     let mut failure = None;
     let mut interrupted = false;
+    let mut interrupts = crate::interrupts::Interrupts::listen()?;
     loop {
         tokio::select! {
             r = report_rx.recv() => match r {
@@ -695,7 +696,7 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
                 None => break,
             },
             f = fail_rx.recv() => { failure = f.map(|f| format!("{}: {}", f.actor, f.error)); break; }
-            _ = tokio::signal::ctrl_c() => { interrupted = true; break; }
+            _ = interrupts.recv() => { interrupted = true; break; }
         }
     }
     metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
