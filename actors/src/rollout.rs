@@ -8,10 +8,10 @@
 //! reward stage is full. New weights are swapped in between generation batches, never during
 //! one. The loop ends when the ticket channel closes or the downstream channel is gone.
 //!
-//! Failures: the tickets a rollout holds are recorded in its [`HeldTickets`] until their batch
-//! is handed downstream; tickets reissued after some stage actor failed ([`ReissueQueue`])
-//! are taken before new ones, and [`RolloutMsg::Reissued`] wakes a rollout that is waiting for
-//! a newer policy so a reissued ticket never waits behind a ticket meant for a later step.
+//! Tickets are taken in the order [`TicketIntake`] defines (reissued ones first, with the
+//! staleness gate), and held in the rollout's [`HeldTickets`] until their batch is handed
+//! downstream; [`RolloutMsg::Reissued`] wakes a rollout that is waiting for a newer policy so
+//! a reissued ticket never waits behind a ticket meant for a later step.
 
 use std::sync::Arc;
 
@@ -22,6 +22,7 @@ use tandem_models::{generate, Decoding, LanguageModel, ModelConfig, SamplingConf
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
 use crate::faults::Faults;
+use crate::intake::{Next, TicketIntake};
 use crate::meter::{ActorMeter, ActorState};
 use crate::reissue::{HeldTickets, ReissueQueue};
 use crate::snapshot::{adopt, SnapshotMsg};
@@ -61,7 +62,7 @@ pub struct RolloutArgs {
 pub struct RolloutState {
     args: RolloutArgs,
     model: Option<(u64, Arc<LanguageModel>)>,
-    pending: Option<WorkTicket>,
+    intake: TicketIntake,
 }
 
 pub struct RolloutActor;
@@ -73,10 +74,17 @@ impl Actor for RolloutActor {
 
     async fn pre_start(&self, me: ActorRef<RolloutMsg>, args: RolloutArgs) -> Result<RolloutState, ActorProcessingErr> {
         args.snapshot.cast(SnapshotMsg::AddRollout(me.clone()))?;
+        let intake = TicketIntake::new(
+            &args.name,
+            args.tickets.clone(),
+            args.reissued.clone(),
+            args.held.clone(),
+            args.max_staleness,
+        );
         Ok(RolloutState {
             args,
             model: None,
-            pending: None,
+            intake,
         })
     }
 
@@ -95,12 +103,12 @@ impl Actor for RolloutActor {
                     return Ok(());
                 };
                 st.args.meter.set_version(w.version);
-                if first || st.pending.is_some() {
+                if first || st.intake.waiting() {
                     me.cast(RolloutMsg::Step)?;
                 }
             }
             RolloutMsg::Reissued => {
-                if st.pending.is_some() {
+                if st.intake.waiting() {
                     me.cast(RolloutMsg::Step)?;
                 }
             }
@@ -109,31 +117,16 @@ impl Actor for RolloutActor {
                     return Ok(());
                 };
                 st.args.meter.set_state(ActorState::Idle);
-                let limit = version + st.args.max_staleness;
-                let ticket = match st.args.reissued.pop_ready(limit) {
-                    Some(t) => {
-                        tracing::info!(actor = %st.args.name, ticket = t.id, "sampling a reissued ticket");
-                        t
+                let ticket = match st.intake.next(version).await {
+                    Next::Sample(t) => t,
+                    // Too far ahead of the policy: Adopt (or Reissued) resumes us.
+                    Next::Wait => return Ok(()),
+                    Next::Closed => {
+                        st.args.meter.set_state(ActorState::Stopped);
+                        me.stop(Some("no more tickets".into()));
+                        return Ok(());
                     }
-                    None => match st.pending.take() {
-                        Some(t) => t,
-                        None => match st.args.tickets.recv().await {
-                            Some(t) => t,
-                            None => {
-                                st.args.meter.set_state(ActorState::Stopped);
-                                me.stop(Some("no more tickets".into()));
-                                return Ok(());
-                            }
-                        },
-                    },
                 };
-                st.args.held.hold(&ticket);
-                if ticket.step > limit {
-                    // Too far ahead of the policy: wait for a newer version (Adopt resumes us).
-                    // (Reissued tickets are only taken when ready, so this is a new one.)
-                    st.pending = Some(ticket);
-                    return Ok(());
-                }
                 st.args.meter.set_state(ActorState::Computing);
                 let batch = self.sample(st, &ticket, version, model).await?;
                 st.args.faults.rollout_batch();
@@ -141,7 +134,7 @@ impl Actor for RolloutActor {
                 let sent = st.args.out.send(batch).await;
                 st.args.meter.set_state(ActorState::Idle);
                 if let Ok(waited) = sent {
-                    st.args.held.release(ticket.id);
+                    st.intake.handed_on(ticket.id);
                     st.args.meter.blocked(waited);
                 } else {
                     me.stop(Some("reward stage gone".into()));

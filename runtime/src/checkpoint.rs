@@ -116,7 +116,7 @@ pub fn remove_partial(run_dir: &Path) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Writes `ckpt` as `step-K` (temporary directory, fsync, rename) and keeps the last `keep`.
+/// Writes `ckpt` as `step-K` ([`write_atomically`]) and keeps the last `keep`.
 pub fn write(
     run_dir: &Path,
     ckpt: &Checkpoint,
@@ -124,34 +124,45 @@ pub fn write(
     config_toml: &str,
     keep: usize,
 ) -> Result<PathBuf, RuntimeError> {
+    write_atomically(run_dir, ckpt.meta.step, keep, |tmp| {
+        save_checkpoint(&tmp.join("policy"), layout.policy, &ckpt.trainer.policy, None)?;
+        layout.tokenizer.save_to_dir(&tmp.join("policy"))?;
+        if let (Some(w), Some(cfg)) = (&ckpt.trainer.critic, layout.critic) {
+            save_checkpoint(&tmp.join("critic"), cfg, w, None)?;
+            layout.tokenizer.save_to_dir(&tmp.join("critic"))?;
+        }
+        let opt_cpu: HashMap<String, Tensor> = ckpt
+            .trainer
+            .optimizer
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+            .collect::<Result<_, candle_core::Error>>()?;
+        candle_core::safetensors::save(&opt_cpu, tmp.join("optimizer.safetensors"))?;
+        write_synced(&tmp.join("replay.bin"), &encode_trajectories(&ckpt.replay))?;
+        let meta = serde_json::to_string_pretty(&ckpt.meta).expect("meta serialises");
+        write_synced(&tmp.join("state.json"), meta.as_bytes())?;
+        write_synced(&tmp.join("config.toml"), config_toml.as_bytes())
+    })
+}
+
+/// Writes `RUN_DIR/checkpoints/step-K` so that a crash never leaves half of it: `fill` writes
+/// into `.tmp-step-K`, every file is fsynced, the directory is renamed into place, and only
+/// the last `keep` (at least 1) `step-*` directories are kept. PPO runs and `train-rm` both
+/// write their checkpoints through this.
+pub fn write_atomically(
+    run_dir: &Path,
+    step: u64,
+    keep: usize,
+    fill: impl FnOnce(&Path) -> Result<(), RuntimeError>,
+) -> Result<PathBuf, RuntimeError> {
     let root = checkpoints_dir(run_dir);
-    let step = ckpt.meta.step;
     let tmp = root.join(format!(".tmp-step-{step}"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
-
-    save_checkpoint(&tmp.join("policy"), layout.policy, &ckpt.trainer.policy, None)?;
-    layout.tokenizer.save_to_dir(&tmp.join("policy"))?;
-    if let (Some(w), Some(cfg)) = (&ckpt.trainer.critic, layout.critic) {
-        save_checkpoint(&tmp.join("critic"), cfg, w, None)?;
-        layout.tokenizer.save_to_dir(&tmp.join("critic"))?;
-    }
-    let opt = tmp.join("optimizer.safetensors");
-    let opt_cpu: HashMap<String, Tensor> = ckpt
-        .trainer
-        .optimizer
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
-        .collect::<Result<_, candle_core::Error>>()?;
-    candle_core::safetensors::save(&opt_cpu, &opt)?;
-    write_synced(&tmp.join("replay.bin"), &encode_trajectories(&ckpt.replay))?;
-    let meta = serde_json::to_string_pretty(&ckpt.meta).expect("meta serialises");
-    write_synced(&tmp.join("state.json"), meta.as_bytes())?;
-    write_synced(&tmp.join("config.toml"), config_toml.as_bytes())?;
+    fill(&tmp)?;
     sync_tree(&tmp)?;
-
     let dest = step_dir(run_dir, step);
     if dest.exists() {
         std::fs::remove_dir_all(&dest).map_err(|e| RuntimeError::io(&dest, e))?;
@@ -160,10 +171,16 @@ pub fn write(
     if let Ok(d) = std::fs::File::open(&root) {
         let _ = d.sync_all();
     }
-    let all = list(run_dir)?;
-    for (k, dir) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
-        if *k != step {
-            std::fs::remove_dir_all(dir).map_err(|e| RuntimeError::io(dir, e))?;
+    let mut steps: Vec<u64> = std::fs::read_dir(&root)
+        .map_err(|e| RuntimeError::io(&root, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .collect();
+    steps.sort_unstable();
+    for old in steps.iter().take(steps.len().saturating_sub(keep.max(1))) {
+        if *old != step {
+            let dir = step_dir(run_dir, *old);
+            std::fs::remove_dir_all(&dir).map_err(|e| RuntimeError::io(&dir, e))?;
         }
     }
     Ok(dest)

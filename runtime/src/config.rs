@@ -549,9 +549,17 @@ impl Config {
     }
 
     /// Reads a run directory's resolved `config.toml` (its paths are absolute), applies
-    /// overrides and validates it: how `tandem run --resume` gets its config.
+    /// overrides and validates it: how `tandem run --resume` gets its config. The interrupted
+    /// run's `[faults]` are not injected again (a resumed run would fail where it failed)
+    /// unless an override names `faults`.
     pub fn load_run(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
-        let cfg = Self::parse(path, overrides)?;
+        let mut cfg = Self::parse(path, overrides)?;
+        if !cfg.faults.is_empty() && !overrides.iter().any(|o| o.trim_start().starts_with("faults")) {
+            tracing::warn!(
+                "not injecting the interrupted run's [faults] again; inject faults with --set faults.KEY=VALUE"
+            );
+            cfg.faults = Default::default();
+        }
         cfg.validate().map_err(|msg| RuntimeError::Config {
             path: path.to_path_buf(),
             msg,

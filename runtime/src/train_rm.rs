@@ -759,24 +759,10 @@ fn save_step_checkpoint(
     weights: &HashMap<String, Tensor>,
     keep: usize,
 ) -> Result<(), RuntimeError> {
-    let root = run_dir.join("checkpoints");
-    let tmp = root.join(format!(".tmp-step-{step}"));
-    let dst = root.join(format!("step-{step}"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    save_checkpoint(&tmp, &backbone.config, weights, None)?;
-    backbone.tokenizer.save_to_dir(&tmp)?;
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::rename(&tmp, &dst).map_err(|e| RuntimeError::io(&dst, e))?;
-    let mut steps: Vec<usize> = std::fs::read_dir(&root)
-        .map_err(|e| RuntimeError::io(&root, e))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
-        .collect();
-    steps.sort_unstable();
-    for old in &steps[..steps.len().saturating_sub(keep)] {
-        let p = root.join(format!("step-{old}"));
-        std::fs::remove_dir_all(&p).map_err(|e| RuntimeError::io(&p, e))?;
-    }
+    crate::checkpoint::write_atomically(run_dir, step as u64, keep, |tmp| {
+        save_checkpoint(tmp, &backbone.config, weights, None)?;
+        Ok(backbone.tokenizer.save_to_dir(tmp)?)
+    })?;
     Ok(())
 }
 

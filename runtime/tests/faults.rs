@@ -210,3 +210,20 @@ async fn run_directories_are_not_reused_by_accident() {
     let e = run(&cfg, options(dir.path(), true)).await.unwrap_err().to_string();
     assert!(e.contains("nothing to resume (raise it with --set steps=N)"), "{e}");
 }
+
+#[test]
+fn a_resumed_run_does_not_inject_the_interrupted_runs_faults_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        "sync.toml",
+        &["faults.learner_fail_at_step=3", "faults.rollout_panic_every=7"],
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, cfg.to_toml()).unwrap();
+    let resumed = tandem_runtime::Config::load_run(&path, &[]).unwrap();
+    assert!(resumed.faults.is_empty(), "{:?}", resumed.faults);
+    assert_eq!(resumed.steps, cfg.steps);
+    // Faults named on the command line are injected.
+    let again = tandem_runtime::Config::load_run(&path, &["faults.rollout_panic_every=5".into()]).unwrap();
+    assert_eq!(again.faults.rollout_panic_every, 5);
+}

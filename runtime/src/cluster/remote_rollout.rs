@@ -2,8 +2,8 @@
 //!
 //! A [`RemoteRolloutActor`] is an ordinary child of the run's supervisor (role `Rollout`, with
 //! its own [`HeldTickets`] and meter labelled with the node): to the rest of the pipeline it is
-//! a sampler. It takes tickets exactly as a local rollout actor does (reissued ones first, and
-//! only tickets recent enough for the policy version the node holds), sends one ticket at a
+//! a sampler. It takes tickets exactly as a local rollout actor does ([`TicketIntake`]: reissued
+//! ones first, and only tickets recent enough for the policy version the node holds), sends one ticket at a
 //! time to the node's host actor as a ractor_cluster call, and pushes the batch that comes back
 //! into the bounded `rollout_to_reward` channel, waiting there when it is full.
 //!
@@ -25,7 +25,8 @@ use std::time::Duration;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tandem_actors::{
-    ActorMeter, ActorState, HeldTickets, ReissueQueue, StageReceiver, StageSender, TrajectoryBatch, WorkTicket,
+    ActorMeter, ActorState, HeldTickets, Next, ReissueQueue, StageReceiver, StageSender, TicketIntake, TrajectoryBatch,
+    WorkTicket,
 };
 use tokio::sync::watch;
 
@@ -60,7 +61,7 @@ pub struct RemoteRolloutArgs {
 
 pub struct RemoteRolloutState {
     args: RemoteRolloutArgs,
-    pending: Option<WorkTicket>,
+    intake: TicketIntake,
 }
 
 pub struct RemoteRolloutActor;
@@ -76,7 +77,14 @@ impl Actor for RemoteRolloutActor {
         args: RemoteRolloutArgs,
     ) -> Result<RemoteRolloutState, ActorProcessingErr> {
         me.cast(RemoteRolloutMsg::Step)?;
-        Ok(RemoteRolloutState { args, pending: None })
+        let intake = TicketIntake::new(
+            &args.name,
+            args.tickets.clone(),
+            args.reissued.clone(),
+            args.held.clone(),
+            args.max_staleness,
+        );
+        Ok(RemoteRolloutState { args, intake })
     }
 
     async fn handle(
@@ -86,45 +94,28 @@ impl Actor for RemoteRolloutActor {
         st: &mut RemoteRolloutState,
     ) -> Result<(), ActorProcessingErr> {
         let _timer = st.args.meter.time_handle();
-        if matches!(msg, RemoteRolloutMsg::Reissued) && st.pending.is_none() {
+        if matches!(msg, RemoteRolloutMsg::Reissued) && !st.intake.waiting() {
             return Ok(());
         }
         let view = st.args.view.borrow_and_update().clone();
         let (Some(host), Some(version)) = (view.host, view.version) else {
             // Node down or without weights: hold nothing, wait for it.
-            if let Some(t) = st.pending.take() {
-                st.args.held.release(t.id);
-                st.args.reissued.push(vec![t]);
-            }
+            st.intake.give_back();
             st.args.meter.set_state(ActorState::Idle);
             return self.wait_for_node(&me, st);
         };
         st.args.meter.set_version(version);
         st.args.meter.set_state(ActorState::Idle);
-        let limit = version + st.args.max_staleness;
-        let ticket = match st.args.reissued.pop_ready(limit) {
-            Some(t) => {
-                tracing::info!(actor = %st.args.name, ticket = t.id, "sampling a reissued ticket");
-                t
-            }
-            None => match st.pending.take() {
-                Some(t) => t,
-                None => match st.args.tickets.recv().await {
-                    Some(t) => t,
-                    None => {
-                        st.args.meter.set_state(ActorState::Stopped);
-                        me.stop(Some("no more tickets".into()));
-                        return Ok(());
-                    }
-                },
-            },
-        };
-        st.args.held.hold(&ticket);
-        if ticket.step > limit {
+        let ticket = match st.intake.next(version).await {
+            Next::Sample(t) => t,
             // The node's policy is too old for this ticket: wait for a newer version.
-            st.pending = Some(ticket);
-            return self.wait_for_node(&me, st);
-        }
+            Next::Wait => return self.wait_for_node(&me, st),
+            Next::Closed => {
+                st.args.meter.set_state(ActorState::Stopped);
+                me.stop(Some("no more tickets".into()));
+                return Ok(());
+            }
+        };
         st.args.meter.set_state(ActorState::Computing);
         let batch = self.sample(st, &host, &ticket).await?;
         st.args.meter.busy(Duration::from_secs_f64(batch.times.generate_s));
@@ -134,7 +125,7 @@ impl Actor for RemoteRolloutActor {
         st.args.meter.set_state(ActorState::Idle);
         match sent {
             Ok(waited) => {
-                st.args.held.release(ticket.id);
+                st.intake.handed_on(ticket.id);
                 st.args.meter.blocked(waited);
                 me.cast(RemoteRolloutMsg::Step)?;
             }

@@ -1,0 +1,238 @@
+//! Serving a running pipeline: the learner's events, the supervisor's failures, Ctrl-C and
+//! the periodic samplers, until the learner is done or the run stops.
+//!
+//! - Each step report is appended to `RUN_DIR/metrics.jsonl` (flushed) and moves the progress
+//!   bar; a checkpoint the learner asks for is written ([`CheckpointWriter`]) before it goes
+//!   on, so every line before a checkpoint is on disk first.
+//! - A stage the supervisor gave up on, or Ctrl-C, sets the learner's stop flag and drains the
+//!   replay buffer: the learner takes a final checkpoint at its next step boundary and stops. A
+//!   second Ctrl-C stops at once; a learner that does not reach a boundary within 300 s is
+//!   abandoned without a checkpoint.
+//! - A failed learner gets a checkpoint from here when its state is still at a step boundary,
+//!   with the batch it held beside the buffered trajectories.
+//! - Every 25 ms the trajectories held in the channels and the replay buffer are sampled (the
+//!   run's `max_held`); every `metrics.sample_interval_s` each actor's meter goes to
+//!   `actors.jsonl`. The Prometheus endpoint is served for the loop's duration.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ractor::ActorRef;
+use tandem_actors::channel::ChannelStats;
+use tandem_actors::learner::LearnerStart;
+use tandem_actors::replay::ReplayMsg;
+use tandem_actors::{ActorMeter, LearnerEvent, StepReport, Trajectory};
+use tokio::sync::mpsc;
+
+use super::checkpoints::CheckpointWriter;
+use crate::config::Config;
+use crate::error::RuntimeError;
+use crate::interrupts::Interrupts;
+use crate::step_probe::ProbeResults;
+use crate::supervisor::{ChildRole, RunFailure};
+use crate::telemetry::{self, ActorSampler};
+
+/// What the loop serves.
+pub(super) struct Drive<'a> {
+    pub cfg: &'a Config,
+    pub run_dir: &'a Path,
+    pub events: mpsc::Receiver<LearnerEvent>,
+    pub failures: mpsc::UnboundedReceiver<RunFailure>,
+    pub checkpoints: CheckpointWriter,
+    pub replay: ActorRef<ReplayMsg>,
+    /// The learner's stop flag.
+    pub stop: Arc<AtomicBool>,
+    /// The batch the learner holds during a step.
+    pub in_hand: Arc<Mutex<Vec<Trajectory>>>,
+    pub start: LearnerStart,
+    pub started: Instant,
+    pub meters: Vec<Arc<ActorMeter>>,
+    pub probe: Option<ProbeResults>,
+    pub progress: bool,
+    /// Trajectories in the replay buffer.
+    pub replay_held: Arc<AtomicUsize>,
+    /// The data-plane channels after the samplers.
+    pub depths: [Arc<ChannelStats>; 3],
+    /// Trajectories per batch in those channels.
+    pub per_ticket: usize,
+}
+
+/// How the loop ended.
+pub(super) struct Outcome {
+    pub reports: Vec<StepReport>,
+    /// Steps of the checkpoints written, in order.
+    pub checkpoints: Vec<u64>,
+    pub interrupted: bool,
+    /// Why the run stopped early.
+    pub failure: Option<String>,
+    /// Most trajectories ever held in the channels plus the replay buffer.
+    pub max_held: usize,
+}
+
+impl Drive<'_> {
+    pub async fn serve(self) -> Result<Outcome, RuntimeError> {
+        let Drive {
+            cfg,
+            run_dir,
+            events: mut events_rx,
+            failures: mut fail_rx,
+            checkpoints,
+            replay,
+            stop,
+            in_hand,
+            start,
+            started,
+            meters,
+            probe: probe_rx,
+            progress,
+            replay_held,
+            depths,
+            per_ticket,
+        } = self;
+        let metrics_path = run_dir.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| RuntimeError::io(&metrics_path, e))?;
+        let bar = progress.then(|| super::progress_bar(cfg.steps, start.step));
+        let mut reports = Vec::new();
+        let mut written: Vec<u64> = Vec::new();
+        let mut interrupted = false;
+        let mut failure: Option<String> = None;
+        let mut draining_since: Option<Instant> = None;
+        let mut max_held = 0usize;
+        let mut probe = tokio::time::interval(Duration::from_millis(25));
+        let mut sampler = ActorSampler::new(meters, run_dir, started)?;
+        let mut sample_tick = tokio::time::interval(Duration::from_secs_f64(cfg.metrics.sample_interval_s));
+        let endpoint = match (cfg.metrics.enabled, telemetry::prometheus()) {
+            // A taken port must not stop a training run: warn and go on without the endpoint.
+            (true, Some(handle)) => match telemetry::serve(&cfg.metrics.addr, handle).await {
+                Ok((addr, task)) => {
+                    let path = run_dir.join("metrics_addr");
+                    std::fs::write(&path, addr.to_string()).map_err(|e| RuntimeError::io(&path, e))?;
+                    tracing::info!(%addr, "serving Prometheus metrics");
+                    Some(task)
+                }
+                Err(e) => {
+                    tracing::warn!("no Prometheus endpoint: {e}");
+                    None
+                }
+            },
+            (true, None) => {
+                tracing::warn!("another metrics recorder is installed; no Prometheus endpoint");
+                None
+            }
+            _ => None,
+        };
+        let drain = |since: &mut Option<Instant>| {
+            if since.is_none() {
+                stop.store(true, Ordering::Relaxed);
+                let _ = replay.cast(ReplayMsg::Drain);
+                *since = Some(Instant::now());
+            }
+        };
+        let mut latest_version = start.version;
+        let mut next_step = start.step;
+        // When the learner stopped early: its failure report may still be on its way.
+        let mut learner_gone: Option<Instant> = None;
+        let mut interrupts = Interrupts::listen()?;
+        loop {
+            tokio::select! {
+                ev = events_rx.recv(), if learner_gone.is_none() => match ev {
+                    Some(LearnerEvent::Report(r)) => {
+                        let line = crate::step_probe::merge(&r, probe_rx.as_ref());
+                        writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
+                        metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
+                        if let Some(b) = &bar {
+                            b.set_position(r.step + 1);
+                            b.set_message(format!("reward {:.3} kl {:.3}", r.stats.reward_mean, r.stats.kl));
+                        }
+                        latest_version = r.policy_version + 1;
+                        next_step = r.step + 1;
+                        reports.push(*r);
+                    }
+                    Some(LearnerEvent::Checkpoint { step, version, wall_s, reply }) => {
+                        let r = checkpoints.write(step, version, wall_s, vec![]).await;
+                        match &r {
+                            Ok(dir) => {
+                                tracing::info!(step, dir = %dir.display(), "checkpoint written");
+                                written.push(step);
+                            }
+                            Err(e) => tracing::error!(step, "checkpoint failed: {e}"),
+                        }
+                        let _ = reply.send(r.map(|_| ()));
+                    }
+                    Some(LearnerEvent::Halted(msg)) => failure = Some(msg),
+                    None if next_step >= cfg.steps || draining_since.is_some() || failure.is_some() => break,
+                    None => learner_gone = Some(Instant::now()),
+                },
+                f = fail_rx.recv() => {
+                    let Some(f) = f else { continue };
+                    let what = format!("{}: {}", f.actor, f.error);
+                    match f.role {
+                        // The supervisor gave up on a stage: stop at the next step boundary, with a checkpoint.
+                        ChildRole::Rollout | ChildRole::Stage => {
+                            failure.get_or_insert(what);
+                            drain(&mut draining_since);
+                        }
+                        ChildRole::Learner => {
+                            let hand = in_hand.lock().map(|mut h| std::mem::take(&mut *h)).unwrap_or_default();
+                            let note = match checkpoints.write(next_step, latest_version, started.elapsed().as_secs_f64() + start.wall_s, hand).await {
+                                Ok(dir) => {
+                                    written.push(next_step);
+                                    format!("checkpoint written: {}", dir.display())
+                                }
+                                Err(e) => format!("no checkpoint of its state: {e}"),
+                            };
+                            failure = Some(format!("{what}; {note}"));
+                            break;
+                        }
+                        ChildRole::Essential => {
+                            failure = Some(what);
+                            break;
+                        }
+                    }
+                }
+                _ = interrupts.recv() => {
+                    if draining_since.is_some() { break; }
+                    tracing::warn!("interrupted: stopping at the next step boundary with a checkpoint (Ctrl-C again to stop now)");
+                    interrupted = true;
+                    drain(&mut draining_since);
+                }
+                _ = probe.tick() => {
+                    let held = replay_held.load(Ordering::Relaxed);
+                    let in_channels: usize = depths.iter().map(|c| c.depth()).sum::<usize>();
+                    max_held = max_held.max(held + in_channels * per_ticket);
+                    if learner_gone.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+                        failure = Some(format!("the learner stopped after step {next_step} of {}", cfg.steps));
+                        break;
+                    }
+                    if draining_since.is_some_and(|t| t.elapsed() > Duration::from_secs(300)) {
+                        tracing::error!("the learner did not reach a step boundary within 300 s; stopping without a final checkpoint");
+                        break;
+                    }
+                }
+                _ = sample_tick.tick() => sampler.sample(latest_version)?,
+            }
+        }
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+        sampler.sample(latest_version)?;
+        if let Some(task) = endpoint {
+            task.abort();
+            let _ = std::fs::remove_file(run_dir.join("metrics_addr"));
+        }
+        Ok(Outcome {
+            reports,
+            checkpoints: written,
+            interrupted,
+            failure,
+            max_held,
+        })
+    }
+}

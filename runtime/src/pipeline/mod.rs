@@ -1,0 +1,412 @@
+//! Starting, running, checkpointing and stopping one RL run.
+//!
+//! [`run`] builds the devices of the placement, loads or initialises the models (and, with
+//! [`RunOptions::resume`], restores the latest checkpoint over them), wires the bounded
+//! channels (tickets → rollout ×N → reward → value → replay) and spawns every actor under the
+//! [`RunSupervisor`]. It then serves the learner's events — appending each step report to
+//! `RUN_DIR/metrics.jsonl` and writing the checkpoints the learner asks for — until the learner
+//! is done, a failure, or Ctrl-C.
+//!
+//! Stopping on purpose (Ctrl-C, or the supervisor giving up on failing actors): the run sets
+//! the learner's stop flag and drains the replay buffer, so the learner takes a final
+//! checkpoint at its next step boundary and stops; a second Ctrl-C stops at once. A learner
+//! that fails gets a checkpoint from here when its state is still at a step boundary (the
+//! batch it held goes back with the buffered trajectories). A run that stops for too many
+//! non-finite steps keeps the last checkpoint from before them.
+//!
+//! Resuming: `metrics.jsonl` lines and stored trajectories of steps at or after the checkpoint
+//! are set aside (the resumed run redoes those steps), the replay buffer is refilled from the
+//! checkpoint and the feeder issues every ticket the checkpoint does not account for.
+//!
+//! Shutdown: the supervisor kills the actors (in-flight generation is abandoned; everything
+//! the learner reported is on disk), which drops their channel ends; blocked producers and
+//! consumers then see closed channels and finish, and the feeder thread exits. The learner's
+//! sender to the trajectory store goes with it, so the store's writer drains its queue,
+//! flushes and fsyncs (see [`crate::store`]). Finally the trained policy (and critic) are saved
+//! in HF layout under `RUN_DIR/policy` (`RUN_DIR/critic`).
+//!
+//! The parts: `models` (what a run starts from), `checkpoints` (resume point, restore,
+//! writing), `actor_tree` (spawning under the supervisor) and `drive` (the event loop).
+
+mod actor_tree;
+mod checkpoints;
+mod drive;
+mod models;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_actors::learner::{LearnerArgs, LearnerStart};
+use tandem_actors::replay::{ReplayArgs, ReplayCheckpoint};
+use tandem_actors::reward_source::{RewardModelSource, RewardSource, TokenSetReward};
+use tandem_actors::{
+    stage_channel, DeviceId, Executor, Faults, PpoTrainer, ReissueQueue, StepReport, TrajectoryBatch, WeightsSnapshot,
+};
+use tandem_models::{save_checkpoint, LanguageModel, ModelConfig, ScalarModel, TextTokenizer};
+
+use crate::builtin;
+use crate::checkpoint;
+use crate::config::{Config, RewardKind};
+use crate::error::RuntimeError;
+use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
+use crate::store::{spawn_writer, store_dir, StoreStats};
+use crate::supervisor::SupervisorMsg;
+use actor_tree::ActorTree;
+use checkpoints::CheckpointWriter;
+use drive::{Drive, Outcome};
+pub use models::{build_learner, BuiltLearner, LoadedPolicy};
+pub(crate) use models::{load_policy, sampling_temperature};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub run_dir: PathBuf,
+    /// Show a progress bar (when stdout is a terminal).
+    pub progress: bool,
+    /// Test hook: extra seconds per learner step (a deliberately slow learner).
+    pub learner_delay: Duration,
+    /// Extra fields for each step's metrics line ([`crate::step_probe`]).
+    pub step_probe: Option<crate::step_probe::StepProbe>,
+    /// Continue from the latest complete checkpoint in `run_dir`.
+    pub resume: bool,
+}
+
+/// What a finished run reports back.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub reports: Vec<StepReport>,
+    pub interrupted: bool,
+    /// Most trajectories ever held in the data-plane channels plus the replay buffer.
+    pub max_held: usize,
+    /// Upper bound on `max_held` implied by the configured capacities.
+    pub held_bound: usize,
+    /// Total seconds rollout actors spent blocked on a full reward channel.
+    pub rollout_blocked_s: f64,
+    /// Tickets the feeder issued.
+    pub tickets_issued: u64,
+    /// What the trajectory store wrote (`None` with `store.retention = "none"`).
+    pub store: Option<StoreStats>,
+    /// The checkpoint step the run resumed from.
+    pub resumed_from: Option<u64>,
+    /// Steps of the checkpoints this run wrote, in order.
+    pub checkpoints: Vec<u64>,
+    /// Actor restarts by the supervisor.
+    pub restarts: u64,
+    /// Malformed prompt lines skipped (`data.on_bad_line = "skip"`).
+    pub prompts_skipped: usize,
+}
+
+/// Runs `cfg` to completion (or a stop) and returns the reports.
+pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeError> {
+    if cfg.mock_labeller.is_some() {
+        return crate::mock_labeller::run(cfg, opts).await;
+    }
+    let run_dir = &opts.run_dir;
+    std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
+    let resume_from = checkpoints::resume_point(run_dir, opts.resume)?;
+    let config_toml = cfg.to_toml();
+    let resolved = run_dir.join("config.toml");
+    std::fs::write(&resolved, &config_toml).map_err(|e| RuntimeError::io(&resolved, e))?;
+
+    // Devices.
+    let p = &cfg.placement;
+    let mut devices: BTreeMap<DeviceId, Arc<Executor>> = BTreeMap::new();
+    for d in p
+        .rollout_devices
+        .iter()
+        .chain([&p.reward_device, &p.value_device, &p.learner_device])
+    {
+        if !devices.contains_key(d) {
+            devices.insert(*d, Executor::new(*d, p.threads_per_device)?);
+        }
+    }
+    let dev = |d: &DeviceId| devices[d].clone();
+
+    // Models, and the checkpoint over them when resuming.
+    let learner_exec = dev(&p.learner_device);
+    let BuiltLearner {
+        mut trainer,
+        policy,
+        critic_config,
+        initial_policy,
+    } = build_learner(cfg, learner_exec.device())?;
+    let (start, restore) = match &resume_from {
+        Some(point) => checkpoints::restore(cfg, run_dir, point, &mut trainer, learner_exec.device())?,
+        None => (LearnerStart::default(), ReplayCheckpoint::default()),
+    };
+    let reward_dev = dev(&p.reward_device);
+    let reference = Arc::new(LanguageModel::from_tensors(
+        &policy.config,
+        initial_policy,
+        reward_dev.device(),
+    )?);
+    let source = reward_source(cfg, &policy.tokenizer, reward_dev.device())?;
+    let wrap = |tensors| {
+        Arc::new(WeightsSnapshot {
+            version: start.version,
+            tensors,
+            published_at: Instant::now(),
+        })
+    };
+    let first_policy = wrap(trainer.policy_weights()?);
+    let first_critic = trainer.critic_weights()?.map(wrap);
+    let trainer = Arc::new(Mutex::new(trainer));
+
+    // Trajectory store: its own thread, fed by the learner over a bounded channel.
+    let (store_tx, store_writer) = match cfg.store.retention {
+        crate::config::Retention::None => (None, None),
+        _ => {
+            let (tx, w) = spawn_writer(&store_dir(run_dir), &cfg.store, start.step)?;
+            (Some(tx), Some(w))
+        }
+    };
+    let (store_tx, probe_rx) = crate::step_probe::tap(store_tx, opts.step_probe.clone(), cfg.store.queue);
+
+    // Data plane.
+    let c = &cfg.channels;
+    let (ticket_tx, ticket_rx) = stage_channel("tickets", c.tickets);
+    let (gen_tx, gen_rx) = stage_channel::<TrajectoryBatch>("rollout_to_reward", c.rollout_to_reward);
+    let (rew_tx, rew_rx) = stage_channel::<TrajectoryBatch>("reward_to_value", c.reward_to_value);
+    let (val_tx, val_rx) = stage_channel::<TrajectoryBatch>("value_to_replay", c.value_to_replay);
+    let per_ticket = cfg.data.prompts_per_ticket * cfg.data.samples_per_prompt;
+    let held_bound = (c.rollout_to_reward + c.reward_to_value + c.value_to_replay) * per_ticket + cfg.replay_capacity();
+    let prompts = load_prompts(
+        &cfg.data.prompts,
+        &policy.tokenizer,
+        cfg.data.prompt_max_tokens,
+        cfg.data.on_bad_line,
+    )?;
+    let plan = TicketPlan {
+        seed: cfg.seed,
+        prompts_per_ticket: cfg.data.prompts_per_ticket,
+        tickets_per_step: cfg.tickets_per_step(),
+        samples_per_prompt: cfg.data.samples_per_prompt,
+    };
+    let feeder = spawn_feeder(prompts.prompts, plan, ticket_tx, restore.arrived.clone());
+    let depths = [gen_rx.stats().clone(), rew_rx.stats().clone(), val_rx.stats().clone()];
+
+    // Actors.
+    let (fail_tx, fail_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reissued = ReissueQueue::default();
+    let faults = Arc::new(Faults::new(cfg.faults.clone()));
+    let started = Instant::now();
+    let mut tree = ActorTree::start(cfg, reissued.clone(), fail_tx).await?;
+    let snap = tree.snapshot(first_policy, first_critic).await?;
+    tree.value(
+        dev(&p.value_device),
+        critic_config.clone(),
+        rew_rx,
+        val_tx,
+        &snap,
+        &faults,
+    )
+    .await?;
+    let temperature = sampling_temperature(cfg);
+    tree.reward(reward_dev, source, reference, temperature, gen_rx, rew_tx, &faults)
+        .await?;
+    tree.rollouts(&devices, &policy.config, &ticket_rx, &gen_tx, &snap, &reissued, &faults)
+        .await?;
+    let head = match &cfg.cluster {
+        Some(cc) => {
+            let cookie = crate::cluster::read_cookie(cc.cookie_file.as_deref())?;
+            let head = crate::cluster::start_head(cc, cookie, p.nodes.iter().map(|n| n.name.clone()).collect()).await?;
+            let path = run_dir.join("cluster_addr");
+            std::fs::write(&path, head.addr.to_string()).map_err(|e| RuntimeError::io(&path, e))?;
+            Some(head)
+        }
+        None => None,
+    };
+    tree.nodes(run_dir, &policy.config, &ticket_rx, &gen_tx, &snap, &reissued)
+        .await?;
+    let rollout_blocked = gen_tx.stats().clone();
+    drop((ticket_rx, gen_tx));
+    let replay_held = Arc::new(AtomicUsize::new(0));
+    let replay_args = ReplayArgs {
+        meter: tree.replay_meter(&val_rx),
+        input: Some(val_rx),
+        capacity: cfg.replay_capacity(),
+        batch_size: cfg.batch_size(),
+        max_staleness: cfg.mode.max_staleness,
+        keep_dropped: store_tx.is_some(),
+        held: replay_held.clone(),
+        restore,
+    };
+    let replay = tree.replay(replay_args).await?;
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(16);
+    let stop = Arc::new(AtomicBool::new(false));
+    let in_hand = Arc::new(Mutex::new(Vec::new()));
+    let learner_args = LearnerArgs {
+        meter: tree.learner_meter(),
+        executor: learner_exec,
+        trainer: trainer.clone(),
+        replay: replay.clone(),
+        snapshot: snap.clone(),
+        steps: cfg.steps,
+        publish_every: cfg.mode.publish_every,
+        events: events_tx,
+        extra_step_delay: opts.learner_delay,
+        store: store_tx,
+        start,
+        checkpoint_every: cfg.checkpoint.every,
+        stop: stop.clone(),
+        in_hand: in_hand.clone(),
+        max_nonfinite_steps: cfg.supervision.max_nonfinite_steps,
+        faults,
+    };
+    tree.learner(learner_args).await?;
+    let checkpoints = CheckpointWriter {
+        run_dir: run_dir.clone(),
+        trainer: trainer.clone(),
+        replay: replay.clone(),
+        store_written: store_writer.as_ref().map(|w| w.steps_written()),
+        policy_config: policy.config.clone(),
+        critic_config,
+        tokenizer: policy.tokenizer.clone(),
+        config_toml,
+        keep: cfg.checkpoint.keep,
+        seed: cfg.seed,
+    };
+
+    let Outcome {
+        reports,
+        checkpoints: written,
+        interrupted,
+        failure,
+        max_held,
+    } = Drive {
+        cfg,
+        run_dir,
+        events: events_rx,
+        failures: fail_rx,
+        checkpoints,
+        replay,
+        stop,
+        in_hand,
+        start,
+        started,
+        meters: tree.meters.clone(),
+        probe: probe_rx,
+        progress: opts.progress,
+        replay_held,
+        depths,
+        per_ticket,
+    }
+    .serve()
+    .await?;
+
+    // Kill every actor and wait until they are gone (names free for a next run).
+    let _ = tree
+        .root
+        .call(SupervisorMsg::Shutdown, Some(Duration::from_secs(120)))
+        .await;
+    tree.root.stop(None);
+    let _ = tree.root_handle.await;
+    if let Some(h) = head {
+        let _ = h.server.kill_and_wait(Some(Duration::from_secs(10))).await;
+    }
+    let tickets_issued = tokio::task::spawn_blocking(move || feeder.join().unwrap_or(0))
+        .await
+        .unwrap_or(0);
+    // The learner (and its sender) is gone: the writer drains, flushes and fsyncs.
+    let store = match store_writer {
+        Some(w) => Some(
+            tokio::task::spawn_blocking(move || w.finish())
+                .await
+                .map_err(|e| RuntimeError::Other(format!("trajectory store: {e}")))?,
+        ),
+        None => None,
+    };
+    if let Some(f) = failure {
+        let last = checkpoint::list(run_dir)?
+            .last()
+            .map_or("none".to_string(), |(_, d)| d.display().to_string());
+        return Err(RuntimeError::ActorFailed(format!(
+            "{f}\nlatest checkpoint: {last} (continue with `tandem run --resume {}`)",
+            run_dir.display()
+        )));
+    }
+    save_models(run_dir, &policy.tokenizer, &trainer, &policy.config)?;
+    let store = store.transpose()?;
+    Ok(RunSummary {
+        reports,
+        interrupted,
+        max_held,
+        held_bound,
+        rollout_blocked_s: rollout_blocked.blocked().as_secs_f64(),
+        tickets_issued,
+        store,
+        resumed_from: resume_from.map(|(k, _)| k),
+        checkpoints: written,
+        restarts: tree.meters.iter().map(|m| m.read().restarts).sum(),
+        prompts_skipped: prompts.skipped,
+    })
+}
+
+/// The reward source the config names: the reward model, the positive-words rule over the
+/// policy's tokenizer, or a rule/command source ([`crate::reward_sources`]), with the config's
+/// score shaping. `tandem replay --rescore` builds it the same way.
+pub fn reward_source(
+    cfg: &Config,
+    tokenizer: &TextTokenizer,
+    device: &candle_core::Device,
+) -> Result<Arc<dyn RewardSource>, RuntimeError> {
+    let source: Arc<dyn RewardSource> = match cfg.reward.kind {
+        RewardKind::RewardModel => {
+            let dir = cfg.reward.model.as_ref().ok_or_else(|| RuntimeError::Config {
+                path: "config.toml".into(),
+                msg: "reward.model is required with kind = \"reward_model\"".into(),
+            })?;
+            Arc::new(RewardModelSource::new(ScalarModel::load(dir, device)?))
+        }
+        RewardKind::PositiveWords => {
+            let words: Vec<String> = cfg
+                .reward
+                .words
+                .clone()
+                .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
+            let ids = builtin::word_token_ids(tokenizer, &words);
+            if ids.is_empty() {
+                return Err(RuntimeError::Other(
+                    "reward.words: none of the words is a token of the policy's tokenizer".into(),
+                ));
+            }
+            Arc::new(TokenSetReward::new("positive_words", ids))
+        }
+        _ => crate::reward_sources::rule_source(cfg, tokenizer)?,
+    };
+    crate::reward_sources::shaped(cfg, source)
+}
+
+fn progress_bar(steps: u64, from: u64) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(steps);
+    b.set_position(from);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b
+}
+
+/// Saves the trained policy (and critic) in HF layout with the tokenizer.
+fn save_models(
+    run_dir: &Path,
+    tokenizer: &TextTokenizer,
+    trainer: &Arc<Mutex<PpoTrainer>>,
+    policy_config: &ModelConfig,
+) -> Result<(), RuntimeError> {
+    let t = trainer
+        .lock()
+        .map_err(|_| RuntimeError::Other("trainer poisoned".into()))?;
+    let dir = run_dir.join("policy");
+    save_checkpoint(&dir, policy_config, &t.policy_weights()?, None)?;
+    tokenizer.save_to_dir(&dir)?;
+    if let (Some(w), Some(cfg)) = (t.critic_weights()?, t.critic_config()) {
+        let dir = run_dir.join("critic");
+        save_checkpoint(&dir, &cfg, &w, None)?;
+        tokenizer.save_to_dir(&dir)?;
+    }
+    Ok(())
+}
