@@ -15,6 +15,10 @@
 //! this process (write all, the reader reads all and answers one byte), `--versions` times;
 //! `tcp_mb_per_s` is the median. `ratio` = cluster / tcp. The last line of stdout is one JSON
 //! object.
+//!
+//! With `--tls-cert FILE --tls-key FILE` (PEM; a certificate for 127.0.0.1, with CA:FALSE) the
+//! head takes the worker over TLS (`cluster.tls_cert`), the worker trusting that certificate,
+//! so the figures include the TLS cost; the baseline stays plain TCP.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -52,6 +56,12 @@ pub struct ClusterBench {
     /// Bytes per weight chunk.
     #[arg(long, default_value_t = 1 << 20)]
     chunk_bytes: usize,
+    /// Send over TLS with this certificate (PEM, for 127.0.0.1), as `cluster.tls_cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM), as `cluster.tls_key`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -111,7 +121,8 @@ pub fn run(args: &ClusterBench) -> anyhow::Result<()> {
         args.versions,
         args.chunk_bytes
     );
-    println!("cluster weights transfer: {cluster_mb_s:>9.1} MB/s (publish to adopt {adopt_s:.3} s)");
+    let over = if args.tls_cert.is_some() { " over TLS" } else { "" };
+    println!("cluster weights transfer{over}: {cluster_mb_s:>9.1} MB/s (publish to adopt {adopt_s:.3} s)");
     println!("plain TCP copy:           {tcp_mb_s:>9.1} MB/s");
     println!("ratio (cluster / tcp):    {:>9.3}", cluster_mb_s / tcp_mb_s);
     crate::print_json(&json!({
@@ -119,6 +130,7 @@ pub fn run(args: &ClusterBench) -> anyhow::Result<()> {
         "bytes": blob.len(),
         "versions": args.versions,
         "chunk_bytes": args.chunk_bytes,
+        "tls": args.tls_cert.is_some(),
         "cluster_mb_per_s": cluster_mb_s,
         "publish_to_adopt_s": adopt_s,
         "per_version": cluster.iter().map(|c| json!({"mb_per_s": c.0, "publish_to_adopt_s": c.1})).collect::<Vec<_>>(),
@@ -156,9 +168,14 @@ async fn cluster_transfer(
     let cc = ClusterConfig {
         listen: "127.0.0.1:0".into(),
         chunk_bytes: args.chunk_bytes,
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
         ..Default::default()
     };
-    let head = start_head(&cc, cookie.clone(), vec!["bench".into()]).await?;
+    let head = match start_head(&cc, cookie.clone(), vec!["bench".into()]).await {
+        Err(e @ tandem_runtime::RuntimeError::Config { .. }) => return bad_input!("{e}"),
+        other => other?,
+    };
     let exe = std::env::current_exe().context("cannot find the tandem binary")?;
     let _worker = Worker(
         Command::new(exe)
@@ -171,6 +188,11 @@ async fn cluster_transfer(
                 "--reconnect-s",
                 "1",
             ])
+            .args(
+                args.tls_cert
+                    .iter()
+                    .flat_map(|c| [std::ffi::OsStr::new("--tls-ca"), c.as_os_str()]),
+            )
             .env(COOKIE_ENV, &cookie)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -230,7 +252,7 @@ async fn cluster_transfer(
     }
     link.stop(None);
     snap.stop(None);
-    head.server.stop(None);
+    head.shutdown().await;
     let text = std::fs::read_to_string(&log).with_context(|| format!("cannot read {}", log.display()))?;
     let mut out = Vec::new();
     for line in text.lines() {

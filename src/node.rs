@@ -3,9 +3,12 @@
 //! rollout actors the head's `[[placement.nodes]]` entry of the same name places on it.
 //!
 //! The cookie comes from `--cookie-file`, else `TANDEM_CLUSTER_COOKIE`; there is no default.
-//! The worker exits with status 1 when the head refuses it (another cookie), and with status 0
-//! once the head has been gone for `--reconnect-s` seconds after a run. See
-//! `tandem_runtime::cluster` for what travels between the two.
+//! `--tls-ca FILE` joins a head that has `cluster.tls_cert` over TLS, trusting the PEM
+//! certificates in FILE (the head's own, or its CA) for the name `--tls-server-name` (default:
+//! the host of `--join`). The worker exits with status 1 when the head refuses it (another
+//! cookie, TLS on one side only, a certificate it does not trust), and with status 0 once the
+//! head has been gone for `--reconnect-s` seconds after a run. See `tandem_runtime::cluster` for
+//! what travels between the two.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use tandem_actors::DeviceId;
-use tandem_runtime::cluster::{read_cookie, worker};
+use tandem_runtime::cluster::{read_cookie, transport, worker};
 
 use crate::error::bad_input;
 
@@ -37,6 +40,13 @@ pub struct NodeArgs {
     /// Seconds to keep trying to reach the head, at start and after losing it.
     #[arg(long, default_value_t = 30.0)]
     reconnect_s: f64,
+    /// Join over TLS, trusting the PEM certificates in this file (the head's certificate, or the
+    /// CA that issued it); for a head with cluster.tls_cert.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// The name the head's certificate must be for (default: the host of --join).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
 }
 
 fn default_name() -> String {
@@ -62,6 +72,19 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         Ok(c) => c,
         Err(e) => return bad_input!("{e}"),
     };
+    let tls = match &args.tls_ca {
+        Some(ca) => {
+            let name = args
+                .tls_server_name
+                .as_deref()
+                .unwrap_or_else(|| transport::join_host(&args.join));
+            match transport::ClientTls::new(ca, name) {
+                Ok(t) => Some(t),
+                Err(e) => return bad_input!("{e}"),
+            }
+        }
+        None => None,
+    };
     let opts = worker::NodeOptions {
         join: args.join,
         name: args.name.unwrap_or_else(default_name),
@@ -69,6 +92,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         devices: args.devices,
         threads_per_device: args.threads_per_device,
         reconnect_s: args.reconnect_s,
+        tls,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -130,4 +130,31 @@ fn bench_cluster_prints_transfer_rates_and_their_ratio() {
     assert_eq!(report["per_version"].as_array().unwrap().len(), 2);
     // More than one chunk per version at this chunk size.
     assert!(report["bytes"].as_u64().unwrap() > 65536);
+    assert_eq!(report["tls"], false);
+}
+
+/// The same over TLS, with a self-signed certificate for 127.0.0.1 made here.
+#[test]
+fn bench_cluster_runs_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("head.pem"), dir.path().join("head.key"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["bench", "cluster", "--hidden", "64", "--layers", "2", "--versions", "2"])
+        .args(["--chunk-bytes", "65536", "--tls-cert", cert.to_str().unwrap()])
+        .args(["--tls-key", key.to_str().unwrap()])
+        .env_remove("TANDEM_CLUSTER_COOKIE")
+        .output_within();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["tls"], true);
+    assert!(report["cluster_mb_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(report["per_version"].as_array().unwrap().len(), 2);
 }

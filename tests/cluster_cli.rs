@@ -2,6 +2,8 @@
 //! processes. A worker SIGKILLed mid-run loses no prompts (its tickets are reissued to the other
 //! worker), comes back under the same name and samples again; the run finishes with every
 //! ticket accounted for, and the policy learns. A worker with another cookie is refused, and both sides log it.
+//! A TLS head (a self-signed certificate made here) runs with a TLS worker and refuses plain and
+//! untrusting ones; a plain head refuses a TLS worker (and stray bytes) and stays up.
 
 mod common;
 use common::OutputWithin;
@@ -94,6 +96,10 @@ fn head(run_dir: &Path, cookie: &str, extra: &[&str]) -> Proc {
 }
 
 fn worker(addr: &str, name: &str, cookie_file: &Path) -> Proc {
+    worker_with(addr, name, cookie_file, &[])
+}
+
+fn worker_with(addr: &str, name: &str, cookie_file: &Path, extra: &[&str]) -> Proc {
     let mut c = tandem();
     c.args([
         "node",
@@ -104,8 +110,23 @@ fn worker(addr: &str, name: &str, cookie_file: &Path) -> Proc {
         "--cookie-file",
         cookie_file.to_str().unwrap(),
     ])
-    .args(["--reconnect-s", "3"]);
+    .args(["--reconnect-s", "3"])
+    .args(extra);
     Proc::spawn(c)
+}
+
+/// A self-signed certificate for `names`, written as `STEM.pem` (certificate) and `STEM.key`.
+fn self_signed(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let made = rcgen::generate_simple_self_signed(names).unwrap();
+    let (cert, key) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+fn path_value(p: &Path) -> String {
+    format!("{:?}", p.to_str().unwrap())
 }
 
 fn wait_for<T>(what: &str, head: &mut Proc, mut f: impl FnMut() -> Option<T>) -> T {
@@ -368,6 +389,150 @@ fn a_worker_with_another_cookie_is_refused_and_both_sides_log_it() {
 }
 
 #[test]
+fn a_tls_head_runs_with_a_tls_worker_and_refuses_plain_and_untrusting_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let cookie_file = dir.path().join("cookie");
+    std::fs::write(&cookie_file, "tls-cookie").unwrap();
+    let (cert, key) = self_signed(dir.path(), "head", &["localhost", "127.0.0.1"]);
+    let (other, _) = self_signed(dir.path(), "other", &["localhost", "127.0.0.1"]);
+    let steps = 3;
+    let sets = [
+        format!("cluster.tls_cert={}", path_value(&cert)),
+        format!("cluster.tls_key={}", path_value(&key)),
+        "placement.nodes=[{name=\"w1\", rollouts=1}]".to_string(),
+        format!("steps={steps}"),
+    ];
+    let mut head = head(
+        &run_dir,
+        "tls-cookie",
+        &sets.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let addr = wait_for("cluster_addr", &mut head, || {
+        std::fs::read_to_string(run_dir.join("cluster_addr")).ok()
+    });
+    let head_log = head.stderr.clone();
+
+    // A plain worker is refused, and told that the head requires TLS.
+    let mut plain = worker(&addr, "w1", &cookie_file);
+    let status = plain.wait(Duration::from_secs(60));
+    let wlog = plain.log();
+    assert_eq!(status.code(), Some(1), "{wlog}");
+    assert!(
+        wlog.contains("refused this node: it requires TLS") && wlog.contains("--tls-ca"),
+        "{wlog}"
+    );
+    wait_for("the plain worker's refusal in the head's log", &mut head, || {
+        log_has(
+            &head_log,
+            "node connection refused: plain TCP, but this head requires TLS",
+        )
+    });
+
+    // A worker that trusts another certificate, and one that expects another name, fail the
+    // handshake, and the head logs each.
+    let other_ca = other.to_str().unwrap();
+    let head_ca = cert.to_str().unwrap();
+    for extra in [
+        vec!["--tls-ca", other_ca],
+        vec!["--tls-ca", head_ca, "--tls-server-name", "elsewhere.example"],
+    ] {
+        let mut w = worker_with(&addr, "w1", &cookie_file, &extra);
+        let status = w.wait(Duration::from_secs(60));
+        let wlog = w.log();
+        assert_eq!(status.code(), Some(1), "{extra:?}: {wlog}");
+        assert!(
+            wlog.contains("the head's certificate is not trusted"),
+            "{extra:?}: {wlog}"
+        );
+    }
+    wait_for("the failed handshakes in the head's log", &mut head, || {
+        let n = head_log
+            .lock()
+            .unwrap()
+            .matches("node connection refused: TLS handshake failed")
+            .count();
+        (n >= 2).then_some(())
+    });
+    assert_eq!(metric_lines(&run_dir), 0, "a refused worker got work");
+
+    // A worker that trusts the head's certificate (for its IP address, the host of --join) runs the job.
+    let _w1 = worker_with(&addr, "w1", &cookie_file, &["--tls-ca", head_ca]);
+    let status = head.wait(Duration::from_secs(120));
+    let log = head.log();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("node authenticated"), "{log}");
+    assert_eq!(metric_lines(&run_dir), steps);
+    let mut samplers = std::collections::BTreeSet::new();
+    for (_, _, r) in read_store(&store_dir(&run_dir), ReadMode::Strict).unwrap().records {
+        let Record::Trajectory(t) = r;
+        samplers.insert(t.sampler);
+    }
+    assert_eq!(samplers.into_iter().collect::<Vec<_>>(), ["rollout/w1/0"]);
+}
+
+#[test]
+fn a_plain_head_refuses_a_tls_worker_and_stray_bytes_and_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let cookie_file = dir.path().join("cookie");
+    std::fs::write(&cookie_file, "plain-cookie").unwrap();
+    let (cert, _) = self_signed(dir.path(), "head", &["127.0.0.1"]);
+    let mut head = head(&run_dir, "plain-cookie", &["steps=1000"]);
+    let addr = wait_for("cluster_addr", &mut head, || {
+        std::fs::read_to_string(run_dir.join("cluster_addr")).ok()
+    });
+    let head_log = head.stderr.clone();
+
+    let mut w = worker_with(&addr, "w1", &cookie_file, &["--tls-ca", cert.to_str().unwrap()]);
+    let status = w.wait(Duration::from_secs(60));
+    let wlog = w.log();
+    assert_eq!(status.code(), Some(1), "{wlog}");
+    assert!(
+        wlog.contains("closed the connection during the TLS handshake") && wlog.contains("does not use TLS"),
+        "{wlog}"
+    );
+    wait_for("the TLS worker's refusal in the head's log", &mut head, || {
+        log_has(
+            &head_log,
+            "node connection refused: it opened a TLS session, but this head has no TLS",
+        )
+    });
+
+    // Bytes of another protocol, and a frame header announcing exabytes: each connection is
+    // closed, the head goes on.
+    for bytes in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0x00, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+    ] {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(bytes).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = s.read_to_end(&mut Vec::new()); // the head closes it
+    }
+    wait_for("the stray bytes in the head's log", &mut head, || {
+        let l = head_log.lock().unwrap();
+        (l.contains("node connection refused: not a tandem node") && l.contains("over the limit")).then_some(())
+    });
+    assert!(
+        head.child.try_wait().unwrap().is_none(),
+        "the head died:\n{}",
+        head.log()
+    );
+
+    // A plain worker still joins.
+    let _w1 = worker(&addr, "w1", &cookie_file);
+    wait_for("the plain worker to join", &mut head, || {
+        log_has(&head_log, "node authenticated")
+    });
+    let _ = Command::new("kill")
+        .args(["-INT", &head.child.id().to_string()])
+        .status();
+    head.wait(Duration::from_secs(120));
+}
+
+#[test]
 fn cluster_keys_are_checked() {
     let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/quickstart.toml");
     for (set, needle) in [
@@ -380,6 +545,19 @@ fn cluster_keys_are_checked() {
             "cluster.listen: \"nowhere\" is not HOST:PORT",
         ),
         ("cluster.chunk_bytes=16", "cluster.chunk_bytes must be between"),
+        (
+            "cluster.tls_cert=\"/nonexistent/head.pem\"",
+            "cluster.tls_cert and cluster.tls_key go together",
+        ),
+        (
+            "cluster={tls_cert=\"/nonexistent/head.pem\", tls_key=\"/nonexistent/head.key\"}",
+            "cluster.tls_cert: file not found: /nonexistent/head.pem",
+        ),
+        (
+            // A file that holds no certificate (the config itself), named in the message.
+            format!("cluster={{tls_cert={0}, tls_key={0}}}", path_value(&quickstart)).as_str(),
+            format!("{}: cluster.tls_cert: no CERTIFICATE", quickstart.display()).as_str(),
+        ),
     ] {
         let out = tandem()
             .args(["run", quickstart.to_str().unwrap(), "--set", set])
@@ -404,4 +582,18 @@ fn cluster_keys_are_checked() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no cluster cookie"), "{stderr}");
+    // Nor one whose --tls-ca cannot be read, nor --tls-server-name without --tls-ca.
+    for args in [
+        &["--tls-ca", "/nonexistent/ca.pem"][..],
+        &["--tls-server-name", "head.example"],
+    ] {
+        let out = tandem()
+            .args(["node", "--join", "127.0.0.1:1", "--name", "w1"])
+            .args(args)
+            .env("TANDEM_CLUSTER_COOKIE", "c")
+            .output_within();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--tls-ca"), "{args:?}: {stderr}");
+    }
 }

@@ -93,6 +93,9 @@
 //! wait_for_nodes_s = 60.0  # how long the start waits for every placed node to join (then warns)
 //! chunk_bytes = 1048576    # weights travel as safetensors bytes in chunks of this size
 //! sample_timeout_s = 300.0 # a remote batch not back by then fails its proxy (tickets reissued)
+//! tls_cert = "head.pem"    # optional TLS for the node sessions: the head's certificate chain
+//! tls_key = "head.key"     # (PEM) and private key (PEM), both or neither; workers then need
+//!                          # `tandem node --tls-ca FILE`. Without them the session is plain TCP
 //!
 //! [metrics]
 //! enabled = true           # serve Prometheus metrics while the run is live
@@ -196,6 +199,10 @@ pub struct ClusterConfig {
     pub wait_for_nodes_s: f64,
     pub chunk_bytes: usize,
     pub sample_timeout_s: f64,
+    /// PEM certificate chain the head presents to nodes (TLS on when set, with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -206,6 +213,8 @@ impl Default for ClusterConfig {
             wait_for_nodes_s: 60.0,
             chunk_bytes: 1 << 20,
             sample_timeout_s: 300.0,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -610,8 +619,13 @@ impl Config {
         if let Some(p) = &mut self.reward.model {
             fix(p);
         }
-        if let Some(p) = self.cluster.as_mut().and_then(|c| c.cookie_file.as_mut()) {
-            fix(p);
+        if let Some(c) = self.cluster.as_mut() {
+            for p in [&mut c.cookie_file, &mut c.tls_cert, &mut c.tls_key]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
         }
         if self.reward.kind == RewardKind::Command {
             let cwd = self.reward.cwd.get_or_insert_with(|| PathBuf::from("."));
@@ -784,6 +798,18 @@ impl Config {
                 }
                 if !(c.sample_timeout_s > 0.0 && c.wait_for_nodes_s >= 0.0) {
                     return Err("cluster: need sample_timeout_s > 0 and wait_for_nodes_s >= 0".into());
+                }
+                if c.tls_cert.is_some() != c.tls_key.is_some() {
+                    return Err("cluster.tls_cert and cluster.tls_key go together: set both (TLS) or neither".into());
+                }
+                for (key, p) in [("tls_cert", &c.tls_cert), ("tls_key", &c.tls_key)] {
+                    if let Some(p) = p.as_ref().filter(|p| !p.is_file()) {
+                        return Err(format!("cluster.{key}: file not found: {}", p.display()));
+                    }
+                }
+                if let (Some(cert), Some(key)) = (&c.tls_cert, &c.tls_key) {
+                    // Unreadable PEM or a key that is not the certificate's: now, not at the head's start.
+                    crate::cluster::transport::server_tls(cert, key).map_err(|e| e.to_string())?;
                 }
             }
             None => {}

@@ -27,15 +27,24 @@
 //! node gets each version once, however many slots it has.
 //!
 //! - **Actor layer**: ractor_cluster messages (`RactorClusterMessage`) over its authenticated
-//!   TCP session; the worker's host actor is found through the process group
+//!   session; the worker's host actor is found through the process group
 //!   `tandem.node.<name>`, which ractor_cluster keeps in sync on both sides (and empties on
 //!   the head when the connection drops). Payloads are bincode or raw bytes ([`wire`]).
+//! - **Transport** ([`transport`]): TCP, or TLS when the head has `cluster.tls_cert` and
+//!   `cluster.tls_key` (PEM) and the worker `--tls-ca` (the PEM certificate it trusts for the
+//!   head, `--tls-server-name` defaulting to the host of `--join`). tandem accepts and opens
+//!   the connections itself and reads them through a frame check, so bytes of another protocol
+//!   end a connection instead of the process. TLS on one side only is refused on both: the head
+//!   logs `node connection refused: plain TCP, but this head requires TLS` (or `it opened a TLS
+//!   session, but this head has no TLS`), and the worker exits with status 1 saying which side
+//!   lacks it; a certificate the worker does not trust fails the handshake, logged by both.
+//!   Without TLS the session is in clear, hence a loopback listener by default.
 //! - **Authentication**: ractor_cluster's challenge–response on a shared cookie (never sent in
 //!   clear), from `cluster.cookie_file` / `--cookie-file` or `TANDEM_CLUSTER_COOKIE`; there is
 //!   no built-in default. A node with another cookie is disconnected during the handshake; the
 //!   head logs `node connection refused: authentication failed` with its address and the
-//!   worker exits with status 1 and `the head refused this node`. TLS is not wired up
-//!   (ractor_cluster supports it; the session is plain TCP, hence loopback by default).
+//!   worker exits with status 1 and `the head refused this node`. With TLS the cookie still
+//!   authenticates the node (TLS authenticates only the head).
 //! - **Weights**: versioned safetensors bytes, sent only when the node holds another version,
 //!   in CRC32-checked chunks of `cluster.chunk_bytes` plus a checked commit ([`node_link`]);
 //!   MB/s and publish-to-adopt latency per version go to metrics and `RUN_DIR/cluster.jsonl`.
@@ -48,17 +57,20 @@
 pub mod node_host;
 pub mod node_link;
 pub mod remote_rollout;
+pub mod transport;
 pub mod wire;
 pub mod worker;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Mutex;
 
 use ractor::{Actor, ActorRef};
 use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
-use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use ractor_cluster::{IncomingEncryptionMode, NodeEventSubscription, NodeServer, NodeServerMessage};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::ClusterConfig;
 use crate::error::RuntimeError;
@@ -86,61 +98,90 @@ pub fn read_cookie(file: Option<&Path>) -> Result<String, RuntimeError> {
     Ok(cookie)
 }
 
-/// A `NodeServer` on the address (port 0: a free one, found by binding it first).
+/// A `NodeServer` for the session traffic. Its own listener (ractor_cluster always opens one)
+/// is on a free loopback port that nobody is told about: nodes come in through [`transport`],
+/// which checks their bytes first. With `tls` that listener takes TLS only.
 async fn start_server(
-    listen: SocketAddr,
     cookie: String,
     name: &str,
+    tls: Option<TlsAcceptor>,
     events: impl NodeEventSubscription,
-) -> Result<(ActorRef<NodeServerMessage>, SocketAddr), RuntimeError> {
-    let addr = if listen.port() == 0 {
-        let l = std::net::TcpListener::bind(listen)
-            .map_err(|e| RuntimeError::Other(format!("cluster listener {listen}: {e}")))?;
-        l.local_addr()
-            .map_err(|e| RuntimeError::Other(format!("cluster listener: {e}")))?
-    } else {
-        listen
-    };
+) -> Result<ActorRef<NodeServerMessage>, RuntimeError> {
+    let loopback = IpAddr::from([127, 0, 0, 1]);
     let server = NodeServer::new(
-        addr.port(),
+        0,
         cookie,
         name.to_string(),
-        addr.ip().to_string(),
-        None,
+        loopback.to_string(),
+        tls.map(IncomingEncryptionMode::Tls),
         Some(NodeConnectionMode::Isolated),
     )
-    .with_listen_addr(addr.ip());
+    .with_listen_addr(loopback);
     let (server, _) = Actor::spawn(None, server, ())
         .await
-        .map_err(|e| RuntimeError::Other(format!("cluster listener {addr}: {e}")))?;
+        .map_err(|e| RuntimeError::Other(format!("cluster node server: {e}")))?;
     server
         .cast(NodeServerMessage::SubscribeToEvents {
             id: "tandem".into(),
             subscription: Box::new(events),
         })
-        .map_err(|e| RuntimeError::Other(format!("cluster listener: {e}")))?;
-    Ok((server, addr))
+        .map_err(|e| RuntimeError::Other(format!("cluster node server: {e}")))?;
+    Ok(server)
 }
 
-/// The head's node server.
+/// The head's node server and its listener (which stops when this is dropped).
 pub struct Head {
     pub server: ActorRef<NodeServerMessage>,
+    /// The listener's bound address (what `RUN_DIR/cluster_addr` holds).
     pub addr: SocketAddr,
+    listener: tokio::task::JoinHandle<()>,
 }
 
-/// Starts the head's listener; nodes not in `expected` are logged (and never used).
+impl Head {
+    /// Closes the listener, then stops the node server (every session with it), so a node that
+    /// loses its session finds no listener rather than one that is going away.
+    pub async fn shutdown(mut self) {
+        self.listener.abort();
+        let _ = (&mut self.listener).await;
+        let _ = self
+            .server
+            .kill_and_wait(Some(std::time::Duration::from_secs(10)))
+            .await;
+    }
+}
+
+impl Drop for Head {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// Starts the head's listener on `cluster.listen` (TLS with `cluster.tls_cert`/`tls_key`); nodes
+/// not in `expected` are logged (and never used).
 pub async fn start_head(cfg: &ClusterConfig, cookie: String, expected: Vec<String>) -> Result<Head, RuntimeError> {
     let listen: SocketAddr = cfg
         .listen
         .parse()
         .map_err(|_| RuntimeError::Other("cluster.listen".into()))?;
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(transport::server_tls(cert, key)?),
+        _ => None,
+    };
     let events = HeadEvents {
         expected,
         authenticated: Mutex::new(HashSet::new()),
     };
-    let (server, addr) = start_server(listen, cookie, "head", events).await?;
-    tracing::info!(%addr, "cluster head listening");
-    Ok(Head { server, addr })
+    let server = start_server(cookie, "head", tls.clone(), events).await?;
+    let (addr, listener) = match TcpListener::bind(listen).await.and_then(|l| Ok((l.local_addr()?, l))) {
+        Ok(bound) => bound,
+        Err(e) => {
+            server.stop(None);
+            return Err(RuntimeError::Other(format!("cluster listener {listen}: {e}")));
+        }
+    };
+    tracing::info!(%addr, tls = tls.is_some(), "cluster head listening");
+    let listener = tokio::spawn(transport::serve(listener, server.clone(), tls));
+    Ok(Head { server, addr, listener })
 }
 
 /// `w1` of a ractor_cluster peer name `w1@host`.

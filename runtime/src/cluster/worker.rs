@@ -2,9 +2,13 @@
 //!
 //! The worker starts its own ractor_cluster `NodeServer` (on loopback, a free port; the
 //! connection is the one it opens to the head), spawns its [`NodeHostActor`] in the process
-//! group `tandem.node.<name>` and connects to the head. Then:
+//! group `tandem.node.<name>` and connects to the head, in TLS when it has [`ClientTls`] (see
+//! [`transport`]). Then:
 //!
-//! - the head refusing it (the handshake fails: another cookie) is an error, exit status 1;
+//! - the head refusing it is an error, exit status 1, whose message says why: another cookie
+//!   (the authentication fails), a head that requires TLS (it answered this plain node with a
+//!   TLS alert), a failed TLS handshake (the head's certificate is not trusted, or the head does
+//!   not use TLS and closed the handshake);
 //! - losing the head after having joined (the run ended, or the network) makes it try to
 //!   connect again for `reconnect_s` seconds, keeping its weights, so a head that comes back
 //!   does not resend a version the node already holds; after that it exits with status 0.
@@ -21,6 +25,7 @@ use tokio::sync::mpsc;
 
 use super::node_host::{NodeHostActor, NodeHostArgs};
 use super::node_link::node_group;
+use super::transport::{self, ClientTls, ConnectError, Fault};
 use crate::error::RuntimeError;
 
 /// How a worker runs.
@@ -34,6 +39,8 @@ pub struct NodeOptions {
     pub threads_per_device: usize,
     /// Seconds to keep trying to reach the head (at start, and after losing it).
     pub reconnect_s: f64,
+    /// TLS to the head (which must then have `cluster.tls_cert`); plain TCP when `None`.
+    pub tls: Option<ClientTls>,
 }
 
 enum Event {
@@ -64,12 +71,11 @@ impl NodeEventSubscription for WorkerEvents {
 /// Runs the worker until the head refuses it, or is gone for longer than `reconnect_s`.
 pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
     let (tx, mut events) = mpsc::unbounded_channel();
-    let local = "127.0.0.1:0".parse().expect("loopback address");
     let subscription = WorkerEvents {
         tx,
         authenticated: Mutex::new(HashSet::new()),
     };
-    let (server, _) = super::start_server(local, opts.cookie.clone(), &opts.name, subscription).await?;
+    let server = super::start_server(opts.cookie.clone(), &opts.name, None, subscription).await?;
     let (host, _) = Actor::spawn(
         None,
         NodeHostActor,
@@ -87,14 +93,27 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
     let result = 'outer: loop {
         // Connect, retrying while the head is unreachable.
         let since = Instant::now();
-        loop {
-            match ractor_cluster::client_connect(&server, opts.join.as_str()).await {
-                Ok(()) => break,
+        let fault = loop {
+            match transport::connect(&server, opts.join.as_str(), opts.tls.as_ref()).await {
+                Ok(fault) => break fault,
+                // After a run, a head that closes the handshake is most likely going away: wait
+                // for it as for an unreachable one. Before, it is a head without TLS.
+                Err(ConnectError::Tls { why, closed }) if !(closed && joined_once) => {
+                    tracing::error!(head = %opts.join, "cannot join the head: {why}");
+                    break 'outer Err(RuntimeError::Other(format!(
+                        "cannot join the head at {}: {why}",
+                        opts.join
+                    )));
+                }
                 Err(e) if since.elapsed() >= patience => {
                     break 'outer if joined_once {
                         tracing::info!(head = %opts.join, "the head is gone; exiting");
                         Ok(())
                     } else {
+                        let e = match e {
+                            ConnectError::Unreachable(e) => e.to_string(),
+                            ConnectError::Tls { why, .. } => why,
+                        };
                         Err(RuntimeError::Other(format!(
                             "cannot reach the head at {}: {e}",
                             opts.join
@@ -103,7 +122,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
-        }
+        };
         // Wait for the handshake, then for the session to end.
         loop {
             match events.recv().await {
@@ -116,9 +135,16 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
                     break;
                 }
                 Some(Event::Closed(false)) => {
-                    tracing::error!(head = %opts.join, "the head refused this node: authentication failed (is the cookie the head's?)");
+                    let why = match fault.get() {
+                        Some(Fault::SpeaksTls) => "it requires TLS, and this node connected in plain TCP \
+                                                   (start it with --tls-ca naming the head's certificate or its CA)"
+                            .to_string(),
+                        Some(f) => format!("{f} (is {} a tandem head?)", opts.join),
+                        None => "authentication failed (is the cookie the head's?)".to_string(),
+                    };
+                    tracing::error!(head = %opts.join, "the head refused this node: {why}");
                     break 'outer Err(RuntimeError::Other(format!(
-                        "the head at {} refused this node: authentication failed (is the cookie the head's?)",
+                        "the head at {} refused this node: {why}",
                         opts.join
                     )));
                 }
