@@ -304,7 +304,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     tree.root.stop(None);
     let _ = tree.root_handle.await;
     if let Some(h) = head {
-        let _ = h.server.kill_and_wait(Some(Duration::from_secs(10))).await;
+        h.shutdown().await;
     }
     let tickets_issued = tokio::task::spawn_blocking(move || feeder.join().unwrap_or(0))
         .await
