@@ -103,13 +103,12 @@ fn bench_overlap_reports_the_ratios_and_async_keeps_the_learner_fed() {
     );
 }
 
-/// The cluster bench at a small size: a real worker process adopts every version, and the
-/// figures (cluster and plain-TCP MB/s, their ratio, publish-to-adopt latency) are positive.
-#[test]
-fn bench_cluster_prints_transfer_rates_and_their_ratio() {
+/// `tandem bench cluster` at a small size (2 versions, 64 KiB chunks) plus `extra`: its JSON report.
+fn bench_cluster(extra: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["bench", "cluster", "--hidden", "64", "--layers", "2", "--versions", "2"])
         .args(["--chunk-bytes", "65536"])
+        .args(extra)
         .env_remove("TANDEM_CLUSTER_COOKIE")
         .output_within();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -118,7 +117,14 @@ fn bench_cluster_prints_transfer_rates_and_their_ratio() {
         "{}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// The cluster bench at a small size: a real worker process adopts every version, and the
+/// figures (cluster and plain-TCP MB/s, their ratio, publish-to-adopt latency) are positive.
+#[test]
+fn bench_cluster_prints_transfer_rates_and_their_ratio() {
+    let report = bench_cluster(&[]);
     for key in ["cluster_mb_per_s", "tcp_mb_per_s", "ratio", "publish_to_adopt_s"] {
         let v = report[key]
             .as_f64()
@@ -141,19 +147,7 @@ fn bench_cluster_runs_over_tls() {
     let (cert, key) = (dir.path().join("head.pem"), dir.path().join("head.key"));
     std::fs::write(&cert, made.cert.pem()).unwrap();
     std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["bench", "cluster", "--hidden", "64", "--layers", "2", "--versions", "2"])
-        .args(["--chunk-bytes", "65536", "--tls-cert", cert.to_str().unwrap()])
-        .args(["--tls-key", key.to_str().unwrap()])
-        .env_remove("TANDEM_CLUSTER_COOKIE")
-        .output_within();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let report = bench_cluster(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
     assert_eq!(report["tls"], true);
     assert!(report["cluster_mb_per_s"].as_f64().unwrap() > 0.0, "{report}");
     assert_eq!(report["per_version"].as_array().unwrap().len(), 2);

@@ -85,6 +85,16 @@ pub enum WeightInit<'a> {
     },
 }
 
+impl<'a> WeightInit<'a> {
+    /// From a checkpoint's directory and tensors when one was loaded, else seeded random.
+    pub fn loaded_or_random(loaded: Option<&'a (std::path::PathBuf, HashMap<String, Tensor>)>, seed: u64) -> Self {
+        match loaded {
+            Some((dir, tensors)) => WeightInit::Checkpoint { tensors, dir, seed },
+            None => WeightInit::Random { seed },
+        }
+    }
+}
+
 /// Seeded initial value for the parameter `name` of `shape`.
 fn init_value(name: &str, shape: &[usize], rng: &mut StdRng, device: &Device) -> Result<Tensor> {
     let n: usize = shape.iter().product();

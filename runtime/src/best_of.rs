@@ -85,14 +85,7 @@ pub(crate) fn policy(
         Some(d) => (LanguageModel::load(d, dev)?, TextTokenizer::from_dir(d)?),
         None => {
             let p = load_policy(cfg)?;
-            let init = match &p.init {
-                Some((dir, t)) => WeightInit::Checkpoint {
-                    tensors: t,
-                    dir,
-                    seed: cfg.seed,
-                },
-                None => WeightInit::Random { seed: cfg.seed },
-            };
+            let init = WeightInit::loaded_or_random(p.init.as_ref(), cfg.seed);
             (LanguageModel::trainable(&p.config, init, dev)?.0, p.tokenizer)
         }
     })

@@ -100,14 +100,7 @@ fn label(
     want: usize,
     dev: &candle_core::Device,
 ) -> Result<Labelled, ActorError> {
-    let init = match &policy.init {
-        Some((dir, t)) => WeightInit::Checkpoint {
-            tensors: t,
-            dir,
-            seed: cfg.seed,
-        },
-        None => WeightInit::Random { seed: cfg.seed },
-    };
+    let init = WeightInit::loaded_or_random(policy.init.as_ref(), cfg.seed);
     let (model, _) = tandem_models::LanguageModel::trainable(&policy.config, init, dev)?;
     let mut pairs = Vec::with_capacity(want);
     let mut samples = Vec::new();

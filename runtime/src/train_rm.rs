@@ -603,14 +603,7 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
     let t = &cfg.train;
     let total_steps = t.epochs * train.len().div_ceil(t.batch_size);
     let exec = Executor::new(cfg.placement.device, cfg.placement.threads)?;
-    let init = match &backbone.init {
-        Some((dir, tensors)) => WeightInit::Checkpoint {
-            tensors,
-            dir,
-            seed: cfg.seed,
-        },
-        None => WeightInit::Random { seed: cfg.seed },
-    };
+    let init = WeightInit::loaded_or_random(backbone.init.as_ref(), cfg.seed);
     let (model, vars) = ScalarModel::trainable(&backbone.config, init, exec.device())?;
     let optim = RmOptim {
         loss: t.loss,

@@ -64,14 +64,7 @@ pub struct BuiltLearner {
 /// --rerun-step` builds them the same way before restoring a checkpoint.
 pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<BuiltLearner, RuntimeError> {
     let policy = load_policy(cfg)?;
-    let init = match &policy.init {
-        Some((dir, t)) => WeightInit::Checkpoint {
-            tensors: t,
-            dir,
-            seed: cfg.seed,
-        },
-        None => WeightInit::Random { seed: cfg.seed },
-    };
+    let init = WeightInit::loaded_or_random(policy.init.as_ref(), cfg.seed);
     let (policy_model, policy_vars) = LanguageModel::trainable(&policy.config, init, device)?;
     let initial_policy = snapshot(&policy_vars)?;
     let critic = if cfg.algorithm.advantage == Advantage::Gae {
