@@ -125,6 +125,8 @@ fn install_panic_logger() {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: every compute thread belongs to a device executor.
+    tandem_actors::device::init_compute_threads();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     install_panic_logger();

@@ -7,6 +7,15 @@
 //! [`Executor::run`] and await the result; several actors placed on one device share its
 //! threads and queue behind each other, as they would on one GPU. `cuda:N` devices (behind the
 //! `cuda` feature) run on a single host thread that drives the GPU.
+//!
+//! Every compute thread belongs to an executor. candle 0.11 keeps process-wide thread state of
+//! its own: a spinning "barrier pool" for elementwise ops, sized from the core count, and a
+//! GEMM thread count re-read (from `/proc/cpuinfo`) on every matmul. Left alone, the barrier
+//! pool's threads spin beside the executors' and serialise the devices' elementwise ops on one
+//! lock. [`init_compute_threads`] turns both off once, before any thread starts: the barrier
+//! pool gets no workers (elementwise ops run on the calling executor thread, and the fused
+//! kernels of `tandem_models::kernels` split over the executor's own pool), and GEMM splits
+//! into at most as many tasks as there are cores, which run on the calling executor's pool.
 
 use std::fmt;
 use std::str::FromStr;
@@ -61,6 +70,20 @@ impl<'de> serde::Deserialize<'de> for DeviceId {
     }
 }
 
+/// Sets candle's thread knobs (see the module docs). The binary calls it first thing in
+/// `main`, before any other thread exists; [`Executor::new`] calls it too (a no-op after the
+/// first call), for programs and tests that start executors directly.
+pub fn init_compute_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY (edition 2024 would require `unsafe`): called before other threads read the
+        // environment, or, from `Executor::new`, only through Rust's locked env accessors.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    });
+}
+
 /// One device: a candle device plus the threads that drive it.
 pub struct Executor {
     id: DeviceId,
@@ -81,6 +104,7 @@ impl fmt::Debug for Executor {
 impl Executor {
     /// Starts the executor for `id` with `threads` OS threads (CPU) or one driver thread (CUDA).
     pub fn new(id: DeviceId, threads: usize) -> Result<Arc<Self>, ActorError> {
+        init_compute_threads();
         let device = match id {
             DeviceId::Cpu(_) => Device::Cpu,
             DeviceId::Cuda(i) => cuda_device(i)?,

@@ -97,7 +97,7 @@ impl Gpt2 {
             h = (h + blk.attn_proj.forward(&y)?)?;
             let x = blk.ln_2.forward(&h)?;
             let x = blk.c_fc.forward(&x)?;
-            let x = if blk.exact_gelu { x.gelu_erf()? } else { x.gelu()? };
+            let x = if blk.exact_gelu { x.gelu_erf()? } else { crate::kernels::gelu(&x)? };
             h = (h + blk.mlp_proj.forward(&x)?)?;
         }
         self.ln_f.forward(&h)

@@ -5,6 +5,7 @@
 //! - [`model`]: [`LanguageModel`] (policy, reference) and [`ScalarModel`] (reward, critic).
 //! - [`generation`]: batched sampling with a KV cache and behaviour log-probs.
 //! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate.
+//! - [`kernels`]: fused CPU kernels (GELU, ...) with a backward, beside their reference forms.
 //! - [`rl`]: RL math: KL, rewards, KL control, GAE, PPO, critic-free advantages, RM losses.
 
 pub mod adamw;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod generation;
 pub mod gpt2;
+pub mod kernels;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;

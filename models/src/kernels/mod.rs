@@ -1,0 +1,112 @@
+//! Fused CPU kernels with a backward pass.
+//!
+//! candle composes GELU, layer norm, softmax and log-softmax from many elementwise ops; each op
+//! allocates a tensor and walks memory once, and candle's backward of GELU alone is a dozen of
+//! them (two `powf`, a `tanh`, ...). candle's own fused kernels have no backward (DESIGN.md).
+//! Each kernel here is a candle `CustomOp` whose forward and backward are one pass over the
+//! data:
+//!
+//! - vectorised: the row loops are compiled twice, for the baseline target and for AVX2+FMA,
+//!   and the AVX2 copy is chosen at run time when the CPU has it ([`multiversion!`]);
+//!   transcendental functions are polynomial approximations that vectorise ([`simd`]);
+//! - parallel within the device: large inputs are split over the threads of the rayon pool
+//!   the kernel is called from, which is the calling device executor's pool, so a kernel never
+//!   uses a thread outside its device ([`for_each_chunk`]).
+//!
+//! Every kernel keeps its plain composition of candle ops (`*_reference`), which is also what
+//! runs on other devices and dtypes; tests compare values and gradients of the two on random
+//! shapes.
+
+pub mod gelu;
+pub(crate) mod simd;
+
+pub use gelu::{gelu, gelu_reference};
+
+use candle_core::{CpuStorage, Layout, Result};
+use rayon::prelude::*;
+
+/// Elements below which a kernel runs on the calling thread alone.
+const PARALLEL_MIN: usize = 32 * 1024;
+
+/// True where the fused path applies: f32 on the CPU.
+pub(crate) fn fused_applies(t: &candle_core::Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+/// The f32 slice a contiguous layout covers.
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Calls `f(offset, out_chunk)` for chunks of `out` that are whole multiples of `row` elements,
+/// in parallel on the current rayon pool when `out` is large.
+pub(crate) fn for_each_chunk<F>(out: &mut [f32], row: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    let row = row.max(1);
+    let threads = rayon::current_num_threads();
+    if out.len() < PARALLEL_MIN || threads <= 1 {
+        f(0, out);
+        return;
+    }
+    let rows = out.len() / row;
+    let rows_per_chunk = rows.div_ceil(threads * 4).max(1);
+    let chunk = rows_per_chunk * row;
+    out.par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, c)| f(i * chunk, c));
+}
+
+/// Defines `fn NAME(args)` whose body is compiled twice, for the baseline target and for
+/// AVX2+FMA; the AVX2 copy runs when the CPU supports it. Helpers the body calls must be
+/// `#[inline(always)]` so that they are compiled into each copy.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if $crate::kernels::simd::has_avx2_fma() {
+                    // SAFETY: the CPU supports the features `avx2` was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// A random f32 tensor with entries in (-scale, scale).
+    pub fn random(shape: &[usize], scale: f32, seed: u64) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// max |a - b| / max(max |b|, 1e-6): the error relative to the reference's magnitude.
+    pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+}

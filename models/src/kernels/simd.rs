@@ -1,0 +1,91 @@
+//! Vectorisable scalar math for the fused kernels: straight-line code with no calls into libm,
+//! so that loops over slices compile to SIMD.
+
+/// AVX2 and FMA are present (checked once).
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// 1.5 * 2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to an integer.
+const ROUND: f32 = 12_582_912.0;
+
+/// e^x with a relative error below 2e-7 for x in [-87, 88]; smaller x gives about 0 and larger
+/// x about 2e38 (inputs are clamped).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // Taylor series of e^r on |r| <= ln2/2, degree 7.
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// tanh(x), absolute error below 3e-7.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let a = x.abs();
+    // Below 2^-4 the series x - x^3/3 + 2x^5/15 - 17x^7/315 is exact to f32 precision and
+    // avoids the cancellation of 1 - e^{-2a}.
+    let a2 = a * a;
+    let small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))));
+    let e = exp(-2.0 * a);
+    let large = (1.0 - e) / (1.0 + e);
+    let t = if a < 0.0625 { small } else { large };
+    t.copysign(x)
+}
+
+/// ln(x) for finite x > 0, relative error below 3e-7.
+#[inline(always)]
+pub fn ln(x: f32) -> f32 {
+    // x = m * 2^e with m in [sqrt(1/2), sqrt(2)); ln x = e ln2 + ln m, ln m = 2 atanh(s),
+    // s = (m - 1) / (m + 1), |s| <= 0.1716.
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 127;
+    let mut m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
+    if m > std::f32::consts::SQRT_2 {
+        m *= 0.5;
+        e += 1;
+    }
+    let s = (m - 1.0) / (m + 1.0);
+    let s2 = s * s;
+    let series = 2.0 * s * (1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0)))));
+    e as f32 * std::f32::consts::LN_2 + series
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_tanh_ln_match_libm() {
+        let mut worst = (0f32, 0f32, 0f32);
+        let mut x = -30.0f32;
+        while x < 30.0 {
+            let e = ((exp(x) - x.exp()) / x.exp()).abs();
+            let t = (tanh(x) - x.tanh()).abs();
+            worst.0 = worst.0.max(e);
+            worst.1 = worst.1.max(t);
+            if x > 0.0 {
+                worst.2 = worst.2.max(((ln(x) - x.ln()) / x.ln().abs().max(1.0)).abs());
+            }
+            x += 0.000_731;
+        }
+        assert!(worst.0 < 4e-7, "exp relative error {}", worst.0);
+        assert!(worst.1 < 4e-7, "tanh absolute error {}", worst.1);
+        assert!(worst.2 < 4e-7, "ln error {}", worst.2);
+        assert!((0.0..1e-37).contains(&exp(-200.0)));
+        assert!(exp(200.0).is_finite() && exp(200.0) > 1e38);
+    }
+}
