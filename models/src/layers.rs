@@ -1,9 +1,10 @@
 //! Differentiable building blocks shared by the architectures.
 //!
 //! candle-nn's fused `layer_norm`, `rms_norm`, `softmax_last_dim` and `rope*` kernels return
-//! tensors without a backward pass (DESIGN.md), so everything here is composed from primitive
-//! ops that autograd understands. The `*_reference` tests compare these against candle's fused
-//! kernels where one exists.
+//! tensors without a backward pass (DESIGN.md). The norms and the bias add here run on
+//! tandem's own fused kernels, which have one ([`crate::kernels`]); the rest is composed from
+//! primitive ops that autograd understands. The `*_reference` tests compare these against
+//! candle's fused kernels where one exists.
 
 use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -28,11 +29,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        crate::kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -54,8 +51,7 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)
+        crate::kernels::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -78,7 +74,7 @@ impl Conv1D {
 impl Module for Conv1D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let y = x.reshape((b * t, d))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        let y = crate::kernels::add_bias(&x.reshape((b * t, d))?.matmul(&self.weight)?, &self.bias)?;
         y.reshape((b, t, ()))
     }
 }

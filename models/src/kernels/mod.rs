@@ -17,10 +17,14 @@
 //! runs on other devices and dtypes; tests compare values and gradients of the two on random
 //! shapes.
 
+pub mod bias;
 pub mod gelu;
+pub mod norm;
 pub(crate) mod simd;
 
+pub use bias::{add_bias, add_bias_reference};
 pub use gelu::{gelu, gelu_reference};
+pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 
 use candle_core::{CpuStorage, Layout, Result};
 use rayon::prelude::*;

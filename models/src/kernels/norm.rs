@@ -1,0 +1,337 @@
+//! Layer norm and RMS norm over the last dimension, with their backward.
+//!
+//! Per row of width `d`, with `xhat = (x - mean) * rstd` (layer norm) or `xhat = x * rstd`
+//! (RMS norm) and `rstd = 1 / sqrt(var + eps)` (or `1 / sqrt(mean(x^2) + eps)`):
+//!
+//! ```text
+//! y  = xhat * w (+ b)
+//! g  = dy * w
+//! dx = rstd * (g - mean(g) - xhat * mean(g * xhat))      layer norm
+//! dx = rstd * (g - xhat * mean(g * xhat))                RMS norm
+//! dw = sum over rows of dy * xhat,  db = sum over rows of dy
+//! ```
+//!
+//! The backward recomputes `mean` and `rstd` from `x` (one extra pass over a row that is
+//! already in cache) instead of keeping them. It returns `dx`, `dw` and `db` from one pass,
+//! packed into one buffer that is then split with views.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::{contiguous_f32, fused_applies, multiversion, PARALLEL_MIN};
+
+/// Layer norm of `x` over its last dimension with gain `w` and bias `b`; fused on the CPU for
+/// f32, [`layer_norm_reference`] elsewhere.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_applies(x) && fused_applies(w) && fused_applies(b) {
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, Norm { eps: eps as f32, centred: true })
+    } else {
+        layer_norm_reference(x, w, b, eps)
+    }
+}
+
+pub fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// RMS norm of `x` over its last dimension with gain `w`; fused on the CPU for f32,
+/// [`rms_norm_reference`] elsewhere.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_applies(x) && fused_applies(w) {
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, Norm { eps: eps as f32, centred: false })
+    } else {
+        rms_norm_reference(x, w, eps)
+    }
+}
+
+pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+#[derive(Clone, Copy)]
+struct Norm {
+    eps: f32,
+    /// Layer norm (subtract the mean, add a bias) rather than RMS norm.
+    centred: bool,
+}
+
+multiversion! {
+    /// (mean, rstd) of one row; the mean is 0 for RMS norm.
+    fn row_stats(x: &[f32], eps: f32, centred: bool, out: &mut (f32, f32)) {
+        let d = x.len() as f32;
+        let mean = if centred { x.iter().sum::<f32>() / d } else { 0.0 };
+        let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d;
+        *out = (mean, 1.0 / (var + eps).sqrt());
+    }
+}
+
+multiversion! {
+    fn forward_rows(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, centred: bool, y: &mut [f32]) {
+        let d = w.len();
+        for (x, y) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let mut s = (0.0, 0.0);
+            row_stats(x, eps, centred, &mut s);
+            let (mean, rstd) = s;
+            match b {
+                Some(b) => {
+                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        *y = (x - mean) * rstd * w + b;
+                    }
+                }
+                None => {
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                        *y = x * rstd * w;
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// dx for the rows of `x`; adds this chunk's dw into `dwb[..d]` and db into `dwb[d..]`.
+    fn backward_rows(x: &[f32], w: &[f32], dy: &[f32], eps: f32, centred: bool, dx: &mut [f32], dwb: &mut [f32]) {
+        let d = w.len();
+        let (dw, db) = dwb.split_at_mut(d);
+        for ((x, dy), dx) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+            let mut s = (0.0, 0.0);
+            row_stats(x, eps, centred, &mut s);
+            let (mean, rstd) = s;
+            let (mut g_sum, mut gx_sum) = (0f32, 0f32);
+            for ((&x, &dy), &w) in x.iter().zip(dy).zip(w) {
+                let xhat = (x - mean) * rstd;
+                let g = dy * w;
+                g_sum += g;
+                gx_sum += g * xhat;
+            }
+            let g_mean = if centred { g_sum / d as f32 } else { 0.0 };
+            let gx_mean = gx_sum / d as f32;
+            for ((((dx, &x), &dy), &w), dw) in dx.iter_mut().zip(x).zip(dy).zip(w).zip(dw.iter_mut()) {
+                let xhat = (x - mean) * rstd;
+                *dx = rstd * (dy * w - g_mean - xhat * gx_mean);
+                *dw += dy * xhat;
+            }
+            if centred {
+                for (db, &dy) in db.iter_mut().zip(dy) {
+                    *db += dy;
+                }
+            }
+        }
+    }
+}
+
+impl Norm {
+    fn name(&self) -> &'static str {
+        if self.centred {
+            "fused-layer-norm"
+        } else {
+            "fused-rms-norm"
+        }
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, shape: &Shape) -> Result<(CpuStorage, Shape)> {
+        let d = w.len();
+        if d == 0 || x.len() % d != 0 || b.is_some_and(|b| b.len() != d) {
+            candle_core::bail!("{}: gain of {d} entries for an input of shape {shape:?}", self.name());
+        }
+        let mut y = vec![0f32; x.len()];
+        let (eps, centred) = (self.eps, self.centred);
+        super::for_each_chunk(&mut y, d, |off, out| {
+            forward_rows(&x[off..off + out.len()], w, b, eps, centred, out)
+        });
+        Ok((CpuStorage::F32(y), shape.clone()))
+    }
+
+    /// `[dx (x.len()), dw (d), db (d)]`, rows split over the current pool with one partial
+    /// dw/db per chunk.
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32]) -> Vec<f32> {
+        let d = w.len();
+        let rows = x.len() / d;
+        let mut out = vec![0f32; x.len() + 2 * d];
+        let (dx, dwb) = out.split_at_mut(x.len());
+        let (eps, centred) = (self.eps, self.centred);
+        let threads = rayon::current_num_threads();
+        if x.len() < PARALLEL_MIN || threads <= 1 {
+            backward_rows(x, w, dy, eps, centred, dx, dwb);
+            return out;
+        }
+        let chunk = rows.div_ceil(threads) * d;
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .map(|(i, dx)| {
+                let r = i * chunk..i * chunk + dx.len();
+                let mut dwb = vec![0f32; 2 * d];
+                backward_rows(&x[r.clone()], w, &dy[r], eps, centred, dx, &mut dwb);
+                dwb
+            })
+            .collect();
+        for p in partials {
+            for (a, b) in dwb.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        out
+    }
+
+    /// Splits the packed backward buffer into gradients for x, w and (layer norm) b.
+    fn unpack(packed: Tensor, x: &Tensor, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let n = x.elem_count();
+        Ok((
+            packed.narrow(0, 0, n)?.reshape(x.shape())?,
+            packed.narrow(0, n, d)?,
+            packed.narrow(0, n + d, d)?,
+        ))
+    }
+}
+
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        Norm::name(self)
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let b = contiguous_f32(s3, l3, self.name())?;
+        self.forward(x, w, Some(b), l1.shape())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormBackward(*self))?;
+        let (dx, dw, db) = Norm::unpack(packed, x, w.dim(0)?)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp2 for Norm {
+    fn name(&self) -> &'static str {
+        Norm::name(self)
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        self.forward(x, w, None, l1.shape())
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormBackward(*self))?;
+        let (dx, dw, _) = Norm::unpack(packed, x, w.dim(0)?)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// (x, w, dy) to the packed `[dx, dw, db]`.
+struct NormBackward(Norm);
+
+impl CustomOp3 for NormBackward {
+    fn name(&self) -> &'static str {
+        "fused-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let dy = contiguous_f32(s3, l3, self.name())?;
+        let out = self.0.backward(x, w, dy);
+        let n = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{random, rel_err};
+    use candle_core::Var;
+
+    const SHAPES: [&[usize]; 4] = [&[1, 4], &[3, 5, 33], &[16, 48, 256], &[700, 64]];
+
+    #[test]
+    fn layer_norm_matches_the_reference() {
+        for (i, shape) in SHAPES.into_iter().enumerate() {
+            let d = *shape.last().unwrap();
+            let x = Var::from_tensor(&(random(shape, 3.0, i as u64) + 0.7).unwrap()).unwrap();
+            let w = Var::from_tensor(&random(&[d], 2.0, 10 + i as u64)).unwrap();
+            let b = Var::from_tensor(&random(&[d], 2.0, 20 + i as u64)).unwrap();
+            let up = random(shape, 1.0, 30 + i as u64);
+            let fused = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+            let reference = layer_norm_reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+            assert!(rel_err(&fused, &reference) < 1e-5, "{shape:?}");
+            let gf = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (v, what) in [(&x, "x"), (&w, "w"), (&b, "b")] {
+                let e = rel_err(gf.get(v).unwrap(), gr.get(v).unwrap());
+                assert!(e < 1e-5, "{shape:?} d{what}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_reference() {
+        for (i, shape) in SHAPES.into_iter().enumerate() {
+            let d = *shape.last().unwrap();
+            let x = Var::from_tensor(&random(shape, 3.0, i as u64)).unwrap();
+            let w = Var::from_tensor(&random(&[d], 2.0, 10 + i as u64)).unwrap();
+            let up = random(shape, 1.0, 30 + i as u64);
+            let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+            let reference = rms_norm_reference(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+            assert!(rel_err(&fused, &reference) < 1e-5, "{shape:?}");
+            let gf = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (v, what) in [(&x, "x"), (&w, "w")] {
+                let e = rel_err(gf.get(v).unwrap(), gr.get(v).unwrap());
+                assert!(e < 1e-5, "{shape:?} d{what}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_pool_split_gives_the_same_gradients() {
+        let x = Var::from_tensor(&random(&[768, 256], 3.0, 1)).unwrap();
+        let w = Var::from_tensor(&random(&[256], 2.0, 2)).unwrap();
+        let b = Var::from_tensor(&random(&[256], 2.0, 3)).unwrap();
+        let up = random(&[768, 256], 1.0, 4);
+        let grads = || {
+            let y = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+            let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            (g.get(&x).unwrap().clone(), g.get(&w).unwrap().clone())
+        };
+        let one = grads();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let two = pool.install(grads);
+        assert_eq!(rel_err(&one.0, &two.0), 0.0);
+        assert!(rel_err(&one.1, &two.1) < 1e-6);
+    }
+}
