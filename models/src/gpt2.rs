@@ -7,6 +7,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::Gpt2Config;
+use crate::kernels::packed_attention;
 use crate::kv_cache::KvCache;
 use crate::layers::{attention, embed, AttentionInputs, Conv1D, LayerNorm};
 
@@ -80,20 +81,22 @@ impl Gpt2 {
             let x = blk.ln_1.forward(&h)?;
             let qkv = blk.c_attn.forward(&x)?;
             let d = qkv.dim(D::Minus1)? / 3;
-            let hd = d / self.heads;
-            let split = |j: usize| -> Result<Tensor> {
-                qkv.narrow(D::Minus1, j * d, d)?
-                    .reshape((b, t, self.heads, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
+            let y = match cache.as_deref_mut() {
+                // Training and scoring forwards: one fused kernel reads the packed qkv.
+                None => packed_attention(&qkv, &attn.bias, self.heads, self.scale)?,
+                Some(c) => {
+                    let hd = d / self.heads;
+                    let split = |j: usize| -> Result<Tensor> {
+                        qkv.narrow(D::Minus1, j * d, d)?
+                            .reshape((b, t, self.heads, hd))?
+                            .transpose(1, 2)?
+                            .contiguous()
+                    };
+                    let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+                    let (k, v) = c.append(i, k, v)?;
+                    attention(&q, &k, &v, &attn.bias, self.scale)?.transpose(1, 2)?.reshape((b, t, d))?
+                }
             };
-            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, k, v)?,
-                None => (k, v),
-            };
-            let y = attention(&q, &k, &v, &attn.bias, self.scale)?;
-            let y = y.transpose(1, 2)?.reshape((b, t, d))?;
             h = (h + blk.attn_proj.forward(&y)?)?;
             let x = blk.ln_2.forward(&h)?;
             let x = blk.c_fc.forward(&x)?;

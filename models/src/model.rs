@@ -32,7 +32,7 @@ use crate::config::{Architecture, HeadKind, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::gpt2::Gpt2;
 use crate::kv_cache::KvCache;
-use crate::layers::{log_softmax, AttentionInputs};
+use crate::layers::AttentionInputs;
 use crate::llama::Llama;
 
 /// The transformer trunk of either family.
@@ -328,15 +328,8 @@ impl LanguageModel {
         let h = self.backbone.forward(ids, &attn, None)?;
         let n = t - 1 - start;
         let logits = self.head(&h.narrow(1, start, n)?)?;
-        let logits = if temperature != 1.0 {
-            (logits / temperature)?
-        } else {
-            logits
-        };
-        let lp = log_softmax(&logits)?;
-        let targets = ids.narrow(1, start + 1, n)?.contiguous()?.unsqueeze(D::Minus1)?;
-        let logprobs = lp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
-        let entropy = (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?;
+        let targets = ids.narrow(1, start + 1, n)?;
+        let (logprobs, entropy) = crate::kernels::token_logprobs_entropy(&logits, &targets, temperature)?;
         Ok(TokenOutputs { logprobs, entropy })
     }
 }

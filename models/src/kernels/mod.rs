@@ -1,6 +1,6 @@
 //! Fused CPU kernels with a backward pass.
 //!
-//! candle composes GELU, layer norm, softmax and log-softmax from many elementwise ops; each op
+//! candle composes attention, GELU, layer norm and log-softmax from many elementwise ops; each op
 //! allocates a tensor and walks memory once, and candle's backward of GELU alone is a dozen of
 //! them (two `powf`, a `tanh`, ...). candle's own fused kernels have no backward (DESIGN.md).
 //! Each kernel here is a candle `CustomOp` whose forward and backward are one pass over the
@@ -17,13 +17,17 @@
 //! runs on other devices and dtypes; tests compare values and gradients of the two on random
 //! shapes.
 
+pub mod attention;
 pub mod bias;
 pub mod gelu;
+pub mod logprobs;
 pub mod norm;
 pub(crate) mod simd;
 
+pub use attention::{packed_attention, packed_attention_reference};
 pub use bias::{add_bias, add_bias_reference};
 pub use gelu::{gelu, gelu_reference};
+pub use logprobs::{token_logprobs_entropy, token_logprobs_entropy_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 
 use candle_core::{CpuStorage, Layout, Result};

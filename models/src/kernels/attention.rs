@@ -1,0 +1,254 @@
+//! Multi-head attention read straight from a packed `qkv` projection, without a KV cache:
+//! `y = softmax(q k^T * scale + bias) v` per head, for GPT-2's training and scoring forwards.
+//!
+//! The composition in candle splits `qkv` into three transposed copies, runs one tiny GEMM
+//! per (row, head) for the scores and again for the output, and takes about ten elementwise
+//! passes for scale, mask and softmax, each a tensor of its own; its backward doubles all of
+//! that. Here one kernel reads `qkv (b, t, 3d)` in place and writes `y (b, t, d)` in the
+//! layout the output projection wants. The backward recomputes the probabilities (t x t per
+//! head, cheap next to the projections) and writes `dqkv` in the packed layout. Rows of the
+//! batch run in parallel on the current pool.
+//!
+//! Every key is scored, masked or not, exactly like the composition: a fully masked query row
+//! (left padding) gets the same uniform weights in both.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous_f32, fused_applies, multiversion, simd};
+
+/// Attention over `qkv (b, t, 3 * heads * hd)` (q, k, v concatenated on the last dimension)
+/// with additive `bias (b, 1, t, t)`: `(b, t, heads * hd)`. Fused on the CPU for f32,
+/// [`packed_attention_reference`] elsewhere.
+pub fn packed_attention(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    if fused_applies(qkv) && fused_applies(bias) {
+        let (b, t, _) = qkv.dims3()?;
+        if bias.dims() != [b, 1, t, t] {
+            candle_core::bail!("attention bias has shape {:?}, expected ({b}, 1, {t}, {t})", bias.dims());
+        }
+        qkv.contiguous()?.apply_op2(&bias.contiguous()?, Attention { heads, scale: scale as f32 })
+    } else {
+        packed_attention_reference(qkv, bias, heads, scale)
+    }
+}
+
+/// Split into heads, `softmax(q k^T * scale + bias) v`, merge the heads.
+pub fn packed_attention_reference(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, t, three_d) = qkv.dims3()?;
+    let d = three_d / 3;
+    let hd = d / heads;
+    let split = |j: usize| -> Result<Tensor> {
+        qkv.narrow(2, j * d, d)?.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
+    };
+    let y = crate::layers::attention(&split(0)?, &split(1)?, &split(2)?, bias, scale)?;
+    y.transpose(1, 2)?.reshape((b, t, d))
+}
+
+#[derive(Clone, Copy)]
+struct Attention {
+    heads: usize,
+    scale: f32,
+}
+
+multiversion! {
+    fn dot(a: &[f32], b: &[f32], out: &mut f32) {
+        let mut acc = [0f32; 8];
+        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ar, br) = (ac.remainder(), bc.remainder());
+        for (x, y) in ac.zip(bc) {
+            for k in 0..8 {
+                acc[k] += x[k] * y[k];
+            }
+        }
+        let mut s = acc.iter().sum::<f32>();
+        for (x, y) in ar.iter().zip(br) {
+            s += x * y;
+        }
+        *out = s;
+    }
+}
+
+multiversion! {
+    /// y += a * x
+    fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y += a * x;
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax of `s` in place.
+    fn softmax(s: &mut [f32]) {
+        let m = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0f32;
+        for v in s.iter_mut() {
+            *v = simd::exp(*v - m);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in s.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+impl Attention {
+    /// Probabilities `p (t, t)` of head `h` of one batch row (`qkv` is that row, `bias` its
+    /// (t, t) mask).
+    fn probs(&self, qkv: &[f32], bias: &[f32], t: usize, d: usize, h: usize, p: &mut [f32]) {
+        let hd = d / self.heads;
+        let (q0, k0) = (h * hd, d + h * hd);
+        for i in 0..t {
+            let q = &qkv[i * 3 * d + q0..][..hd];
+            let row = &mut p[i * t..(i + 1) * t];
+            for (j, s) in row.iter_mut().enumerate() {
+                let k = &qkv[j * 3 * d + k0..][..hd];
+                let mut qk = 0.0;
+                dot(q, k, &mut qk);
+                *s = qk * self.scale + bias[i * t + j];
+            }
+            softmax(row);
+        }
+    }
+
+    fn forward_row(&self, qkv: &[f32], bias: &[f32], t: usize, d: usize, y: &mut [f32]) {
+        let hd = d / self.heads;
+        let mut p = vec![0f32; t * t];
+        for h in 0..self.heads {
+            self.probs(qkv, bias, t, d, h, &mut p);
+            let v0 = 2 * d + h * hd;
+            for i in 0..t {
+                let out = &mut y[i * d + h * hd..][..hd];
+                for j in 0..t {
+                    axpy(p[i * t + j], &qkv[j * 3 * d + v0..][..hd], out);
+                }
+            }
+        }
+    }
+
+    fn backward_row(&self, qkv: &[f32], bias: &[f32], dy: &[f32], t: usize, d: usize, dqkv: &mut [f32]) {
+        let hd = d / self.heads;
+        let mut p = vec![0f32; t * t];
+        let mut dp = vec![0f32; t];
+        for h in 0..self.heads {
+            self.probs(qkv, bias, t, d, h, &mut p);
+            let (q0, k0, v0) = (h * hd, d + h * hd, 2 * d + h * hd);
+            for i in 0..t {
+                let dyi = &dy[i * d + h * hd..][..hd];
+                let pi = &p[i * t..(i + 1) * t];
+                // dP_ij = dy_i . v_j; dv_j += p_ij dy_i
+                for j in 0..t {
+                    dot(dyi, &qkv[j * 3 * d + v0..][..hd], &mut dp[j]);
+                    axpy(pi[j], dyi, &mut dqkv[j * 3 * d + v0..][..hd]);
+                }
+                // dS_ij = p_ij (dP_ij - sum_j p_ij dP_ij), times the scale for q and k.
+                let r: f32 = pi.iter().zip(&dp).map(|(p, g)| p * g).sum();
+                for j in 0..t {
+                    let ds = pi[j] * (dp[j] - r) * self.scale;
+                    if ds == 0.0 {
+                        continue;
+                    }
+                    let (kj, qi) = (j * 3 * d + k0, i * 3 * d + q0);
+                    axpy(ds, &qkv[kj..][..hd], &mut dqkv[qi..][..hd]);
+                    axpy(ds, &qkv[qi..][..hd], &mut dqkv[kj..][..hd]);
+                }
+            }
+        }
+    }
+
+    fn check(&self, l: &Layout) -> Result<(usize, usize, usize)> {
+        let (b, t, three_d) = l.shape().dims3()?;
+        if three_d % 3 != 0 || (three_d / 3) % self.heads != 0 {
+            candle_core::bail!("qkv width {three_d} does not split into 3 x {} heads", self.heads);
+        }
+        Ok((b, t, three_d / 3))
+    }
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, t, d) = self.check(l1)?;
+        let qkv = contiguous_f32(s1, l1, "fused-attention")?;
+        let bias = contiguous_f32(s2, l2, "fused-attention")?;
+        let mut y = vec![0f32; b * t * d];
+        y.par_chunks_mut(t * d).enumerate().for_each(|(r, y)| {
+            self.forward_row(&qkv[r * t * 3 * d..][..t * 3 * d], &bias[r * t * t..][..t * t], t, d, y)
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, t, d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dqkv = qkv.apply_op3_no_bwd(bias, &grad.contiguous()?, &AttentionBackward(*self))?;
+        Ok((Some(dqkv), None))
+    }
+}
+
+/// (qkv, bias, dy) to dqkv.
+struct AttentionBackward(Attention);
+
+impl CustomOp3 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "fused-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, d) = self.0.check(l1)?;
+        let qkv = contiguous_f32(s1, l1, self.name())?;
+        let bias = contiguous_f32(s2, l2, self.name())?;
+        let dy = contiguous_f32(s3, l3, self.name())?;
+        let mut dqkv = vec![0f32; b * t * 3 * d];
+        dqkv.par_chunks_mut(t * 3 * d).enumerate().for_each(|(r, dqkv)| {
+            self.0.backward_row(
+                &qkv[r * t * 3 * d..][..t * 3 * d],
+                &bias[r * t * t..][..t * t],
+                &dy[r * t * d..][..t * d],
+                t,
+                d,
+                dqkv,
+            )
+        });
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{random, rel_err};
+    use crate::layers::AttentionInputs;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn values_and_gradients_match_the_reference() {
+        // (batch, len, heads, head dim), with left padding in some rows.
+        for (i, (b, t, heads, hd)) in [(1, 1, 1, 4), (2, 5, 2, 3), (3, 17, 4, 16), (4, 48, 4, 64)].into_iter().enumerate() {
+            let mask: Vec<Vec<f32>> = (0..b)
+                .map(|r| (0..t).map(|j| if j < r.min(t - 1) { 0.0 } else { 1.0 }).collect())
+                .collect();
+            let bias = AttentionInputs::new(&mask, t, &Device::Cpu).unwrap().bias;
+            let qkv = Var::from_tensor(&random(&[b, t, 3 * heads * hd], 2.0, i as u64)).unwrap();
+            let up = random(&[b, t, heads * hd], 1.0, 10 + i as u64);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let fused = packed_attention(qkv.as_tensor(), &bias, heads, scale).unwrap();
+            let reference = packed_attention_reference(qkv.as_tensor(), &bias, heads, scale).unwrap();
+            assert!(rel_err(&fused, &reference) < 1e-5, "{b} {t} {heads} {hd}");
+            let gf = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let e = rel_err(gf.get(&qkv).unwrap(), gr.get(&qkv).unwrap());
+            assert!(e < 1e-5, "{b} {t} {heads} {hd}: {e}");
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Token log-probabilities and entropies from logits in one pass: for each row of logits `l`
+//! (vocabulary `V`) with target `y` and inverse temperature `a`, `z = a * l`,
+//!
+//! ```text
+//! lse = log sum_v exp(z_v)      logp = z_y - lse      H = lse - sum_v p_v z_v,  p = exp(z - lse)
+//! dz_v = g_logp (1[v = y] - p_v) - g_H p_v (z_v - lse + H)      dl = a dz
+//! ```
+//!
+//! The composition materialises the scaled logits, the log-softmax, its exponent and their
+//! product (each `rows x V`), then gathers; here a row is read twice forward and twice
+//! backward, and nothing of size `V` is kept.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+
+use super::{contiguous_f32, for_each_chunk, fused_applies, multiversion, simd};
+
+/// `(logprobs, entropy)`, each shaped like `targets`, for `logits (..., V)` divided by
+/// `temperature` and integer `targets (...)`. Differentiable in the logits. Fused on the CPU
+/// for f32 logits and u32 targets, [`token_logprobs_entropy_reference`] elsewhere.
+pub fn token_logprobs_entropy(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
+    if !(fused_applies(logits) && targets.dtype() == DType::U32) {
+        return token_logprobs_entropy_reference(logits, targets, temperature);
+    }
+    let v = logits.dim(D::Minus1)?;
+    if logits.dims()[..logits.rank() - 1] != *targets.dims() {
+        candle_core::bail!("logits {:?} and targets {:?} disagree", logits.dims(), targets.dims());
+    }
+    let rows = targets.elem_count();
+    let both = logits.reshape((rows, v))?.contiguous()?.apply_op2(
+        &targets.flatten_all()?.contiguous()?,
+        LogProbs { inv_temperature: (1.0 / temperature) as f32 },
+    )?;
+    let column = |c: usize| both.narrow(1, c, 1)?.reshape(targets.shape());
+    Ok((column(0)?, column(1)?))
+}
+
+/// Scale, log-softmax, gather and `-sum p log p` as separate candle ops.
+pub fn token_logprobs_entropy_reference(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
+    let logits = if temperature != 1.0 { (logits / temperature)? } else { logits.clone() };
+    let m = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&m)?;
+    let lp = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
+    let logprobs = lp.gather(&targets.contiguous()?.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
+    let entropy = (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?;
+    Ok((logprobs, entropy))
+}
+
+#[derive(Clone, Copy)]
+struct LogProbs {
+    inv_temperature: f32,
+}
+
+multiversion! {
+    /// (lse, sum_v p_v z_v) of one row of logits scaled by `a`.
+    fn row_stats(l: &[f32], a: f32, out: &mut (f32, f32)) {
+        let m = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * a;
+        let (mut s, mut sz) = ([0f32; 8], [0f32; 8]);
+        let chunks = l.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for k in 0..8 {
+                let z = c[k] * a;
+                let e = simd::exp(z - m);
+                s[k] += e;
+                sz[k] += e * z;
+            }
+        }
+        let (mut sum, mut sum_z) = (s.iter().sum::<f32>(), sz.iter().sum::<f32>());
+        for &v in rest {
+            let z = v * a;
+            let e = simd::exp(z - m);
+            sum += e;
+            sum_z += e * z;
+        }
+        *out = (m + simd::ln(sum), sum_z / sum);
+    }
+}
+
+multiversion! {
+    fn backward_row(l: &[f32], a: f32, lse: f32, h: f32, g_lp: f32, g_h: f32, dl: &mut [f32]) {
+        for (d, &v) in dl.iter_mut().zip(l) {
+            let z = v * a;
+            let p = simd::exp(z - lse);
+            *d = a * (-g_lp * p - g_h * p * (z - lse + h));
+        }
+    }
+}
+
+fn check_rows(logits: &Layout, targets: &[u32]) -> Result<(usize, usize)> {
+    let (rows, v) = logits.shape().dims2()?;
+    if targets.len() != rows {
+        candle_core::bail!("{rows} rows of logits but {} targets", targets.len());
+    }
+    if let Some(&y) = targets.iter().find(|&&y| y as usize >= v) {
+        candle_core::bail!("target {y} outside a vocabulary of {v}");
+    }
+    Ok((rows, v))
+}
+
+impl CustomOp2 for LogProbs {
+    fn name(&self) -> &'static str {
+        "fused-token-logprobs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let logits = contiguous_f32(s1, l1, self.name())?;
+        let targets = match l2.contiguous_offsets() {
+            Some((a, b)) => &s2.as_slice::<u32>()?[a..b],
+            None => candle_core::bail!("{}: targets must be contiguous", self.name()),
+        };
+        let (rows, v) = check_rows(l1, targets)?;
+        let a = self.inv_temperature;
+        let mut out = vec![0f32; rows * 2];
+        for (r, o) in out.chunks_exact_mut(2).enumerate() {
+            let row = &logits[r * v..(r + 1) * v];
+            let mut st = (0.0, 0.0);
+            row_stats(row, a, &mut st);
+            let (lse, mean_z) = st;
+            o[0] = row[targets[r] as usize] * a - lse;
+            o[1] = lse - mean_z;
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows, 2))))
+    }
+
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dl = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &LogProbsBackward(*self))?;
+        Ok((Some(dl), None))
+    }
+}
+
+/// (logits, targets, d(logprob, entropy)) to dlogits.
+struct LogProbsBackward(LogProbs);
+
+impl CustomOp3 for LogProbsBackward {
+    fn name(&self) -> &'static str {
+        "fused-token-logprobs-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let logits = contiguous_f32(s1, l1, self.name())?;
+        let targets = match l2.contiguous_offsets() {
+            Some((a, b)) => &s2.as_slice::<u32>()?[a..b],
+            None => candle_core::bail!("{}: targets must be contiguous", self.name()),
+        };
+        let grad = contiguous_f32(s3, l3, self.name())?;
+        let (_, v) = check_rows(l1, targets)?;
+        let a = self.0.inv_temperature;
+        let mut dl = vec![0f32; logits.len()];
+        for_each_chunk(&mut dl, v, |off, out| {
+            for (i, d) in out.chunks_exact_mut(v).enumerate() {
+                let r = off / v + i;
+                let row = &logits[r * v..(r + 1) * v];
+                let mut st = (0.0, 0.0);
+                row_stats(row, a, &mut st);
+                let (lse, mean_z) = st;
+                let (g_lp, g_h) = (grad[2 * r], grad[2 * r + 1]);
+                backward_row(row, a, lse, lse - mean_z, g_lp, g_h, d);
+                d[targets[r] as usize] += a * g_lp;
+            }
+        });
+        Ok((CpuStorage::F32(dl), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{random, rel_err};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn values_and_gradients_match_the_reference() {
+        for (i, (b, n, v, temp)) in [(1, 1, 3, 1.0), (2, 7, 37, 0.7), (16, 32, 512, 1.0), (3, 5, 1000, 1.3)].into_iter().enumerate() {
+            let logits = Var::from_tensor(&random(&[b, n, v], 8.0, i as u64)).unwrap();
+            let ids: Vec<u32> = (0..b * n).map(|k| ((k * 7919 + i) % v) as u32).collect();
+            let targets = Tensor::from_vec(ids, (b, n), &Device::Cpu).unwrap();
+            let (w1, w2) = (random(&[b, n], 1.0, 10 + i as u64), random(&[b, n], 1.0, 20 + i as u64));
+            let (lf, ef) = token_logprobs_entropy(logits.as_tensor(), &targets, temp).unwrap();
+            let (lr, er) = token_logprobs_entropy_reference(logits.as_tensor(), &targets, temp).unwrap();
+            assert!(rel_err(&lf, &lr) < 1e-5 && rel_err(&ef, &er) < 1e-5, "{b} {n} {v}");
+            let loss = |l: Tensor, e: Tensor| ((l * &w1).unwrap() + (e * &w2).unwrap()).unwrap().sum_all().unwrap();
+            let gf = loss(lf, ef).backward().unwrap();
+            let gr = loss(lr, er).backward().unwrap();
+            let e = rel_err(gf.get(&logits).unwrap(), gr.get(&logits).unwrap());
+            assert!(e < 1e-5, "{b} {n} {v}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_target_outside_the_vocabulary_is_an_error() {
+        let logits = random(&[2, 4], 1.0, 0);
+        let targets = Tensor::from_vec(vec![1u32, 4], 2, &Device::Cpu).unwrap();
+        assert!(token_logprobs_entropy(&logits, &targets, 1.0).is_err());
+    }
+}
