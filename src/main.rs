@@ -127,6 +127,9 @@ fn install_panic_logger() {
 fn main() -> ExitCode {
     // Before any thread starts: every compute thread belongs to a device executor.
     tandem_actors::device::init_compute_threads();
+    if std::env::var_os("TANDEM_REFERENCE_KERNELS").is_some_and(|v| v == "1") {
+        tandem_models::kernels::set_reference_only(true);
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     install_panic_logger();

@@ -32,13 +32,23 @@ pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 
 use candle_core::{CpuStorage, Layout, Result};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Elements below which a kernel runs on the calling thread alone.
 const PARALLEL_MIN: usize = 32 * 1024;
 
-/// True where the fused path applies: f32 on the CPU.
+static REFERENCE_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Makes every kernel run its reference composition (for A/B benchmarks and for ruling the
+/// kernels out when debugging). The environment variable `TANDEM_REFERENCE_KERNELS=1` sets it
+/// at start-up in the `tandem` binary.
+pub fn set_reference_only(on: bool) {
+    REFERENCE_ONLY.store(on, Ordering::Relaxed);
+}
+
+/// True where the fused path applies: f32 on the CPU, unless [`set_reference_only`].
 pub(crate) fn fused_applies(t: &candle_core::Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !REFERENCE_ONLY.load(Ordering::Relaxed)
 }
 
 /// The f32 slice a contiguous layout covers.
