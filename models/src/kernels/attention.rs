@@ -12,6 +12,8 @@
 //! Every key is scored, masked or not, exactly like the composition: a fully masked query row
 //! (left padding) gets the same uniform weights in both.
 
+#![allow(clippy::too_many_arguments)]
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -50,113 +52,132 @@ struct Attention {
     scale: f32,
 }
 
-multiversion! {
-    fn dot(a: &[f32], b: &[f32], out: &mut f32) {
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+/// y += a * x
+#[inline(always)]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// Below this a bias entry masks its key (the masks hold -1e9).
+const MASKED_BELOW: f32 = -1.0e8;
+
+/// Probabilities `p (t, t)` of one head of one batch row: `qkv` is that row, `bias` its
+/// (t, t) mask, `q0`/`k0` the head's offsets in a `qkv` row. A masked key gets exactly the
+/// zero the composition gives it (`exp(-1e9 - max)` is 0 in f32) without computing its score,
+/// unless every key of the row is masked, where the composition's uniform weights come from
+/// scoring them all.
+#[inline(always)]
+fn probs(qkv: &[f32], bias: &[f32], t: usize, w: usize, q0: usize, k0: usize, hd: usize, scale: f32, p: &mut [f32]) {
+    for i in 0..t {
+        let q = &qkv[i * w + q0..][..hd];
+        let (brow, row) = (&bias[i * t..(i + 1) * t], &mut p[i * t..(i + 1) * t]);
+        let all_masked = brow.iter().all(|&b| b < MASKED_BELOW);
+        let mut m = f32::NEG_INFINITY;
+        for (j, s) in row.iter_mut().enumerate() {
+            *s = if brow[j] < MASKED_BELOW && !all_masked {
+                f32::NEG_INFINITY
+            } else {
+                dot(q, &qkv[j * w + k0..][..hd]) * scale + brow[j]
+            };
+            m = m.max(*s);
+        }
+        for s in row.iter_mut() {
+            *s = if *s == f32::NEG_INFINITY { 0.0 } else { simd::exp(*s - m) };
+        }
         let mut acc = [0f32; 8];
-        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-        let (ar, br) = (ac.remainder(), bc.remainder());
-        for (x, y) in ac.zip(bc) {
+        let chunks = row.chunks_exact(8);
+        let mut sum = chunks.remainder().iter().sum::<f32>();
+        for c in chunks {
             for k in 0..8 {
-                acc[k] += x[k] * y[k];
+                acc[k] += c[k];
             }
         }
-        let mut s = acc.iter().sum::<f32>();
-        for (x, y) in ar.iter().zip(br) {
-            s += x * y;
-        }
-        *out = s;
-    }
-}
-
-multiversion! {
-    /// y += a * x
-    fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y += a * x;
-        }
-    }
-}
-
-multiversion! {
-    /// Softmax of `s` in place.
-    fn softmax(s: &mut [f32]) {
-        let m = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0f32;
-        for v in s.iter_mut() {
-            *v = simd::exp(*v - m);
-            sum += *v;
-        }
+        sum += acc.iter().sum::<f32>();
         let inv = 1.0 / sum;
-        for v in s.iter_mut() {
-            *v *= inv;
+        for s in row.iter_mut() {
+            *s *= inv;
         }
     }
 }
 
-impl Attention {
-    /// Probabilities `p (t, t)` of head `h` of one batch row (`qkv` is that row, `bias` its
-    /// (t, t) mask).
-    fn probs(&self, qkv: &[f32], bias: &[f32], t: usize, d: usize, h: usize, p: &mut [f32]) {
-        let hd = d / self.heads;
-        let (q0, k0) = (h * hd, d + h * hd);
-        for i in 0..t {
-            let q = &qkv[i * 3 * d + q0..][..hd];
-            let row = &mut p[i * t..(i + 1) * t];
-            for (j, s) in row.iter_mut().enumerate() {
-                let k = &qkv[j * 3 * d + k0..][..hd];
-                let mut qk = 0.0;
-                dot(q, k, &mut qk);
-                *s = qk * self.scale + bias[i * t + j];
-            }
-            softmax(row);
-        }
-    }
-
-    fn forward_row(&self, qkv: &[f32], bias: &[f32], t: usize, d: usize, y: &mut [f32]) {
-        let hd = d / self.heads;
+multiversion! {
+    /// `y (t, d)` of one batch row.
+    fn forward_row(qkv: &[f32], bias: &[f32], t: usize, d: usize, heads: usize, scale: f32, y: &mut [f32]) {
+        let (hd, w) = (d / heads, 3 * d);
         let mut p = vec![0f32; t * t];
-        for h in 0..self.heads {
-            self.probs(qkv, bias, t, d, h, &mut p);
+        for h in 0..heads {
+            probs(qkv, bias, t, w, h * hd, d + h * hd, hd, scale, &mut p);
             let v0 = 2 * d + h * hd;
             for i in 0..t {
                 let out = &mut y[i * d + h * hd..][..hd];
-                for j in 0..t {
-                    axpy(p[i * t + j], &qkv[j * 3 * d + v0..][..hd], out);
+                for (j, &pij) in p[i * t..(i + 1) * t].iter().enumerate() {
+                    if pij != 0.0 {
+                        axpy(pij, &qkv[j * w + v0..][..hd], out);
+                    }
                 }
             }
         }
     }
+}
 
-    fn backward_row(&self, qkv: &[f32], bias: &[f32], dy: &[f32], t: usize, d: usize, dqkv: &mut [f32]) {
-        let hd = d / self.heads;
+multiversion! {
+    /// `dqkv (t, 3d)` of one batch row from `dy (t, d)`.
+    fn backward_row(qkv: &[f32], bias: &[f32], dy: &[f32], t: usize, d: usize, heads: usize, scale: f32, dqkv: &mut [f32]) {
+        let (hd, w) = (d / heads, 3 * d);
         let mut p = vec![0f32; t * t];
         let mut dp = vec![0f32; t];
-        for h in 0..self.heads {
-            self.probs(qkv, bias, t, d, h, &mut p);
+        for h in 0..heads {
             let (q0, k0, v0) = (h * hd, d + h * hd, 2 * d + h * hd);
+            probs(qkv, bias, t, w, q0, k0, hd, scale, &mut p);
             for i in 0..t {
                 let dyi = &dy[i * d + h * hd..][..hd];
                 let pi = &p[i * t..(i + 1) * t];
-                // dP_ij = dy_i . v_j; dv_j += p_ij dy_i
+                // dP_ij = dy_i . v_j and dv_j += p_ij dy_i, where p_ij is not 0.
+                let mut r = 0f32;
                 for j in 0..t {
-                    dot(dyi, &qkv[j * 3 * d + v0..][..hd], &mut dp[j]);
-                    axpy(pi[j], dyi, &mut dqkv[j * 3 * d + v0..][..hd]);
+                    if pi[j] == 0.0 {
+                        dp[j] = 0.0;
+                        continue;
+                    }
+                    dp[j] = dot(dyi, &qkv[j * w + v0..][..hd]);
+                    r += pi[j] * dp[j];
+                    axpy(pi[j], dyi, &mut dqkv[j * w + v0..][..hd]);
                 }
                 // dS_ij = p_ij (dP_ij - sum_j p_ij dP_ij), times the scale for q and k.
-                let r: f32 = pi.iter().zip(&dp).map(|(p, g)| p * g).sum();
                 for j in 0..t {
-                    let ds = pi[j] * (dp[j] - r) * self.scale;
+                    let ds = pi[j] * (dp[j] - r) * scale;
                     if ds == 0.0 {
                         continue;
                     }
-                    let (kj, qi) = (j * 3 * d + k0, i * 3 * d + q0);
+                    let (kj, qi) = (j * w + k0, i * w + q0);
                     axpy(ds, &qkv[kj..][..hd], &mut dqkv[qi..][..hd]);
                     axpy(ds, &qkv[qi..][..hd], &mut dqkv[kj..][..hd]);
                 }
             }
         }
     }
+}
 
+impl Attention {
     fn check(&self, l: &Layout) -> Result<(usize, usize, usize)> {
         let (b, t, three_d) = l.shape().dims3()?;
         if three_d % 3 != 0 || (three_d / 3) % self.heads != 0 {
@@ -177,7 +198,8 @@ impl CustomOp2 for Attention {
         let bias = contiguous_f32(s2, l2, "fused-attention")?;
         let mut y = vec![0f32; b * t * d];
         y.par_chunks_mut(t * d).enumerate().for_each(|(r, y)| {
-            self.forward_row(&qkv[r * t * 3 * d..][..t * 3 * d], &bias[r * t * t..][..t * t], t, d, y)
+            let (qkv, bias) = (&qkv[r * t * 3 * d..][..t * 3 * d], &bias[r * t * t..][..t * t]);
+            forward_row(qkv, bias, t, d, self.heads, self.scale, y)
         });
         Ok((CpuStorage::F32(y), Shape::from((b, t, d))))
     }
@@ -211,14 +233,8 @@ impl CustomOp3 for AttentionBackward {
         let dy = contiguous_f32(s3, l3, self.name())?;
         let mut dqkv = vec![0f32; b * t * 3 * d];
         dqkv.par_chunks_mut(t * 3 * d).enumerate().for_each(|(r, dqkv)| {
-            self.0.backward_row(
-                &qkv[r * t * 3 * d..][..t * 3 * d],
-                &bias[r * t * t..][..t * t],
-                &dy[r * t * d..][..t * d],
-                t,
-                d,
-                dqkv,
-            )
+            let (qkv, bias, dy) = (&qkv[r * t * 3 * d..][..t * 3 * d], &bias[r * t * t..][..t * t], &dy[r * t * d..][..t * d]);
+            backward_row(qkv, bias, dy, t, d, self.0.heads, self.0.scale, dqkv)
         });
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
     }
