@@ -40,6 +40,9 @@ pub enum BenchCommand {
     Overlap(crate::bench_overlap::OverlapBench),
     /// Weight transfer to a worker node over loopback vs a plain TCP copy of the same bytes.
     Cluster(crate::bench_cluster::ClusterBench),
+    /// The whole PPO loop on the shared peer workload: episodes/s, learner GFLOP/s and its
+    /// fraction of the machine's GEMM rate.
+    Ppo(crate::bench_ppo::PpoBench),
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +72,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Generate(args) => generate_bench(&args),
         BenchCommand::Overlap(args) => crate::bench_overlap::run(&args),
         BenchCommand::Cluster(args) => crate::bench_cluster::run(&args),
+        BenchCommand::Ppo(args) => crate::bench_ppo::run(&args),
     }
 }
 

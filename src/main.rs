@@ -10,6 +10,7 @@
 mod bench;
 mod bench_cluster;
 mod bench_overlap;
+mod bench_ppo;
 mod device;
 mod error;
 mod inspect;

@@ -152,3 +152,134 @@ fn bench_cluster_runs_over_tls() {
     assert!(report["cluster_mb_per_s"].as_f64().unwrap() > 0.0, "{report}");
     assert_eq!(report["per_version"].as_array().unwrap().len(), 2);
 }
+
+/// `tandem bench ppo` on a tiny built-in shape: the JSON line has every figure, finite and
+/// positive, and the figures agree with each other.
+#[test]
+fn bench_ppo_reports_consistent_figures() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "bench",
+            "ppo",
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--vocab",
+            "64",
+            "--prompts-per-step",
+            "8",
+            "--prompt-len",
+            "4",
+            "--new-tokens",
+            "4",
+            "--epochs",
+            "2",
+            "--minibatch",
+            "4",
+            "--threads",
+            "1",
+            "--steps",
+            "2",
+            "--matmul-secs",
+            "0.05",
+        ])
+        .output_within();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("some output");
+    let r: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("last line not JSON ({e}): {last}"));
+    let num = |key: &str| -> f64 {
+        let v = r[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {r}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+        v
+    };
+    for key in [
+        "episodes_per_s",
+        "learner_tokens_per_s",
+        "learner_gflops",
+        "matmul_gflops",
+        "learner_fraction_of_matmul",
+        "peak_rss_mb",
+        "learner_s_per_step",
+        "step_s",
+        "learner_gflop_per_step",
+    ] {
+        num(key);
+    }
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
+    assert!(close(
+        num("learner_fraction_of_matmul"),
+        num("learner_gflops") / num("matmul_gflops")
+    ));
+    assert!(close(num("episodes_per_s"), 8.0 / num("step_s")));
+    assert!(close(
+        num("learner_gflops"),
+        num("learner_gflop_per_step") / num("learner_s_per_step")
+    ));
+    // 2 epochs × 8 episodes × (4 prompt + 4 response) tokens a step.
+    assert!(close(num("learner_tokens_per_s"), 128.0 / num("learner_s_per_step")));
+    assert!(num("learner_s_per_step") <= num("step_s"), "{r}");
+    for (key, want) in [
+        ("layers", 1),
+        ("hidden", 32),
+        ("vocab", 64),
+        ("prompt_tokens", 4),
+        ("seq_len", 8),
+        ("ppo_epochs", 2),
+        ("minibatch_size", 4),
+        ("threads", 1),
+        ("timed_steps", 1),
+    ] {
+        assert_eq!(r[key], want, "{key}: {r}");
+    }
+    assert_eq!(r["workload"], "builtin");
+    assert_eq!(r["matmul_shapes"].as_array().map(Vec::len), Some(3), "{r}");
+}
+
+#[test]
+fn bench_ppo_rejects_bad_arguments_naming_them() {
+    for (args, named) in [
+        (&["--steps", "1"][..], "--steps"),
+        (&["--model", "/nonexistent"][..], "--reward"),
+        (&["--reward", "/nonexistent"][..], "--model"),
+        (&["--hidden", "30", "--heads", "4"][..], "--hidden"),
+        (&["--minibatch", "0"][..], "--minibatch"),
+        (
+            &[
+                "--model",
+                "/nonexistent/p",
+                "--reward",
+                "/nonexistent/r",
+                "--vocab",
+                "64",
+            ][..],
+            "--vocab",
+        ),
+        (
+            &[
+                "--model",
+                "/nonexistent/p",
+                "--reward",
+                "/nonexistent/r",
+                "--prompts",
+                "/nonexistent/x",
+            ][..],
+            "--model",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["bench", "ppo"])
+            .args(args)
+            .output_within();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?} should name {named}: {stderr}");
+    }
+}

@@ -1,0 +1,727 @@
+//! `tandem bench ppo`: the whole PPO loop on the shared peer workload, and how close the
+//! learner runs to the machine's f32 GEMM rate.
+//!
+//! # The workload
+//!
+//! By default the shapes of the shared peer workload (`../shared/peers/trl_match.toml`, the
+//! same work as TRL's `PPOTrainer` in `trl_ppo_bench.py`): a GPT-2 of 4 layers × 256 wide with 4
+//! heads and a vocabulary of 512; 64 prompts of 16 tokens a step, 32 new tokens each at
+//! temperature 1 with no stop token; 4 PPO epochs × 4 minibatches of 16; the critic
+//! initialised from the reward model; a fixed KL coefficient of 0.05; learning rates 1e-5; sync
+//! mode (`max_staleness = 0`); every stage on the one device `cpu:0` with `--threads` threads.
+//!
+//! - `--model DIR --reward DIR`: HF checkpoint directories (as made by
+//!   `../shared/peers/make_tiny_models.py`: `policy/`, `reward/`, `prompts.jsonl`); the prompts
+//!   default to `prompts.jsonl` beside the policy directory. This is exactly the peer workload.
+//! - Built-in (neither flag): nothing outside the repository is read. The bench writes a
+//!   randomly initialised GPT-2 policy and a randomly initialised GPT-2 reward model of the same
+//!   shape (`--layers`, `--hidden`, `--heads`, `--vocab`; default the peer's 4 × 256, 4 heads,
+//!   vocabulary 512), each in HF layout with a word-level tokenizer of `--vocab` tokens, and a
+//!   prompts file of random `--prompt-len`-word prompts, into a temporary directory. Of what
+//!   the built-in configs offer (a critic started from the policy with a rule-based reward, or
+//!   a reward model), this is the closest to the peer: the same reward-model forward on the
+//!   sampling side, the critic started from the reward model, and the vocabulary of the peer
+//!   (the built-in word tokenizer of `runtime::builtin` has only ~114 tokens). Every prompt is
+//!   exactly `--prompt-len` tokens.
+//!
+//! The pipeline runs in-process (`tandem_runtime::run`, like `tandem run`) with metrics,
+//! checkpoints between steps and the trajectory store off (`store.retention = "none"`; the
+//! peer persists nothing either). `--set KEY=VALUE` overrides are applied last.
+//!
+//! # What is measured
+//!
+//! `--steps` learner steps run (default 5); the first `--warmup` (default 1) are left out,
+//! since the first step also pays for start-up (loading, first-touch allocations). Over the
+//! remaining steps:
+//!
+//! - `step_s`: mean wall-clock time between consecutive learner steps (sync mode: generation,
+//!   reward, value and learning of one step, back to back);
+//! - `episodes_per_s` = prompts_per_step × samples_per_prompt / `step_s`;
+//! - `learner_s_per_step`: mean time of the learner's PPO step (`StepReport::learn_s`: all
+//!   epochs and minibatches, optimiser steps included; the weight publication after it is
+//!   `weight_sync_s`, reported apart);
+//! - `learner_tokens_per_s` = ppo_epochs × B × T / `learner_s_per_step`: token positions pushed
+//!   forward and backward through policy and critic per second, with B = episodes per step and
+//!   T = prompt + response tokens (the padded length the learner computes on: the longest
+//!   prompt after truncation plus `--new-tokens`, which every response reaches with no stop);
+//! - `learner_gflops` = learner FLOPs per step / `learner_s_per_step` / 1e9, the FLOPs counted
+//!   from the model shapes:
+//!
+//!   ```text
+//!   fwd(model) = 2·P_mm + 4·L·T·H·h_d       per token
+//!     P_mm  = L·(d·H·h_d + 2·d·K·h_d + H·h_d·d + M·d·f) + head
+//!             (Q, K and V projections, attention output, MLP with M = 2 matrices for GPT-2,
+//!              3 for gated SiLU; head = d·V for the policy's LM head, d for the critic's score)
+//!     4·L·T·H·h_d: attention scores Q·Kᵀ and the weighted sum of V over all T positions
+//!   learner FLOPs per step = 3 · ppo_epochs · B · T · (fwd(policy) + fwd(critic))
+//!   ```
+//!
+//!   (×3: the backward pass costs two forwards). d = hidden, L = layers, H = heads, K = key/value
+//!   heads, h_d = head dim, f = MLP width, V = vocabulary. Norms, activations, softmax, the
+//!   loss and the optimiser are not counted, nor any extra forward pass the learner makes
+//!   (e.g. recomputing log-probs at the start of the step): the figure is the useful work, so a
+//!   faster learner for the same shapes always shows a higher figure.
+//! - `matmul_gflops`: the machine's f32 GEMM rate at the learner's dominant shapes, measured in
+//!   the same process after the run, with candle's `Tensor::matmul` inside a rayon pool of the
+//!   learner's thread count (the same way a device executor runs it): (mb·T, d)×(d, qkv),
+//!   (mb·T, d)×(d, f) and (mb·T, f)×(f, d), mb = minibatch size, T as above. After one untimed
+//!   product per shape, three rounds over the shapes each repeat a shape for a third of
+//!   `--matmul-secs`; a shape's rate is its best round (so other load on the machine lowers
+//!   the reference as little as possible, and the fraction errs low), and `matmul_gflops` is
+//!   the rate of one product of each shape: their FLOPs over their summed best times.
+//!   `learner_fraction_of_matmul` = `learner_gflops` / `matmul_gflops`.
+//! - `peak_rss_mb`: the process's peak resident set (`VmHWM` in `/proc/self/status`), in MiB.
+//!
+//! Human-readable lines come first; the last line of stdout is one JSON object.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use clap::Args;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde_json::json;
+use tandem_actors::StepReport;
+use tandem_models::config::Architecture;
+use tandem_models::{save_checkpoint, snapshot, LanguageModel, ModelConfig, ScalarModel, TextTokenizer, WeightInit};
+use tandem_runtime::config::BadLinePolicy;
+use tandem_runtime::{Config, RunOptions};
+
+use crate::error::{bad_input, BadInput};
+
+#[derive(Debug, Args)]
+pub struct PpoBench {
+    /// Policy checkpoint directory (HF layout); needs --reward. Without both, built-in
+    /// randomly initialised models of the peer shapes are used.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Reward-model checkpoint directory (HF layout); the critic starts from it. Needs --model.
+    #[arg(long, value_name = "DIR")]
+    reward: Option<PathBuf>,
+    /// Prompts JSONL. Default with --model: `prompts.jsonl` beside the policy directory;
+    /// built-in: random prompts of --prompt-len words.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// Learner steps to run.
+    #[arg(long, default_value_t = 5)]
+    steps: u64,
+    /// Steps left out of the figures at the start.
+    #[arg(long, default_value_t = 1)]
+    warmup: u64,
+    /// Threads of the one device (cpu:0) every stage runs on; also the GEMM reference's pool.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Prompts per learner step.
+    #[arg(long, default_value_t = 64)]
+    prompts_per_step: usize,
+    /// Prompt tokens (prompts are left-truncated to this; built-in prompts have exactly this).
+    #[arg(long, default_value_t = 16)]
+    prompt_len: usize,
+    /// Tokens generated per prompt (no stop token, so always this many).
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// PPO epochs per step.
+    #[arg(long, default_value_t = 4)]
+    epochs: usize,
+    /// Trajectories per minibatch.
+    #[arg(long, default_value_t = 16)]
+    minibatch: usize,
+    /// Built-in models: transformer layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Built-in models: hidden width.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Built-in models: attention heads.
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Built-in models: vocabulary size (word-level tokenizer).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Seconds of timed GEMM per reference shape.
+    #[arg(long, default_value_t = 0.5)]
+    matmul_secs: f64,
+    /// Seed for the run (and the built-in weights and prompts).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Extra config overrides, applied after the bench's own settings.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+/// Built-in defaults: the peer's GPT-2.
+const LAYERS: usize = 4;
+const HIDDEN: usize = 256;
+const HEADS: usize = 4;
+const VOCAB: usize = 512;
+/// Position table of the built-in models (the peer's `n_positions`).
+const POSITIONS: usize = 256;
+
+/// Where the models and prompts come from, resolved.
+struct Workload {
+    policy: PathBuf,
+    reward: PathBuf,
+    prompts: PathBuf,
+    builtin: bool,
+}
+
+fn validate(args: &PpoBench) -> anyhow::Result<()> {
+    for (name, v) in [
+        ("--threads", args.threads),
+        ("--prompts-per-step", args.prompts_per_step),
+        ("--prompt-len", args.prompt_len),
+        ("--new-tokens", args.new_tokens),
+        ("--epochs", args.epochs),
+        ("--minibatch", args.minibatch),
+    ] {
+        if v == 0 {
+            return bad_input!("{name} must be at least 1");
+        }
+    }
+    if args.steps <= args.warmup {
+        return bad_input!(
+            "--steps ({}) must exceed --warmup ({}): at least one step must be timed",
+            args.steps,
+            args.warmup
+        );
+    }
+    if args.minibatch > args.prompts_per_step {
+        return bad_input!(
+            "--minibatch ({}) must not exceed --prompts-per-step ({})",
+            args.minibatch,
+            args.prompts_per_step
+        );
+    }
+    if !(args.matmul_secs.is_finite() && args.matmul_secs > 0.0) {
+        return bad_input!(
+            "--matmul-secs must be a positive number of seconds, not {}",
+            args.matmul_secs
+        );
+    }
+    match (&args.model, &args.reward) {
+        (Some(_), None) => return bad_input!("--model needs --reward (the reward model the critic starts from)"),
+        (None, Some(_)) => return bad_input!("--reward needs --model (the policy checkpoint)"),
+        (Some(_), Some(_)) => {
+            for (name, v) in [
+                ("--layers", args.layers),
+                ("--hidden", args.hidden),
+                ("--heads", args.heads),
+                ("--vocab", args.vocab),
+            ] {
+                if v.is_some() {
+                    return bad_input!("{name} sizes the built-in models; it cannot be used with --model/--reward");
+                }
+            }
+        }
+        (None, None) => {
+            let (hidden, heads) = (args.hidden.unwrap_or(HIDDEN), args.heads.unwrap_or(HEADS));
+            for (name, v) in [
+                ("--layers", args.layers),
+                ("--hidden", args.hidden),
+                ("--heads", args.heads),
+            ] {
+                if v == Some(0) {
+                    return bad_input!("{name} must be at least 1");
+                }
+            }
+            if hidden % heads != 0 {
+                return bad_input!("--hidden ({hidden}) must be a multiple of --heads ({heads})");
+            }
+            if args.vocab.unwrap_or(VOCAB) < 8 {
+                return bad_input!("--vocab must be at least 8");
+            }
+            if args.prompt_len + args.new_tokens > POSITIONS {
+                return bad_input!(
+                    "--prompt-len + --new-tokens ({}) exceeds the built-in models' {POSITIONS} positions",
+                    args.prompt_len + args.new_tokens
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The word-level `tokenizer.json` of the built-in models: `<|endoftext|>` (id 0: pad and
+/// end of text), `<unk>` (1), then the words `w2` .. `w{vocab-1}`, split on whitespace.
+fn word_tokenizer_json(vocab: usize) -> String {
+    let mut map = serde_json::Map::new();
+    map.insert("<|endoftext|>".into(), json!(0));
+    map.insert("<unk>".into(), json!(1));
+    for i in 2..vocab {
+        map.insert(format!("w{i}"), json!(i));
+    }
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": map, "unk_token": "<unk>"}
+    })
+    .to_string()
+}
+
+/// Writes the built-in policy, reward model and prompts under `dir` (see the module docs).
+fn write_builtin(args: &PpoBench, dir: &Path) -> anyhow::Result<Workload> {
+    let vocab = args.vocab.unwrap_or(VOCAB);
+    let config = ModelConfig::gpt2(
+        vocab,
+        args.hidden.unwrap_or(HIDDEN),
+        args.layers.unwrap_or(LAYERS),
+        args.heads.unwrap_or(HEADS),
+        POSITIONS,
+    );
+    let tokenizer = TextTokenizer::from_json(&word_tokenizer_json(vocab), Path::new("<bench word tokenizer>"))?;
+    let dev = Device::Cpu;
+    let policy = dir.join("policy");
+    let (_, vars) = LanguageModel::trainable(&config, WeightInit::Random { seed: args.seed }, &dev)?;
+    save_checkpoint(&policy, &config, &snapshot(&vars)?, None)?;
+    tokenizer.save_to_dir(&policy)?;
+    let reward = dir.join("reward");
+    let rm_config = config.with_head(tandem_models::HeadKind::Scalar);
+    let (_, vars) = ScalarModel::trainable(&rm_config, WeightInit::Random { seed: args.seed + 1 }, &dev)?;
+    save_checkpoint(&reward, &rm_config, &snapshot(&vars)?, None)?;
+    tokenizer.save_to_dir(&reward)?;
+
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut text = String::new();
+    for _ in 0..(4 * args.prompts_per_step).max(256) {
+        let words: Vec<String> = (0..args.prompt_len)
+            .map(|_| format!("w{}", rng.random_range(2..vocab)))
+            .collect();
+        writeln!(text, "{}", json!({ "prompt": words.join(" ") }))?;
+    }
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(&prompts, text).with_context(|| format!("writing {}", prompts.display()))?;
+    Ok(Workload {
+        policy,
+        reward,
+        prompts,
+        builtin: true,
+    })
+}
+
+/// The absolute form of a path the user named with the argument `name`.
+fn canonical(p: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(p).map_err(|e| anyhow::Error::new(BadInput(format!("{name} {}: {e}", p.display()))))
+}
+
+fn toml_path(p: &Path) -> anyhow::Result<String> {
+    let s = p
+        .to_str()
+        .with_context(|| format!("{} is not valid UTF-8", p.display()))?;
+    // A TOML literal string holds any path without escapes except one with a single quote.
+    if s.contains('\'') || s.contains('\n') {
+        return bad_input!("path {s:?} contains a quote or newline, which the bench cannot pass on");
+    }
+    Ok(format!("'{s}'"))
+}
+
+/// The peer workload's config (`../shared/peers/trl_match.toml`) at the bench's sizes.
+fn config_text(args: &PpoBench, w: &Workload) -> anyhow::Result<String> {
+    Ok(format!(
+        r#"seed = {seed}
+steps = {steps}
+
+[mode]
+max_staleness = 0
+
+[models.policy]
+path = {policy}
+
+[models.critic]
+init = "reward_model"
+
+[reward]
+kind = "reward_model"
+model = {reward}
+
+[data]
+prompts = {prompts}
+prompt_max_tokens = {prompt_len}
+prompts_per_step = {pps}
+prompts_per_ticket = {pps}
+
+[sampling]
+max_new_tokens = {new_tokens}
+temperature = 1.0
+
+[algorithm]
+ppo_epochs = {epochs}
+minibatch_size = {minibatch}
+policy_lr = 1e-5
+critic_lr = 1e-5
+kl = {{ kind = "fixed", beta = 0.05 }}
+
+[placement]
+rollout_devices = ["cpu:0"]
+rollouts_per_device = 1
+reward_device = "cpu:0"
+value_device = "cpu:0"
+learner_device = "cpu:0"
+threads_per_device = {threads}
+
+[metrics]
+enabled = false
+
+[checkpoint]
+every = 0
+keep = 1
+
+[store]
+retention = "none"
+"#,
+        seed = args.seed,
+        steps = args.steps,
+        policy = toml_path(&w.policy)?,
+        reward = toml_path(&w.reward)?,
+        prompts = toml_path(&w.prompts)?,
+        prompt_len = args.prompt_len,
+        pps = args.prompts_per_step,
+        new_tokens = args.new_tokens,
+        epochs = args.epochs,
+        minibatch = args.minibatch,
+        threads = args.threads,
+    ))
+}
+
+/// Matmul parameters and attention width of one model, for the FLOP count.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    mlp_hidden: usize,
+    vocab: usize,
+    /// 2 for GPT-2's MLP (up, down); 3 for a gated SiLU MLP (gate, up, down).
+    mlp_mats: usize,
+}
+
+impl Shape {
+    fn of(config: &ModelConfig) -> Self {
+        let d = config.dims();
+        Shape {
+            layers: d.layers,
+            hidden: d.hidden,
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+            mlp_hidden: d.mlp_hidden,
+            vocab: d.vocab_size,
+            mlp_mats: if matches!(config.arch, Architecture::Gpt2(_)) {
+                2
+            } else {
+                3
+            },
+        }
+    }
+
+    /// Q, K, V projection width.
+    fn qkv(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// Weights multiplied per token by the transformer blocks.
+    fn block_matmul_params(&self) -> f64 {
+        let (d, a) = (self.hidden as f64, (self.heads * self.head_dim) as f64);
+        let per_layer = d * self.qkv() as f64 + a * d + (self.mlp_mats * self.mlp_hidden) as f64 * d;
+        self.layers as f64 * per_layer
+    }
+
+    /// Forward FLOPs per token at sequence length `t` with an output head of `head` weights.
+    fn forward_flops_per_token(&self, t: usize, head: f64) -> f64 {
+        let attention = 4.0 * (self.layers * t * self.heads * self.head_dim) as f64;
+        2.0 * (self.block_matmul_params() + head) + attention
+    }
+}
+
+/// One GEMM shape, (m, k) × (k, n), and its best round.
+struct GemmRate {
+    name: &'static str,
+    m: usize,
+    k: usize,
+    n: usize,
+    gflops: f64,
+}
+
+/// Timed rounds per GEMM shape; each shape's figure is its best round.
+const GEMM_ROUNDS: usize = 3;
+
+/// f32 GEMM with candle at each shape, in the current rayon pool: [`GEMM_ROUNDS`] rounds over
+/// all shapes, `secs / GEMM_ROUNDS` seconds (and at least 3 products) per shape and round, after
+/// one untimed product per shape.
+fn measure_gemm(shapes: &[(&'static str, usize, usize, usize)], secs: f64) -> anyhow::Result<Vec<GemmRate>> {
+    let dev = Device::Cpu;
+    let mut operands = vec![];
+    for &(_, m, k, n) in shapes {
+        let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let b = Tensor::randn(0f32, 0.05, (k, n), &dev)?;
+        a.matmul(&b)?; // untimed: first touch of the output and packing buffers
+        operands.push((a, b));
+    }
+    let mut best = vec![0f64; shapes.len()];
+    for _ in 0..GEMM_ROUNDS {
+        for (i, (a, b)) in operands.iter().enumerate() {
+            let (mut reps, start) = (0usize, Instant::now());
+            while reps < 3 || start.elapsed().as_secs_f64() < secs / GEMM_ROUNDS as f64 {
+                drop(a.matmul(b)?);
+                reps += 1;
+            }
+            let (_, m, k, n) = shapes[i];
+            let rate = 2.0 * (m * k * n * reps) as f64 / start.elapsed().as_secs_f64() / 1e9;
+            best[i] = best[i].max(rate);
+        }
+    }
+    Ok(shapes
+        .iter()
+        .zip(best)
+        .map(|(&(name, m, k, n), gflops)| GemmRate { name, m, k, n, gflops })
+        .collect())
+}
+
+/// Peak resident set size in MiB (`VmHWM`), if the platform reports it.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn mean(xs: impl IntoIterator<Item = f64>) -> f64 {
+    let (sum, n) = xs.into_iter().fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        sum / n as f64
+    }
+}
+
+pub fn run(args: &PpoBench) -> anyhow::Result<()> {
+    validate(args)?;
+    let dir = std::env::temp_dir().join(format!("tandem-bench-ppo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = run_in(args, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
+    let work = match (&args.model, &args.reward) {
+        (Some(model), Some(reward)) => {
+            let prompts = match &args.prompts {
+                Some(p) => p.clone(),
+                None => {
+                    let p = model.parent().unwrap_or(Path::new(".")).join("prompts.jsonl");
+                    if !p.is_file() {
+                        return bad_input!(
+                            "no --prompts given and {} does not exist (the default beside --model)",
+                            p.display()
+                        );
+                    }
+                    p
+                }
+            };
+            Workload {
+                policy: canonical(model, "--model")?,
+                reward: canonical(reward, "--reward")?,
+                prompts: canonical(&prompts, "--prompts")?,
+                builtin: false,
+            }
+        }
+        _ => {
+            let mut w = write_builtin(args, &dir.join("models"))?;
+            if let Some(p) = &args.prompts {
+                w.prompts = canonical(p, "--prompts")?;
+            }
+            w
+        }
+    };
+
+    let policy_cfg = ModelConfig::from_dir(&work.policy)?;
+    let critic_cfg = ModelConfig::from_dir(&work.reward)?;
+    let (policy, critic) = (Shape::of(&policy_cfg), Shape::of(&critic_cfg));
+    // The learner's padded length: the longest prompt after truncation, plus the response.
+    let tokenizer = TextTokenizer::from_dir(&work.policy)?;
+    let prompt_set =
+        tandem_runtime::prompts::load_prompts(&work.prompts, &tokenizer, args.prompt_len, BadLinePolicy::Error)?;
+    let prompt_tokens = prompt_set.prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let prompt_tokens_mean = mean(prompt_set.prompts.iter().map(|p| p.len() as f64));
+
+    let config_path = dir.join("bench_ppo.toml");
+    std::fs::write(&config_path, config_text(args, &work)?)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let cfg = Config::load(&config_path, &args.set)?;
+    let episodes = cfg.data.prompts_per_step * cfg.data.samples_per_prompt;
+    let epochs = cfg.algorithm.ppo_epochs;
+    let minibatch = cfg.algorithm.minibatch_size;
+    let threads = cfg.placement.threads_per_device;
+    let t = prompt_tokens + cfg.sampling.max_new_tokens;
+
+    println!(
+        "{} policy {}x{} ({} heads, vocab {}), critic from the reward model {}x{}; {episodes} episodes of \
+         {prompt_tokens}+{} tokens a step, {epochs} epochs x minibatches of {minibatch}; cpu:0 with {threads} thread(s)",
+        if work.builtin { "built-in" } else { "checkpoint" },
+        policy.layers,
+        policy.hidden,
+        policy.heads,
+        policy.vocab,
+        critic.layers,
+        critic.hidden,
+        cfg.sampling.max_new_tokens,
+    );
+
+    let summary = crate::run::run_config(
+        &cfg,
+        RunOptions {
+            run_dir: dir.join("run"),
+            ..Default::default()
+        },
+    )?;
+    let reports: &[StepReport] = &summary.reports;
+    let warmup = args.warmup as usize;
+    if reports.len() <= warmup {
+        anyhow::bail!(
+            "the run ended after {} of {} steps{}",
+            reports.len(),
+            args.steps,
+            if summary.interrupted { " (interrupted)" } else { "" }
+        );
+    }
+    let timed = &reports[warmup..];
+    // Step k's time is the wall clock from the end of step k-1 to the end of step k.
+    let step_s = mean(
+        reports
+            .windows(2)
+            .skip(warmup.saturating_sub(1))
+            .map(|w| w[1].wall_s - w[0].wall_s),
+    );
+    let learner_s = mean(timed.iter().map(|r| r.learn_s));
+    let generate_s = mean(timed.iter().map(|r| r.generate_s));
+    let reward_s = mean(timed.iter().map(|r| r.reward_s));
+    let value_s = mean(timed.iter().map(|r| r.value_s));
+    let weight_sync_s = mean(timed.iter().map(|r| r.weight_sync_s));
+
+    let tokens_per_step = (epochs * episodes * t) as f64;
+    let flops_per_token = 3.0
+        * (policy.forward_flops_per_token(t, (policy.hidden * policy.vocab) as f64)
+            + critic.forward_flops_per_token(t, critic.hidden as f64));
+    let learner_flop_per_step = tokens_per_step * flops_per_token;
+    let learner_gflops = learner_flop_per_step / learner_s / 1e9;
+    let learner_tokens_per_s = tokens_per_step / learner_s;
+    let episodes_per_s = episodes as f64 / step_s;
+
+    // The GEMM reference, at the policy's shapes for one minibatch, on the learner's threads.
+    let rows = minibatch * t;
+    let shapes = [
+        ("qkv", rows, policy.hidden, policy.qkv()),
+        ("mlp_up", rows, policy.hidden, policy.mlp_hidden),
+        ("mlp_down", rows, policy.mlp_hidden, policy.hidden),
+    ];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building the GEMM reference's thread pool")?;
+    let gemm = pool.install(|| measure_gemm(&shapes, args.matmul_secs))?;
+    // The rate of the three products done once each: their FLOPs over their summed times.
+    let gemm_flops: Vec<f64> = gemm.iter().map(|g| 2.0 * (g.m * g.k * g.n) as f64).collect();
+    let matmul_gflops =
+        gemm_flops.iter().sum::<f64>() / gemm.iter().zip(&gemm_flops).map(|(g, f)| f / g.gflops).sum::<f64>();
+    let fraction = learner_gflops / matmul_gflops;
+    let rss = peak_rss_mb();
+
+    let n = timed.len();
+    println!(
+        "step {step_s:.3}s over {n} step(s) after {warmup} warm-up: {episodes_per_s:.2} episodes/s; \
+         generate {generate_s:.3}s, reward {reward_s:.3}s, value {value_s:.3}s, learner {learner_s:.3}s, weight sync {weight_sync_s:.3}s"
+    );
+    println!(
+        "learner: {:.1} GFLOP a step (policy + critic, fwd + bwd), {learner_tokens_per_s:.0} tokens/s, {learner_gflops:.1} GFLOP/s",
+        learner_flop_per_step / 1e9
+    );
+    for g in &gemm {
+        println!(
+            "gemm {:<8} ({}x{})x({}x{}): {:.1} GFLOP/s",
+            g.name, g.m, g.k, g.k, g.n, g.gflops
+        );
+    }
+    println!(
+        "learner at {:.0}% of the GEMM rate ({matmul_gflops:.1} GFLOP/s on {threads} thread(s)); peak RSS {}",
+        100.0 * fraction,
+        rss.map_or("unknown".into(), |r| format!("{r:.0} MiB"))
+    );
+    let gemm_json: Vec<_> = gemm
+        .iter()
+        .map(|g| json!({"name": g.name, "m": g.m, "k": g.k, "n": g.n, "gflops": g.gflops}))
+        .collect();
+    crate::print_json(&json!({
+        "episodes_per_s": episodes_per_s,
+        "learner_tokens_per_s": learner_tokens_per_s,
+        "learner_gflops": learner_gflops,
+        "matmul_gflops": matmul_gflops,
+        "learner_fraction_of_matmul": fraction,
+        "peak_rss_mb": rss,
+        "step_s": step_s,
+        "learner_s_per_step": learner_s,
+        "generate_s": generate_s,
+        "reward_s": reward_s,
+        "value_s": value_s,
+        "weight_sync_s": weight_sync_s,
+        "learner_gflop_per_step": learner_flop_per_step / 1e9,
+        "matmul_shapes": gemm_json,
+        "workload": if work.builtin { "builtin" } else { "checkpoint" },
+        "layers": policy.layers,
+        "hidden": policy.hidden,
+        "heads": policy.heads,
+        "vocab": policy.vocab,
+        "critic_layers": critic.layers,
+        "critic_hidden": critic.hidden,
+        "episodes_per_step": episodes,
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_mean": prompt_tokens_mean,
+        "new_tokens": cfg.sampling.max_new_tokens,
+        "seq_len": t,
+        "ppo_epochs": epochs,
+        "minibatch_size": minibatch,
+        "threads": threads,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "timed_steps": n,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The peer workload's learner does about 0.5 TFLOP a step (issue 16's estimate).
+    #[test]
+    fn peer_workload_flops_match_the_hand_count() {
+        let config = ModelConfig::gpt2(512, 256, 4, 4, 256);
+        let policy = Shape::of(&config);
+        assert_eq!(policy.block_matmul_params(), 4.0 * 12.0 * 256.0 * 256.0);
+        let t = 48;
+        let fwd = policy.forward_flops_per_token(t, 256.0 * 512.0);
+        let by_hand = 2.0 * (4.0 * 12.0 * 65536.0 + 256.0 * 512.0) + 4.0 * 4.0 * 48.0 * 256.0;
+        assert_eq!(fwd, by_hand);
+        let critic = policy.forward_flops_per_token(t, 256.0);
+        let step = 3.0 * (4 * 64 * t) as f64 * (fwd + critic);
+        assert!((0.45e12..0.55e12).contains(&step), "{step}");
+    }
+
+    #[test]
+    fn word_tokenizer_has_the_requested_vocabulary() {
+        let t = TextTokenizer::from_json(&word_tokenizer_json(64), Path::new("<test>")).unwrap();
+        assert_eq!(t.vocab_size(), 64);
+        assert_eq!(t.encode("w2 w63 w10").unwrap(), vec![2, 63, 10]);
+        assert_eq!(t.token_to_id("<|endoftext|>"), Some(0));
+    }
+}
