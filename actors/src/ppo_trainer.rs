@@ -166,6 +166,8 @@ impl Default for TrainerConfig {
 /// What one step measured.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct StepStats {
+    /// Every trajectory came from the trained version (pi_prox = the samplers' log-probs).
+    pub on_policy: bool,
     pub reward_mean: f64,
     pub reward_std: f64,
     pub score_mean: f64,
@@ -656,6 +658,7 @@ impl PpoTrainer {
         let r_std = (rewards.iter().map(|r| (r - r_mean).powi(2)).sum::<f64>() / n as f64).sqrt();
         let u = updates.max(1) as f64;
         let stats = StepStats {
+            on_policy,
             reward_mean: r_mean,
             reward_std: r_std,
             score_mean: batch.iter().map(|t| t.score as f64).sum::<f64>() / n as f64,
