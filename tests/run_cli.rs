@@ -197,7 +197,10 @@ fn bad_sampling_and_algorithm_settings_exit_2_naming_the_key_before_writing() {
         ("algorithm.kl={ kind = \"fixed\", beta = -1.0 }", "algorithm.kl.beta"),
         ("algorithm.ema_decay=1.0", "algorithm.ema_decay"),
         ("algorithm.ptx_coef=1.0", "data.pretrain"),
-        ("algorithm.loss={ behaviour_weight_cap = 0.5 }", "algorithm.loss.behaviour_weight_cap"),
+        (
+            "algorithm.loss={ behaviour_weight_cap = 0.5 }",
+            "algorithm.loss.behaviour_weight_cap",
+        ),
     ];
     for (i, (set, key)) in cases.iter().enumerate() {
         let run_dir = dir.path().join(format!("r{i}"));

@@ -62,8 +62,8 @@ use tandem_models::adamw::ParamsAdamW;
 use tandem_models::batch::{PadSide, PaddedBatch, PromptResponseBatch};
 use tandem_models::rl::{
     clip_grad_norm, gae, grpo_advantages, masked_whiten, ppo_loss, rloo_advantages, with_ptx, Ema, GaeConfig,
-    GrpoConfig, KlController, KlControllerConfig, KlLossInputs, PpoInputs, PpoLossConfig, RewardConfig,
-    RunningMeanStd, ScoreNormalization, ValueInputs,
+    GrpoConfig, KlController, KlControllerConfig, KlLossInputs, PpoInputs, PpoLossConfig, RewardConfig, RunningMeanStd,
+    ScoreNormalization, ValueInputs,
 };
 use tandem_models::{snapshot, AdamW, LanguageModel, ScalarModel};
 
@@ -343,7 +343,12 @@ impl PpoTrainer {
     /// The EMA of the policy weights (with `ema_decay`), by name.
     pub fn ema_weights(&self) -> Option<HashMap<String, Tensor>> {
         let ema = self.ema.as_ref()?;
-        Some(sorted_names(&self.policy_vars).into_iter().zip(ema.shadow().iter().cloned()).collect())
+        Some(
+            sorted_names(&self.policy_vars)
+                .into_iter()
+                .zip(ema.shadow().iter().cloned())
+                .collect(),
+        )
     }
 
     /// Makes every loss of these steps NaN (fault injection for the non-finite guard).
@@ -598,7 +603,10 @@ impl PpoTrainer {
                         old_values: o,
                         returns: r,
                     }),
-                    kl: (kl_penalty == KlPenalty::Loss).then_some(KlLossInputs { ref_logp: &ref_mb, beta }),
+                    kl: (kl_penalty == KlPenalty::Loss).then_some(KlLossInputs {
+                        ref_logp: &ref_mb,
+                        beta,
+                    }),
                     mask: &m,
                 };
                 let mut out = ppo_loss(&self.cfg.loss, &inputs).map_err(rl)?;
@@ -900,7 +908,10 @@ mod tests {
         let (_, out) = t.step_with_outputs(&b, 0, 0).unwrap();
         for (i, o) in out.iter().enumerate() {
             let want = if i < K { 0.0 } else { SCORES[i] as f64 - 1.5 };
-            assert!(o.advantages.iter().all(|&a| (a as f64 - want).abs() < 1e-6), "{i}: {o:?}");
+            assert!(
+                o.advantages.iter().all(|&a| (a as f64 - want).abs() < 1e-6),
+                "{i}: {o:?}"
+            );
         }
     }
 
@@ -1014,7 +1025,14 @@ mod tests {
         let mut moved = 0.0f64;
         for (name, e) in &ema {
             let want = ((&before[name] * 0.75).unwrap() + (&after[name] * 0.25).unwrap()).unwrap();
-            let diff = (e - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (e - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff < 1e-6, "{name}: {diff}");
             moved += (&after[name] - &before[name])
                 .unwrap()

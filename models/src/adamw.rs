@@ -231,7 +231,10 @@ mod tests {
             } else {
                 (1.0 - P.lr) as f32
             };
-            assert!(got.iter().all(|&x| (x - want).abs() < 1e-6), "{name}: {got:?}, want {want}");
+            assert!(
+                got.iter().all(|&x| (x - want).abs() < 1e-6),
+                "{name}: {got:?}, want {want}"
+            );
         }
     }
 

@@ -399,15 +399,33 @@ impl ModelConfig {
 /// and what it would have to hold to load (see the module docs).
 pub const MATH_KEYS_REFUSED: &[(&str, &str)] = &[
     ("rope_scaling", "null (scaled RoPE is not implemented)"),
-    ("use_sliding_window", "false (sliding-window attention is not implemented)"),
-    ("partial_rotary_factor", "1.0 (partial rotary embeddings are not implemented)"),
+    (
+        "use_sliding_window",
+        "false (sliding-window attention is not implemented)",
+    ),
+    (
+        "partial_rotary_factor",
+        "1.0 (partial rotary embeddings are not implemented)",
+    ),
     ("mlp_bias", "false (MLP biases are not implemented)"),
     ("attn_logit_softcapping", "null (logit soft-capping is not implemented)"),
-    ("final_logit_softcapping", "null (logit soft-capping is not implemented)"),
-    ("scale_attn_by_inverse_layer_idx", "false (GPT-2 per-layer attention scaling is not implemented)"),
-    ("reorder_and_upcast_attn", "false (GPT-2's reordered attention is not implemented)"),
+    (
+        "final_logit_softcapping",
+        "null (logit soft-capping is not implemented)",
+    ),
+    (
+        "scale_attn_by_inverse_layer_idx",
+        "false (GPT-2 per-layer attention scaling is not implemented)",
+    ),
+    (
+        "reorder_and_upcast_attn",
+        "false (GPT-2's reordered attention is not implemented)",
+    ),
     ("add_cross_attention", "false (cross-attention is not implemented)"),
-    ("tie_word_embeddings", "true for GPT-2 (its LM head is always the token embedding)"),
+    (
+        "tie_word_embeddings",
+        "true for GPT-2 (its LM head is always the token embedding)",
+    ),
 ];
 
 /// Refuses keys that would change the math in ways tandem does not implement.

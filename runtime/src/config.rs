@@ -869,7 +869,11 @@ impl Config {
         let bad = |key: &str, want: &str, got: &dyn std::fmt::Display| Err(format!("{key} must be {want}, got {got}"));
         let s = &self.sampling;
         if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
-            return bad("sampling.temperature", "a finite number >= 0 (0 = greedy)", &s.temperature);
+            return bad(
+                "sampling.temperature",
+                "a finite number >= 0 (0 = greedy)",
+                &s.temperature,
+            );
         }
         if !(s.top_p > 0.0 && s.top_p <= 1.0) {
             return bad("sampling.top_p", "in (0, 1]", &s.top_p);
@@ -902,7 +906,10 @@ impl Config {
                 return bad(key, "a finite number >= 0", &v);
             }
         }
-        for (key, v) in [("algorithm.gae.gamma", a.gae.gamma), ("algorithm.gae.lambda", a.gae.lambda)] {
+        for (key, v) in [
+            ("algorithm.gae.gamma", a.gae.gamma),
+            ("algorithm.gae.lambda", a.gae.lambda),
+        ] {
             if !(0.0..=1.0).contains(&v) {
                 return bad(key, "in [0, 1]", &v);
             }

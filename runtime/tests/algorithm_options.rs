@@ -28,7 +28,11 @@ async fn ptx_ema_running_normalisation_and_dr_grpo_run_from_a_config() {
     assert_eq!(s.reports.len(), 3);
     for r in &s.reports {
         // Scores normalised by statistics that include the batch: near mean 0 for step 0.
-        assert!(r.stats.ptx_logprob < 0.0 && r.stats.ptx_logprob.is_finite(), "{:?}", r.stats);
+        assert!(
+            r.stats.ptx_logprob < 0.0 && r.stats.ptx_logprob.is_finite(),
+            "{:?}",
+            r.stats
+        );
         assert!(r.stats.kl_loss >= 0.0, "{:?}", r.stats);
     }
     assert!(s.reports[0].stats.reward_mean.abs() < 1e-4, "{:?}", s.reports[0].stats);

@@ -157,7 +157,12 @@ async fn publish_every_2_finishes_and_reports_its_staleness_in_sync_mode() {
         // Versions 0, 2, 4 are published: step k samples with version k - k % 2.
         let lag = x.step % 2;
         assert_eq!(x.policy_version, x.step);
-        assert_eq!((x.staleness_max, x.staleness_mean), (lag, lag as f64), "step {}", x.step);
+        assert_eq!(
+            (x.staleness_max, x.staleness_mean),
+            (lag, lag as f64),
+            "step {}",
+            x.step
+        );
         assert_eq!(x.stats.on_policy, lag == 0, "step {}", x.step);
         assert_eq!(x.dropped_stale, 0);
     }

@@ -138,6 +138,8 @@ pub fn aggregate(x: &Tensor, mask: &Tensor, aggregation: Aggregation) -> Result<
     match aggregation {
         Aggregation::TokenMean => masked_mean(x, mask),
         Aggregation::SeqMean => Ok(masked_row_mean(x, mask)?.mean_all()?),
-        Aggregation::TokenSum => invalid!("token_sum aggregation needs its constant normaliser (PpoLossConfig::token_sum_norm)"),
+        Aggregation::TokenSum => {
+            invalid!("token_sum aggregation needs its constant normaliser (PpoLossConfig::token_sum_norm)")
+        }
     }
 }

@@ -54,7 +54,8 @@ pub use logprob::{entropy_from_logits, token_logprobs};
 pub use masked::{aggregate, masked_mean, masked_var, row_lengths, Aggregation};
 pub use optim::{clip_grad_norm, global_grad_norm, Ema, GradAccumulator, LrDecay, LrSchedule};
 pub use ppo::{
-    ppo_loss, KlLossInputs, PpoInputs, PpoLossConfig, PpoLossOutput, PpoStats, ValueInputs, DEFAULT_BEHAVIOUR_WEIGHT_CAP,
+    ppo_loss, KlLossInputs, PpoInputs, PpoLossConfig, PpoLossOutput, PpoStats, ValueInputs,
+    DEFAULT_BEHAVIOUR_WEIGHT_CAP,
 };
 pub use ptx::{ptx_loss, with_ptx};
 pub use rewards::{per_token_rewards, FixedGainBias, RewardConfig, RunningMeanStd, ScoreNormalization, TokenRewards};

@@ -254,9 +254,7 @@ impl Ema {
 
     /// Replaces the averaged values (a restored checkpoint); same count and shapes as the vars.
     pub fn set_shadow(&mut self, shadow: Vec<Tensor>) -> Result<()> {
-        if shadow.len() != self.sources.len()
-            || shadow.iter().zip(&self.sources).any(|(s, v)| s.dims() != v.dims())
-        {
+        if shadow.len() != self.sources.len() || shadow.iter().zip(&self.sources).any(|(s, v)| s.dims() != v.dims()) {
             invalid!("EMA state does not match the parameters (count or shapes)");
         }
         self.shadow = shadow

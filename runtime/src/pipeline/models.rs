@@ -103,7 +103,10 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
     let mut algorithm = cfg.algorithm.clone();
     if algorithm.loss.aggregation == Aggregation::TokenSum {
         // Dr. GRPO's constant: the generation budget.
-        algorithm.loss.token_sum_norm.get_or_insert(cfg.sampling.max_new_tokens as f64);
+        algorithm
+            .loss
+            .token_sum_norm
+            .get_or_insert(cfg.sampling.max_new_tokens as f64);
     }
     let mut trainer = PpoTrainer::new(
         algorithm,
@@ -116,7 +119,10 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
     )?;
     trainer.inject_nonfinite_loss(cfg.faults.nonfinite_loss_steps.clone());
     if let Some(path) = &cfg.data.pretrain {
-        trainer.set_pretraining(load_pretraining(path, &policy.tokenizer, cfg.data.pretrain_max_tokens)?, cfg.data.pretrain_rows)?;
+        trainer.set_pretraining(
+            load_pretraining(path, &policy.tokenizer, cfg.data.pretrain_max_tokens)?,
+            cfg.data.pretrain_rows,
+        )?;
     }
     Ok(BuiltLearner {
         trainer,
