@@ -172,3 +172,49 @@ fn a_malformed_prompt_line_is_reported_with_its_number() {
         &["prompts.jsonl:3", "malformed JSON"],
     );
 }
+
+#[test]
+fn bad_sampling_and_algorithm_settings_exit_2_naming_the_key_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str)] = &[
+        ("sampling.temperature=-0.5", "sampling.temperature"),
+        ("sampling.temperature=nan", "sampling.temperature"),
+        ("sampling.top_p=0.0", "sampling.top_p"),
+        ("sampling.top_p=1.5", "sampling.top_p"),
+        ("data.prompt_max_tokens=0", "data.prompt_max_tokens"),
+        ("algorithm.ppo_epochs=0", "algorithm.ppo_epochs"),
+        ("algorithm.policy_lr=-1e-4", "algorithm.policy_lr"),
+        ("algorithm.critic_lr=-1e-4", "algorithm.critic_lr"),
+        ("algorithm.minibatch_size=0", "algorithm.minibatch_size"),
+        ("mode.publish_every=0", "mode.publish_every"),
+        ("algorithm.gae={ gamma = 1.0, lambda = 1.5 }", "algorithm.gae.lambda"),
+        ("algorithm.gae={ gamma = 1.0, lambda = -0.1 }", "algorithm.gae.lambda"),
+        ("algorithm.loss={ clip_eps = -0.2 }", "algorithm.loss.clip_eps"),
+        (
+            "algorithm.kl={ kind = \"adaptive\", init_beta = -0.1, target = 4.0 }",
+            "algorithm.kl.init_beta",
+        ),
+        ("algorithm.kl={ kind = \"fixed\", beta = -1.0 }", "algorithm.kl.beta"),
+        ("algorithm.ema_decay=1.0", "algorithm.ema_decay"),
+        ("algorithm.ptx_coef=1.0", "data.pretrain"),
+        (
+            "algorithm.loss={ behaviour_weight_cap = 0.5 }",
+            "algorithm.loss.behaviour_weight_cap",
+        ),
+    ];
+    for (i, (set, key)) in cases.iter().enumerate() {
+        let run_dir = dir.path().join(format!("r{i}"));
+        fails_with(
+            &[
+                "run",
+                &config("quickstart.toml"),
+                "--set",
+                set,
+                "--run-dir",
+                run_dir.to_str().unwrap(),
+            ],
+            &[key],
+        );
+        assert!(!run_dir.exists(), "{set}: the run directory was written");
+    }
+}

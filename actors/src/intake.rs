@@ -6,7 +6,7 @@
 //! because its policy was too old; a new ticket from the feeder's bounded channel (waiting for
 //! one). The ticket is recorded in the sampler's [`HeldTickets`] as soon as it is taken, so a
 //! failure from then on reissues it. A ticket meant for a step beyond `version +
-//! max_staleness` is put aside ([`Next::Wait`]) until a newer policy arrives; a reissued ticket
+//! max_lag` is put aside ([`Next::Wait`]) until a newer policy arrives; a reissued ticket
 //! is only taken when ready, so it never waits behind one meant for a later step.
 
 use crate::channel::StageReceiver;
@@ -31,7 +31,7 @@ pub struct TicketIntake {
     tickets: StageReceiver<WorkTicket>,
     reissued: ReissueQueue,
     held: HeldTickets,
-    max_staleness: u64,
+    max_lag: u64,
     put_aside: Option<WorkTicket>,
 }
 
@@ -41,21 +41,21 @@ impl TicketIntake {
         tickets: StageReceiver<WorkTicket>,
         reissued: ReissueQueue,
         held: HeldTickets,
-        max_staleness: u64,
+        max_lag: u64,
     ) -> Self {
         Self {
             name: name.to_string(),
             tickets,
             reissued,
             held,
-            max_staleness,
+            max_lag,
             put_aside: None,
         }
     }
 
     /// The next ticket a sampler holding policy `version` may sample.
     pub async fn next(&mut self, version: u64) -> Next {
-        let limit = version + self.max_staleness;
+        let limit = version + self.max_lag;
         let ticket = match self.reissued.pop_ready(limit) {
             Some(t) => {
                 tracing::info!(actor = %self.name, ticket = t.id, "sampling a reissued ticket");

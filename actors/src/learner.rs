@@ -1,9 +1,12 @@
 //! The learner actor: asks the replay buffer for a batch, runs one PPO step on its device,
 //! publishes the new weights and reports the step.
 //!
-//! Versions: the learner trains version k on step k and then publishes version k + 1 (every
-//! `publish_every` steps, and always after the last step), so samplers in sync mode wait for
-//! exactly the weights the previous step produced. The step's report carries the losses,
+//! Versions: the learner trains version k on step k (the weights after k steps) and then
+//! publishes version k + 1 every `publish_every` steps, and always after the last step. In
+//! sync mode with `publish_every = 1` samplers wait for exactly the weights the previous step
+//! produced; with `publish_every = M` they sample steps up to M - 1 past the newest published
+//! version, so the learner sees staleness up to M - 1 in sync mode (reported, and corrected by
+//! the decoupled PPO weight like any stale data). The step's report carries the losses,
 //! the staleness of the batch, the seconds each stage spent on it and the time spent copying
 //! and handing out weights.
 //!
@@ -78,7 +81,7 @@ pub enum LearnerEvent {
     /// Write a checkpoint of the state before `step`; the learner waits for the answer.
     Checkpoint {
         step: u64,
-        /// The policy version samplers hold (published after step - 1).
+        /// The version of the learner's weights (`step`); a resumed run publishes them as such.
         version: u64,
         wall_s: f64,
         reply: tokio::sync::oneshot::Sender<Result<(), String>>,
@@ -271,8 +274,9 @@ impl Actor for LearnerActor {
         st.args.meter.items(1);
         st.args.meter.set_state(ActorState::Idle);
         let sync_start = Instant::now();
+        // The weights now hold this step's update, published or not.
+        st.version += 1;
         if let Some((policy, critic)) = weights {
-            st.version += 1;
             let now = Instant::now();
             let wrap = |tensors| {
                 Arc::new(WeightsSnapshot {

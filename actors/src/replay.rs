@@ -7,7 +7,7 @@
 //! itself never blocks on the channel, so a learner's request is answered as soon as the data
 //! is there. The learner asks for a batch with the policy version it is
 //! about to train ([`ReplayMsg::NextBatch`]); the buffer first drops — and counts — every
-//! trajectory older than `version - max_staleness`, then answers with the `batch_size` oldest
+//! trajectory older than `version - max_lag`, then answers with the `batch_size` oldest
 //! trajectories in (ticket, row) order, or keeps the request until enough have arrived. That
 //! order makes a sync-mode batch independent of which sampler finished first.
 //!
@@ -83,7 +83,8 @@ pub struct ReplayArgs {
     pub input: Option<StageReceiver<TrajectoryBatch>>,
     pub capacity: usize,
     pub batch_size: usize,
-    pub max_staleness: u64,
+    /// Drop trajectories whose policy lags the learner's version by more than this.
+    pub max_lag: u64,
     /// Hand stale trajectories to the learner (for the trajectory store) instead of discarding them.
     pub keep_dropped: bool,
     /// This actor's measurements.
@@ -222,7 +223,7 @@ impl ReplayActor {
             let _ = reply.send(None);
             return;
         }
-        let s = st.args.max_staleness;
+        let s = st.args.max_lag;
         let before = st.buffer.len();
         let (keep, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut st.buffer)
             .into_iter()

@@ -2,8 +2,9 @@
 //!
 //! It holds a policy built over the latest [`SharedWeights`] it adopted (sharing the tensors)
 //! and loops: take a ticket from the bounded ticket channel, wait until its policy is recent
-//! enough for the ticket (`ticket.step <= version + max_staleness`; in sync mode that means
-//! exactly the learner's current version), generate on its device with the ticket's seed,
+//! enough for the ticket (`ticket.step <= version + max_lag`, `max_lag = max_staleness +
+//! publish_every - 1`; in sync mode with a publish every step that means exactly the
+//! learner's current version), generate on its device with the ticket's seed,
 //! and push the batch into the bounded channel to the reward stage — waiting there when the
 //! reward stage is full. New weights are swapped in between generation batches, never during
 //! one. The loop ends when the ticket channel closes or the downstream channel is gone.
@@ -46,7 +47,8 @@ pub struct RolloutArgs {
     pub executor: Arc<Executor>,
     pub config: ModelConfig,
     pub sampling: SamplingConfig,
-    pub max_staleness: u64,
+    /// How many versions a policy may lag the ticket's step (see the module docs).
+    pub max_lag: u64,
     pub tickets: StageReceiver<WorkTicket>,
     pub out: StageSender<TrajectoryBatch>,
     pub snapshot: ActorRef<SnapshotMsg>,
@@ -79,7 +81,7 @@ impl Actor for RolloutActor {
             args.tickets.clone(),
             args.reissued.clone(),
             args.held.clone(),
-            args.max_staleness,
+            args.max_lag,
         );
         Ok(RolloutState {
             args,

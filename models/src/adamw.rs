@@ -5,6 +5,11 @@
 //! (decoupled weight decay, bias-corrected moments; a test checks it step for step against
 //! candle's) over named parameters, and exposes its state as a name → tensor map
 //! (`m/NAME`, `v/NAME`) plus the step count, ready for safetensors.
+//!
+//! Weight decay applies to weight matrices only, as in Hugging Face's trainer and minGPT:
+//! parameters of rank < 2 (biases, LayerNorm / RMSNorm gains) and the token and position
+//! embeddings (`wte`, `wpe`, `embed_tokens`, and so a head tied to them) are never decayed
+//! ([`decays`]). Without weight decay the arithmetic is candle's exactly.
 
 use std::collections::HashMap;
 
@@ -20,6 +25,16 @@ struct Slot {
     var: Var,
     m: Var,
     v: Var,
+    /// Whether weight decay applies ([`decays`]).
+    decay: bool,
+}
+
+/// Whether AdamW decays the parameter `name` of this shape: matrices yes; biases, norm gains
+/// (rank < 2) and embedding tables (`wte`, `wpe`, `embed_tokens`) no.
+pub fn decays(name: &str, var: &Var) -> bool {
+    let module = name.strip_suffix(".weight").unwrap_or(name);
+    let last = module.rsplit('.').next().unwrap_or(module);
+    var.rank() >= 2 && !matches!(last, "wte" | "wpe" | "embed_tokens" | "embed_positions")
 }
 
 pub struct AdamW {
@@ -46,7 +61,8 @@ impl AdamW {
             .map(|(name, var)| {
                 let m = Var::zeros(var.shape(), var.dtype(), var.device())?;
                 let v = Var::zeros(var.shape(), var.dtype(), var.device())?;
-                Ok(Slot { name, var, m, v })
+                let decay = decays(&name, &var);
+                Ok(Slot { name, var, m, v, decay })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -90,7 +106,11 @@ impl AdamW {
             let next_v = ((s.v.as_tensor() * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let m_hat = (&next_m * scale_m)?;
             let v_hat = (&next_v * scale_v)?;
-            let decayed = (s.var.as_tensor() * (1.0 - p.lr * p.weight_decay))?;
+            let decayed = if s.decay && p.weight_decay != 0.0 {
+                (s.var.as_tensor() * (1.0 - p.lr * p.weight_decay))?
+            } else {
+                s.var.as_tensor().clone()
+            };
             let update = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
             let next = (decayed - (update * p.lr)?)?;
             s.m.set(&next_m)?;
@@ -175,6 +195,45 @@ mod tests {
             assert_eq!(
                 w1.as_tensor().to_vec2::<f32>().unwrap(),
                 w2.as_tensor().to_vec2::<f32>().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn weight_decay_skips_biases_norm_gains_and_embeddings() {
+        let dev = Device::Cpu;
+        let named: Vec<(String, Var)> = [
+            ("transformer.h.0.attn.c_attn.weight", vec![2usize, 2]),
+            ("transformer.h.0.attn.c_attn.bias", vec![2]),
+            ("transformer.ln_f.weight", vec![2]),
+            ("transformer.wte.weight", vec![3, 2]),
+            ("transformer.wpe.weight", vec![3, 2]),
+            ("model.embed_tokens.weight", vec![3, 2]),
+            ("lm_head.weight", vec![3, 2]),
+        ]
+        .into_iter()
+        .map(|(n, shape)| (n.to_string(), Var::ones(shape, DType::F32, &dev).unwrap()))
+        .collect();
+        let mut opt = AdamW::new(named.clone(), P).unwrap();
+        // Gradient 1 everywhere: Adam's first step moves every entry by -lr; decay multiplies
+        // the decayed ones by 1 - lr * wd first.
+        let sum = named
+            .iter()
+            .map(|(_, v)| v.as_tensor().sum_all().unwrap())
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap();
+        opt.step(&sum.backward().unwrap()).unwrap();
+        let decayed = (1.0 - P.lr * P.weight_decay - P.lr) as f32;
+        for (name, v) in &named {
+            let got = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = if name.ends_with("c_attn.weight") || name == "lm_head.weight" {
+                decayed
+            } else {
+                (1.0 - P.lr) as f32
+            };
+            assert!(
+                got.iter().all(|&x| (x - want).abs() < 1e-6),
+                "{name}: {got:?}, want {want}"
             );
         }
     }

@@ -5,6 +5,18 @@
 //! transformers writes, so a checkpoint saved by tandem loads in transformers and vice versa.
 //! The `architectures` entry decides the head: `*ForCausalLM` / `GPT2LMHeadModel` is a language
 //! model, `*ForSequenceClassification` a scalar (reward / value) model.
+//!
+//! Keys that change the math are honoured or refused, never ignored: honoured are the
+//! dimensions, `n_inner`, `layer_norm_epsilon`, `rms_norm_eps`, `activation_function` /
+//! `hidden_act` (the supported ones), `scale_attn_weights`, `rope_theta`, `head_dim`,
+//! `attention_bias` (Llama; Qwen2 always has q/k/v biases) and `tie_word_embeddings`
+//! (Qwen2/Llama). Refused with [`ModelError::BadConfig`] naming the key
+//! ([`MATH_KEYS_REFUSED`]): `rope_scaling` (Llama-3.1-style and other scaled RoPE tables),
+//! `use_sliding_window = true`, `partial_rotary_factor != 1`, `mlp_bias = true`, logit
+//! soft-capping, and for GPT-2 `scale_attn_by_inverse_layer_idx`, `reorder_and_upcast_attn`,
+//! `add_cross_attention` and `tie_word_embeddings = false`. Everything else (dropouts,
+//! `initializer_range`, `use_cache`, `torch_dtype`, `max_window_layers` without a sliding
+//! window, ...) is metadata and loads.
 
 use std::path::Path;
 
@@ -143,6 +155,7 @@ impl ModelConfig {
                 key: "model_type",
                 msg: "missing".into(),
             })?;
+        refuse_math_keys(&v, model_type, path)?;
         let parse = |what| -> Result<LlamaConfig> {
             serde_json::from_value(v.clone()).map_err(|e| ModelError::BadConfig {
                 path: path.into(),
@@ -380,6 +393,62 @@ impl ModelConfig {
             pad_token_id: Some(0),
         }
     }
+}
+
+/// Config keys whose non-default values tandem does not implement, per model type: the key
+/// and what it would have to hold to load (see the module docs).
+pub const MATH_KEYS_REFUSED: &[(&str, &str)] = &[
+    ("rope_scaling", "null (scaled RoPE is not implemented)"),
+    (
+        "use_sliding_window",
+        "false (sliding-window attention is not implemented)",
+    ),
+    (
+        "partial_rotary_factor",
+        "1.0 (partial rotary embeddings are not implemented)",
+    ),
+    ("mlp_bias", "false (MLP biases are not implemented)"),
+    ("attn_logit_softcapping", "null (logit soft-capping is not implemented)"),
+    (
+        "final_logit_softcapping",
+        "null (logit soft-capping is not implemented)",
+    ),
+    (
+        "scale_attn_by_inverse_layer_idx",
+        "false (GPT-2 per-layer attention scaling is not implemented)",
+    ),
+    (
+        "reorder_and_upcast_attn",
+        "false (GPT-2's reordered attention is not implemented)",
+    ),
+    ("add_cross_attention", "false (cross-attention is not implemented)"),
+    (
+        "tie_word_embeddings",
+        "true for GPT-2 (its LM head is always the token embedding)",
+    ),
+];
+
+/// Refuses keys that would change the math in ways tandem does not implement.
+fn refuse_math_keys(v: &Value, model_type: &str, path: &Path) -> Result<()> {
+    let gpt2 = model_type == "gpt2";
+    for &(key, want) in MATH_KEYS_REFUSED {
+        let Some(x) = v.get(key) else { continue };
+        let ok = match key {
+            "rope_scaling" | "attn_logit_softcapping" | "final_logit_softcapping" => x.is_null(),
+            "partial_rotary_factor" => x.is_null() || x.as_f64() == Some(1.0),
+            "tie_word_embeddings" => !gpt2 || x.as_bool() != Some(false),
+            // Qwen2 attends over a sliding window only when use_sliding_window is true.
+            _ => x.is_null() || x.as_bool() == Some(false),
+        };
+        if !ok {
+            return Err(ModelError::BadConfig {
+                path: path.into(),
+                key,
+                msg: format!("{x} is not supported: it must be {want}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn token_id(v: &Value) -> Option<u32> {

@@ -13,8 +13,10 @@
 //! log q >= log softmax(logits / T) for every sampled token. `full_logprobs` holds the latter,
 //! untruncated log-prob at the same temperature, which is what a learner recomputing
 //! `token_logprobs(.., temperature)` gets back for an unchanged policy. With temperature 1 and
-//! no truncation the two agree. Greedy decoding is a point mass: its `logprobs` are 0 and
-//! `full_logprobs` are log softmax(logits).
+//! no truncation the two agree. Greedy decoding (`greedy = true`, or temperature 0, which
+//! means the same thing) is a point mass: its `logprobs` are 0 and `full_logprobs` are
+//! log softmax(logits), at temperature 1 — the temperature every consumer of these log-probs
+//! (reference model, learner) must use too: [`SamplingConfig::logprob_temperature`].
 //!
 //! Sampling uses the caller's seeded RNG and walks tokens in a fixed order, so a seed gives the
 //! same responses every time (and the same with or without the cache, up to float rounding).
@@ -34,7 +36,7 @@ use crate::model::LanguageModel;
 pub struct SamplingConfig {
     /// Upper bound on generated tokens per prompt.
     pub max_new_tokens: usize,
-    /// Logits are divided by this before softmax; 0 means greedy.
+    /// Logits are divided by this before softmax; 0 means greedy (log-probs at 1).
     #[serde(default = "one")]
     pub temperature: f64,
     /// Keep only the k most likely tokens; 0 disables.
@@ -74,6 +76,21 @@ impl SamplingConfig {
             max_new_tokens,
             greedy: true,
             ..Self::default()
+        }
+    }
+
+    /// Whether decoding is greedy: `greedy = true` or temperature 0.
+    pub fn is_greedy(&self) -> bool {
+        self.greedy || self.temperature == 0.0
+    }
+
+    /// The temperature of the recorded `full_logprobs`, hence the one the reference and the
+    /// learner must score with: 1 when greedy, else `temperature`.
+    pub fn logprob_temperature(&self) -> f64 {
+        if self.is_greedy() {
+            1.0
+        } else {
+            self.temperature
         }
     }
 
@@ -137,7 +154,7 @@ impl Generation {
 
 /// Samples one token from a row of logits; returns (token, log q, full log-prob).
 pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> (u32, f32, f32) {
-    let greedy = cfg.greedy || cfg.temperature == 0.0;
+    let greedy = cfg.is_greedy();
     let t = if greedy { 1.0 } else { cfg.temperature as f32 };
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     // log-sum-exp in f64 for a stable normaliser.

@@ -66,6 +66,7 @@ mod rl {
                 old_values: &b.old_values,
                 returns: &b.returns,
             }),
+            kl: None,
             mask: &b.mask,
         }
     }
@@ -77,6 +78,7 @@ mod rl {
             vf_coef: 0.5,
             entropy_coef: 0.01,
             aggregation,
+            token_sum_norm: None,
             behaviour_weight_cap: None,
         }
     }
@@ -193,6 +195,72 @@ mod rl {
         let mut i = inputs(&b, None);
         i.mask = &empty_row;
         bad(&cfg(Aggregation::SeqMean), &i);
+    }
+
+    #[test]
+    fn kl_loss_term_adds_beta_times_aggregated_k3() {
+        let b = hand_batch();
+        // ref_logp - logp = d per real token: k3 = exp(d) - 1 - d.
+        let d = [[0.5f64, -1.0, 0.0], [2.0, 0.0, 0.0]];
+        let logp = v2(&b.logp);
+        let ref_logp = t2(&[
+            &[logp[0][0] + d[0][0], logp[0][1] + d[0][1], logp[0][2] + d[0][2]],
+            &[logp[1][0] + d[1][0], NAN, 0.0],
+        ]);
+        let k3 = |d: f64| d.exp() - 1.0 - d;
+        let plain = ppo_loss(&cfg(Aggregation::TokenMean), &inputs(&b, None)).unwrap();
+        assert!(plain.kl_loss.is_none());
+        let mut i = inputs(&b, None);
+        let logp_var = Var::from_tensor(&b.logp).unwrap();
+        i.logp = logp_var.as_tensor();
+        i.kl = Some(KlLossInputs {
+            ref_logp: &ref_logp,
+            beta: 0.3,
+        });
+        let out = ppo_loss(&cfg(Aggregation::TokenMean), &i).unwrap();
+        let want = (k3(0.5) + k3(-1.0) + k3(0.0) + k3(2.0)) / 4.0;
+        close(out.kl_loss.unwrap() as f64, want, 1e-6);
+        close(s(&out.loss), s(&plain.loss) + 0.3 * want, 1e-9);
+        // Its gradient flows into logp: d k3 / d logp = 1 - exp(d), times beta / 4, on top of
+        // the policy gradient of the plain loss.
+        let grads = out.loss.backward().unwrap();
+        let gl = v2(grads.get(&logp_var).unwrap());
+        let plain_grad = [0.0, -0.125, 0.5];
+        for t in 0..3 {
+            close(gl[0][t], plain_grad[t] + 0.3 * (1.0 - d[0][t].exp()) / 4.0, 1e-9);
+        }
+    }
+
+    #[test]
+    fn token_sum_divides_each_rows_sum_by_the_constant() {
+        let b = hand_batch();
+        let mut c = cfg(Aggregation::TokenSum);
+        // Without its constant the config is refused.
+        assert!(ppo_loss(&c, &inputs(&b, None)).is_err());
+        c.token_sum_norm = Some(5.0);
+        let out = ppo_loss(&c, &inputs(&b, None)).unwrap();
+        // Policy per token (-1.2, -0.5, 2.0 | 0.8): sum 1.1 over 2 rows x 5.
+        close(out.policy_loss as f64, 1.1 / 10.0, 1e-6);
+        // Value per token sums to 1.79; entropy to 5.0.
+        close(out.value_loss.unwrap() as f64, 1.79 / 10.0, 1e-6);
+        close(out.entropy.unwrap() as f64, 0.5, 1e-6);
+        c.token_sum_norm = Some(0.0);
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_behaviour_weight_is_capped_at_2_by_default() {
+        assert_eq!(PpoLossConfig::default().behaviour_weight_cap, Some(2.0));
+        let b = hand_batch();
+        // Behaviour log-probs log(50) below prox on every token: raw weight 50.
+        let behaviour = (&b.prox - 50f64.ln()).unwrap();
+        let c = PpoLossConfig {
+            entropy_coef: 0.01,
+            ..PpoLossConfig::default()
+        };
+        let out = ppo_loss(&c, &inputs(&b, Some(&behaviour))).unwrap();
+        close(out.stats.behaviour_weight_mean.unwrap() as f64, 2.0, 1e-6);
+        close(out.stats.behaviour_weight_trunc_frac.unwrap() as f64, 1.0, 1e-7);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! | file | what |
 //! |---|---|
 //! | `policy/`, `critic/` | the weights in Hugging Face layout with the tokenizer (loadable by transformers and `tandem inspect`) |
-//! | `optimizer.safetensors` | AdamW moments, `policy/m/NAME`, `policy/v/NAME`, `critic/...` |
+//! | `optimizer.safetensors` | AdamW moments, `policy/m/NAME`, `policy/v/NAME`, `critic/...`; the policy's EMA as `ema/NAME` (with `algorithm.ema_decay`); running score statistics as `score_norm` (with `reward.normalize = "running"`) |
 //! | `replay.bin` | the replay buffer's unconsumed trajectories (bincode, with length and CRC32) |
 //! | `state.json` | step, policy version, optimiser step counts, KL beta (exact bits), tickets accounted for, stale-drop count, wall seconds |
 //! | `config.toml` | the run's resolved config |
@@ -40,7 +40,7 @@ pub struct CheckpointMeta {
     pub format: u32,
     /// Learner steps completed; the next step to run.
     pub step: u64,
-    /// Policy version the samplers hold.
+    /// Version of the learner's weights (= `step`); a resumed run publishes them as this version.
     pub version: u64,
     pub policy_optimizer_steps: usize,
     pub critic_optimizer_steps: Option<usize>,

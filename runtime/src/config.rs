@@ -12,7 +12,10 @@
 //!
 //! [mode]
 //! max_staleness = 1        # 0 = sync on-policy PPO; k = samplers may run k versions ahead
-//! publish_every = 1        # learner publishes new weights every M steps
+//! publish_every = 1        # learner publishes new weights every M steps (>= 1); samplers then
+//!                          # lag the step they sample for by up to max_staleness + M - 1
+//!                          # versions (a version counts learner steps), and the learner
+//!                          # corrects that data as off-policy (see tandem_actors::learner)
 //!
 //! [models.policy]          # either a HF checkpoint directory ...
 //! path = "../../shared/fixtures/hf/gpt2-tiny"
@@ -51,26 +54,44 @@
 //! prompts_per_step = 32    # prompts per learner step
 //! samples_per_prompt = 1   # responses per prompt (> 1 for GRPO / RLOO groups)
 //! prompts_per_ticket = 16  # prompts per generation batch
+//! pretrain = "data/pretrain.jsonl"  # PPO-ptx texts, one {"text": "..."} per line; needs
+//!                          # algorithm.ptx_coef > 0 (and ptx_coef > 0 needs this)
+//! pretrain_rows = 4        # pretraining texts added to every minibatch
+//! pretrain_max_tokens = 64 # each text is cut to its first this many tokens (>= 2)
 //!
 //! [sampling]               # see tandem_models::SamplingConfig
 //! max_new_tokens = 12
-//! temperature = 1.0
-//! top_k = 0
-//! top_p = 1.0
+//! temperature = 1.0        # finite, >= 0; 0 is greedy (the same as greedy = true: the
+//!                          # sampler, reference and learner then all use log-probs at T = 1)
+//! top_k = 0                # 0 = off
+//! top_p = 1.0              # in (0, 1]; 1 = off. Truncated sampling: see tandem_actors::ppo_trainer
+//! greedy = false
 //! stop_tokens = []
 //!
 //! [algorithm]              # see tandem_actors::TrainerConfig (defaults from the seed papers)
 //! advantage = "gae"        # gae | grpo | rloo
-//! ppo_epochs = 4
-//! minibatch_size = 16
-//! policy_lr = 1e-5
-//! critic_lr = 1e-5
-//! max_grad_norm = 1.0
-//! whiten_advantages = true
-//! gae = { gamma = 1.0, lambda = 0.95 }
-//! loss = { clip_eps = 0.2, value_clip = 0.2, vf_coef = 0.5, entropy_coef = 0.0, aggregation = "token_mean" }
-//! reward = { kl_estimator = "k1" }
-//! kl = { kind = "adaptive", init_beta = 0.1, target = 6.0, k_beta = 0.1 }
+//! kl_penalty = "reward"    # reward (-beta * KL_t in the rewards) | loss (beta * k3 loss term);
+//!                          # default: loss for grpo, reward for gae and rloo
+//! ppo_epochs = 4           # >= 1
+//! minibatch_size = 16      # trajectories per minibatch, >= 1
+//! policy_lr = 1e-5         # >= 0
+//! critic_lr = 1e-5         # >= 0
+//! weight_decay = 0.0       # AdamW, weight matrices only (not biases, norm gains, embeddings)
+//! max_grad_norm = 1.0      # 0 = no clipping
+//! whiten_advantages = true # GAE only
+//! ema_decay = 0.992        # optional EMA of the policy weights, in [0, 1): saved as
+//!                          # RUN_DIR/policy_ema beside RUN_DIR/policy, and in checkpoints
+//! ptx_coef = 0.0           # PPO-ptx gamma (InstructGPT: 27.8), >= 0; needs data.pretrain
+//! gae = { gamma = 1.0, lambda = 0.95 }       # both in [0, 1]
+//! grpo = { scale_by_std = true, eps = 1e-6 } # scale_by_std = false: Dr. GRPO (s - mean)
+//! loss = { clip_eps = 0.2, value_clip = 0.2, vf_coef = 0.5, entropy_coef = 0.0, aggregation = "token_mean", behaviour_weight_cap = 2.0 }
+//!                          # clip_eps in (0, 1); aggregation: token_mean | seq_mean |
+//!                          # token_sum (Dr. GRPO: each response's token sum / token_sum_norm,
+//!                          # default sampling.max_new_tokens, averaged over responses);
+//!                          # behaviour_weight_cap >= 1 truncates the off-policy weight (inf: off)
+//! reward = { kl_estimator = "k1", normalize = "none" }  # k1 | k2 | k3; normalize: none |
+//!                          # running (mean/std of every score so far); score_clip = c clips
+//! kl = { kind = "adaptive", init_beta = 0.1, target = 6.0, k_beta = 0.1 }  # or { kind = "fixed", beta = 0.1 }
 //!
 //! [placement]
 //! rollout_devices = ["cpu:0"]
@@ -348,6 +369,14 @@ pub struct ModeConfig {
     pub publish_every: u64,
 }
 
+impl ModeConfig {
+    /// How many versions a sampler's policy may lag the step it samples for:
+    /// `max_staleness + publish_every - 1` (the gate of samplers and the replay buffer).
+    pub fn max_lag(&self) -> u64 {
+        self.max_staleness + self.publish_every.max(1) - 1
+    }
+}
+
 impl Default for ModeConfig {
     fn default() -> Self {
         Self {
@@ -483,6 +512,20 @@ pub struct DataConfig {
     pub prompts_per_ticket: usize,
     #[serde(default)]
     pub on_bad_line: BadLinePolicy,
+    /// PPO-ptx pretraining texts (JSONL with a "text" string per line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrain: Option<PathBuf>,
+    #[serde(default = "default_pretrain_rows")]
+    pub pretrain_rows: usize,
+    #[serde(default = "default_pretrain_max_tokens")]
+    pub pretrain_max_tokens: usize,
+}
+
+fn default_pretrain_rows() -> usize {
+    4
+}
+fn default_pretrain_max_tokens() -> usize {
+    64
 }
 
 fn default_prompt_max() -> usize {
@@ -610,6 +653,9 @@ impl Config {
             *p = std::path::absolute(&joined).unwrap_or(joined);
         };
         fix(&mut self.data.prompts);
+        if let Some(p) = &mut self.data.pretrain {
+            fix(p);
+        }
         if let Some(p) = &mut self.models.policy.path {
             fix(p);
         }
@@ -684,6 +730,7 @@ impl Config {
         if self.steps == 0 {
             return Err("steps must be >= 1".into());
         }
+        self.validate_algorithm()?;
         use tandem_actors::Advantage;
         match self.algorithm.advantage {
             Advantage::Gae => {
@@ -813,6 +860,108 @@ impl Config {
                 }
             }
             None => {}
+        }
+        Ok(())
+    }
+
+    /// Sampling, mode and algorithm settings: each bad value names its key.
+    fn validate_algorithm(&self) -> Result<(), String> {
+        let bad = |key: &str, want: &str, got: &dyn std::fmt::Display| Err(format!("{key} must be {want}, got {got}"));
+        let s = &self.sampling;
+        if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+            return bad(
+                "sampling.temperature",
+                "a finite number >= 0 (0 = greedy)",
+                &s.temperature,
+            );
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            return bad("sampling.top_p", "in (0, 1]", &s.top_p);
+        }
+        let d = &self.data;
+        if d.prompt_max_tokens == 0 {
+            return bad("data.prompt_max_tokens", ">= 1", &0);
+        }
+        if self.mode.publish_every == 0 {
+            return bad("mode.publish_every", ">= 1", &0);
+        }
+        let a = &self.algorithm;
+        if a.ppo_epochs == 0 {
+            return bad("algorithm.ppo_epochs", ">= 1", &0);
+        }
+        if a.minibatch_size == 0 {
+            return bad("algorithm.minibatch_size", ">= 1", &0);
+        }
+        let nonneg = [
+            ("algorithm.policy_lr", a.policy_lr),
+            ("algorithm.critic_lr", a.critic_lr),
+            ("algorithm.weight_decay", a.weight_decay),
+            ("algorithm.max_grad_norm", a.max_grad_norm),
+            ("algorithm.ptx_coef", a.ptx_coef),
+            ("algorithm.grpo.eps", a.grpo.eps),
+            ("algorithm.loss.vf_coef", a.loss.vf_coef),
+        ];
+        for (key, v) in nonneg {
+            if !(v >= 0.0 && v.is_finite()) {
+                return bad(key, "a finite number >= 0", &v);
+            }
+        }
+        for (key, v) in [
+            ("algorithm.gae.gamma", a.gae.gamma),
+            ("algorithm.gae.lambda", a.gae.lambda),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(key, "in [0, 1]", &v);
+            }
+        }
+        let l = &a.loss;
+        if !(l.clip_eps > 0.0 && l.clip_eps < 1.0) {
+            return bad("algorithm.loss.clip_eps", "in (0, 1)", &l.clip_eps);
+        }
+        if let Some(c) = l.value_clip.filter(|c| !(*c > 0.0 && c.is_finite())) {
+            return bad("algorithm.loss.value_clip", "a finite number > 0", &c);
+        }
+        if !l.entropy_coef.is_finite() {
+            return bad("algorithm.loss.entropy_coef", "finite", &l.entropy_coef);
+        }
+        if let Some(c) = l.behaviour_weight_cap.filter(|c| !(*c >= 1.0)) {
+            return bad("algorithm.loss.behaviour_weight_cap", ">= 1 (inf: untruncated)", &c);
+        }
+        if let Some(n) = l.token_sum_norm.filter(|n| !(*n > 0.0 && n.is_finite())) {
+            return bad("algorithm.loss.token_sum_norm", "a finite number > 0", &n);
+        }
+        if let Some(c) = a.reward.score_clip.filter(|c| !(*c > 0.0)) {
+            return bad("algorithm.reward.score_clip", "> 0", &c);
+        }
+        if let Some(e) = a.ema_decay.filter(|e| !(0.0..1.0).contains(e)) {
+            return bad("algorithm.ema_decay", "in [0, 1)", &e);
+        }
+        use tandem_models::rl::KlControllerConfig as Kl;
+        match a.kl {
+            Kl::Fixed { beta } if !(beta >= 0.0 && beta.is_finite()) => {
+                return bad("algorithm.kl.beta", "a finite number >= 0", &beta)
+            }
+            Kl::Adaptive { init_beta, .. } if !(init_beta > 0.0 && init_beta.is_finite()) => {
+                return bad("algorithm.kl.init_beta", "a finite number > 0", &init_beta)
+            }
+            Kl::Adaptive { target, .. } if !(target > 0.0 && target.is_finite()) => {
+                return bad("algorithm.kl.target", "a finite number > 0", &target)
+            }
+            Kl::Adaptive { k_beta, .. } if !(k_beta > 0.0 && k_beta < 5.0) => {
+                return bad("algorithm.kl.k_beta", "in (0, 5)", &k_beta)
+            }
+            _ => {}
+        }
+        match (&d.pretrain, a.ptx_coef > 0.0) {
+            (None, true) => return Err("algorithm.ptx_coef > 0 needs data.pretrain (PPO-ptx texts)".into()),
+            (Some(_), false) => {
+                return Err("data.pretrain is set but algorithm.ptx_coef is 0: set a ptx_coef > 0 or remove it".into())
+            }
+            (Some(p), true) if !p.is_file() => return Err(format!("data.pretrain: file not found: {}", p.display())),
+            _ => {}
+        }
+        if d.pretrain.is_some() && (d.pretrain_rows == 0 || d.pretrain_max_tokens < 2) {
+            return Err("data.pretrain_rows must be >= 1 and data.pretrain_max_tokens >= 2".into());
         }
         Ok(())
     }

@@ -58,7 +58,7 @@ async fn every_config_learns() {
                 x.step
             );
             assert!(
-                x.staleness_max <= cfg.mode.max_staleness,
+                x.staleness_max <= cfg.mode.max_lag(),
                 "{name} step {}: staleness {}",
                 x.step,
                 x.staleness_max

@@ -139,3 +139,65 @@ async fn a_slow_learner_bounds_memory_and_blocks_the_samplers() {
         s.tickets_issued
     );
 }
+
+/// Runs `cfg` with a time limit (a hang is a failure, not a stuck test).
+async fn run_within(cfg: &tandem_runtime::Config, dir: &std::path::Path) -> tandem_runtime::RunSummary {
+    tokio::time::timeout(Duration::from_secs(300), run_in(cfg, dir))
+        .await
+        .expect("the run hung")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_every_2_finishes_and_reports_its_staleness_in_sync_mode() {
+    let cfg = load("sync.toml", &["steps=5", "mode.publish_every=2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_within(&cfg, dir.path()).await;
+    assert_eq!(r.reports.len(), 5);
+    for x in &r.reports {
+        // Versions 0, 2, 4 are published: step k samples with version k - k % 2.
+        let lag = x.step % 2;
+        assert_eq!(x.policy_version, x.step);
+        assert_eq!(
+            (x.staleness_max, x.staleness_mean),
+            (lag, lag as f64),
+            "step {}",
+            x.step
+        );
+        assert_eq!(x.stats.on_policy, lag == 0, "step {}", x.step);
+        assert_eq!(x.dropped_stale, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_every_2_finishes_within_its_lag_in_async_mode() {
+    let cfg = load(
+        "quickstart.toml",
+        &["steps=6", "mode.publish_every=2", "mode.max_staleness=1"],
+    );
+    assert_eq!(cfg.mode.max_lag(), 2);
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_within(&cfg, dir.path()).await;
+    assert_eq!(r.reports.len(), 6);
+    for x in &r.reports {
+        assert!(x.staleness_max <= 2, "step {}: staleness {}", x.step, x.staleness_max);
+        assert_eq!(x.stats.on_policy, x.staleness_max == 0, "step {}", x.step);
+        // Odd steps train a version that was never published: nothing sampled can be fresh.
+        if x.step % 2 == 1 {
+            assert!(x.staleness_mean >= 1.0, "step {}: {}", x.step, x.staleness_mean);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temperature_0_is_greedy_for_the_sampler_the_reference_and_the_learner() {
+    let cfg = load("sync.toml", &["steps=1", "sampling.temperature=0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_within(&cfg, dir.path()).await;
+    let s = &r.reports[0].stats;
+    // Step 0: policy = reference and the data is on-policy, so the KL is 0 and the first
+    // minibatch's ratio 1 (later ones move a little with the updates).
+    assert!(s.on_policy);
+    assert!(s.kl.abs() < 1e-4, "kl {}", s.kl);
+    assert!((s.ratio_mean - 1.0).abs() < 0.2, "ratio_mean {}", s.ratio_mean);
+    assert!((s.reward_mean - s.score_mean).abs() < 1e-3, "{s:?}");
+}

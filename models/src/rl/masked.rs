@@ -16,6 +16,9 @@
 //! - `TokenMean`: `masked_mean(x)`: every real token of the batch weighs the same, so long
 //!   responses weigh more.
 //! - `SeqMean`: `(1/B) sum_b masked_row_mean(x)_b`: every response weighs the same.
+//! - `TokenSum`: `(1/B) sum_b (sum_t m_{b,t} x_{b,t}) / L` with a constant `L` (Dr. GRPO,
+//!   Liu et al. 2025: no length bias, every token of the batch weighs the same whatever the
+//!   response lengths). The PPO loss takes `L` from its config; [`aggregate`] refuses it.
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -31,6 +34,9 @@ pub enum Aggregation {
     TokenMean,
     /// Mean over real tokens within each response, then mean over responses.
     SeqMean,
+    /// Sum over real tokens within each response divided by a constant, then mean over
+    /// responses (Dr. GRPO).
+    TokenSum,
 }
 
 /// Checks that `t` is 2-D and returns its dims.
@@ -132,5 +138,8 @@ pub fn aggregate(x: &Tensor, mask: &Tensor, aggregation: Aggregation) -> Result<
     match aggregation {
         Aggregation::TokenMean => masked_mean(x, mask),
         Aggregation::SeqMean => Ok(masked_row_mean(x, mask)?.mean_all()?),
+        Aggregation::TokenSum => {
+            invalid!("token_sum aggregation needs its constant normaliser (PpoLossConfig::token_sum_norm)")
+        }
     }
 }

@@ -53,9 +53,12 @@ pub use kl_controller::{KlController, KlControllerConfig};
 pub use logprob::{entropy_from_logits, token_logprobs};
 pub use masked::{aggregate, masked_mean, masked_var, row_lengths, Aggregation};
 pub use optim::{clip_grad_norm, global_grad_norm, Ema, GradAccumulator, LrDecay, LrSchedule};
-pub use ppo::{ppo_loss, PpoInputs, PpoLossConfig, PpoLossOutput, PpoStats, ValueInputs};
+pub use ppo::{
+    ppo_loss, KlLossInputs, PpoInputs, PpoLossConfig, PpoLossOutput, PpoStats, ValueInputs,
+    DEFAULT_BEHAVIOUR_WEIGHT_CAP,
+};
 pub use ptx::{ptx_loss, with_ptx};
-pub use rewards::{per_token_rewards, FixedGainBias, RewardConfig, RunningMeanStd, TokenRewards};
+pub use rewards::{per_token_rewards, FixedGainBias, RewardConfig, RunningMeanStd, ScoreNormalization, TokenRewards};
 pub use rm_loss::{best_of_k_loss, bradley_terry_loss, ranking_loss};
 
 /// Errors of the RL math.

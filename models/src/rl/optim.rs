@@ -252,6 +252,19 @@ impl Ema {
         &self.shadow
     }
 
+    /// Replaces the averaged values (a restored checkpoint); same count and shapes as the vars.
+    pub fn set_shadow(&mut self, shadow: Vec<Tensor>) -> Result<()> {
+        if shadow.len() != self.sources.len() || shadow.iter().zip(&self.sources).any(|(s, v)| s.dims() != v.dims()) {
+            invalid!("EMA state does not match the parameters (count or shapes)");
+        }
+        self.shadow = shadow
+            .into_iter()
+            .zip(&self.sources)
+            .map(|(s, v)| s.to_dtype(v.dtype()))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(())
+    }
+
     /// Writes the averaged values into `targets` (same order and shapes as the source vars),
     /// e.g. an evaluation copy of the model.
     pub fn copy_to(&self, targets: &[Var]) -> Result<()> {

@@ -17,9 +17,18 @@
 //! `w` is the truncated importance weight of decoupled PPO (Hilton et al. 2021; AReaL): the
 //! sample came from a behaviour policy `pi_behaviour` (a sampler a few versions stale); the
 //! trust region is taken around `pi_prox` and `w` corrects `pi_behaviour -> pi_prox`. It is
-//! treated as a constant. `cap = None` leaves it untruncated; a cap must be `>= 1`, so that
-//! on-policy samples (`behaviour_logp == prox_logp`, hence `w = 1` exactly) give exactly the
-//! standard PPO loss.
+//! treated as a constant. The cap defaults to 2 (truncated importance sampling, as in TIS,
+//! Yao et al. 2025, and IMPALA's truncated weights): one token whose behaviour probability
+//! was tiny cannot dominate a minibatch. `cap = None` (or `inf`) leaves it untruncated; a cap
+//! must be `>= 1`, so that on-policy samples (`behaviour_logp == prox_logp`, hence `w = 1`
+//! exactly) give exactly the standard PPO loss.
+//!
+//! # KL loss term
+//!
+//! With [`KlLossInputs`] (GRPO's KL, `kl_penalty = "loss"`), the loss gains
+//! `beta * agg(k3_t)`, `k3_t = exp(ref_logp - logp) - 1 - (ref_logp - logp)` (the unbiased,
+//! non-negative estimator of `KL(pi_theta || pi_ref)`, DeepSeekMath eq. 4), differentiable
+//! in `logp` and aggregated like the policy loss.
 //!
 //! # Value loss
 //!
@@ -33,11 +42,12 @@
 //!
 //! # Total
 //!
-//! Each of `pg_t`, `vf_t` and the per-token entropy `H_t` is reduced with the configured
-//! [`Aggregation`] (token mean or sequence mean), then
+//! Each of `pg_t`, `vf_t`, `k3_t` and the per-token entropy `H_t` is reduced with the
+//! configured [`Aggregation`] (token mean, sequence mean, or the token sum over a constant
+//! `token_sum_norm` of Dr. GRPO), then
 //!
 //! ```text
-//! loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy
+//! loss = policy_loss + vf_coef * value_loss + beta * kl_loss - entropy_coef * entropy
 //! ```
 //!
 //! The value part is optional (critic-free GRPO/RLOO), as is the entropy (an error if
@@ -64,7 +74,8 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::masked::{aggregate, dims2, keep, masked_mean, masked_var, same_shape, zero_pad, Aggregation};
+use super::kl::{kl_per_token, KlEstimator};
+use super::masked::{aggregate, dims2, keep, masked_mean, masked_sum, masked_var, same_shape, zero_pad, Aggregation};
 use super::{invalid, scalar_f64, Result};
 
 /// Hyper-parameters of the PPO loss.
@@ -79,11 +90,18 @@ pub struct PpoLossConfig {
     pub vf_coef: f64,
     /// Weight of the entropy bonus (0).
     pub entropy_coef: f64,
-    /// Token mean or sequence mean (token mean).
+    /// Token mean, sequence mean or token sum (token mean).
     pub aggregation: Aggregation,
-    /// Truncation `cap >= 1` of the behaviour importance weight; `None` = untruncated (None).
+    /// The constant `L` of [`Aggregation::TokenSum`]: each row's token sum is divided by `L`
+    /// (Dr. GRPO uses the generation budget, `max_new_tokens`); unused otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_sum_norm: Option<f64>,
+    /// Truncation `cap >= 1` of the behaviour importance weight; `None` = untruncated (2).
     pub behaviour_weight_cap: Option<f64>,
 }
+
+/// The default truncation of the behaviour importance weight (see the module docs).
+pub const DEFAULT_BEHAVIOUR_WEIGHT_CAP: f64 = 2.0;
 
 impl Default for PpoLossConfig {
     fn default() -> Self {
@@ -93,7 +111,8 @@ impl Default for PpoLossConfig {
             vf_coef: 0.5,
             entropy_coef: 0.0,
             aggregation: Aggregation::TokenMean,
-            behaviour_weight_cap: None,
+            token_sum_norm: None,
+            behaviour_weight_cap: Some(DEFAULT_BEHAVIOUR_WEIGHT_CAP),
         }
     }
 }
@@ -120,6 +139,13 @@ impl PpoLossConfig {
                 invalid!("behaviour_weight_cap must be >= 1, got {cap}");
             }
         }
+        match (self.aggregation, self.token_sum_norm) {
+            (Aggregation::TokenSum, Some(l)) if !(l > 0.0 && l.is_finite()) => {
+                invalid!("token_sum_norm must be finite and > 0, got {l}")
+            }
+            (Aggregation::TokenSum, None) => invalid!("aggregation = \"token_sum\" needs token_sum_norm"),
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -133,6 +159,15 @@ pub struct ValueInputs<'a> {
     pub old_values: &'a Tensor,
     /// Regression targets `R` (e.g. GAE returns).
     pub returns: &'a Tensor,
+}
+
+/// The KL loss term `beta * agg(k3(logp, ref_logp))` (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct KlLossInputs<'a> {
+    /// `log pi_ref` of the sampled tokens, `(batch, resp_len)`.
+    pub ref_logp: &'a Tensor,
+    /// Its coefficient.
+    pub beta: f64,
 }
 
 /// Inputs of [`ppo_loss`], all `(batch, resp_len)` and of one dtype.
@@ -151,6 +186,8 @@ pub struct PpoInputs<'a> {
     pub entropy: Option<&'a Tensor>,
     /// The critic part; `None` for critic-free methods.
     pub value: Option<ValueInputs<'a>>,
+    /// The KL loss term against the reference; `None` when the KL is in the reward.
+    pub kl: Option<KlLossInputs<'a>>,
     /// 1 on real tokens, 0 on padding.
     pub mask: &'a Tensor,
 }
@@ -187,6 +224,8 @@ pub struct PpoLossOutput {
     pub value_loss: Option<f32>,
     /// Aggregated entropy, when given.
     pub entropy: Option<f32>,
+    /// Aggregated k3 KL to the reference (before `beta`), with a KL loss term.
+    pub kl_loss: Option<f32>,
     /// Statistics.
     pub stats: PpoStats,
 }
@@ -301,7 +340,16 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
         mask,
         cfg.clip_eps,
     )?;
-    let policy_loss = aggregate(&pg, mask, cfg.aggregation)?;
+    let agg = |x: &Tensor| -> Result<Tensor> {
+        match (cfg.aggregation, cfg.token_sum_norm) {
+            (Aggregation::TokenSum, Some(l)) => {
+                let rows = mask.dim(0)? as f64;
+                Ok(masked_sum(x, mask)?.affine(1.0 / (rows * l), 0.0)?)
+            }
+            (a, _) => aggregate(x, mask, a),
+        }
+    };
+    let policy_loss = agg(&pg)?;
     let mut loss = policy_loss.clone();
 
     let mut value_loss_f = None;
@@ -309,7 +357,7 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
     let mut value_clip_frac = None;
     if let Some(v) = inputs.value {
         let vf = value_loss_per_token(v.values, v.old_values, v.returns, mask, cfg.value_clip)?;
-        let value_loss = aggregate(&vf, mask, cfg.aggregation)?;
+        let value_loss = agg(&vf)?;
         loss = (loss + (&value_loss * cfg.vf_coef)?)?;
         value_loss_f = Some(f32_of(&value_loss)?);
 
@@ -334,7 +382,7 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
     let entropy_f = match inputs.entropy {
         Some(h) => {
             same_shape("entropy", h, "mask", mask)?;
-            let ent = aggregate(&zero_pad(h, &keep)?, mask, cfg.aggregation)?;
+            let ent = agg(&zero_pad(h, &keep)?)?;
             if cfg.entropy_coef != 0.0 {
                 loss = (loss - (&ent * cfg.entropy_coef)?)?;
             }
@@ -342,6 +390,20 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
         }
         None if cfg.entropy_coef != 0.0 => {
             invalid!("entropy_coef is {} but no entropy was given", cfg.entropy_coef)
+        }
+        None => None,
+    };
+
+    let kl_loss_f = match inputs.kl {
+        Some(k) => {
+            if !k.beta.is_finite() {
+                invalid!("KL loss beta must be finite, got {}", k.beta);
+            }
+            let kl = agg(&kl_per_token(KlEstimator::K3, inputs.logp, &k.ref_logp.detach(), mask)?)?;
+            if k.beta != 0.0 {
+                loss = (loss + (&kl * k.beta)?)?;
+            }
+            Some(f32_of(&kl)?)
         }
         None => None,
     };
@@ -378,6 +440,7 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
         policy_loss: f32_of(&policy_loss)?,
         value_loss: value_loss_f,
         entropy: entropy_f,
+        kl_loss: kl_loss_f,
         stats,
     })
 }

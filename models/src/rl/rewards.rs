@@ -38,6 +38,20 @@ pub struct RewardConfig {
     pub kl_estimator: KlEstimator,
     /// Clip the (normalised) score to `[-c, c]` before crediting it; `None` keeps it.
     pub score_clip: Option<f64>,
+    /// Score normalisation before the clip (none).
+    pub normalize: ScoreNormalization,
+}
+
+/// How the learner normalises scores before clipping and crediting them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreNormalization {
+    /// Scores as the reward source gave them.
+    #[default]
+    None,
+    /// [`RunningMeanStd`] over every score the learner has seen, the current batch included
+    /// (folded in first, so the first batch is normalised by its own statistics).
+    Running,
 }
 
 /// Per-token rewards and the per-token KL estimate they were made with.

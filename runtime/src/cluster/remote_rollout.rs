@@ -50,7 +50,7 @@ pub struct RemoteRolloutArgs {
     pub node: String,
     pub slot: u32,
     pub view: watch::Receiver<NodeView>,
-    pub max_staleness: u64,
+    pub max_lag: u64,
     pub tickets: StageReceiver<WorkTicket>,
     pub out: StageSender<TrajectoryBatch>,
     pub meter: Arc<ActorMeter>,
@@ -82,7 +82,7 @@ impl Actor for RemoteRolloutActor {
             args.tickets.clone(),
             args.reissued.clone(),
             args.held.clone(),
-            args.max_staleness,
+            args.max_lag,
         );
         Ok(RemoteRolloutState { args, intake })
     }

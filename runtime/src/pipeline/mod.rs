@@ -228,7 +228,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         input: Some(val_rx),
         capacity: cfg.replay_capacity(),
         batch_size: cfg.batch_size(),
-        max_staleness: cfg.mode.max_staleness,
+        max_lag: cfg.mode.max_lag(),
         keep_dropped: store_tx.is_some(),
         held: replay_held.clone(),
         restore,
@@ -390,7 +390,8 @@ fn progress_bar(steps: u64, from: u64) -> indicatif::ProgressBar {
     b
 }
 
-/// Saves the trained policy (and critic) in HF layout with the tokenizer.
+/// Saves the trained policy (and critic, and the policy's EMA as `policy_ema/`) in HF layout
+/// with the tokenizer.
 fn save_models(
     run_dir: &Path,
     tokenizer: &TextTokenizer,
@@ -403,6 +404,11 @@ fn save_models(
     let dir = run_dir.join("policy");
     save_checkpoint(&dir, policy_config, &t.policy_weights()?, None)?;
     tokenizer.save_to_dir(&dir)?;
+    if let Some(ema) = t.ema_weights() {
+        let dir = run_dir.join("policy_ema");
+        save_checkpoint(&dir, policy_config, &ema, None)?;
+        tokenizer.save_to_dir(&dir)?;
+    }
     if let (Some(w), Some(cfg)) = (t.critic_weights()?, t.critic_config()) {
         let dir = run_dir.join("critic");
         save_checkpoint(&dir, &cfg, &w, None)?;

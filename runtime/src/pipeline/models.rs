@@ -3,10 +3,11 @@
 //! the PPO trainer over them, before any checkpoint is restored.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use tandem_actors::{Advantage, PpoTrainer};
+use tandem_models::rl::Aggregation;
 use tandem_models::{
     load_tensors, snapshot, HeadKind, LanguageModel, ModelConfig, ScalarModel, TextTokenizer, WeightInit,
 };
@@ -14,6 +15,7 @@ use tandem_models::{
 use crate::builtin;
 use crate::config::{Config, CriticInit};
 use crate::error::RuntimeError;
+use crate::prompts::read_jsonl;
 
 pub struct LoadedPolicy {
     pub config: ModelConfig,
@@ -98,8 +100,16 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
         None
     };
     let critic_config = critic.as_ref().map(|(m, _)| m.config().clone());
+    let mut algorithm = cfg.algorithm.clone();
+    if algorithm.loss.aggregation == Aggregation::TokenSum {
+        // Dr. GRPO's constant: the generation budget.
+        algorithm
+            .loss
+            .token_sum_norm
+            .get_or_insert(cfg.sampling.max_new_tokens as f64);
+    }
     let mut trainer = PpoTrainer::new(
-        cfg.algorithm.clone(),
+        algorithm,
         (policy_model, policy_vars),
         critic,
         sampling_temperature(cfg),
@@ -108,6 +118,12 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
         device.clone(),
     )?;
     trainer.inject_nonfinite_loss(cfg.faults.nonfinite_loss_steps.clone());
+    if let Some(path) = &cfg.data.pretrain {
+        trainer.set_pretraining(
+            load_pretraining(path, &policy.tokenizer, cfg.data.pretrain_max_tokens)?,
+            cfg.data.pretrain_rows,
+        )?;
+    }
     Ok(BuiltLearner {
         trainer,
         policy,
@@ -116,10 +132,35 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
     })
 }
 
-pub(crate) fn sampling_temperature(cfg: &Config) -> f64 {
-    if cfg.sampling.greedy {
-        1.0
-    } else {
-        cfg.sampling.temperature.max(1e-6)
+/// PPO-ptx texts: one `{"text": "..."}` per line, tokenised and cut to their first
+/// `max_tokens` tokens; a text of fewer than 2 tokens is an error naming its line.
+fn load_pretraining(path: &Path, tokenizer: &TextTokenizer, max_tokens: usize) -> Result<Vec<Vec<u32>>, RuntimeError> {
+    let mut texts = vec![];
+    read_jsonl(path, |v| {
+        let text = v
+            .get("text")
+            .and_then(|t| t.as_str())
+            .ok_or("expected an object with a \"text\" string")?;
+        let mut ids = tokenizer.encode(text).map_err(|e| e.to_string())?;
+        ids.truncate(max_tokens);
+        if ids.len() < 2 {
+            return Err("a pretraining text needs at least 2 tokens".into());
+        }
+        texts.push(ids);
+        Ok(())
+    })?;
+    if texts.is_empty() {
+        return Err(RuntimeError::Prompts {
+            path: path.into(),
+            line: 0,
+            msg: "no pretraining texts".into(),
+        });
     }
+    Ok(texts)
+}
+
+/// The temperature the reference and the learner score with: the one the samplers record
+/// their log-probs at ([`tandem_models::SamplingConfig::logprob_temperature`]).
+pub(crate) fn sampling_temperature(cfg: &Config) -> f64 {
+    cfg.sampling.logprob_temperature()
 }
