@@ -9,7 +9,8 @@
 //! Weight decay applies to weight matrices only, as in Hugging Face's trainer and minGPT:
 //! parameters of rank < 2 (biases, LayerNorm / RMSNorm gains) and the token and position
 //! embeddings (`wte`, `wpe`, `embed_tokens`, and so a head tied to them) are never decayed
-//! ([`decays`]). Without weight decay the arithmetic is candle's exactly.
+//! ([`decays`]). Without weight decay the arithmetic is candle's exactly. On the CPU the update
+//! runs in place ([`crate::kernels::adamw_update`]), bit-identical to the composition.
 
 use std::collections::HashMap;
 
@@ -102,11 +103,24 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
+            let decays = s.decay && p.weight_decay != 0.0;
+            let fused = crate::kernels::AdamWStep {
+                beta1: p.beta1,
+                beta2: p.beta2,
+                eps: p.eps,
+                lr: p.lr,
+                scale_m,
+                scale_v,
+                decay: decays.then_some(1.0 - p.lr * p.weight_decay),
+            };
+            if crate::kernels::adamw_update(s.var.as_tensor(), s.m.as_tensor(), s.v.as_tensor(), g, &fused)? {
+                continue;
+            }
             let next_m = ((s.m.as_tensor() * p.beta1)? + (g * (1.0 - p.beta1))?)?;
             let next_v = ((s.v.as_tensor() * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let m_hat = (&next_m * scale_m)?;
             let v_hat = (&next_v * scale_v)?;
-            let decayed = if s.decay && p.weight_decay != 0.0 {
+            let decayed = if decays {
                 (s.var.as_tensor() * (1.0 - p.lr * p.weight_decay))?
             } else {
                 s.var.as_tensor().clone()

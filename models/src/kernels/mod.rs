@@ -22,6 +22,7 @@ pub mod bias;
 pub mod gelu;
 pub mod logprobs;
 pub mod norm;
+pub mod optim;
 pub(crate) mod simd;
 
 pub use attention::{packed_attention, packed_attention_reference};
@@ -29,6 +30,7 @@ pub use bias::{add_bias, add_bias_reference};
 pub use gelu::{gelu, gelu_reference};
 pub use logprobs::{token_logprobs_entropy, token_logprobs_entropy_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
+pub use optim::{adamw_update, sum_squares, AdamWStep};
 
 use candle_core::{CpuStorage, Layout, Result};
 use rayon::prelude::*;
@@ -37,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Elements below which a kernel runs on the calling thread alone.
 const PARALLEL_MIN: usize = 32 * 1024;
 
-static REFERENCE_ONLY: AtomicBool = AtomicBool::new(false);
+pub(crate) static REFERENCE_ONLY: AtomicBool = AtomicBool::new(false);
 
 /// Makes every kernel run its reference composition (for A/B benchmarks and for ruling the
 /// kernels out when debugging). The environment variable `TANDEM_REFERENCE_KERNELS=1` sets it

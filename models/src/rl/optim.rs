@@ -18,17 +18,17 @@
 //! - EMA (InstructGPT uses decay 0.992): `theta_ema <- d * theta_ema + (1 - d) * theta`.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{invalid, scalar_f64, Result};
+use super::{invalid, Result};
 
 /// `sqrt(sum_v ||g_v||^2)` over the vars that have a gradient in `grads`.
 pub fn global_grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
     let mut sq = 0.0;
     for v in vars {
         if let Some(g) = grads.get(v) {
-            sq += scalar_f64(&g.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
+            sq += crate::kernels::sum_squares(g)?;
         }
     }
     Ok(sq.sqrt())
