@@ -19,7 +19,9 @@
 //! 5. `epochs` passes over shuffled minibatches: clipped surrogate + value loss (clipped)
 //!    + `beta * k3(pi_theta, pi_ref)` with `kl_penalty = "loss"` − entropy bonus
 //!    (+ the PPO-ptx term `-gamma * mean log pi(pretraining text)` when `ptx_coef > 0`),
-//!    one backward, global-norm clipping per network, AdamW (decay on matrices only). After
+//!    global-norm clipping per network, AdamW (decay on matrices only). Policy and critic share
+//!    no parameters, so their forwards, and the backward passes of the policy terms and of the
+//!    value term, run side by side on the device's threads (`rayon::join`). After
 //!    each update the EMA of the policy weights moves (`ema_decay`). A minibatch whose loss or
 //!    gradient norm is not finite is skipped and counted.
 //! 6. The KL controller sees the mean per-sequence KL of the batch.
@@ -579,17 +581,24 @@ impl PpoTrainer {
                 let idx = Tensor::from_vec(chunk.to_vec(), chunk.len(), &dev)?;
                 let pick = |t: &Tensor| t.index_select(&idx, 0);
                 let (ids, full_mask, m) = (pick(&layout.ids)?, pick(&layout.mask)?, pick(mask)?);
-                let out = self.policy.token_logprobs(&ids, &full_mask, start, self.temperature)?;
+                // Policy and critic share no parameters: their forwards (and below, their
+                // backwards) run side by side on the device's threads.
+                let critic_model = match (&self.critic, &returns) {
+                    (Some((critic, _, _)), Some(_)) => Some(critic),
+                    _ => None,
+                };
+                let (out, values) = rayon::join(
+                    || self.policy.token_logprobs(&ids, &full_mask, start, self.temperature),
+                    || critic_model.map(|c| c.values(&ids, &full_mask)).transpose(),
+                );
+                let (out, values) = (out?, values?);
                 let logp = out.logprobs.narrow(1, 0, width)?;
                 let entropy = out.entropy.narrow(1, 0, width)?;
                 let (prox_mb, adv_mb) = (pick(&prox)?, pick(&advantages)?);
                 let behaviour_mb = if on_policy { None } else { Some(pick(&sampled)?) };
                 let ref_mb = pick(&ref_logp)?;
-                let value_parts = match (&self.critic, &returns) {
-                    (Some((critic, _, _)), Some(ret)) => {
-                        let v = critic.values(&ids, &full_mask)?.narrow(1, start, width)?;
-                        Some((v, pick(&old_values)?, pick(ret)?))
-                    }
+                let value_parts = match (values, &returns) {
+                    (Some(v), Some(ret)) => Some((v.narrow(1, start, width)?, pick(&old_values)?, pick(ret)?)),
                     _ => None,
                 };
                 let inputs = PpoInputs {
@@ -614,8 +623,12 @@ impl PpoTrainer {
                 minibatch += 1;
                 let mut ptx_logprob = 0.0;
                 if let Some(texts) = ptx_rows {
-                    let (loss, lp) = self.ptx_term(&out.loss, &texts)?;
-                    out.loss = loss;
+                    let (terms, lp) = self.ptx_term(&out.policy_terms, &texts)?;
+                    out.loss = match &out.value_term {
+                        Some(v) => (&terms + v)?,
+                        None => terms.clone(),
+                    };
+                    out.policy_terms = terms;
                     ptx_logprob = lp;
                 }
                 if self.nonfinite_steps.contains(&step) {
@@ -626,7 +639,18 @@ impl PpoTrainer {
                     skipped += 1;
                     continue;
                 }
-                let mut grads = out.loss.backward()?;
+                let (grads, value_grads) = rayon::join(
+                    || out.policy_terms.backward(),
+                    || out.value_term.as_ref().map(|v| v.backward()).transpose(),
+                );
+                let mut grads = grads?;
+                if let (Some(value_grads), Some(vars)) = (value_grads?, &critic_vars) {
+                    for var in vars {
+                        if let Some(g) = value_grads.get(var) {
+                            grads.insert(var, g.clone());
+                        }
+                    }
+                }
                 let max = if self.cfg.max_grad_norm > 0.0 {
                     self.cfg.max_grad_norm
                 } else {

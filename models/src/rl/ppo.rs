@@ -216,8 +216,14 @@ pub struct PpoStats {
 /// The differentiable total loss and its parts.
 #[derive(Debug, Clone)]
 pub struct PpoLossOutput {
-    /// `policy_loss + vf_coef * value_loss - entropy_coef * entropy`, a scalar tensor.
+    /// `policy_loss + vf_coef * value_loss - entropy_coef * entropy (+ beta * kl)`, a scalar
+    /// tensor: `policy_terms + value_term`.
     pub loss: Tensor,
+    /// The terms that depend on the policy alone: the loss without the value term.
+    pub policy_terms: Tensor,
+    /// `vf_coef * value_loss`, with a critic. The two parts have disjoint parameters, so each
+    /// can be differentiated on its own (the learner runs the two backward passes in parallel).
+    pub value_term: Option<Tensor>,
     /// Aggregated clipped-surrogate loss.
     pub policy_loss: f32,
     /// Aggregated (clipped) value loss, with a critic.
@@ -351,6 +357,7 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
     };
     let policy_loss = agg(&pg)?;
     let mut loss = policy_loss.clone();
+    let mut value_term = None;
 
     let mut value_loss_f = None;
     let mut explained_var = None;
@@ -358,7 +365,7 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
     if let Some(v) = inputs.value {
         let vf = value_loss_per_token(v.values, v.old_values, v.returns, mask, cfg.value_clip)?;
         let value_loss = agg(&vf)?;
-        loss = (loss + (&value_loss * cfg.vf_coef)?)?;
+        value_term = Some((&value_loss * cfg.vf_coef)?);
         value_loss_f = Some(f32_of(&value_loss)?);
 
         let values = zero_pad(&v.values.detach(), &keep)?;
@@ -436,7 +443,12 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
         behaviour_weight_trunc_frac,
     };
     Ok(PpoLossOutput {
-        loss,
+        loss: match &value_term {
+            Some(v) => (&loss + v)?,
+            None => loss.clone(),
+        },
+        policy_terms: loss,
+        value_term,
         policy_loss: f32_of(&policy_loss)?,
         value_loss: value_loss_f,
         entropy: entropy_f,
