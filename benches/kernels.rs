@@ -5,11 +5,11 @@
 //!
 //! Each kernel is one function below that registers a group `<kernel>` with four entries:
 //! `fused/forward`, `reference/forward`, `fused/forward_backward` and
-//! `reference/forward_backward`, on an f32 input of [`ROWS`] × [`COLS`] (GPT-2's MLP activation
-//! for 768 tokens of a 256-wide model is (768, 1024)). Forward+backward takes the gradient of
+//! `reference/forward_backward`, on an f32 input of the shape the peer workload gives it
+//! (GPT-2's MLP activation for 768 tokens of a 256-wide model is [`ROWS`] × [`COLS`]). Forward+backward takes the gradient of
 //! `sum(kernel(x))` with respect to `x`, so it times the op's backward plus one sum. To add a
-//! kernel (layer norm, softmax, log-softmax), write its function with [`bench_unary`] and list
-//! it in `criterion_group!`. Throughput is reported in input elements per second.
+//! kernel, write its function with [`bench_unary`] and list it in `criterion_group!`.
+//! Throughput is reported in input elements per second.
 
 mod common;
 
@@ -38,8 +38,8 @@ fn bench_unary(
     c: &mut Criterion,
     name: &str,
     x: &Tensor,
-    fused: fn(&Tensor) -> Result<Tensor>,
-    reference: fn(&Tensor) -> Result<Tensor>,
+    fused: &dyn Fn(&Tensor) -> Result<Tensor>,
+    reference: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) {
     let pool = common::pool();
     let var = Var::from_tensor(x).expect("bench variable");
@@ -68,14 +68,68 @@ fn gelu(c: &mut Criterion) {
         c,
         "gelu",
         &input(ROWS, COLS, 4.0),
-        kernels::gelu,
-        kernels::gelu_reference,
+        &kernels::gelu,
+        &kernels::gelu_reference,
+    );
+}
+
+/// Layer norm over rows of width 256 (GPT-2's residual stream for 768 tokens).
+fn layer_norm(c: &mut Criterion) {
+    let (w, b) = (input(1, 256, 1.0).squeeze(0).unwrap(), input(1, 256, 0.5).squeeze(0).unwrap());
+    bench_unary(
+        c,
+        "layer_norm",
+        &input(ROWS, 256, 3.0),
+        &|x| kernels::layer_norm(x, &w, &b, 1e-5),
+        &|x| kernels::layer_norm_reference(x, &w, &b, 1e-5),
+    );
+}
+
+/// Bias add on the MLP activation shape (the reference's backward reduces with index arithmetic).
+fn add_bias(c: &mut Criterion) {
+    let b = input(1, COLS, 0.5).squeeze(0).unwrap();
+    bench_unary(
+        c,
+        "add_bias",
+        &input(ROWS, COLS, 3.0),
+        &|x| kernels::add_bias(x, &b),
+        &|x| kernels::add_bias_reference(x, &b),
+    );
+}
+
+/// Attention from a packed qkv: 16 rows of 48 tokens, 4 heads of 64, causal mask.
+fn attention(c: &mut Criterion) {
+    let (b, t) = (16, 48);
+    let mask = vec![vec![1f32; t]; b];
+    let bias = tandem_models::layers::AttentionInputs::new(&mask, t, &candle_core::Device::Cpu)
+        .unwrap()
+        .bias;
+    let qkv = input(b * t, 3 * 256, 2.0).reshape((b, t, 3 * 256)).unwrap();
+    bench_unary(
+        c,
+        "attention",
+        &qkv,
+        &|x| kernels::packed_attention(x, &bias, 4, 0.125),
+        &|x| kernels::packed_attention_reference(x, &bias, 4, 0.125),
+    );
+}
+
+/// Token log-probs + entropy over a vocabulary of 512 for 16 x 32 response tokens.
+fn token_logprobs(c: &mut Criterion) {
+    let targets = Tensor::from_vec((0..16 * 32).map(|i| (i * 37 % 512) as u32).collect::<Vec<_>>(), (16, 32), &candle_core::Device::Cpu).unwrap();
+    let both = |(l, e): (Tensor, Tensor)| l + e;
+    bench_unary(
+        c,
+        "token_logprobs",
+        &input(16 * 32, 512, 6.0).reshape((16, 32, 512)).unwrap(),
+        &|x| kernels::token_logprobs_entropy(x, &targets, 1.0).and_then(both),
+        &|x| kernels::token_logprobs_entropy_reference(x, &targets, 1.0).and_then(both),
     );
 }
 
 criterion_group! {
     name = benches;
     config = common::quick(3);
-    targets = gelu
+    targets = gelu, layer_norm, add_bias, attention, token_logprobs
 }
 criterion_main!(benches);
