@@ -8,6 +8,19 @@ use std::process::Command;
 
 use serde_json::Value;
 
+
+/// The JSON object on the last line of a successful bench's stdout.
+fn last_json_line(out: &std::process::Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("some output");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line not JSON ({e}): {last}"))
+}
+
 #[test]
 fn bench_generate_prints_positive_figures_as_json() {
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
@@ -22,14 +35,7 @@ fn bench_generate_prints_positive_figures_as_json() {
             "1",
         ])
         .output_within();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().expect("some output");
-    let report: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("last line not JSON ({e}): {last}"));
+    let report = last_json_line(&out);
     for key in [
         "cached_tokens_per_s",
         "recompute_tokens_per_s",
@@ -73,13 +79,7 @@ fn bench_overlap_reports_the_ratios_and_async_keeps_the_learner_fed() {
             config.to_str().unwrap(),
         ])
         .output_within();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let report = last_json_line(&out);
     let get = |k: &str| report[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {report}"));
     for k in [
         "sync_step_s",
@@ -187,14 +187,7 @@ fn bench_ppo_reports_consistent_figures() {
             "0.05",
         ])
         .output_within();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().expect("some output");
-    let r: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("last line not JSON ({e}): {last}"));
+    let r = last_json_line(&out);
     let num = |key: &str| -> f64 {
         let v = r[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {r}"));
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");

@@ -86,6 +86,13 @@ multiversion! {
     }
 }
 
+fn contiguous_u32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<u32>()?[a..b]),
+        None => candle_core::bail!("{op}: targets must be contiguous"),
+    }
+}
+
 fn check_rows(logits: &Layout, targets: &[u32]) -> Result<(usize, usize)> {
     let (rows, v) = logits.shape().dims2()?;
     if targets.len() != rows {
@@ -104,10 +111,7 @@ impl CustomOp2 for LogProbs {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let logits = contiguous_f32(s1, l1, self.name())?;
-        let targets = match l2.contiguous_offsets() {
-            Some((a, b)) => &s2.as_slice::<u32>()?[a..b],
-            None => candle_core::bail!("{}: targets must be contiguous", self.name()),
-        };
+        let targets = contiguous_u32(s2, l2, self.name())?;
         let (rows, v) = check_rows(l1, targets)?;
         let a = self.inv_temperature;
         let mut out = vec![0f32; rows * 2];
@@ -146,10 +150,7 @@ impl CustomOp3 for LogProbsBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let logits = contiguous_f32(s1, l1, self.name())?;
-        let targets = match l2.contiguous_offsets() {
-            Some((a, b)) => &s2.as_slice::<u32>()?[a..b],
-            None => candle_core::bail!("{}: targets must be contiguous", self.name()),
-        };
+        let targets = contiguous_u32(s2, l2, self.name())?;
         let grad = contiguous_f32(s3, l3, self.name())?;
         let (_, v) = check_rows(l1, targets)?;
         let a = self.0.inv_temperature;
