@@ -4,16 +4,36 @@
 //! head is `lm_head.weight` unless `tie_word_embeddings`, in which case it is `embed_tokens`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
 use crate::layers::{attention, embed, repeat_kv, AttentionInputs, RmsNorm, Rotary};
 
+/// `x W^T (+ b)` with the weight stored (out, in), as in `nn.Linear`; the bias add is the fused
+/// kernel, whose backward sums rows in one pass.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let y = x.reshape((b * t, d))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(bias) => crate::kernels::add_bias(&y, bias)?,
+            None => y,
+        };
+        y.reshape((b, t, ()))
+    }
+}
+
 fn linear(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let w = vb.get((d_out, d_in), "weight")?;
-    let b = if bias { Some(vb.get(d_out, "bias")?) } else { None };
-    Ok(Linear::new(w, b))
+    let weight = vb.get((d_out, d_in), "weight")?;
+    let bias = if bias { Some(vb.get(d_out, "bias")?) } else { None };
+    Ok(Linear { weight, bias })
 }
 
 #[derive(Debug, Clone)]
@@ -104,7 +124,7 @@ impl Llama {
             let y = y.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
             h = (h + l.o_proj.forward(&y)?)?;
             let x = l.post_attention_layernorm.forward(&h)?;
-            let m = (l.gate_proj.forward(&x)?.silu()? * l.up_proj.forward(&x)?)?;
+            let m = crate::kernels::swiglu(&l.gate_proj.forward(&x)?, &l.up_proj.forward(&x)?)?;
             h = (h + l.down_proj.forward(&m)?)?;
         }
         self.norm.forward(&h)

@@ -1,6 +1,6 @@
 //! Fused CPU kernels with a backward pass.
 //!
-//! candle composes attention, GELU, layer norm and log-softmax from many elementwise ops; each op
+//! candle composes attention, GELU, SwiGLU, layer norm and log-softmax from many elementwise ops; each op
 //! allocates a tensor and walks memory once, and candle's backward of GELU alone is a dozen of
 //! them (two `powf`, a `tanh`, ...). candle's own fused kernels have no backward (DESIGN.md).
 //! Each kernel here is a candle `CustomOp` whose forward and backward are one pass over the
@@ -24,6 +24,7 @@ pub mod logprobs;
 pub mod norm;
 pub mod optim;
 pub(crate) mod simd;
+pub mod swiglu;
 
 pub use attention::{packed_attention, packed_attention_reference};
 pub use bias::{add_bias, add_bias_reference};
@@ -31,6 +32,7 @@ pub use gelu::{gelu, gelu_reference};
 pub use logprobs::{token_logprobs_entropy, token_logprobs_entropy_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 pub use optim::{adamw_update, sum_squares, AdamWStep};
+pub use swiglu::{swiglu, swiglu_reference};
 
 use candle_core::{CpuStorage, Layout, Result};
 use rayon::prelude::*;
