@@ -38,8 +38,8 @@ fn bench_unary(
     c: &mut Criterion,
     name: &str,
     x: &Tensor,
-    fused: &dyn Fn(&Tensor) -> Result<Tensor>,
-    reference: &dyn Fn(&Tensor) -> Result<Tensor>,
+    fused: &(dyn Fn(&Tensor) -> Result<Tensor> + Sync),
+    reference: &(dyn Fn(&Tensor) -> Result<Tensor> + Sync),
 ) {
     let pool = common::pool();
     let var = Var::from_tensor(x).expect("bench variable");

@@ -32,18 +32,23 @@ pub fn exp(x: f32) -> f32 {
     p * scale
 }
 
-/// tanh(x), absolute error below 3e-7.
+/// tanh(x), absolute error below 3e-7: the odd rational minimax approximation (degree 13 over
+/// degree 6 in x) that Eigen uses for f32, one division and no exponential.
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {
-    let a = x.abs();
-    // Below 2^-4 the series x - x^3/3 + 2x^5/15 - 17x^7/315 is exact to f32 precision and
-    // avoids the cancellation of 1 - e^{-2a}.
-    let a2 = a * a;
-    let small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))));
-    let e = exp(-2.0 * a);
-    let large = (1.0 - e) / (1.0 + e);
-    let t = if a < 0.0625 { small } else { large };
-    t.copysign(x)
+    const CLAMP: f32 = 7.905_311;
+    let x = x.clamp(-CLAMP, CLAMP);
+    let x2 = x * x;
+    let mut p = x2 * -2.760_768_5e-16 + 2.000_188e-13;
+    p = x2 * p + -8.604_672e-11;
+    p = x2 * p + 5.122_297e-8;
+    p = x2 * p + 1.485_722_4e-5;
+    p = x2 * p + 6.372_619_3e-4;
+    p = x2 * p + 4.893_524_6e-3;
+    let mut q = x2 * 1.198_258_4e-6 + 1.185_347e-4;
+    q = x2 * q + 2.268_434_6e-3;
+    q = x2 * q + 4.893_525e-3;
+    x * p / q
 }
 
 /// ln(x) for finite x > 0, relative error below 3e-7.
