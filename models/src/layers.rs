@@ -201,11 +201,6 @@ impl Rotary {
     }
 }
 
-/// log_softmax over the last dimension, composed of differentiable ops.
-pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::log_softmax(x, D::Minus1)
-}
-
 /// Embedding lookup (index_select has a backward pass: index_add).
 pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
