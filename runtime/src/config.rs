@@ -1,7 +1,11 @@
 //! The run configuration: one TOML file with typed sections, every key documented here.
 //!
 //! Unknown or mistyped keys are rejected with the file, line and key. Relative paths inside
-//! the file are resolved against the directory of the config file. `--set section.key=value`
+//! the file are resolved against the directory of the config file. A path may name environment
+//! variables as `${NAME}` (an error when unset) or `${NAME:-default}` (the default when unset or
+//! empty); the shipped `configs/reward_model.toml` reads its checkpoints from
+//! `${TANDEM_FIXTURES:-../fixtures}/hf/...`, so the repository's own fixtures are used unless
+//! `TANDEM_FIXTURES` points elsewhere. `--set section.key=value`
 //! overrides are applied before validation (the value is parsed as TOML, or taken as a string).
 //! The resolved config (overrides applied, paths absolute) is written to the run directory.
 //!
@@ -18,7 +22,7 @@
 //!                          # corrects that data as off-policy (see tandem_actors::learner)
 //!
 //! [models.policy]          # either a HF checkpoint directory ...
-//! path = "../../shared/fixtures/hf/gpt2-tiny"
+//! path = "../fixtures/hf/gpt2-tiny"
 //! [models.policy.builtin]  # ... or a built-in tiny model with the built-in word tokenizer
 //! arch = "gpt2"            # gpt2 | qwen2
 //! hidden = 64
@@ -587,12 +591,49 @@ impl Default for ChannelsConfig {
     }
 }
 
+/// Expands `${NAME}` and `${NAME:-default}` in a config path from the environment. `$` not
+/// followed by `{` is kept as it is.
+pub fn expand_env(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("bad variable name {name:?} in {s:?}"));
+        }
+        match (std::env::var(name).ok().filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} (named in {s:?}) is not set; set it or write ${{{name}:-default}}"
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 impl Config {
     /// Reads, overrides, resolves and validates a config file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
         let mut cfg = Self::parse(path, overrides)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        cfg.resolve_paths(base);
+        cfg.resolve_paths(base).map_err(|msg| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
         cfg.validate().map_err(|msg| RuntimeError::Config {
             path: path.to_path_buf(),
             msg,
@@ -647,36 +688,43 @@ impl Config {
 
     /// Makes every path absolute, relative ones taken from `base` (so the run directory's copy
     /// works from any working directory).
-    fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            let joined = base.join(&*p);
+    /// `${NAME}` / `${NAME:-default}` references are expanded first (see the module docs).
+    fn resolve_paths(&mut self, base: &Path) -> Result<(), String> {
+        let fix = |key: &str, p: &mut PathBuf| -> Result<(), String> {
+            let expanded = expand_env(&p.to_string_lossy()).map_err(|m| format!("{key}: {m}"))?;
+            let joined = base.join(expanded);
             *p = std::path::absolute(&joined).unwrap_or(joined);
+            Ok(())
         };
-        fix(&mut self.data.prompts);
+        fix("data.prompts", &mut self.data.prompts)?;
         if let Some(p) = &mut self.data.pretrain {
-            fix(p);
+            fix("data.pretrain", p)?;
         }
         if let Some(p) = &mut self.models.policy.path {
-            fix(p);
+            fix("models.policy.path", p)?;
         }
         if let Some(p) = &mut self.models.critic.path {
-            fix(p);
+            fix("models.critic.path", p)?;
         }
         if let Some(p) = &mut self.reward.model {
-            fix(p);
+            fix("reward.model", p)?;
         }
         if let Some(c) = self.cluster.as_mut() {
-            for p in [&mut c.cookie_file, &mut c.tls_cert, &mut c.tls_key]
-                .into_iter()
-                .flatten()
-            {
-                fix(p);
+            for (key, p) in [
+                ("cluster.cookie_file", &mut c.cookie_file),
+                ("cluster.tls_cert", &mut c.tls_cert),
+                ("cluster.tls_key", &mut c.tls_key),
+            ] {
+                if let Some(p) = p {
+                    fix(key, p)?;
+                }
             }
         }
         if self.reward.kind == RewardKind::Command {
             let cwd = self.reward.cwd.get_or_insert_with(|| PathBuf::from("."));
-            fix(cwd);
+            fix("reward.cwd", cwd)?;
         }
+        Ok(())
     }
 
     /// Generation batches per learner step.
@@ -990,4 +1038,24 @@ pub(crate) fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), 
     }
     cur.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_env;
+
+    #[test]
+    fn env_references_in_paths_expand_with_defaults_and_fail_clearly_when_unset() {
+        assert_eq!(expand_env("a/$b/c").unwrap(), "a/$b/c");
+        assert_eq!(
+            expand_env("${TANDEM_TEST_SURELY_UNSET_VAR:-../fixtures}/hf/x").unwrap(),
+            "../fixtures/hf/x"
+        );
+        let home = std::env::var("PATH").unwrap();
+        assert_eq!(expand_env("${PATH:-nope}/x").unwrap(), format!("{home}/x"));
+        let e = expand_env("${TANDEM_TEST_SURELY_UNSET_VAR}/x").unwrap_err();
+        assert!(e.contains("TANDEM_TEST_SURELY_UNSET_VAR") && e.contains("not set"), "{e}");
+        assert!(expand_env("${oops").unwrap_err().contains("unclosed"));
+        assert!(expand_env("${a b}").unwrap_err().contains("bad variable name"));
+    }
 }
