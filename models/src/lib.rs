@@ -25,7 +25,7 @@ pub mod tokenizer;
 
 pub use adamw::AdamW;
 pub use checkpoint::{load_tensors, save_checkpoint};
-pub use config::{HeadKind, ModelConfig};
+pub use config::{eos_token_ids, HeadKind, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generation::{generate, Decoding, Generation, SamplingConfig};
 pub use kv_cache::KvCache;

@@ -70,7 +70,14 @@
 //! top_k = 0                # 0 = off
 //! top_p = 1.0              # in (0, 1]; 1 = off. Truncated sampling: see tandem_actors::ppo_trainer
 //! greedy = false
-//! stop_tokens = []
+//! stop_tokens = [0]        # a response ends after any of these ids (kept in the response).
+//!                          # Not given: the HF policy's EOS ids (eos_token_id of its
+//!                          # generation_config.json, else of its config.json; a list gives
+//!                          # several), none for a built-in model. An explicit [] means no stop
+//!                          # token (then only max_new_tokens ends a response)
+//! stop_strings = ["<|endoftext|>"]  # added to stop_tokens as ids: each string must be exactly
+//!                          # one token with the policy's tokenizer (a multi-token string is
+//!                          # rejected, naming its ids: stops are single tokens)
 //!
 //! [algorithm]              # see tandem_actors::TrainerConfig (defaults from the seed papers)
 //! advantage = "gae"        # gae | grpo | rloo
@@ -591,6 +598,23 @@ impl Default for ChannelsConfig {
     }
 }
 
+/// Whether the config file or an override sets `sampling.stop_tokens` (an explicit `[]` means
+/// "no stop token"; leaving it out means "the model's EOS").
+fn stop_tokens_given(path: &Path, overrides: &[String]) -> bool {
+    let in_file = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .is_some_and(|t| {
+            t.get("sampling")
+                .and_then(|s| s.as_table())
+                .is_some_and(|s| s.contains_key("stop_tokens"))
+        });
+    in_file
+        || overrides.iter().any(|o| {
+            o.split('=').next().map(str::trim) == Some("sampling.stop_tokens")
+        })
+}
+
 /// Expands `${NAME}` and `${NAME:-default}` in a config path from the environment. `$` not
 /// followed by `{` is kept as it is.
 pub fn expand_env(s: &str) -> Result<String, String> {
@@ -638,6 +662,11 @@ impl Config {
             path: path.to_path_buf(),
             msg,
         })?;
+        let given = stop_tokens_given(path, overrides);
+        cfg.resolve_stops(given).map_err(|msg| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
         Ok(cfg)
     }
 
@@ -654,6 +683,11 @@ impl Config {
             cfg.faults = Default::default();
         }
         cfg.validate().map_err(|msg| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        // The resolved config already lists its stop tokens; strings added by --set join them.
+        cfg.resolve_stops(true).map_err(|msg| RuntimeError::Config {
             path: path.to_path_buf(),
             msg,
         })?;
@@ -723,6 +757,47 @@ impl Config {
         if self.reward.kind == RewardKind::Command {
             let cwd = self.reward.cwd.get_or_insert_with(|| PathBuf::from("."));
             fix("reward.cwd", cwd)?;
+        }
+        Ok(())
+    }
+
+    /// Settles `sampling.stop_tokens` (see the module docs): the HF policy's EOS ids when the
+    /// config names no stop tokens (`given` false), then the id of every
+    /// `sampling.stop_strings` entry, each once.
+    pub fn resolve_stops(&mut self, given: bool) -> Result<(), String> {
+        let dir = self.models.policy.path.clone();
+        if !given {
+            if let Some(d) = &dir {
+                self.sampling.stop_tokens = tandem_models::eos_token_ids(d)
+                    .map_err(|e| format!("sampling.stop_tokens (not given, so the model's EOS): {e}"))?;
+            }
+        }
+        if self.sampling.stop_strings.is_empty() {
+            return Ok(());
+        }
+        let tok = match &dir {
+            Some(d) => tandem_models::TextTokenizer::from_dir(d).map_err(|e| e.to_string()),
+            None => crate::builtin::tokenizer().map_err(|e| e.to_string()),
+        }
+        .map_err(|e| format!("sampling.stop_strings: {e}"))?;
+        for s in &self.sampling.stop_strings {
+            let ids = tok.encode(s).map_err(|e| format!("sampling.stop_strings: {s:?}: {e}"))?;
+            match ids[..] {
+                [id] => {
+                    if !self.sampling.stop_tokens.contains(&id) {
+                        self.sampling.stop_tokens.push(id);
+                    }
+                }
+                [] => return Err(format!("sampling.stop_strings: {s:?} is no token at all")),
+                _ => {
+                    return Err(format!(
+                        "sampling.stop_strings: {s:?} is {} tokens ({ids:?}) with the policy's tokenizer; \
+                         a stop is one token, so give a string that is a single token (such as the EOS \
+                         text) or list ids in sampling.stop_tokens",
+                        ids.len()
+                    ))
+                }
+            }
         }
         Ok(())
     }
@@ -1038,24 +1113,4 @@ pub(crate) fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), 
     }
     cur.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::expand_env;
-
-    #[test]
-    fn env_references_in_paths_expand_with_defaults_and_fail_clearly_when_unset() {
-        assert_eq!(expand_env("a/$b/c").unwrap(), "a/$b/c");
-        assert_eq!(
-            expand_env("${TANDEM_TEST_SURELY_UNSET_VAR:-../fixtures}/hf/x").unwrap(),
-            "../fixtures/hf/x"
-        );
-        let home = std::env::var("PATH").unwrap();
-        assert_eq!(expand_env("${PATH:-nope}/x").unwrap(), format!("{home}/x"));
-        let e = expand_env("${TANDEM_TEST_SURELY_UNSET_VAR}/x").unwrap_err();
-        assert!(e.contains("TANDEM_TEST_SURELY_UNSET_VAR") && e.contains("not set"), "{e}");
-        assert!(expand_env("${oops").unwrap_err().contains("unclosed"));
-        assert!(expand_env("${a b}").unwrap_err().contains("bad variable name"));
-    }
 }
