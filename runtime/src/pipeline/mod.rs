@@ -45,7 +45,7 @@ use tandem_actors::reward_source::{RewardModelSource, RewardSource, TokenSetRewa
 use tandem_actors::{
     stage_channel, DeviceId, Executor, Faults, PpoTrainer, ReissueQueue, StepReport, TrajectoryBatch, WeightsSnapshot,
 };
-use tandem_models::{save_checkpoint, LanguageModel, ModelConfig, ScalarModel, TextTokenizer};
+use tandem_models::{LanguageModel, ModelConfig, ScalarModel, TextTokenizer};
 
 use crate::builtin;
 use crate::checkpoint;
@@ -327,7 +327,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             run_dir.display()
         )));
     }
-    save_models(run_dir, &policy.tokenizer, &trainer, &policy.config)?;
+    save_models(cfg, run_dir, &policy.tokenizer, &trainer, &policy.config)?;
     let store = store.transpose()?;
     Ok(RunSummary {
         reports,
@@ -391,28 +391,50 @@ fn progress_bar(steps: u64, from: u64) -> indicatif::ProgressBar {
 }
 
 /// Saves the trained policy (and critic, and the policy's EMA as `policy_ema/`) in HF layout
-/// with the tokenizer.
+/// with the tokenizer. Each export keeps what its input checkpoint had: the weights in the
+/// input's dtype (training runs in f32; a bf16 checkpoint comes back as bf16) and the input's
+/// `tokenizer_config.json`, `special_tokens_map.json` and `generation_config.json`. The
+/// critic's input is the checkpoint it was initialised from (`models.critic.init`); built-in
+/// models are saved as f32 with only `tokenizer.json`.
 fn save_models(
+    cfg: &Config,
     run_dir: &Path,
     tokenizer: &TextTokenizer,
     trainer: &Arc<Mutex<PpoTrainer>>,
     policy_config: &ModelConfig,
 ) -> Result<(), RuntimeError> {
+    use crate::config::CriticInit;
     let t = trainer
         .lock()
         .map_err(|_| RuntimeError::Other("trainer poisoned".into()))?;
-    let dir = run_dir.join("policy");
-    save_checkpoint(&dir, policy_config, &t.policy_weights()?, None)?;
-    tokenizer.save_to_dir(&dir)?;
+    let policy_src = cfg.models.policy.path.as_deref();
+    let critic_src = match cfg.models.critic.init {
+        CriticInit::RewardModel => cfg.reward.model.as_deref(),
+        CriticInit::Policy => policy_src,
+        CriticInit::Path => cfg.models.critic.path.as_deref(),
+    };
+    let save = |dir: &Path,
+                model_cfg: &ModelConfig,
+                w: &std::collections::HashMap<String, candle_core::Tensor>,
+                src: Option<&Path>|
+     -> Result<(), RuntimeError> {
+        let dtype = match src {
+            Some(s) => tandem_models::checkpoint_dtype(s)?,
+            None => candle_core::DType::F32,
+        };
+        tandem_models::save_checkpoint_as(dir, model_cfg, w, None, dtype)?;
+        tokenizer.save_to_dir(dir)?;
+        if let Some(s) = src {
+            tandem_models::copy_side_files(s, dir)?;
+        }
+        Ok(())
+    };
+    save(&run_dir.join("policy"), policy_config, &t.policy_weights()?, policy_src)?;
     if let Some(ema) = t.ema_weights() {
-        let dir = run_dir.join("policy_ema");
-        save_checkpoint(&dir, policy_config, &ema, None)?;
-        tokenizer.save_to_dir(&dir)?;
+        save(&run_dir.join("policy_ema"), policy_config, &ema, policy_src)?;
     }
-    if let (Some(w), Some(cfg)) = (t.critic_weights()?, t.critic_config()) {
-        let dir = run_dir.join("critic");
-        save_checkpoint(&dir, &cfg, &w, None)?;
-        tokenizer.save_to_dir(&dir)?;
+    if let (Some(w), Some(critic_cfg)) = (t.critic_weights()?, t.critic_config()) {
+        save(&run_dir.join("critic"), &critic_cfg, &w, critic_src)?;
     }
     Ok(())
 }
