@@ -115,6 +115,38 @@ fn run_reads_the_fixtures_from_the_repository_unless_tandem_fixtures_says_otherw
 }
 
 #[test]
+fn progress_is_one_line_per_step_on_stderr_unless_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |run_dir: &str, quiet: bool| {
+        let mut c = tandem();
+        c.args(["run", &config("quickstart.toml"), "--set", "steps=2", "--run-dir"])
+            .arg(dir.path().join(run_dir));
+        if quiet {
+            c.arg("--quiet");
+        }
+        let out = c.output_within();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    // stderr is not a terminal here: plain lines, one per step, with every field.
+    let stderr = run("a", false);
+    for k in 1..=2 {
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with(&format!("step {k}/2 ")))
+            .unwrap_or_else(|| panic!("no line for step {k}: {stderr}"));
+        for field in ["score ", "reward ", "kl ", "beta ", "tok/s", "elapsed ", "eta "] {
+            assert!(line.contains(field), "{field:?} not in {line:?}");
+        }
+    }
+    assert!(stderr.lines().any(|l| l.starts_with("step 2/2 ") && l.ends_with("eta 0s")), "{stderr}");
+    // --quiet: none.
+    let stderr = run("b", true);
+    assert!(!stderr.lines().any(|l| l.starts_with("step ")), "{stderr}");
+}
+
+#[test]
 fn bad_configs_name_the_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(config("quickstart.toml")).unwrap();

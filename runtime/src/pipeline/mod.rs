@@ -63,7 +63,9 @@ pub(crate) use models::{load_policy, sampling_temperature};
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     pub run_dir: PathBuf,
-    /// Show a progress bar (when stdout is a terminal).
+    /// Report progress on stderr after every learner step: step k/N, score, reward, KL, beta,
+    /// generated tokens/s, elapsed time and ETA (both for this session). A live bar when
+    /// stderr is a terminal, else one plain line per step.
     pub progress: bool,
     /// Test hook: extra seconds per learner step (a deliberately slow learner).
     pub learner_delay: Duration,
@@ -377,6 +379,54 @@ pub fn reward_source(
         _ => crate::reward_sources::rule_source(cfg, tokenizer)?,
     };
     crate::reward_sources::shaped(cfg, source)
+}
+
+/// The progress message for each step: throughput and ETA over this session's steps.
+pub(crate) struct Pace {
+    steps: u64,
+    started: std::time::Instant,
+    first_step: u64,
+    tokens: usize,
+}
+
+impl Pace {
+    pub(crate) fn new(steps: u64, first_step: u64) -> Self {
+        Self {
+            steps,
+            started: std::time::Instant::now(),
+            first_step,
+            tokens: 0,
+        }
+    }
+
+    /// `score S reward R kl K beta B T tok/s elapsed E eta A` after report `r`.
+    pub(crate) fn message(&mut self, r: &tandem_actors::StepReport) -> String {
+        self.tokens += r.tokens_generated;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let done = (r.step + 1).saturating_sub(self.first_step).max(1);
+        let left = self.steps.saturating_sub(r.step + 1);
+        let eta = elapsed / done as f64 * left as f64;
+        format!(
+            "score {:.3} reward {:.3} kl {:.3} beta {:.4} {:.0} tok/s elapsed {} eta {}",
+            r.stats.score_mean,
+            r.stats.reward_mean,
+            r.stats.kl,
+            r.stats.beta,
+            self.tokens as f64 / elapsed.max(1e-9),
+            hms(elapsed),
+            hms(eta)
+        )
+    }
+}
+
+/// `1h02m03s`, `2m03s` or `3s`.
+fn hms(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
+    }
 }
 
 fn progress_bar(steps: u64, from: u64) -> indicatif::ProgressBar {
