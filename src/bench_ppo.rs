@@ -3,7 +3,8 @@
 //!
 //! # The workload
 //!
-//! By default the shapes of the shared peer workload (`../shared/peers/trl_match.toml`, the
+//! By default the shapes of the peer workload (the project workshop's `peers/trl_match.toml`,
+//! outside this repository and not needed by it; the
 //! same work as TRL's `PPOTrainer` in `trl_ppo_bench.py`): a GPT-2 of 4 layers × 256 wide with 4
 //! heads and a vocabulary of 512; 64 prompts of 16 tokens a step, 32 new tokens each at
 //! temperature 1 with no stop token; 4 PPO epochs × 4 minibatches of 16; the critic
@@ -11,7 +12,7 @@
 //! mode (`max_staleness = 0`); every stage on the one device `cpu:0` with `--threads` threads.
 //!
 //! - `--model DIR --reward DIR`: HF checkpoint directories (as made by
-//!   `../shared/peers/make_tiny_models.py`: `policy/`, `reward/`, `prompts.jsonl`); the prompts
+//!   the workshop's `peers/make_tiny_models.py`: `policy/`, `reward/`, `prompts.jsonl`); the prompts
 //!   default to `prompts.jsonl` beside the policy directory. This is exactly the peer workload.
 //! - Built-in (neither flag): nothing outside the repository is read. The bench writes a
 //!   randomly initialised GPT-2 policy and a randomly initialised GPT-2 reward model of the same
@@ -323,7 +324,7 @@ fn toml_path(p: &Path) -> anyhow::Result<String> {
     Ok(format!("'{s}'"))
 }
 
-/// The peer workload's config (`../shared/peers/trl_match.toml`) at the bench's sizes.
+/// The peer workload's config (the workshop's `peers/trl_match.toml`) at the bench's sizes.
 fn config_text(args: &PpoBench, w: &Workload) -> anyhow::Result<String> {
     Ok(format!(
         r#"seed = {seed}

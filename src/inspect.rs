@@ -268,6 +268,7 @@ fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<Map<String, Value>> {
         top_p: args.top_p,
         greedy: args.greedy,
         stop_tokens: args.stop_tokens.clone(),
+        stop_strings: vec![],
     };
     let model = p.language_model()?;
     let mut rng = StdRng::seed_from_u64(args.seed);

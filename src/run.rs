@@ -8,11 +8,12 @@
 //! deletes it first) or `--resume` is given. A resumed run reads `RUN_DIR/config.toml`; `--set`
 //! may change it (for example `--set steps=200` to train longer).
 //!
-//! A progress bar is drawn when stdout is a terminal. Ctrl-C stops the run at the next step
+//! Progress goes to stderr after every learner step (step k/N, score, reward, KL, beta,
+//! tokens/s, elapsed, ETA): a live bar when stderr is a terminal, else one plain line per step;
+//! `--quiet` turns it off. Ctrl-C stops the run at the next step
 //! boundary with a checkpoint (a second Ctrl-C stops at once): what was reported is on disk,
 //! the models are saved, and the exit status is 0. The last line on stdout is a JSON summary.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ pub struct RunArgs {
     /// Override a config key, e.g. `--set steps=10 --set mode.max_staleness=0`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// No progress output on stderr (neither the bar nor the per-step lines).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// Runs `cfg` on a fresh tokio runtime (control plane only: compute runs on device executors).
@@ -75,7 +79,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.overwrite && run_dir.exists() {
         std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot remove {}", run_dir.display()))?;
     }
-    let progress = std::io::stdout().is_terminal();
+    let progress = !args.quiet;
     let summary = run_config(
         &cfg,
         RunOptions {

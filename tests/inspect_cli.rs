@@ -1,4 +1,4 @@
-//! The `tandem inspect` binary against every fixture checkpoint in ../shared/fixtures/hf
+//! The `tandem inspect` binary against every fixture checkpoint in the repository's fixtures/hf
 //! (or `$TANDEM_FIXTURES/hf`): its JSON matches the numbers transformers computed, `--text`
 //! matches `--ids`, and bad input exits with status 2 and a message instead of a panic.
 
@@ -13,7 +13,7 @@ use serde_json::Value;
 fn fixtures_hf() -> PathBuf {
     let root = std::env::var_os("TANDEM_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"));
     let hf = root.join("hf");
     assert!(
         hf.is_dir(),

@@ -78,6 +78,74 @@ fn fails_with(args: &[&str], needles: &[&str]) {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// The repository's `fixtures/hf`, or `$TANDEM_FIXTURES/hf`.
+fn fixtures_hf() -> std::path::PathBuf {
+    std::env::var_os("TANDEM_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
+        .join("hf")
+}
+
+#[test]
+fn run_reads_the_fixtures_from_the_repository_unless_tandem_fixtures_says_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    // Unset: the shipped config finds the in-repo checkpoints (so it gets as far as training;
+    // one step is enough to show the models loaded).
+    let out = tandem()
+        .args(["run", &config("reward_model.toml"), "--set", "steps=1", "--run-dir"])
+        .arg(dir.path().join("r"))
+        .env_remove("TANDEM_FIXTURES")
+        .output_within();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Set: the checkpoints are read from there, and the error names that directory.
+    let elsewhere = dir.path().join("elsewhere");
+    let out = tandem()
+        .args(["run", &config("reward_model.toml"), "--run-dir"])
+        .arg(dir.path().join("r2"))
+        .env("TANDEM_FIXTURES", &elsewhere)
+        .output_within();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let expected = elsewhere.join("hf/gpt2-tiny");
+    assert!(
+        stderr.contains("models.policy.path") && stderr.contains(expected.to_str().unwrap()),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn progress_is_one_line_per_step_on_stderr_unless_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |run_dir: &str, quiet: bool| {
+        let mut c = tandem();
+        c.args(["run", &config("quickstart.toml"), "--set", "steps=2", "--run-dir"])
+            .arg(dir.path().join(run_dir));
+        if quiet {
+            c.arg("--quiet");
+        }
+        let out = c.output_within();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    // stderr is not a terminal here: plain lines, one per step, with every field.
+    let stderr = run("a", false);
+    for k in 1..=2 {
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with(&format!("step {k}/2 ")))
+            .unwrap_or_else(|| panic!("no line for step {k}: {stderr}"));
+        for field in ["score ", "reward ", "kl ", "beta ", "tok/s", "elapsed ", "eta "] {
+            assert!(line.contains(field), "{field:?} not in {line:?}");
+        }
+    }
+    assert!(stderr.lines().any(|l| l.starts_with("step 2/2 ") && l.ends_with("eta 0s")), "{stderr}");
+    // --quiet: none.
+    let stderr = run("b", true);
+    assert!(!stderr.lines().any(|l| l.starts_with("step ")), "{stderr}");
+}
+
 #[test]
 fn bad_configs_name_the_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,7 +176,7 @@ fn bad_configs_name_the_file_line_and_key() {
         &["models.policy.path", "no-such-model"],
     );
     // A model directory that does not match its config: a missing tensor, a missing key.
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf/gpt2-tiny");
+    let fixture = fixtures_hf().join("gpt2-tiny");
     let model = dir.path().join("model");
     std::fs::create_dir(&model).unwrap();
     for f in std::fs::read_dir(&fixture).unwrap() {

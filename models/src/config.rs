@@ -451,6 +451,36 @@ fn refuse_math_keys(v: &Value, model_type: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The end-of-sequence ids a checkpoint directory declares: `eos_token_id` in
+/// `generation_config.json` when that file names one (a number or a list of numbers, as
+/// Llama 3 lists several), else `eos_token_id` in `config.json`; empty when neither does.
+/// Generation config first because it is what transformers' `generate` stops on.
+pub fn eos_token_ids(dir: &Path) -> Result<Vec<u32>> {
+    for name in ["generation_config.json", "config.json"] {
+        let path = dir.join(name);
+        if name == "generation_config.json" && !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        let ids = match v.get("eos_token_id") {
+            None | Some(Value::Null) => continue,
+            Some(Value::Array(a)) => a.iter().map(|x| x.as_u64()).collect::<Option<Vec<u64>>>(),
+            Some(x) => x.as_u64().map(|n| vec![n]),
+        };
+        let ids = ids.ok_or_else(|| ModelError::BadConfig {
+            path: path.clone(),
+            key: "eos_token_id",
+            msg: "must be a token id or a list of token ids".into(),
+        })?;
+        return Ok(ids.into_iter().map(|n| n as u32).collect());
+    }
+    Ok(vec![])
+}
+
 fn token_id(v: &Value) -> Option<u32> {
     match v {
         Value::Number(n) => n.as_u64().map(|n| n as u32),

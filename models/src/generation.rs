@@ -51,6 +51,11 @@ pub struct SamplingConfig {
     /// A row finishes after emitting any of these (the token is part of the response).
     #[serde(default)]
     pub stop_tokens: Vec<u32>,
+    /// Stop strings. Generation itself reads only `stop_tokens`: the runtime's config loading
+    /// (`tandem_runtime::config`) turns each string into its one token id with the policy's
+    /// tokenizer and adds it to `stop_tokens`.
+    #[serde(default)]
+    pub stop_strings: Vec<String>,
 }
 
 fn one() -> f64 {
@@ -66,6 +71,7 @@ impl Default for SamplingConfig {
             top_p: 1.0,
             greedy: false,
             stop_tokens: vec![],
+            stop_strings: vec![],
         }
     }
 }

@@ -24,8 +24,8 @@ pub mod rl;
 pub mod tokenizer;
 
 pub use adamw::AdamW;
-pub use checkpoint::{load_tensors, save_checkpoint};
-pub use config::{HeadKind, ModelConfig};
+pub use checkpoint::{checkpoint_dtype, copy_side_files, load_tensors, save_checkpoint, save_checkpoint_as};
+pub use config::{eos_token_ids, HeadKind, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generation::{generate, Decoding, Generation, SamplingConfig};
 pub use kv_cache::KvCache;

@@ -1,4 +1,5 @@
-//! Parity with Hugging Face transformers on every checkpoint in ../shared/fixtures/hf.
+//! Parity with Hugging Face transformers on every checkpoint in the repository's fixtures/hf
+//! (or `$TANDEM_FIXTURES/hf`).
 //! Nothing here depends on the checkpoints' sizes: the tests read config.json and expected.json.
 
 mod common;

@@ -1,7 +1,11 @@
 //! The run configuration: one TOML file with typed sections, every key documented here.
 //!
 //! Unknown or mistyped keys are rejected with the file, line and key. Relative paths inside
-//! the file are resolved against the directory of the config file. `--set section.key=value`
+//! the file are resolved against the directory of the config file. A path may name environment
+//! variables as `${NAME}` (an error when unset) or `${NAME:-default}` (the default when unset or
+//! empty); the shipped `configs/reward_model.toml` reads its checkpoints from
+//! `${TANDEM_FIXTURES:-../fixtures}/hf/...`, so the repository's own fixtures are used unless
+//! `TANDEM_FIXTURES` points elsewhere. `--set section.key=value`
 //! overrides are applied before validation (the value is parsed as TOML, or taken as a string).
 //! The resolved config (overrides applied, paths absolute) is written to the run directory.
 //!
@@ -18,7 +22,7 @@
 //!                          # corrects that data as off-policy (see tandem_actors::learner)
 //!
 //! [models.policy]          # either a HF checkpoint directory ...
-//! path = "../../shared/fixtures/hf/gpt2-tiny"
+//! path = "../fixtures/hf/gpt2-tiny"
 //! [models.policy.builtin]  # ... or a built-in tiny model with the built-in word tokenizer
 //! arch = "gpt2"            # gpt2 | qwen2
 //! hidden = 64
@@ -66,7 +70,14 @@
 //! top_k = 0                # 0 = off
 //! top_p = 1.0              # in (0, 1]; 1 = off. Truncated sampling: see tandem_actors::ppo_trainer
 //! greedy = false
-//! stop_tokens = []
+//! stop_tokens = [0]        # a response ends after any of these ids (kept in the response).
+//!                          # Not given: the HF policy's EOS ids (eos_token_id of its
+//!                          # generation_config.json, else of its config.json; a list gives
+//!                          # several), none for a built-in model. An explicit [] means no stop
+//!                          # token (then only max_new_tokens ends a response)
+//! stop_strings = ["<|endoftext|>"]  # added to stop_tokens as ids: each string must be exactly
+//!                          # one token with the policy's tokenizer (a multi-token string is
+//!                          # rejected, naming its ids: stops are single tokens)
 //!
 //! [algorithm]              # see tandem_actors::TrainerConfig (defaults from the seed papers)
 //! advantage = "gae"        # gae | grpo | rloo
@@ -587,13 +598,72 @@ impl Default for ChannelsConfig {
     }
 }
 
+/// Whether the config file or an override sets `sampling.stop_tokens` (an explicit `[]` means
+/// "no stop token"; leaving it out means "the model's EOS").
+fn stop_tokens_given(path: &Path, overrides: &[String]) -> bool {
+    let in_file = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .is_some_and(|t| {
+            t.get("sampling")
+                .and_then(|s| s.as_table())
+                .is_some_and(|s| s.contains_key("stop_tokens"))
+        });
+    in_file
+        || overrides.iter().any(|o| {
+            o.split('=').next().map(str::trim) == Some("sampling.stop_tokens")
+        })
+}
+
+/// Expands `${NAME}` and `${NAME:-default}` in a config path from the environment. `$` not
+/// followed by `{` is kept as it is.
+pub fn expand_env(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("bad variable name {name:?} in {s:?}"));
+        }
+        match (std::env::var(name).ok().filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} (named in {s:?}) is not set; set it or write ${{{name}:-default}}"
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 impl Config {
     /// Reads, overrides, resolves and validates a config file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
         let mut cfg = Self::parse(path, overrides)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        cfg.resolve_paths(base);
+        cfg.resolve_paths(base).map_err(|msg| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
         cfg.validate().map_err(|msg| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        let given = stop_tokens_given(path, overrides);
+        cfg.resolve_stops(given).map_err(|msg| RuntimeError::Config {
             path: path.to_path_buf(),
             msg,
         })?;
@@ -613,6 +683,11 @@ impl Config {
             cfg.faults = Default::default();
         }
         cfg.validate().map_err(|msg| RuntimeError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        // The resolved config already lists its stop tokens; strings added by --set join them.
+        cfg.resolve_stops(true).map_err(|msg| RuntimeError::Config {
             path: path.to_path_buf(),
             msg,
         })?;
@@ -647,36 +722,84 @@ impl Config {
 
     /// Makes every path absolute, relative ones taken from `base` (so the run directory's copy
     /// works from any working directory).
-    fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            let joined = base.join(&*p);
+    /// `${NAME}` / `${NAME:-default}` references are expanded first (see the module docs).
+    fn resolve_paths(&mut self, base: &Path) -> Result<(), String> {
+        let fix = |key: &str, p: &mut PathBuf| -> Result<(), String> {
+            let expanded = expand_env(&p.to_string_lossy()).map_err(|m| format!("{key}: {m}"))?;
+            let joined = base.join(expanded);
             *p = std::path::absolute(&joined).unwrap_or(joined);
+            Ok(())
         };
-        fix(&mut self.data.prompts);
+        fix("data.prompts", &mut self.data.prompts)?;
         if let Some(p) = &mut self.data.pretrain {
-            fix(p);
+            fix("data.pretrain", p)?;
         }
         if let Some(p) = &mut self.models.policy.path {
-            fix(p);
+            fix("models.policy.path", p)?;
         }
         if let Some(p) = &mut self.models.critic.path {
-            fix(p);
+            fix("models.critic.path", p)?;
         }
         if let Some(p) = &mut self.reward.model {
-            fix(p);
+            fix("reward.model", p)?;
         }
         if let Some(c) = self.cluster.as_mut() {
-            for p in [&mut c.cookie_file, &mut c.tls_cert, &mut c.tls_key]
-                .into_iter()
-                .flatten()
-            {
-                fix(p);
+            for (key, p) in [
+                ("cluster.cookie_file", &mut c.cookie_file),
+                ("cluster.tls_cert", &mut c.tls_cert),
+                ("cluster.tls_key", &mut c.tls_key),
+            ] {
+                if let Some(p) = p {
+                    fix(key, p)?;
+                }
             }
         }
         if self.reward.kind == RewardKind::Command {
             let cwd = self.reward.cwd.get_or_insert_with(|| PathBuf::from("."));
-            fix(cwd);
+            fix("reward.cwd", cwd)?;
         }
+        Ok(())
+    }
+
+    /// Settles `sampling.stop_tokens` (see the module docs): the HF policy's EOS ids when the
+    /// config names no stop tokens (`given` false), then the id of every
+    /// `sampling.stop_strings` entry, each once.
+    pub fn resolve_stops(&mut self, given: bool) -> Result<(), String> {
+        let dir = self.models.policy.path.clone();
+        if !given {
+            if let Some(d) = &dir {
+                self.sampling.stop_tokens = tandem_models::eos_token_ids(d)
+                    .map_err(|e| format!("sampling.stop_tokens (not given, so the model's EOS): {e}"))?;
+            }
+        }
+        if self.sampling.stop_strings.is_empty() {
+            return Ok(());
+        }
+        let tok = match &dir {
+            Some(d) => tandem_models::TextTokenizer::from_dir(d).map_err(|e| e.to_string()),
+            None => crate::builtin::tokenizer().map_err(|e| e.to_string()),
+        }
+        .map_err(|e| format!("sampling.stop_strings: {e}"))?;
+        for s in &self.sampling.stop_strings {
+            let ids = tok.encode(s).map_err(|e| format!("sampling.stop_strings: {s:?}: {e}"))?;
+            match ids[..] {
+                [id] => {
+                    if !self.sampling.stop_tokens.contains(&id) {
+                        self.sampling.stop_tokens.push(id);
+                    }
+                }
+                [] => return Err(format!("sampling.stop_strings: {s:?} is no token at all")),
+                _ => {
+                    return Err(format!(
+                        "sampling.stop_strings: {s:?} is {} tokens ({ids:?}) with the policy's tokenizer; \
+                         a stop is one token, so give a string that is a single token (such as the EOS \
+                         text) or list ids in sampling.stop_tokens",
+                        ids.len()
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Generation batches per learner step.

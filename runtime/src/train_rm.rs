@@ -30,7 +30,7 @@
 //! seed = 1
 //! run_dir = "runs/rm"          # --run-dir wins
 //! [model]                      # path = HF checkpoint dir, or [model.builtin] as in `tandem run`
-//! path = "../../shared/fixtures/hf/gpt2-tiny"
+//! path = "../fixtures/hf/gpt2-tiny"
 //! [data]
 //! train = "data/prefs.jsonl"
 //! eval = "data/prefs_eval.jsonl"  # optional

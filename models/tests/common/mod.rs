@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-/// `../shared/fixtures/hf` beside the repository, or `$TANDEM_FIXTURES/hf`.
+/// the repository's `fixtures/hf`, or `$TANDEM_FIXTURES/hf`.
 pub fn fixtures_hf() -> PathBuf {
     let root = std::env::var_os("TANDEM_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures"));
     let hf = root.join("hf");
     assert!(
         hf.is_dir(),

@@ -98,7 +98,10 @@ impl Drive<'_> {
             .append(true)
             .open(&metrics_path)
             .map_err(|e| RuntimeError::io(&metrics_path, e))?;
-        let bar = progress.then(|| super::progress_bar(cfg.steps, start.step));
+        // Progress on stderr: a live bar on a terminal, else one line per step (see RunOptions).
+        let bar = (progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .then(|| super::progress_bar(cfg.steps, start.step));
+        let mut pace = super::Pace::new(cfg.steps, start.step);
         let mut reports = Vec::new();
         let mut written: Vec<u64> = Vec::new();
         let mut interrupted = false;
@@ -147,9 +150,12 @@ impl Drive<'_> {
                         let line = crate::step_probe::merge(&r, probe_rx.as_ref());
                         writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
                         metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
+                        let msg = pace.message(&r);
                         if let Some(b) = &bar {
                             b.set_position(r.step + 1);
-                            b.set_message(format!("reward {:.3} kl {:.3}", r.stats.reward_mean, r.stats.kl));
+                            b.set_message(msg);
+                        } else if progress {
+                            eprintln!("step {}/{} {msg}", r.step + 1, cfg.steps);
                         }
                         latest_version = r.policy_version + 1;
                         next_step = r.step + 1;

@@ -45,7 +45,7 @@ use tandem_actors::reward_source::{RewardModelSource, RewardSource, TokenSetRewa
 use tandem_actors::{
     stage_channel, DeviceId, Executor, Faults, PpoTrainer, ReissueQueue, StepReport, TrajectoryBatch, WeightsSnapshot,
 };
-use tandem_models::{save_checkpoint, LanguageModel, ModelConfig, ScalarModel, TextTokenizer};
+use tandem_models::{LanguageModel, ModelConfig, ScalarModel, TextTokenizer};
 
 use crate::builtin;
 use crate::checkpoint;
@@ -63,7 +63,9 @@ pub(crate) use models::{load_policy, sampling_temperature};
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     pub run_dir: PathBuf,
-    /// Show a progress bar (when stdout is a terminal).
+    /// Report progress on stderr after every learner step: step k/N, score, reward, KL, beta,
+    /// generated tokens/s, elapsed time and ETA (both for this session). A live bar when
+    /// stderr is a terminal, else one plain line per step.
     pub progress: bool,
     /// Test hook: extra seconds per learner step (a deliberately slow learner).
     pub learner_delay: Duration,
@@ -327,7 +329,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             run_dir.display()
         )));
     }
-    save_models(run_dir, &policy.tokenizer, &trainer, &policy.config)?;
+    save_models(cfg, run_dir, &policy.tokenizer, &trainer, &policy.config)?;
     let store = store.transpose()?;
     Ok(RunSummary {
         reports,
@@ -379,6 +381,54 @@ pub fn reward_source(
     crate::reward_sources::shaped(cfg, source)
 }
 
+/// The progress message for each step: throughput and ETA over this session's steps.
+pub(crate) struct Pace {
+    steps: u64,
+    started: std::time::Instant,
+    first_step: u64,
+    tokens: usize,
+}
+
+impl Pace {
+    pub(crate) fn new(steps: u64, first_step: u64) -> Self {
+        Self {
+            steps,
+            started: std::time::Instant::now(),
+            first_step,
+            tokens: 0,
+        }
+    }
+
+    /// `score S reward R kl K beta B T tok/s elapsed E eta A` after report `r`.
+    pub(crate) fn message(&mut self, r: &tandem_actors::StepReport) -> String {
+        self.tokens += r.tokens_generated;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let done = (r.step + 1).saturating_sub(self.first_step).max(1);
+        let left = self.steps.saturating_sub(r.step + 1);
+        let eta = elapsed / done as f64 * left as f64;
+        format!(
+            "score {:.3} reward {:.3} kl {:.3} beta {:.4} {:.0} tok/s elapsed {} eta {}",
+            r.stats.score_mean,
+            r.stats.reward_mean,
+            r.stats.kl,
+            r.stats.beta,
+            self.tokens as f64 / elapsed.max(1e-9),
+            hms(elapsed),
+            hms(eta)
+        )
+    }
+}
+
+/// `1h02m03s`, `2m03s` or `3s`.
+fn hms(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
+    }
+}
+
 fn progress_bar(steps: u64, from: u64) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(steps);
     b.set_position(from);
@@ -391,28 +441,50 @@ fn progress_bar(steps: u64, from: u64) -> indicatif::ProgressBar {
 }
 
 /// Saves the trained policy (and critic, and the policy's EMA as `policy_ema/`) in HF layout
-/// with the tokenizer.
+/// with the tokenizer. Each export keeps what its input checkpoint had: the weights in the
+/// input's dtype (training runs in f32; a bf16 checkpoint comes back as bf16) and the input's
+/// `tokenizer_config.json`, `special_tokens_map.json` and `generation_config.json`. The
+/// critic's input is the checkpoint it was initialised from (`models.critic.init`); built-in
+/// models are saved as f32 with only `tokenizer.json`.
 fn save_models(
+    cfg: &Config,
     run_dir: &Path,
     tokenizer: &TextTokenizer,
     trainer: &Arc<Mutex<PpoTrainer>>,
     policy_config: &ModelConfig,
 ) -> Result<(), RuntimeError> {
+    use crate::config::CriticInit;
     let t = trainer
         .lock()
         .map_err(|_| RuntimeError::Other("trainer poisoned".into()))?;
-    let dir = run_dir.join("policy");
-    save_checkpoint(&dir, policy_config, &t.policy_weights()?, None)?;
-    tokenizer.save_to_dir(&dir)?;
+    let policy_src = cfg.models.policy.path.as_deref();
+    let critic_src = match cfg.models.critic.init {
+        CriticInit::RewardModel => cfg.reward.model.as_deref(),
+        CriticInit::Policy => policy_src,
+        CriticInit::Path => cfg.models.critic.path.as_deref(),
+    };
+    let save = |dir: &Path,
+                model_cfg: &ModelConfig,
+                w: &std::collections::HashMap<String, candle_core::Tensor>,
+                src: Option<&Path>|
+     -> Result<(), RuntimeError> {
+        let dtype = match src {
+            Some(s) => tandem_models::checkpoint_dtype(s)?,
+            None => candle_core::DType::F32,
+        };
+        tandem_models::save_checkpoint_as(dir, model_cfg, w, None, dtype)?;
+        tokenizer.save_to_dir(dir)?;
+        if let Some(s) = src {
+            tandem_models::copy_side_files(s, dir)?;
+        }
+        Ok(())
+    };
+    save(&run_dir.join("policy"), policy_config, &t.policy_weights()?, policy_src)?;
     if let Some(ema) = t.ema_weights() {
-        let dir = run_dir.join("policy_ema");
-        save_checkpoint(&dir, policy_config, &ema, None)?;
-        tokenizer.save_to_dir(&dir)?;
+        save(&run_dir.join("policy_ema"), policy_config, &ema, policy_src)?;
     }
-    if let (Some(w), Some(cfg)) = (t.critic_weights()?, t.critic_config()) {
-        let dir = run_dir.join("critic");
-        save_checkpoint(&dir, &cfg, &w, None)?;
-        tokenizer.save_to_dir(&dir)?;
+    if let (Some(w), Some(critic_cfg)) = (t.critic_weights()?, t.critic_config()) {
+        save(&run_dir.join("critic"), &critic_cfg, &w, critic_src)?;
     }
     Ok(())
 }
