@@ -564,7 +564,10 @@ fn a_plain_head_refuses_a_tls_worker_and_stray_bytes_and_stays_up() {
         let worker_ports = listening_ports(w1.child.id());
         // The head: its cluster listener and ractor_cluster's own; the worker: ractor_cluster's own.
         let cluster_port: u16 = addr.trim().rsplit(':').next().unwrap().parse().unwrap();
-        assert!(head_ports.contains(&cluster_port), "head ports {head_ports:?}, cluster at {addr}");
+        assert!(
+            head_ports.contains(&cluster_port),
+            "head ports {head_ports:?}, cluster at {addr}"
+        );
         assert!(head_ports.len() >= 2, "head ports {head_ports:?}");
         assert!(!worker_ports.is_empty(), "worker ports {worker_ports:?}");
         for port in head_ports.iter().chain(&worker_ports) {
@@ -582,7 +585,11 @@ fn a_plain_head_refuses_a_tls_worker_and_stray_bytes_and_stays_up() {
             }
         }
         std::thread::sleep(Duration::from_secs(1));
-        assert!(head.child.try_wait().unwrap().is_none(), "the head died:\n{}", head.log());
+        assert!(
+            head.child.try_wait().unwrap().is_none(),
+            "the head died:\n{}",
+            head.log()
+        );
         assert!(w1.child.try_wait().unwrap().is_none(), "the worker died:\n{}", w1.log());
     }
     let _ = Command::new("kill")

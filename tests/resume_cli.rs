@@ -177,7 +177,9 @@ fn a_damaged_checkpoint_falls_back_to_the_previous_one_or_fails_naming_the_file(
         assert_eq!(l["step"], i as u64);
     }
     // The damaged checkpoint is kept aside, not deleted, and not taken for a checkpoint.
-    assert!(run_dir.join("checkpoints/damaged-step-4/policy/model.safetensors").is_file());
+    assert!(run_dir
+        .join("checkpoints/damaged-step-4/policy/model.safetensors")
+        .is_file());
     assert_eq!(checkpoint_names(&run_dir), vec!["damaged-step-4", "step-4", "step-6"]);
 
     // Damage in every checkpoint (weights in one, optimizer state in the other): exit 2 naming

@@ -98,7 +98,14 @@ fn sample_best_of_n_is_bounded() {
     let out_file = dir.path().join("best.jsonl");
     // A count that would size an allocation of tens of GB is refused up front, exit 2.
     for n in ["1000000", "1025", "0"] {
-        let out = tandem(&["sample", "configs/quickstart.toml", "--best-of", n, "--out", path(&out_file)]);
+        let out = tandem(&[
+            "sample",
+            "configs/quickstart.toml",
+            "--best-of",
+            n,
+            "--out",
+            path(&out_file),
+        ]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "--best-of {n}: {err}");
         assert!(err.contains("--best-of must be between 1 and 1024"), "{err}");
@@ -107,7 +114,11 @@ fn sample_best_of_n_is_bounded() {
     }
     // The bound itself works: two prompts at N = 1024 are generated one prompt per batch.
     let prompts = dir.path().join("two.jsonl");
-    std::fs::write(&prompts, "{\"prompt\": \"the movie was\"}\n{\"prompt\": \"the film is\"}\n").unwrap();
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"the movie was\"}\n{\"prompt\": \"the film is\"}\n",
+    )
+    .unwrap();
     let set = format!("data.prompts=\"{}\"", prompts.display());
     let s = last_json(&tandem(&[
         "sample",

@@ -55,7 +55,10 @@ fn stops_cleanly_on(signal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let child = start_long_run(&run_dir, 3);
-    assert!(run_dir.join("metrics_addr").is_file(), "the endpoint's address was not written");
+    assert!(
+        run_dir.join("metrics_addr").is_file(),
+        "the endpoint's address was not written"
+    );
     let status = Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status()
@@ -80,7 +83,10 @@ fn stops_cleanly_on(signal: &str) {
     let n = text.lines().count();
     assert_eq!(summary["checkpoints"].as_array().unwrap().last().unwrap(), n);
     assert!(run_dir.join(format!("checkpoints/step-{n}/state.json")).is_file());
-    assert!(!run_dir.join("metrics_addr").exists(), "{signal}: a stale metrics_addr was left behind");
+    assert!(
+        !run_dir.join("metrics_addr").exists(),
+        "{signal}: a stale metrics_addr was left behind"
+    );
 }
 
 #[test]
@@ -108,7 +114,10 @@ fn a_live_run_directory_is_locked_against_overwrite_and_resume() {
         &["run", &cfg, "--run-dir", run_dir_s],
     ];
     for args in attempts {
-        fails_with(args, &[run_dir_s, &format!("pid {pid}"), "in use by another tandem run"]);
+        fails_with(
+            args,
+            &[run_dir_s, &format!("pid {pid}"), "in use by another tandem run"],
+        );
         assert_eq!(
             std::fs::read_dir(&run_dir).unwrap().count(),
             before,
@@ -125,7 +134,13 @@ fn a_live_run_directory_is_locked_against_overwrite_and_resume() {
         .args(["--set", "metrics.enabled=false"])
         .output_within();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap().lines().count(), 1);
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
 }
 
 #[test]
@@ -155,7 +170,11 @@ fn overwrite_deletes_only_tandem_run_directories() {
         assert!(stderr.contains("working directory"), "{run_dir}: {stderr}");
     }
     assert_eq!(std::fs::read_to_string(victim.join("precious.txt")).unwrap(), "keep me");
-    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 1, "something was written into the victim");
+    assert_eq!(
+        std::fs::read_dir(&victim).unwrap().count(),
+        1,
+        "something was written into the victim"
+    );
 }
 
 fn fails_with(args: &[&str], needles: &[&str]) {

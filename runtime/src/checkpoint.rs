@@ -241,7 +241,11 @@ fn manifest_of(dir: &Path) -> Result<Manifest, RuntimeError> {
                 walk(root, &p, files)?;
             } else {
                 let rel = p.strip_prefix(root).expect("under the root");
-                let key = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+                let key = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("/");
                 if key != MANIFEST {
                     files.insert(key, file_sum(&p)?);
                 }
@@ -435,7 +439,10 @@ mod tests {
         bytes[1234] ^= 0x10;
         std::fs::write(&weights, &bytes).unwrap();
         let err = verify(&dir).unwrap_err().to_string();
-        assert!(err.contains("policy/model.safetensors") && err.contains("damaged"), "{err}");
+        assert!(
+            err.contains("policy/model.safetensors") && err.contains("damaged"),
+            "{err}"
+        );
         std::fs::remove_file(&weights).unwrap();
         let err = verify(&dir).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");

@@ -123,8 +123,9 @@ pub fn is_run_dir(dir: &Path) -> bool {
         Ok(text) => text,
         Err(_) => return false,
     };
-    let resolved = toml::from_str::<toml::Table>(&config)
-        .is_ok_and(|t| t.get("steps").is_some_and(|v| v.is_integer()) && t.get("placement").is_some_and(|v| v.is_table()));
+    let resolved = toml::from_str::<toml::Table>(&config).is_ok_and(|t| {
+        t.get("steps").is_some_and(|v| v.is_integer()) && t.get("placement").is_some_and(|v| v.is_table())
+    });
     resolved
         && (dir.join(LOCK_FILE).is_file() || dir.join("metrics.jsonl").is_file() || dir.join("checkpoints").is_dir())
 }
@@ -175,7 +176,11 @@ mod tests {
 
     fn fake_run(dir: &Path) {
         std::fs::create_dir_all(dir.join("checkpoints/step-2")).unwrap();
-        std::fs::write(dir.join("config.toml"), "steps = 4\n[placement]\nthreads_per_device = 1\n").unwrap();
+        std::fs::write(
+            dir.join("config.toml"),
+            "steps = 4\n[placement]\nthreads_per_device = 1\n",
+        )
+        .unwrap();
         std::fs::write(dir.join("metrics.jsonl"), "{\"step\":0}\n").unwrap();
     }
 
