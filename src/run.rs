@@ -8,11 +8,16 @@
 //! deletes it first) or `--resume` is given. A resumed run reads `RUN_DIR/config.toml`; `--set`
 //! may change it (for example `--set steps=200` to train longer).
 //!
+//! The run locks `RUN_DIR/tandem.lock` for its whole life: a second `run` into the same
+//! directory (`--overwrite` and `--resume` included) exits 2 naming the directory and the
+//! holder's pid, and deletes nothing. `--overwrite` deletes only a tandem run directory, never
+//! other files, the working directory or its parents (see `tandem_runtime::run_dir`).
+//!
 //! Progress goes to stderr after every learner step (step k/N, score, reward, KL, beta,
 //! tokens/s, elapsed, ETA): a live bar when stderr is a terminal, else one plain line per step;
-//! `--quiet` turns it off. Ctrl-C stops the run at the next step
-//! boundary with a checkpoint (a second Ctrl-C stops at once): what was reported is on disk,
-//! the models are saved, and the exit status is 0. The last line on stdout is a JSON summary.
+//! `--quiet` turns it off. Ctrl-C or SIGTERM stops the run at the next step boundary with a
+//! checkpoint (a second signal stops at once): what was reported is on disk, the models are
+//! saved, and the exit status is 0. The last line on stdout is a JSON summary.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use tandem_runtime::{Config, RunOptions, RunSummary};
+use tandem_runtime::{Config, RunDirLock, RunOptions, RunSummary};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -76,9 +81,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("clap requires a config without --resume"),
     };
-    if args.overwrite && run_dir.exists() {
-        std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot remove {}", run_dir.display()))?;
-    }
+    // Held until the run is over: a second run into this directory is refused meanwhile.
+    let _lock = if args.overwrite {
+        RunDirLock::acquire_for_overwrite(&run_dir)?
+    } else {
+        RunDirLock::acquire(&run_dir)?
+    };
     let progress = !args.quiet;
     let summary = run_config(
         &cfg,

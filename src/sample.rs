@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use tandem_runtime::best_of::MAX_BEST_OF;
 use tandem_runtime::Config;
 
 #[derive(Debug, Args)]
 pub struct SampleArgs {
     /// A run config: its policy, [sampling], [reward] and data.prompts are used.
     config: PathBuf,
-    /// Responses sampled per prompt; the best-scored one is kept.
+    /// Responses sampled per prompt (1 to 1024); the best-scored one is kept.
     #[arg(long, default_value_t = 1)]
     best_of: usize,
     /// Output JSONL: prompt, response, score, best_index, scores, response_ids.
@@ -30,8 +31,11 @@ pub struct SampleArgs {
 }
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
-    if args.best_of == 0 {
-        return crate::error::bad_input!("--best-of must be >= 1");
+    if args.best_of == 0 || args.best_of > MAX_BEST_OF {
+        return crate::error::bad_input!(
+            "--best-of must be between 1 and {MAX_BEST_OF}, not {} (every sampled response is held until the best is chosen)",
+            args.best_of
+        );
     }
     let cfg = Config::load(&args.config, &args.set)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -471,6 +471,35 @@ fn a_tls_head_runs_with_a_tls_worker_and_refuses_plain_and_untrusting_ones() {
     assert_eq!(samplers.into_iter().collect::<Vec<_>>(), ["rollout/w1/0"]);
 }
 
+/// The TCP ports that process `pid` listens on: its socket inodes (`/proc/PID/fd`) matched
+/// against the LISTEN rows of `/proc/net/tcp` and `/proc/net/tcp6`.
+#[cfg(target_os = "linux")]
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let mut inodes = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        if let Ok(link) = std::fs::read_link(fd.path()) {
+            let link = link.to_string_lossy().into_owned();
+            if let Some(inode) = link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                inodes.insert(inode.to_string());
+            }
+        }
+    }
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (the 10th field); st 0A is LISTEN.
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                let port = f[1].rsplit(':').next().unwrap();
+                ports.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 #[test]
 fn a_plain_head_refuses_a_tls_worker_and_stray_bytes_and_stays_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -522,10 +551,47 @@ fn a_plain_head_refuses_a_tls_worker_and_stray_bytes_and_stays_up() {
     );
 
     // A plain worker still joins.
-    let _w1 = worker(&addr, "w1", &cookie_file);
+    let mut w1 = worker(&addr, "w1", &cookie_file);
     wait_for("the plain worker to join", &mut head, || {
         log_has(&head_log, "node authenticated")
     });
+
+    // The same bytes to every port that the head and the worker listen on, ractor_cluster's own
+    // listeners included: both stay up.
+    #[cfg(target_os = "linux")]
+    {
+        let head_ports = listening_ports(head.child.id());
+        let worker_ports = listening_ports(w1.child.id());
+        // The head: its cluster listener and ractor_cluster's own; the worker: ractor_cluster's own.
+        let cluster_port: u16 = addr.trim().rsplit(':').next().unwrap().parse().unwrap();
+        assert!(
+            head_ports.contains(&cluster_port),
+            "head ports {head_ports:?}, cluster at {addr}"
+        );
+        assert!(head_ports.len() >= 2, "head ports {head_ports:?}");
+        assert!(!worker_ports.is_empty(), "worker ports {worker_ports:?}");
+        for port in head_ports.iter().chain(&worker_ports) {
+            for bytes in [
+                &b"GET / HTTP/1.1\r\n\r\n"[..],
+                &[0x00, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+            ] {
+                use std::io::{Read, Write};
+                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", *port)) else {
+                    continue;
+                };
+                let _ = s.write_all(bytes);
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let _ = s.read_to_end(&mut Vec::new());
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            head.child.try_wait().unwrap().is_none(),
+            "the head died:\n{}",
+            head.log()
+        );
+        assert!(w1.child.try_wait().unwrap().is_none(), "the worker died:\n{}", w1.log());
+    }
     let _ = Command::new("kill")
         .args(["-INT", &head.child.id().to_string()])
         .status();

@@ -1,5 +1,6 @@
 //! `tandem run --resume` after SIGKILL: a sync run continues from its latest checkpoint and
-//! writes the same metrics, trajectories and weights as a run that was never interrupted.
+//! writes the same metrics, trajectories and weights as a run that was never interrupted. A
+//! checkpoint whose files no longer match its manifest is set aside for the previous one.
 
 mod common;
 use common::OutputWithin;
@@ -121,4 +122,82 @@ fn sigkill_then_resume_matches_an_uninterrupted_sync_run() {
     let v: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&verify.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(v["records"], 8 * 32);
+}
+
+/// Flips one byte near the end (in the tensor data) of `file`.
+fn flip_a_byte(file: &Path) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let i = bytes.len() - 7;
+    bytes[i] ^= 0x40;
+    std::fs::write(file, bytes).unwrap();
+}
+
+fn checkpoint_names(run_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_damaged_checkpoint_falls_back_to_the_previous_one_or_fails_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/sync.toml");
+    let out = tandem()
+        .args(["run", config.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
+        .args(SETTINGS)
+        .args(["--set", "steps=4"])
+        .output_within();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(checkpoint_names(&run_dir), vec!["step-2", "step-4"]);
+    assert!(run_dir.join("checkpoints/step-4/manifest.json").is_file());
+
+    // One flipped byte in the latest weights: the resume falls back to step 2 and says so.
+    flip_a_byte(&run_dir.join("checkpoints/step-4/policy/model.safetensors"));
+    let out = tandem()
+        .args(["run", "--resume", run_dir.to_str().unwrap(), "--set", "steps=6"])
+        .output_within();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("checkpoint step-4 is damaged")
+            && stderr.contains("policy/model.safetensors")
+            && stderr.contains("falling back to the previous complete checkpoint, step-2"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["resumed_from"], 2);
+    let lines = metrics(&run_dir);
+    assert_eq!(lines.len(), 6);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"], i as u64);
+    }
+    // The damaged checkpoint is kept aside, not deleted, and not taken for a checkpoint.
+    assert!(run_dir
+        .join("checkpoints/damaged-step-4/policy/model.safetensors")
+        .is_file());
+    assert_eq!(checkpoint_names(&run_dir), vec!["damaged-step-4", "step-4", "step-6"]);
+
+    // Damage in every checkpoint (weights in one, optimizer state in the other): exit 2 naming
+    // the files, and nothing is moved or deleted.
+    flip_a_byte(&run_dir.join("checkpoints/step-6/policy/model.safetensors"));
+    flip_a_byte(&run_dir.join("checkpoints/step-4/optimizer.safetensors"));
+    let out = tandem()
+        .args(["run", "--resume", run_dir.to_str().unwrap(), "--set", "steps=8"])
+        .output_within();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no intact checkpoint")
+            && stderr.contains("step-6/policy/model.safetensors")
+            && stderr.contains("step-4/optimizer.safetensors"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(checkpoint_names(&run_dir), vec!["damaged-step-4", "step-4", "step-6"]);
+    assert_eq!(metrics(&run_dir).len(), 6);
 }

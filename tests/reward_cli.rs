@@ -93,6 +93,56 @@ fn train_rm_cli_names_the_bad_line_and_exits_2() {
 }
 
 #[test]
+fn sample_best_of_n_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("best.jsonl");
+    // A count that would size an allocation of tens of GB is refused up front, exit 2.
+    for n in ["1000000", "1025", "0"] {
+        let out = tandem(&[
+            "sample",
+            "configs/quickstart.toml",
+            "--best-of",
+            n,
+            "--out",
+            path(&out_file),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--best-of {n}: {err}");
+        assert!(err.contains("--best-of must be between 1 and 1024"), "{err}");
+        assert!(!err.contains("panicked") && !err.contains("memory allocation"), "{err}");
+        assert!(!out_file.exists());
+    }
+    // The bound itself works: two prompts at N = 1024 are generated one prompt per batch.
+    let prompts = dir.path().join("two.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"the movie was\"}\n{\"prompt\": \"the film is\"}\n",
+    )
+    .unwrap();
+    let set = format!("data.prompts=\"{}\"", prompts.display());
+    let s = last_json(&tandem(&[
+        "sample",
+        "configs/quickstart.toml",
+        "--best-of",
+        "1024",
+        "--set",
+        &set,
+        "--set",
+        "sampling.max_new_tokens=4",
+        "--out",
+        path(&out_file),
+    ]));
+    assert_eq!(s["prompts"], 2);
+    let rows: Vec<Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["scores"].as_array().unwrap().len() == 1024));
+}
+
+#[test]
 fn sample_best_of_n_keeps_the_best_scored_response() {
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("best.jsonl");

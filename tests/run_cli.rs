@@ -1,5 +1,6 @@
-//! `tandem run` from the command line: Ctrl-C stops cleanly with a checkpoint, bad input is reported with the
-//! file, line and key, and exits 2 without a backtrace.
+//! `tandem run` from the command line: Ctrl-C and SIGTERM stop cleanly with a checkpoint, a live
+//! run directory is locked, `--overwrite` deletes only run directories, bad input is reported
+//! with the file, line and key, and exits 2 without a backtrace.
 
 mod common;
 use common::OutputWithin;
@@ -20,10 +21,8 @@ fn config(name: &str) -> String {
         .into_owned()
 }
 
-#[test]
-fn ctrl_c_stops_the_run_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let run_dir = dir.path().join("run");
+/// Starts a long quickstart run into `run_dir` and waits until it has reported `steps` steps.
+fn start_long_run(run_dir: &Path, steps: usize) -> std::process::Child {
     let child = tandem()
         .args([
             "run",
@@ -32,29 +31,47 @@ fn ctrl_c_stops_the_run_cleanly() {
             run_dir.to_str().unwrap(),
             "--set",
             "steps=100000",
+            "--set",
+            "metrics.addr=\"127.0.0.1:0\"",
         ])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let metrics = run_dir.join("metrics.jsonl");
     let start = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 3 {
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < steps {
         assert!(start.elapsed() < Duration::from_secs(120), "no progress");
         std::thread::sleep(Duration::from_millis(100));
     }
+    child
+}
+
+/// Sends `signal` to a live run and checks that it stops as Ctrl-C should: exit 0, every
+/// reported step on disk, a checkpoint of the last one, the models saved, the summary printed
+/// and the `metrics_addr` file removed.
+fn stops_cleanly_on(signal: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let child = start_long_run(&run_dir, 3);
+    assert!(
+        run_dir.join("metrics_addr").is_file(),
+        "the endpoint's address was not written"
+    );
     let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let out = common::wait_output(child, Duration::from_secs(300));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    assert!(out.status.success(), "{signal}: exit {:?}: {stderr}", out.status);
     let summary: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(summary["interrupted"], true);
     // Every reported step is on disk, whole, and numbered without gaps.
+    let metrics = run_dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&metrics).unwrap();
     for (i, line) in text.lines().enumerate() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -66,6 +83,98 @@ fn ctrl_c_stops_the_run_cleanly() {
     let n = text.lines().count();
     assert_eq!(summary["checkpoints"].as_array().unwrap().last().unwrap(), n);
     assert!(run_dir.join(format!("checkpoints/step-{n}/state.json")).is_file());
+    assert!(
+        !run_dir.join("metrics_addr").exists(),
+        "{signal}: a stale metrics_addr was left behind"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_the_run_cleanly() {
+    stops_cleanly_on("-INT");
+}
+
+#[test]
+fn sigterm_stops_the_run_cleanly_like_ctrl_c() {
+    stops_cleanly_on("-TERM");
+}
+
+#[test]
+fn a_live_run_directory_is_locked_against_overwrite_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let mut child = start_long_run(&run_dir, 1);
+    let pid = child.id();
+    let before = std::fs::read_dir(&run_dir).unwrap().count();
+    let run_dir_s = run_dir.to_str().unwrap();
+    let cfg = config("quickstart.toml");
+    let attempts: [&[&str]; 3] = [
+        &["run", &cfg, "--run-dir", run_dir_s, "--overwrite"],
+        &["run", "--resume", run_dir_s],
+        &["run", &cfg, "--run-dir", run_dir_s],
+    ];
+    for args in attempts {
+        fails_with(
+            args,
+            &[run_dir_s, &format!("pid {pid}"), "in use by another tandem run"],
+        );
+        assert_eq!(
+            std::fs::read_dir(&run_dir).unwrap().count(),
+            before,
+            "{args:?} changed the live run's directory"
+        );
+        assert!(run_dir.join("config.toml").is_file() && run_dir.join("metrics.jsonl").is_file());
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the live run stopped");
+    // The lock goes with its holder, however it ends: after SIGKILL the directory is free.
+    child.kill().unwrap();
+    let _ = common::wait_output(child, Duration::from_secs(60));
+    let out = tandem()
+        .args(["run", &cfg, "--run-dir", run_dir_s, "--overwrite", "--set", "steps=1"])
+        .args(["--set", "metrics.enabled=false"])
+        .output_within();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn overwrite_deletes_only_tandem_run_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    // A config with an absolute prompts path, so that it works from any working directory.
+    let text = std::fs::read_to_string(config("quickstart.toml")).unwrap();
+    let prompts = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/data/prompts.jsonl");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, text.replace("data/prompts.jsonl", prompts.to_str().unwrap())).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("precious.txt"), "keep me").unwrap();
+    fails_with(
+        &["run", cfg, "--run-dir", victim.to_str().unwrap(), "--overwrite"],
+        &[victim.to_str().unwrap(), "not a tandem run directory"],
+    );
+    // Neither the working directory nor its parent, even when run from inside a victim.
+    for run_dir in [".", ".."] {
+        let out = tandem()
+            .current_dir(&victim)
+            .args(["run", cfg, "--run-dir", run_dir, "--overwrite"])
+            .output_within();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{run_dir}: {stderr}");
+        assert!(stderr.contains("working directory"), "{run_dir}: {stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(victim.join("precious.txt")).unwrap(), "keep me");
+    assert_eq!(
+        std::fs::read_dir(&victim).unwrap().count(),
+        1,
+        "something was written into the victim"
+    );
 }
 
 fn fails_with(args: &[&str], needles: &[&str]) {

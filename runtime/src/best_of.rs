@@ -6,7 +6,13 @@
 //! them and the best is kept (the first of equal scores). Each output line:
 //! `{"prompt", "response", "score", "best_index", "scores": [all N], "response_ids"}`.
 //! Sampling is seeded from the config's `seed`; prompts are generated in batches of
-//! `data.prompts_per_ticket`. Compute runs on the first rollout device's executor.
+//! `data.prompts_per_ticket`, fewer when `N` is large so that one generation batch holds at
+//! most [`MAX_ROWS_PER_BATCH`] sequences (at least one prompt's `N`). Compute runs on the first
+//! rollout device's executor.
+//!
+//! `N` is bounded by [`MAX_BEST_OF`]: every sampled response and score is held until the
+//! prompt's best is chosen, so an unbounded `N` would exhaust memory and abort instead of
+//! failing with a message.
 //!
 //! [`sample_and_score`] is the shared step: the mock labeller uses it to draw and label pairs.
 
@@ -25,6 +31,13 @@ use crate::error::RuntimeError;
 use crate::pipeline::{load_policy, reward_source};
 use crate::prompts::load_prompts;
 
+/// The largest `N` that best-of-N sampling accepts.
+pub const MAX_BEST_OF: usize = 1024;
+
+/// The most sequences (prompts × `n`) one generation batch holds, unless one prompt's `n`
+/// alone is more.
+pub const MAX_ROWS_PER_BATCH: usize = 1024;
+
 /// `n` scored responses to one prompt.
 #[derive(Debug, Clone)]
 pub struct Scored {
@@ -33,8 +46,8 @@ pub struct Scored {
     pub scores: Vec<f32>,
 }
 
-/// Samples `n` responses per prompt (batches of `batch` prompts, seeded by `seed` and the batch
-/// index) and scores them with `source`.
+/// Samples `n` responses per prompt (batches of `batch` prompts, fewer when `batch × n` exceeds
+/// [`MAX_ROWS_PER_BATCH`]; seeded by `seed` and the batch index) and scores them with `source`.
 pub fn sample_and_score(
     model: &LanguageModel,
     prompts: &[Vec<u32>],
@@ -45,7 +58,8 @@ pub fn sample_and_score(
     batch: usize,
 ) -> Result<Vec<Scored>, ActorError> {
     let mut out = Vec::with_capacity(prompts.len());
-    for (b, chunk) in prompts.chunks(batch.max(1)).enumerate() {
+    let per_batch = batch.max(1).min((MAX_ROWS_PER_BATCH / n.max(1)).max(1));
+    for (b, chunk) in prompts.chunks(per_batch).enumerate() {
         let rows: Vec<Vec<u32>> = chunk.iter().flat_map(|p| std::iter::repeat_n(p.clone(), n)).collect();
         let mut rng = StdRng::seed_from_u64(seed ^ (b as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let g = generate(model, &rows, sampling, &mut rng, Decoding::Cached)?;
@@ -98,8 +112,10 @@ pub async fn best_of_n(
     n: usize,
     out: &Path,
 ) -> Result<BestOfSummary, RuntimeError> {
-    if n == 0 {
-        return Err(RuntimeError::Other("--best-of must be >= 1".into()));
+    if n == 0 || n > MAX_BEST_OF {
+        return Err(RuntimeError::Other(format!(
+            "--best-of must be between 1 and {MAX_BEST_OF}, not {n}"
+        )));
     }
     let exec = Executor::new(cfg.placement.rollout_devices[0], cfg.placement.threads_per_device)?;
     let (model, tokenizer) = policy(cfg, policy_dir, exec.device())?;

@@ -9,6 +9,7 @@
 //! | `replay.bin` | the replay buffer's unconsumed trajectories (bincode, with length and CRC32) |
 //! | `state.json` | step, policy version, optimiser step counts, KL beta (exact bits), tickets accounted for, stale-drop count, wall seconds |
 //! | `config.toml` | the run's resolved config |
+//! | `manifest.json` | the size and CRC32 of every other file above ([`verify`]) |
 //!
 //! RNG state needs no file: the learner's minibatch shuffle is seeded from (seed, step) and
 //! every work ticket carries its own sampling seed, so the counters are the RNG state. The data
@@ -19,9 +20,17 @@
 //! Atomicity: a checkpoint is written to `checkpoints/.tmp-step-K`, fsynced and renamed to
 //! `step-K`, so a crash never leaves a half checkpoint under a `step-*` name; leftover `.tmp-*`
 //! directories are removed when a run starts. Only the last `checkpoint.keep` are kept.
+//!
+//! Integrity: `manifest.json` is written last, before the fsync and rename, and [`read`]
+//! checks every file against it, so a flipped bit in the weights or the optimizer state is an
+//! error naming the file instead of a silently different model. A resumed run that finds its
+//! latest checkpoint damaged sets it aside as `checkpoints/damaged-step-K` and falls back to the
+//! previous intact one, with a warning saying so (see `pipeline::checkpoints::resume_point`);
+//! with none intact it fails naming each damaged file. Checkpoints written before manifests
+//! existed have none and are read unchecked.
 
-use std::collections::HashMap;
-use std::io::Write;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -162,6 +171,8 @@ pub fn write_atomically(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
     fill(&tmp)?;
+    let manifest = serde_json::to_string_pretty(&manifest_of(&tmp)?).expect("manifest serialises");
+    write_synced(&tmp.join(MANIFEST), manifest.as_bytes())?;
     sync_tree(&tmp)?;
     let dest = step_dir(run_dir, step);
     if dest.exists() {
@@ -186,8 +197,107 @@ pub fn write_atomically(
     Ok(dest)
 }
 
-/// Reads a checkpoint directory; the models are loaded with the configs saved in it.
+/// The checksum file of a checkpoint directory.
+pub const MANIFEST: &str = "manifest.json";
+
+/// `manifest.json`: every file of a checkpoint (paths relative to it, `/`-separated).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Manifest {
+    files: BTreeMap<String, FileSum>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct FileSum {
+    bytes: u64,
+    crc32: u32,
+}
+
+/// Size and CRC32 of `path`, read in blocks.
+fn file_sum(path: &Path) -> Result<FileSum, RuntimeError> {
+    let mut f = std::fs::File::open(path).map_err(|e| RuntimeError::io(path, e))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| RuntimeError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileSum {
+        bytes,
+        crc32: hasher.finalize(),
+    })
+}
+
+/// The manifest of every file under `dir` (but a manifest itself).
+fn manifest_of(dir: &Path) -> Result<Manifest, RuntimeError> {
+    fn walk(root: &Path, dir: &Path, files: &mut BTreeMap<String, FileSum>) -> Result<(), RuntimeError> {
+        for e in std::fs::read_dir(dir).map_err(|e| RuntimeError::io(dir, e))? {
+            let p = e.map_err(|e| RuntimeError::io(dir, e))?.path();
+            if p.is_dir() {
+                walk(root, &p, files)?;
+            } else {
+                let rel = p.strip_prefix(root).expect("under the root");
+                let key = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                if key != MANIFEST {
+                    files.insert(key, file_sum(&p)?);
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut files = BTreeMap::new();
+    walk(dir, dir, &mut files)?;
+    Ok(Manifest { files })
+}
+
+/// Checks every file of the checkpoint `dir` against its `manifest.json`. `Ok(true)` when all
+/// match, `Ok(false)` for a checkpoint without a manifest (written before they existed), and a
+/// [`RuntimeError::Config`] naming the first file that is missing or differs.
+pub fn verify(dir: &Path) -> Result<bool, RuntimeError> {
+    let path = dir.join(MANIFEST);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(RuntimeError::io(&path, e)),
+    };
+    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| RuntimeError::Config {
+        path: path.clone(),
+        msg: format!("unreadable checkpoint manifest: {e}"),
+    })?;
+    for (name, want) in &manifest.files {
+        let file = dir.join(name);
+        if !file.is_file() {
+            return Err(RuntimeError::Config {
+                path: file,
+                msg: format!("missing: {MANIFEST} lists it"),
+            });
+        }
+        let got = file_sum(&file)?;
+        if got != *want {
+            return Err(RuntimeError::Config {
+                path: file,
+                msg: format!(
+                    "damaged: {MANIFEST} records {} bytes with CRC32 {:08x}, the file has {} bytes with CRC32 {:08x}",
+                    want.bytes, want.crc32, got.bytes, got.crc32
+                ),
+            });
+        }
+    }
+    Ok(true)
+}
+
+/// Reads a checkpoint directory after checking it against its manifest ([`verify`]); the
+/// models are loaded with the configs saved in it.
 pub fn read(dir: &Path, device: &Device) -> Result<Checkpoint, RuntimeError> {
+    verify(dir)?;
     let state = dir.join("state.json");
     let text = std::fs::read_to_string(&state).map_err(|e| RuntimeError::io(&state, e))?;
     let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| RuntimeError::Config {
@@ -312,5 +422,32 @@ mod tests {
         assert_eq!(decode_trajectories(&b).unwrap_err(), "checksum mismatch");
         b.truncate(20);
         assert!(decode_trajectories(&b).unwrap_err().contains("the header says"));
+    }
+
+    #[test]
+    fn the_manifest_catches_a_flipped_byte_and_a_missing_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = write_atomically(tmp.path(), 3, 2, |d| {
+            std::fs::create_dir_all(d.join("policy")).unwrap();
+            write_synced(&d.join("policy/model.safetensors"), &[7u8; 3000])?;
+            write_synced(&d.join("state.json"), b"{}")
+        })
+        .unwrap();
+        assert!(verify(&dir).unwrap());
+        let weights = dir.join("policy/model.safetensors");
+        let mut bytes = std::fs::read(&weights).unwrap();
+        bytes[1234] ^= 0x10;
+        std::fs::write(&weights, &bytes).unwrap();
+        let err = verify(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("policy/model.safetensors") && err.contains("damaged"),
+            "{err}"
+        );
+        std::fs::remove_file(&weights).unwrap();
+        let err = verify(&dir).unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
+        // Without a manifest (an older checkpoint) there is nothing to check.
+        std::fs::remove_file(dir.join(MANIFEST)).unwrap();
+        assert!(!verify(&dir).unwrap());
     }
 }

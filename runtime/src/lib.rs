@@ -6,7 +6,7 @@
 //! `policy/` (and `critic/`) in HF layout. `checkpoints/step-K/` hold what a resumed run
 //! continues from ([`checkpoint`]). With `[cluster]`, rollouts also run on worker nodes
 //! ([`cluster`]); `cluster_addr` then holds the head's listener and `cluster.jsonl` one line per
-//! policy version sent to each node.
+//! policy version sent to each node. `tandem.lock` is held by the live run ([`run_dir`]).
 //!
 //! Besides PPO runs ([`pipeline`]): reward-model training from preferences ([`train_rm`]),
 //! best-of-N sampling ([`best_of`]), the mock-labeller experiment ([`mock_labeller`]) and the
@@ -23,6 +23,7 @@ pub mod mock_labeller;
 pub mod pipeline;
 pub mod prompts;
 pub mod reward_sources;
+pub mod run_dir;
 pub mod step_probe;
 pub mod store;
 pub mod supervisor;
@@ -32,3 +33,4 @@ pub mod train_rm;
 pub use config::{Config, Retention, StoreConfig};
 pub use error::RuntimeError;
 pub use pipeline::{run, RunOptions, RunSummary};
+pub use run_dir::RunDirLock;

@@ -70,7 +70,6 @@ use ractor::{Actor, ActorRef};
 use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
 use ractor_cluster::{IncomingEncryptionMode, NodeEventSubscription, NodeServer, NodeServerMessage};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::ClusterConfig;
 use crate::error::RuntimeError;
@@ -98,13 +97,14 @@ pub fn read_cookie(file: Option<&Path>) -> Result<String, RuntimeError> {
     Ok(cookie)
 }
 
-/// A `NodeServer` for the session traffic. Its own listener (ractor_cluster always opens one)
-/// is on a free loopback port that nobody is told about: nodes come in through [`transport`],
-/// which checks their bytes first. With `tls` that listener takes TLS only.
+/// A `NodeServer` for the session traffic. Its own listener (ractor_cluster always opens one,
+/// and respawns it when it stops) is on a free loopback port that nobody is told about, and it
+/// is given [`transport::refuse_all_tls`], so nothing that connects to it becomes a node
+/// session: raw node sessions read a length prefix and allocate it, and garbage there would
+/// abort the process. Nodes come in through [`transport`], which checks their bytes first.
 async fn start_server(
     cookie: String,
     name: &str,
-    tls: Option<TlsAcceptor>,
     events: impl NodeEventSubscription,
 ) -> Result<ActorRef<NodeServerMessage>, RuntimeError> {
     let loopback = IpAddr::from([127, 0, 0, 1]);
@@ -113,7 +113,7 @@ async fn start_server(
         cookie,
         name.to_string(),
         loopback.to_string(),
-        tls.map(IncomingEncryptionMode::Tls),
+        Some(IncomingEncryptionMode::Tls(transport::refuse_all_tls()?)),
         Some(NodeConnectionMode::Isolated),
     )
     .with_listen_addr(loopback);
@@ -171,7 +171,7 @@ pub async fn start_head(cfg: &ClusterConfig, cookie: String, expected: Vec<Strin
         expected,
         authenticated: Mutex::new(HashSet::new()),
     };
-    let server = start_server(cookie, "head", tls.clone(), events).await?;
+    let server = start_server(cookie, "head", events).await?;
     let (addr, listener) = match TcpListener::bind(listen).await.and_then(|l| Ok((l.local_addr()?, l))) {
         Ok(bound) => bound,
         Err(e) => {

@@ -25,7 +25,8 @@
 //! A refused connection is closed after the head has read what the peer sent (a close with
 //! unread data would be a reset, which can discard the alert before the peer reads it).
 //! ractor_cluster's own listener, which it always opens, is left on a loopback port that no one
-//! is told about (see `start_server`): it is not checked like this one.
+//! is told about and given [`refuse_all_tls`], so no connection to it becomes a node session
+//! (see `start_server`).
 //!
 //! **The worker** ([`connect`]) opens the connection, does the TLS handshake when it has
 //! [`ClientTls`] (an untrusted certificate or a head that closes the handshake is an error that
@@ -268,6 +269,30 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, R
         return Err(bad("no CERTIFICATE in it (expected PEM)".into()));
     }
     Ok(certs)
+}
+
+/// Resolves no certificate, so every TLS handshake fails.
+#[derive(Debug)]
+struct NoCertificate;
+
+impl rustls::server::ResolvesServerCert for NoCertificate {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+}
+
+/// A TLS acceptor that completes no handshake: bytes in clear fail to parse as a ClientHello,
+/// and a real ClientHello finds no certificate. ractor_cluster's own listener (which tandem
+/// cannot close: its node server respawns it) is given this, so no connection to it ever
+/// becomes a node session whose length-prefixed frames could be forged; nodes come in through
+/// [`serve`] instead, whose streams are handed to the node server already open.
+pub fn refuse_all_tls() -> Result<TlsAcceptor, RuntimeError> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| RuntimeError::Other(format!("TLS: {e}")))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCertificate));
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The head's TLS: its certificate chain and key (`cluster.tls_cert`, `cluster.tls_key`).
@@ -544,6 +569,42 @@ fn tls_failure(e: &io::Error, closed: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_refusing_acceptor_completes_no_handshake() {
+        use tokio::io::AsyncWriteExt;
+        let acceptor = refuse_all_tls().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Bytes in clear (the 18 bytes of HTTP that aborted a raw node session).
+        let garbage = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+            s
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let accepted = tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await.unwrap();
+        assert!(accepted.is_err(), "garbage became a TLS session");
+        drop(garbage.await.unwrap());
+        // A real TLS client: its ClientHello finds no certificate.
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        let connector = TlsConnector::from(Arc::new(config));
+        let client = tokio::spawn(async move {
+            let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            connector
+                .connect(ServerName::try_from("localhost").unwrap(), s)
+                .await
+                .is_err()
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let accepted = tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await.unwrap();
+        assert!(accepted.is_err(), "a TLS client completed a handshake");
+        assert!(client.await.unwrap(), "the client saw a handshake succeed");
+    }
 
     /// Reads everything `bytes` yields through [`Frames`], in reads of at most `chunk` bytes.
     async fn through(bytes: &[u8], chunk: usize) -> (Vec<u8>, Option<Fault>) {

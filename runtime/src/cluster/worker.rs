@@ -75,7 +75,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
         tx,
         authenticated: Mutex::new(HashSet::new()),
     };
-    let server = super::start_server(opts.cookie.clone(), &opts.name, None, subscription).await?;
+    let server = super::start_server(opts.cookie.clone(), &opts.name, subscription).await?;
     let (host, _) = Actor::spawn(
         None,
         NodeHostActor,

@@ -19,14 +19,16 @@ use crate::config::Config;
 use crate::error::RuntimeError;
 use crate::store::{set_aside_from_step, store_dir};
 
-/// The checkpoint a run continues from: the latest complete one with `resume` (an error when
-/// there is none), `None` for a fresh run. A fresh run into a directory that holds another
-/// run is refused. Checkpoints a crash left half-written are removed first.
+/// The checkpoint a run continues from: the latest complete one that matches its manifest with
+/// `resume` (an error when there is none), `None` for a fresh run. Damaged checkpoints newer
+/// than it are set aside as `checkpoints/damaged-step-K` with a warning naming the damaged file
+/// and the step the run falls back to. A fresh run into a directory that holds another run is
+/// refused. Checkpoints a crash left half-written are removed first.
 pub(super) fn resume_point(run_dir: &Path, resume: bool) -> Result<Option<(u64, PathBuf)>, RuntimeError> {
     checkpoint::remove_partial(run_dir)?;
     let existing = checkpoint::list(run_dir)?;
     match (resume, existing.last()) {
-        (true, Some(last)) => Ok(Some(last.clone())),
+        (true, Some(_)) => latest_intact(run_dir, &existing).map(Some),
         (true, None) => Err(RuntimeError::Other(format!(
             "{}: no complete checkpoint to resume from",
             checkpoint::checkpoints_dir(run_dir).display()
@@ -43,6 +45,33 @@ pub(super) fn resume_point(run_dir: &Path, resume: bool) -> Result<Option<(u64, 
         }
         (false, None) => Ok(None),
     }
+}
+
+/// The newest of `existing` (sorted by step) that passes [`checkpoint::verify`]; newer damaged
+/// ones are set aside. An error naming every damaged file when none is intact.
+fn latest_intact(run_dir: &Path, existing: &[(u64, PathBuf)]) -> Result<(u64, PathBuf), RuntimeError> {
+    let mut damaged: Vec<(u64, PathBuf, RuntimeError)> = Vec::new();
+    for (step, dir) in existing.iter().rev() {
+        match checkpoint::verify(dir) {
+            Ok(_) => {
+                for (k, bad, e) in &damaged {
+                    let aside = checkpoint::checkpoints_dir(run_dir).join(format!("damaged-step-{k}"));
+                    std::fs::rename(bad, &aside).map_err(|e| RuntimeError::io(bad, e))?;
+                    tracing::warn!(
+                        "checkpoint step-{k} is damaged ({e}); set aside as {}; falling back to the previous complete checkpoint, step-{step}",
+                        aside.display()
+                    );
+                }
+                return Ok((*step, dir.clone()));
+            }
+            Err(e) => damaged.push((*step, dir.clone(), e)),
+        }
+    }
+    let what: Vec<String> = damaged.iter().map(|(k, _, e)| format!("step-{k}: {e}")).collect();
+    Err(RuntimeError::Config {
+        path: checkpoint::checkpoints_dir(run_dir),
+        msg: format!("no intact checkpoint to resume from; {}", what.join("; ")),
+    })
 }
 
 /// Restores the checkpoint `dir` (of `step`) over `trainer` and sets aside the metrics lines

@@ -1,4 +1,4 @@
-//! Serving a running pipeline: the learner's events, the supervisor's failures, Ctrl-C and
+//! Serving a running pipeline: the learner's events, the supervisor's failures, Ctrl-C (or SIGTERM) and
 //! the periodic samplers, until the learner is done or the run stops.
 //!
 //! - Each step report is appended to `RUN_DIR/metrics.jsonl` (flushed) and moves the progress
@@ -203,9 +203,12 @@ impl Drive<'_> {
                         }
                     }
                 }
-                _ = interrupts.recv() => {
+                signal = interrupts.recv() => {
                     if draining_since.is_some() { break; }
-                    tracing::warn!("interrupted: stopping at the next step boundary with a checkpoint (Ctrl-C again to stop now)");
+                    tracing::warn!(
+                        "interrupted by {}: stopping at the next step boundary with a checkpoint (Ctrl-C or SIGTERM again to stop now)",
+                        signal.name()
+                    );
                     interrupted = true;
                     drain(&mut draining_since);
                 }

@@ -5,9 +5,9 @@
 //! channels (tickets → rollout ×N → reward → value → replay) and spawns every actor under the
 //! [`RunSupervisor`]. It then serves the learner's events — appending each step report to
 //! `RUN_DIR/metrics.jsonl` and writing the checkpoints the learner asks for — until the learner
-//! is done, a failure, or Ctrl-C.
+//! is done, a failure, or Ctrl-C / SIGTERM ([`crate::interrupts`]).
 //!
-//! Stopping on purpose (Ctrl-C, or the supervisor giving up on failing actors): the run sets
+//! Stopping on purpose (Ctrl-C or SIGTERM, or the supervisor giving up on failing actors): the run sets
 //! the learner's stop flag and drains the replay buffer, so the learner takes a final
 //! checkpoint at its next step boundary and stops; a second Ctrl-C stops at once. A learner
 //! that fails gets a checkpoint from here when its state is still at a step boundary (the
