@@ -75,7 +75,10 @@ fn gelu(c: &mut Criterion) {
 
 /// Layer norm over rows of width 256 (GPT-2's residual stream for 768 tokens).
 fn layer_norm(c: &mut Criterion) {
-    let (w, b) = (input(1, 256, 1.0).squeeze(0).unwrap(), input(1, 256, 0.5).squeeze(0).unwrap());
+    let (w, b) = (
+        input(1, 256, 1.0).squeeze(0).unwrap(),
+        input(1, 256, 0.5).squeeze(0).unwrap(),
+    );
     bench_unary(
         c,
         "layer_norm",
@@ -116,7 +119,12 @@ fn attention(c: &mut Criterion) {
 
 /// Token log-probs + entropy over a vocabulary of 512 for 16 x 32 response tokens.
 fn token_logprobs(c: &mut Criterion) {
-    let targets = Tensor::from_vec((0..16 * 32).map(|i| (i * 37 % 512) as u32).collect::<Vec<_>>(), (16, 32), &candle_core::Device::Cpu).unwrap();
+    let targets = Tensor::from_vec(
+        (0..16 * 32).map(|i| (i * 37 % 512) as u32).collect::<Vec<_>>(),
+        (16, 32),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let both = |(l, e): (Tensor, Tensor)| l + e;
     bench_unary(
         c,

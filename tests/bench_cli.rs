@@ -8,7 +8,6 @@ use std::process::Command;
 
 use serde_json::Value;
 
-
 /// The JSON object on the last line of a successful bench's stdout.
 fn last_json_line(out: &std::process::Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);

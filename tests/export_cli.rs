@@ -17,7 +17,11 @@ fn fixtures_hf() -> PathBuf {
         .join("hf")
 }
 
-const SIDE: [&str; 3] = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+const SIDE: [&str; 3] = [
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
 
 #[test]
 fn exports_keep_the_input_dtype_and_side_files() {
@@ -49,7 +53,12 @@ fn exports_keep_the_input_dtype_and_side_files() {
     let exported = run_dir.join("policy");
     assert_eq!(checkpoint_dtype(&exported).unwrap(), DType::BF16);
     let size = |d: &Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len();
-    assert!(size(&exported) * 10 < size(&src) * 6, "{} vs f32 {}", size(&exported), size(&src));
+    assert!(
+        size(&exported) * 10 < size(&src) * 6,
+        "{} vs f32 {}",
+        size(&exported),
+        size(&src)
+    );
     let cfg_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg_json["torch_dtype"], "bfloat16");
@@ -62,7 +71,12 @@ fn exports_keep_the_input_dtype_and_side_files() {
     }
     // It loads back, and its tokenizer encodes what the input's did.
     LanguageModel::load(&exported, &Device::Cpu).unwrap();
-    let tok = |d: &Path| tandem_models::TextTokenizer::from_dir(d).unwrap().encode("the movie was good").unwrap();
+    let tok = |d: &Path| {
+        tandem_models::TextTokenizer::from_dir(d)
+            .unwrap()
+            .encode("the movie was good")
+            .unwrap()
+    };
     assert_eq!(tok(&exported), tok(&src));
 
     // critic/ (initialised from the f32 reward model): f32, with the side files the reward

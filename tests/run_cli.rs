@@ -249,7 +249,12 @@ fn progress_is_one_line_per_step_on_stderr_unless_quiet() {
             assert!(line.contains(field), "{field:?} not in {line:?}");
         }
     }
-    assert!(stderr.lines().any(|l| l.starts_with("step 2/2 ") && l.ends_with("eta 0s")), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("step 2/2 ") && l.ends_with("eta 0s")),
+        "{stderr}"
+    );
     // --quiet: none.
     let stderr = run("b", true);
     assert!(!stderr.lines().any(|l| l.starts_with("step ")), "{stderr}");

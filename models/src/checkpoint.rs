@@ -130,12 +130,14 @@ pub fn checkpoint_dtype(dir: &Path) -> Result<DType> {
     f.read_exact(&mut len).map_err(|e| ModelError::io(&path, e))?;
     let len = u64::from_le_bytes(len);
     if len > 100 << 20 {
-        return Err(bad(format!("safetensors header of {len} bytes: not a safetensors file")));
+        return Err(bad(format!(
+            "safetensors header of {len} bytes: not a safetensors file"
+        )));
     }
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header).map_err(|e| ModelError::io(&path, e))?;
-    let header: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| bad(format!("safetensors header is not JSON: {e}")))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("safetensors header is not JSON: {e}")))?;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for (name, t) in header.as_object().into_iter().flatten() {
         if name == "__metadata__" {
@@ -194,10 +196,7 @@ pub fn save_checkpoint_as(
     // Contiguous host copies, sorted by name so files are byte-identical across runs.
     let mut sorted: BTreeMap<String, Tensor> = BTreeMap::new();
     for (k, t) in tensors {
-        sorted.insert(
-            k.clone(),
-            t.to_device(&Device::Cpu)?.to_dtype(dtype)?.contiguous()?,
-        );
+        sorted.insert(k.clone(), t.to_device(&Device::Cpu)?.to_dtype(dtype)?.contiguous()?);
     }
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
     let mut cur = 0usize;

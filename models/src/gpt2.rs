@@ -94,13 +94,19 @@ impl Gpt2 {
                     };
                     let (q, k, v) = (split(0)?, split(1)?, split(2)?);
                     let (k, v) = c.append(i, k, v)?;
-                    attention(&q, &k, &v, &attn.bias, self.scale)?.transpose(1, 2)?.reshape((b, t, d))?
+                    attention(&q, &k, &v, &attn.bias, self.scale)?
+                        .transpose(1, 2)?
+                        .reshape((b, t, d))?
                 }
             };
             h = (h + blk.attn_proj.forward(&y)?)?;
             let x = blk.ln_2.forward(&h)?;
             let x = blk.c_fc.forward(&x)?;
-            let x = if blk.exact_gelu { x.gelu_erf()? } else { crate::kernels::gelu(&x)? };
+            let x = if blk.exact_gelu {
+                x.gelu_erf()?
+            } else {
+                crate::kernels::gelu(&x)?
+            };
             h = (h + blk.mlp_proj.forward(&x)?)?;
         }
         self.ln_f.forward(&h)

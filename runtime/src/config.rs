@@ -610,9 +610,9 @@ fn stop_tokens_given(path: &Path, overrides: &[String]) -> bool {
                 .is_some_and(|s| s.contains_key("stop_tokens"))
         });
     in_file
-        || overrides.iter().any(|o| {
-            o.split('=').next().map(str::trim) == Some("sampling.stop_tokens")
-        })
+        || overrides
+            .iter()
+            .any(|o| o.split('=').next().map(str::trim) == Some("sampling.stop_tokens"))
 }
 
 /// Expands `${NAME}` and `${NAME:-default}` in a config path from the environment. `$` not
@@ -623,9 +623,7 @@ pub fn expand_env(s: &str) -> Result<String, String> {
     while let Some(i) = rest.find("${") {
         out.push_str(&rest[..i]);
         let after = &rest[i + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
+        let end = after.find('}').ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
         let inner = &after[..end];
         let (name, default) = match inner.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
@@ -781,7 +779,9 @@ impl Config {
         }
         .map_err(|e| format!("sampling.stop_strings: {e}"))?;
         for s in &self.sampling.stop_strings {
-            let ids = tok.encode(s).map_err(|e| format!("sampling.stop_strings: {s:?}: {e}"))?;
+            let ids = tok
+                .encode(s)
+                .map_err(|e| format!("sampling.stop_strings: {s:?}: {e}"))?;
             match ids[..] {
                 [id] => {
                     if !self.sampling.stop_tokens.contains(&id) {

@@ -36,9 +36,16 @@ fn an_hf_policy_stops_at_its_eos_unless_the_config_says_otherwise() {
     // Not given: the model's EOS (config.json and generation_config.json both say 0).
     assert_eq!(load(dir.path(), "").unwrap().sampling.stop_tokens, vec![0]);
     // An explicit empty list: no stop token.
-    assert!(load(dir.path(), "stop_tokens = []").unwrap().sampling.stop_tokens.is_empty());
+    assert!(load(dir.path(), "stop_tokens = []")
+        .unwrap()
+        .sampling
+        .stop_tokens
+        .is_empty());
     // Explicit ids are kept as they are.
-    assert_eq!(load(dir.path(), "stop_tokens = [5, 7]").unwrap().sampling.stop_tokens, vec![5, 7]);
+    assert_eq!(
+        load(dir.path(), "stop_tokens = [5, 7]").unwrap().sampling.stop_tokens,
+        vec![5, 7]
+    );
     // generation_config.json wins over config.json, and may list several ids.
     let model = dir.path().join("model");
     std::fs::create_dir(&model).unwrap();
@@ -52,7 +59,10 @@ fn an_hf_policy_stops_at_its_eos_unless_the_config_says_otherwise() {
     assert_eq!(tandem_models::eos_token_ids(&model).unwrap(), vec![0]);
     std::fs::write(model.join("generation_config.json"), r#"{"eos_token_id": "x"}"#).unwrap();
     let e = tandem_models::eos_token_ids(&model).unwrap_err().to_string();
-    assert!(e.contains("generation_config.json") && e.contains("eos_token_id"), "{e}");
+    assert!(
+        e.contains("generation_config.json") && e.contains("eos_token_id"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -94,7 +104,14 @@ fn generation_with_the_default_stops_at_the_qwen2_eos() {
     // Many sampled rows over the 384-token vocabulary: some emit the EOS (id 0) before 48
     // tokens, and every row that does ends there.
     let prompts: Vec<Vec<u32>> = (0..64).map(|i| vec![84 + (i % 50) as u32, 258]).collect();
-    let g = generate(&model, &prompts, &sampling, &mut StdRng::seed_from_u64(3), Decoding::Cached).unwrap();
+    let g = generate(
+        &model,
+        &prompts,
+        &sampling,
+        &mut StdRng::seed_from_u64(3),
+        Decoding::Cached,
+    )
+    .unwrap();
     let mut stopped = 0;
     for (r, s) in g.responses.iter().zip(&g.stopped) {
         match r.iter().position(|&t| t == 0) {
@@ -119,7 +136,10 @@ fn env_references_in_paths_expand_with_defaults_and_fail_clearly_when_unset() {
     let path = std::env::var("PATH").unwrap();
     assert_eq!(expand_env("${PATH:-nope}/x").unwrap(), format!("{path}/x"));
     let e = expand_env("${TANDEM_TEST_SURELY_UNSET_VAR}/x").unwrap_err();
-    assert!(e.contains("TANDEM_TEST_SURELY_UNSET_VAR") && e.contains("not set"), "{e}");
+    assert!(
+        e.contains("TANDEM_TEST_SURELY_UNSET_VAR") && e.contains("not set"),
+        "{e}"
+    );
     assert!(expand_env("${oops").unwrap_err().contains("unclosed"));
     assert!(expand_env("${a b}").unwrap_err().contains("bad variable name"));
     // In a config: the error names the file and the key.
@@ -133,5 +153,8 @@ fn env_references_in_paths_expand_with_defaults_and_fail_clearly_when_unset() {
     )
     .unwrap();
     let e = Config::load(&path, &[]).unwrap_err().to_string();
-    assert!(e.contains("c.toml") && e.contains("models.policy.path") && e.contains("not set"), "{e}");
+    assert!(
+        e.contains("c.toml") && e.contains("models.policy.path") && e.contains("not set"),
+        "{e}"
+    );
 }

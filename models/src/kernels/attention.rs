@@ -26,9 +26,18 @@ pub fn packed_attention(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -
     if fused_applies(qkv) && fused_applies(bias) {
         let (b, t, _) = qkv.dims3()?;
         if bias.dims() != [b, 1, t, t] {
-            candle_core::bail!("attention bias has shape {:?}, expected ({b}, 1, {t}, {t})", bias.dims());
+            candle_core::bail!(
+                "attention bias has shape {:?}, expected ({b}, 1, {t}, {t})",
+                bias.dims()
+            );
         }
-        qkv.contiguous()?.apply_op2(&bias.contiguous()?, Attention { heads, scale: scale as f32 })
+        qkv.contiguous()?.apply_op2(
+            &bias.contiguous()?,
+            Attention {
+                heads,
+                scale: scale as f32,
+            },
+        )
     } else {
         packed_attention_reference(qkv, bias, heads, scale)
     }
@@ -40,7 +49,10 @@ pub fn packed_attention_reference(qkv: &Tensor, bias: &Tensor, heads: usize, sca
     let d = three_d / 3;
     let hd = d / heads;
     let split = |j: usize| -> Result<Tensor> {
-        qkv.narrow(2, j * d, d)?.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
+        qkv.narrow(2, j * d, d)?
+            .reshape((b, t, heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()
     };
     let y = crate::layers::attention(&split(0)?, &split(1)?, &split(2)?, bias, scale)?;
     y.transpose(1, 2)?.reshape((b, t, d))
@@ -101,7 +113,11 @@ fn probs(qkv: &[f32], bias: &[f32], t: usize, w: usize, q0: usize, k0: usize, hd
             m = m.max(*s);
         }
         for s in row.iter_mut() {
-            *s = if *s == f32::NEG_INFINITY { 0.0 } else { simd::exp(*s - m) };
+            *s = if *s == f32::NEG_INFINITY {
+                0.0
+            } else {
+                simd::exp(*s - m)
+            };
         }
         let mut acc = [0f32; 8];
         let chunks = row.chunks_exact(8);
@@ -204,7 +220,13 @@ impl CustomOp2 for Attention {
         Ok((CpuStorage::F32(y), Shape::from((b, t, d))))
     }
 
-    fn bwd(&self, qkv: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dqkv = qkv.apply_op3_no_bwd(bias, &grad.contiguous()?, &AttentionBackward(*self))?;
         Ok((Some(dqkv), None))
     }
@@ -233,7 +255,11 @@ impl CustomOp3 for AttentionBackward {
         let dy = contiguous_f32(s3, l3, self.name())?;
         let mut dqkv = vec![0f32; b * t * 3 * d];
         dqkv.par_chunks_mut(t * 3 * d).enumerate().for_each(|(r, dqkv)| {
-            let (qkv, bias, dy) = (&qkv[r * t * 3 * d..][..t * 3 * d], &bias[r * t * t..][..t * t], &dy[r * t * d..][..t * d]);
+            let (qkv, bias, dy) = (
+                &qkv[r * t * 3 * d..][..t * 3 * d],
+                &bias[r * t * t..][..t * t],
+                &dy[r * t * d..][..t * d],
+            );
             backward_row(qkv, bias, dy, t, d, self.0.heads, self.0.scale, dqkv)
         });
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
@@ -250,7 +276,10 @@ mod tests {
     #[test]
     fn values_and_gradients_match_the_reference() {
         // (batch, len, heads, head dim), with left padding in some rows.
-        for (i, (b, t, heads, hd)) in [(1, 1, 1, 4), (2, 5, 2, 3), (3, 17, 4, 16), (4, 48, 4, 64)].into_iter().enumerate() {
+        for (i, (b, t, heads, hd)) in [(1, 1, 1, 4), (2, 5, 2, 3), (3, 17, 4, 16), (4, 48, 4, 64)]
+            .into_iter()
+            .enumerate()
+        {
             let mask: Vec<Vec<f32>> = (0..b)
                 .map(|r| (0..t).map(|j| if j < r.min(t - 1) { 0.0 } else { 1.0 }).collect())
                 .collect();

@@ -57,7 +57,13 @@ impl CustomOp2 for BiasOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSums(bias.dim(0)?))?;
         Ok((Some(grad.clone()), Some(db)))
     }

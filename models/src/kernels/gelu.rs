@@ -88,7 +88,10 @@ mod tests {
 
     #[test]
     fn values_and_gradients_match_the_reference() {
-        for (i, shape) in [vec![7], vec![3, 5, 33], vec![64, 1024], vec![2, 96, 700]].into_iter().enumerate() {
+        for (i, shape) in [vec![7], vec![3, 5, 33], vec![64, 1024], vec![2, 96, 700]]
+            .into_iter()
+            .enumerate()
+        {
             let x = Var::from_tensor(&random(&shape, 6.0, i as u64)).unwrap();
             let w = random(&shape, 1.0, 100 + i as u64);
             let fused = gelu(x.as_tensor()).unwrap();

@@ -28,19 +28,31 @@ pub fn token_logprobs_entropy(logits: &Tensor, targets: &Tensor, temperature: f6
     let rows = targets.elem_count();
     let both = logits.reshape((rows, v))?.contiguous()?.apply_op2(
         &targets.flatten_all()?.contiguous()?,
-        LogProbs { inv_temperature: (1.0 / temperature) as f32 },
+        LogProbs {
+            inv_temperature: (1.0 / temperature) as f32,
+        },
     )?;
     let column = |c: usize| both.narrow(1, c, 1)?.reshape(targets.shape());
     Ok((column(0)?, column(1)?))
 }
 
 /// Scale, log-softmax, gather and `-sum p log p` as separate candle ops.
-pub fn token_logprobs_entropy_reference(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
-    let logits = if temperature != 1.0 { (logits / temperature)? } else { logits.clone() };
+pub fn token_logprobs_entropy_reference(
+    logits: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+) -> Result<(Tensor, Tensor)> {
+    let logits = if temperature != 1.0 {
+        (logits / temperature)?
+    } else {
+        logits.clone()
+    };
     let m = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&m)?;
     let lp = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
-    let logprobs = lp.gather(&targets.contiguous()?.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
+    let logprobs = lp
+        .gather(&targets.contiguous()?.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?;
     let entropy = (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?;
     Ok((logprobs, entropy))
 }
@@ -126,7 +138,13 @@ impl CustomOp2 for LogProbs {
         Ok((CpuStorage::F32(out), Shape::from((rows, 2))))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dl = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &LogProbsBackward(*self))?;
         Ok((Some(dl), None))
     }
@@ -179,7 +197,10 @@ mod tests {
 
     #[test]
     fn values_and_gradients_match_the_reference() {
-        for (i, (b, n, v, temp)) in [(1, 1, 3, 1.0), (2, 7, 37, 0.7), (16, 32, 512, 1.0), (3, 5, 1000, 1.3)].into_iter().enumerate() {
+        for (i, (b, n, v, temp)) in [(1, 1, 3, 1.0), (2, 7, 37, 0.7), (16, 32, 512, 1.0), (3, 5, 1000, 1.3)]
+            .into_iter()
+            .enumerate()
+        {
             let logits = Var::from_tensor(&random(&[b, n, v], 8.0, i as u64)).unwrap();
             let ids: Vec<u32> = (0..b * n).map(|k| ((k * 7919 + i) % v) as u32).collect();
             let targets = Tensor::from_vec(ids, (b, n), &Device::Cpu).unwrap();

@@ -79,9 +79,7 @@ where
     let rows = out.len() / row;
     let rows_per_chunk = rows.div_ceil(threads * 4).max(1);
     let chunk = rows_per_chunk * row;
-    out.par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, c)| f(i * chunk, c));
+    out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
 }
 
 /// Defines `fn NAME(args)` whose body is compiled twice, for the baseline target and for

@@ -24,8 +24,14 @@ use super::{contiguous_f32, fused_applies, multiversion, PARALLEL_MIN};
 /// f32, [`layer_norm_reference`] elsewhere.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_applies(x) && fused_applies(w) && fused_applies(b) {
-        x.contiguous()?
-            .apply_op3(&w.contiguous()?, &b.contiguous()?, Norm { eps: eps as f32, centred: true })
+        x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            Norm {
+                eps: eps as f32,
+                centred: true,
+            },
+        )
     } else {
         layer_norm_reference(x, w, b, eps)
     }
@@ -43,8 +49,13 @@ pub fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Res
 /// [`rms_norm_reference`] elsewhere.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_applies(x) && fused_applies(w) {
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, Norm { eps: eps as f32, centred: false })
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            Norm {
+                eps: eps as f32,
+                centred: false,
+            },
+        )
     } else {
         rms_norm_reference(x, w, eps)
     }

@@ -31,13 +31,29 @@ pub struct AdamWStep {
 pub fn adamw_update(var: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, step: &AdamWStep) -> Result<bool> {
     let all = [var, m, v, g];
     if REFERENCE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
-        || !all.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+        || !all
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
         || !all.iter().all(|t| t.dims() == var.dims())
     {
         return Ok(false);
     }
-    m.inplace_op2(g, &Moment { beta: step.beta1 as f32, one_minus: (1.0 - step.beta1) as f32, square: false })?;
-    v.inplace_op2(g, &Moment { beta: step.beta2 as f32, one_minus: (1.0 - step.beta2) as f32, square: true })?;
+    m.inplace_op2(
+        g,
+        &Moment {
+            beta: step.beta1 as f32,
+            one_minus: (1.0 - step.beta1) as f32,
+            square: false,
+        },
+    )?;
+    v.inplace_op2(
+        g,
+        &Moment {
+            beta: step.beta2 as f32,
+            one_minus: (1.0 - step.beta2) as f32,
+            square: true,
+        },
+    )?;
     var.inplace_op3(m, v, &Param(*step))?;
     Ok(true)
 }
@@ -181,21 +197,50 @@ mod tests {
     fn sum_squares_matches_the_f64_composition() {
         for (i, n) in [1usize, 7, 4096, 100_003].into_iter().enumerate() {
             let g = random(&[n], 3.0, i as u64);
-            let reference = g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+            let reference = g
+                .to_dtype(DType::F64)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             let fused = sum_squares(&g).unwrap();
-            assert!((fused - reference).abs() <= 1e-12 * reference, "{n}: {fused} vs {reference}");
+            assert!(
+                (fused - reference).abs() <= 1e-12 * reference,
+                "{n}: {fused} vs {reference}"
+            );
         }
     }
 
     #[test]
     fn the_update_is_bit_identical_to_the_composition_with_and_without_decay() {
         for decay in [None, Some(1.0 - 1e-3 * 0.1)] {
-            let (p, m, v, g) = (random(&[33, 17], 1.0, 1), random(&[33, 17], 0.1, 2), random(&[33, 17], 0.1, 3).abs().unwrap(), random(&[33, 17], 1.0, 4));
-            let step = AdamWStep { beta1: 0.9, beta2: 0.999, eps: 1e-8, lr: 1e-3, scale_m: 1.0 / (1.0 - 0.9f64.powi(3)), scale_v: 1.0 / (1.0 - 0.999f64.powi(3)), decay };
+            let (p, m, v, g) = (
+                random(&[33, 17], 1.0, 1),
+                random(&[33, 17], 0.1, 2),
+                random(&[33, 17], 0.1, 3).abs().unwrap(),
+                random(&[33, 17], 1.0, 4),
+            );
+            let step = AdamWStep {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                lr: 1e-3,
+                scale_m: 1.0 / (1.0 - 0.9f64.powi(3)),
+                scale_v: 1.0 / (1.0 - 0.999f64.powi(3)),
+                decay,
+            };
             let next_m = ((&m * step.beta1).unwrap() + (&g * (1.0 - step.beta1)).unwrap()).unwrap();
             let next_v = ((&v * step.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - step.beta2)).unwrap()).unwrap();
-            let update = ((&next_m * step.scale_m).unwrap() / ((&next_v * step.scale_v).unwrap().sqrt().unwrap() + step.eps).unwrap()).unwrap();
-            let decayed = match decay { Some(d) => (&p * d).unwrap(), None => p.clone() };
+            let update = ((&next_m * step.scale_m).unwrap()
+                / ((&next_v * step.scale_v).unwrap().sqrt().unwrap() + step.eps).unwrap())
+            .unwrap();
+            let decayed = match decay {
+                Some(d) => (&p * d).unwrap(),
+                None => p.clone(),
+            };
             let expected = (decayed - (update * step.lr).unwrap()).unwrap();
             let (p2, m2, v2) = (p.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
             assert!(adamw_update(&p2, &m2, &v2, &g, &step).unwrap());
