@@ -51,7 +51,7 @@ impl CustomOp1 for GeluOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::written_output(x.len()); // forward assigns every element
         for_each_chunk(&mut y, 1, |off, out| forward(&x[off..off + out.len()], out));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -71,7 +71,7 @@ impl CustomOp2 for GeluBackward {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = super::written_output(x.len()); // backward assigns every element
         for_each_chunk(&mut dx, 1, |off, out| {
             let r = off..off + out.len();
             backward(&x[r.clone()], &g[r], out)

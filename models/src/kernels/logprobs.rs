@@ -172,7 +172,7 @@ impl CustomOp3 for LogProbsBackward {
         let grad = contiguous_f32(s3, l3, self.name())?;
         let (_, v) = check_rows(l1, targets)?;
         let a = self.0.inv_temperature;
-        let mut dl = vec![0f32; logits.len()];
+        let mut dl = super::written_output(logits.len()); // backward_row assigns every element
         for_each_chunk(&mut dl, v, |off, out| {
             for (i, d) in out.chunks_exact_mut(v).enumerate() {
                 let r = off / v + i;

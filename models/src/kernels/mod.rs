@@ -64,6 +64,17 @@ pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Res
     }
 }
 
+/// An output buffer of `n` elements that the kernel writes in full before anything reads it,
+/// so it is not zero-filled first (a zero-fill is a full extra pass, and for fresh pages a
+/// page fault per 4 KiB). Only for kernels that assign, never accumulate, every element.
+pub(crate) fn written_output(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns, and the caller overwrites every element before
+    // reading it (see each call site).
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Calls `f(offset, out_chunk)` for chunks of `out` that are whole multiples of `row` elements,
 /// in parallel on the current rayon pool when `out` is large.
 pub(crate) fn for_each_chunk<F>(out: &mut [f32], row: usize, f: F)

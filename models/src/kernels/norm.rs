@@ -152,7 +152,7 @@ impl Norm {
         if d == 0 || x.len() % d != 0 || b.is_some_and(|b| b.len() != d) {
             candle_core::bail!("{}: gain of {d} entries for an input of shape {shape:?}", self.name());
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::written_output(x.len()); // forward_rows assigns every element
         let (eps, centred) = (self.eps, self.centred);
         super::for_each_chunk(&mut y, d, |off, out| {
             forward_rows(&x[off..off + out.len()], w, b, eps, centred, out)

@@ -52,7 +52,7 @@ impl CustomOp2 for SwiGlu {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = contiguous_f32(s1, l1, self.name())?;
         let u = contiguous_f32(s2, l2, self.name())?;
-        let mut y = vec![0f32; g.len()];
+        let mut y = super::written_output(g.len()); // forward assigns every element
         for_each_chunk(&mut y, 1, |off, out| {
             let r = off..off + out.len();
             forward(&g[r.clone()], &u[r], out)

@@ -1,0 +1,67 @@
+//! The vendored candle-core's backward pass (`vendor/README.md`) accumulates gradients without
+//! a zero-filled buffer. These graphs give tensors several consumers, transposed and
+//! broadcast uses, and check every gradient against one worked out by hand.
+
+use candle_core::{Device, Tensor, Var};
+
+fn close(a: &Tensor, b: &Tensor) {
+    let (a, b) = (
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{a:?} != {b:?}");
+    }
+}
+
+#[test]
+fn gradients_of_a_tensor_with_several_consumers_add_up() {
+    let dev = Device::Cpu;
+    // loss = sum(x @ w^T) + sum(x * 3) + sum(x + b) with b broadcast over rows.
+    let x = Var::from_vec((0..6).map(|i| i as f32 * 0.5 - 1.0).collect(), (2, 3), &dev).unwrap();
+    let w = Var::from_vec((0..12).map(|i| (i as f32).sin()).collect(), (4, 3), &dev).unwrap();
+    let b = Var::from_vec(vec![0.1f32, -0.2, 0.3], 3, &dev).unwrap();
+    let mm = x
+        .as_tensor()
+        .matmul(&w.as_tensor().t().unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let scaled = (x.as_tensor() * 3.0).unwrap().sum_all().unwrap();
+    let shifted = x.as_tensor().broadcast_add(b.as_tensor()).unwrap().sum_all().unwrap();
+    let loss = ((mm + scaled).unwrap() + shifted).unwrap();
+    let grads = loss.backward().unwrap();
+
+    // d/dx = column sums of w (same for every row) + 3 + 1.
+    let w_col = w.as_tensor().sum(0).unwrap();
+    let gx = (w_col.unsqueeze(0).unwrap().broadcast_as((2, 3)).unwrap() + 4.0).unwrap();
+    close(grads.get(x.as_tensor()).unwrap(), &gx);
+    // d/dw = column sums of x, for every row of w; d/db = number of rows.
+    let x_col = x.as_tensor().sum(0).unwrap();
+    close(
+        grads.get(w.as_tensor()).unwrap(),
+        &x_col.unsqueeze(0).unwrap().broadcast_as((4, 3)).unwrap(),
+    );
+    close(
+        grads.get(b.as_tensor()).unwrap(),
+        &Tensor::new(&[2f32, 2., 2.], &dev).unwrap(),
+    );
+    // Every stored gradient is contiguous, as upstream's `zeros + grad` made it.
+    for v in [&x, &w, &b] {
+        assert!(grads.get(v.as_tensor()).unwrap().is_contiguous());
+    }
+}
+
+#[test]
+fn a_single_consumer_gradient_is_the_upstream_gradient_itself() {
+    let dev = Device::Cpu;
+    let x = Var::from_vec(vec![1f32, 2., 3., 4.], (2, 2), &dev).unwrap();
+    // A transposed use only: the stored gradient is the transposed upstream one, contiguous.
+    let c = Tensor::new(&[[1f32, 10.], [100., 1000.]], &dev).unwrap();
+    let loss = (x.as_tensor().t().unwrap() * &c).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let g = grads.get(x.as_tensor()).unwrap();
+    assert!(g.is_contiguous());
+    assert_eq!(g.to_vec2::<f32>().unwrap(), vec![vec![1., 100.], vec![10., 1000.]]);
+}
