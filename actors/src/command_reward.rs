@@ -296,6 +296,10 @@ impl RewardSource for CommandReward {
     fn name(&self) -> &str {
         "command"
     }
+
+    fn uses_device(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Where scores come from. The reward actor calls one [`RewardSource`] per batch, on its device.
+//! Where scores come from. The reward actor calls one [`RewardSource`] per batch.
 //!
 //! - [`RewardModelSource`]: a sequence-classification checkpoint scores prompt + response at
 //!   the last real token.
@@ -6,6 +6,9 @@
 //!   fraction of response tokens drawn from a given set (for example positive words).
 //! - Regex, exact-match and score shaping (length and no-stop penalties) in
 //!   [`crate::rule_reward`]; an external verifier program in [`crate::command_reward`].
+//!
+//! Sources that do not compute on the device ([`RewardSource::uses_device`] is false) are
+//! called off the device executor, on a thread of their own.
 //!
 //! A source's error (a command that hangs, crashes or prints garbage; a prompt without a
 //! reference answer) is returned from the reward actor's handler, which fails the actor with
@@ -24,6 +27,13 @@ pub trait RewardSource: Send + Sync {
     fn score(&self, prompts: &[&[u32]], responses: &[&[u32]], device: &Device) -> Result<Vec<f32>, ActorError>;
     /// A short name for metrics and logs.
     fn name(&self) -> &str;
+    /// Whether scoring computes on the device (a model). A source that does not (a rule, an
+    /// external verifier) is scored by the reward actor on a thread of its own, beside the
+    /// reference forward on the device, so a slow or hung verifier never holds the device
+    /// executor that samplers share.
+    fn uses_device(&self) -> bool {
+        true
+    }
 }
 
 pub struct RewardModelSource {
@@ -75,6 +85,10 @@ impl RewardSource for TokenSetReward {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn uses_device(&self) -> bool {
+        false
     }
 }
 

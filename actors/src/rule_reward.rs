@@ -93,6 +93,10 @@ impl RewardSource for RegexReward {
     fn name(&self) -> &str {
         "regex"
     }
+
+    fn uses_device(&self) -> bool {
+        false
+    }
 }
 
 /// Trimmed, whitespace-collapsed, lower-cased text: what [`ExactMatchReward`] compares.
@@ -145,6 +149,10 @@ impl RewardSource for ExactMatchReward {
     fn name(&self) -> &str {
         "exact_match"
     }
+
+    fn uses_device(&self) -> bool {
+        false
+    }
 }
 
 /// `score -= coef * max(0, len - target)`.
@@ -195,6 +203,10 @@ impl RewardSource for ShapedReward {
 
     fn name(&self) -> &str {
         self.inner.name()
+    }
+
+    fn uses_device(&self) -> bool {
+        self.inner.uses_device()
     }
 }
 
