@@ -58,6 +58,8 @@ pub(super) struct Drive<'a> {
     pub depths: [Arc<ChannelStats>; 3],
     /// Trajectories per batch in those channels.
     pub per_ticket: usize,
+    /// `faults.disk_full_metrics_at_step`.
+    pub metrics_disk_full_at: Option<u64>,
 }
 
 /// How the loop ended.
@@ -68,6 +70,8 @@ pub(super) struct Outcome {
     pub interrupted: bool,
     /// Why the run stopped early.
     pub failure: Option<String>,
+    /// The failure is a write that failed (metrics.jsonl or actors.jsonl).
+    pub write_failed: bool,
     /// Most trajectories ever held in the channels plus the replay buffer.
     pub max_held: usize,
 }
@@ -91,6 +95,7 @@ impl Drive<'_> {
             replay_held,
             depths,
             per_ticket,
+            metrics_disk_full_at,
         } = self;
         let metrics_path = run_dir.join("metrics.jsonl");
         let mut metrics = std::fs::OpenOptions::new()
@@ -106,6 +111,7 @@ impl Drive<'_> {
         let mut written: Vec<u64> = Vec::new();
         let mut interrupted = false;
         let mut failure: Option<String> = None;
+        let mut write_failed = false;
         let mut draining_since: Option<Instant> = None;
         let mut max_held = 0usize;
         let mut probe = tokio::time::interval(Duration::from_millis(25));
@@ -148,8 +154,21 @@ impl Drive<'_> {
                 ev = events_rx.recv(), if learner_gone.is_none() => match ev {
                     Some(LearnerEvent::Report(r)) => {
                         let line = crate::step_probe::merge(&r, probe_rx.as_ref());
-                        writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
-                        metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
+                        let appended = if tandem_actors::faults::disk_full_at(metrics_disk_full_at, r.step) {
+                            Err(tandem_actors::faults::disk_full())
+                        } else {
+                            writeln!(metrics, "{line}").and_then(|()| metrics.flush())
+                        };
+                        if let Err(e) = appended {
+                            // What is on disk ends at the last checkpoint: stop now, write nothing more.
+                            failure = Some(format!(
+                                "cannot append step {}'s line to {}: {e}; the run stops",
+                                r.step,
+                                metrics_path.display()
+                            ));
+                            write_failed = true;
+                            break;
+                        }
                         let msg = pace.message(&r);
                         if let Some(b) = &bar {
                             b.set_position(r.step + 1);
@@ -225,13 +244,22 @@ impl Drive<'_> {
                         break;
                     }
                 }
-                _ = sample_tick.tick() => sampler.sample(latest_version)?,
+                _ = sample_tick.tick() => if let Err(e) = sampler.sample(latest_version) {
+                    failure = Some(format!("{e}; the run stops"));
+                    write_failed = true;
+                    break;
+                },
             }
         }
         if let Some(b) = &bar {
             b.finish_and_clear();
         }
-        sampler.sample(latest_version)?;
+        if !write_failed {
+            if let Err(e) = sampler.sample(latest_version) {
+                failure.get_or_insert(format!("{e}; the run stops"));
+                write_failed = true;
+            }
+        }
         if let Some(task) = endpoint {
             task.abort();
             let _ = std::fs::remove_file(run_dir.join("metrics_addr"));
@@ -241,6 +269,7 @@ impl Drive<'_> {
             checkpoints: written,
             interrupted,
             failure,
+            write_failed,
             max_held,
         })
     }

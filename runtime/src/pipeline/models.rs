@@ -75,6 +75,7 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
             CriticInit::RewardModel => {
                 let dir = cfg.reward.model.clone().expect("validated");
                 let config = ModelConfig::from_dir(&dir)?;
+                check_critic_input(&dir, &config, &policy, "init = \"reward_model\"")?;
                 let t = load_tensors(&dir, &config, device)?;
                 (dir, config, t)
             }
@@ -82,6 +83,7 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
             CriticInit::Path => {
                 let dir = c.path.clone().expect("validated");
                 let config = ModelConfig::from_dir(&dir)?;
+                check_critic_input(&dir, &config, &policy, "path")?;
                 let t = load_tensors(&dir, &config, device)?;
                 (dir, config, t)
             }
@@ -130,6 +132,31 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
         critic_config,
         initial_policy,
     })
+}
+
+/// The critic reads the policy's ids, so a checkpoint it starts from must share the policy's
+/// vocabulary (its tokenizer.json, when it has one) and cover every id the policy can sample.
+fn check_critic_input(dir: &Path, config: &ModelConfig, policy: &LoadedPolicy, key: &str) -> Result<(), RuntimeError> {
+    let bad = |msg: String| {
+        Err(RuntimeError::Config {
+            path: dir.join("config.json"),
+            msg: format!("models.critic.{key}: {msg}"),
+        })
+    };
+    if dir.join("tokenizer.json").is_file() && !TextTokenizer::from_dir(dir)?.same_vocabulary(&policy.tokenizer) {
+        return bad(
+            "this checkpoint's tokenizer is not the policy's, and the critic reads the policy's ids; \
+             initialise the critic from the policy (models.critic.init = \"policy\")"
+                .into(),
+        );
+    }
+    let (have, need) = (config.dims().vocab_size, policy.config.dims().vocab_size);
+    if have < need {
+        return bad(format!(
+            "vocab_size is {have} but the policy's vocabulary has {need} ids; the critic would read ids it has no embedding for"
+        ));
+    }
+    Ok(())
 }
 
 /// PPO-ptx texts: one `{"text": "..."}` per line, tokenised and cut to their first
