@@ -33,6 +33,16 @@ pub(crate) fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
                 msg: format!("models.policy must be a causal LM, found {}", config.hf_class()),
             });
         }
+        let longest = cfg.data.prompt_max_tokens + cfg.sampling.max_new_tokens;
+        if longest > config.dims().max_positions {
+            return Err(RuntimeError::Config {
+                path: dir.join("config.json"),
+                msg: format!(
+                    "models.policy reads at most {} positions, but data.prompt_max_tokens + sampling.max_new_tokens = {longest}",
+                    config.dims().max_positions
+                ),
+            });
+        }
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let tensors = load_tensors(dir, &config, &candle_core::Device::Cpu)?;
         Ok(LoadedPolicy {
