@@ -486,6 +486,21 @@ fn cluster_cookies_and_join_addresses_are_checked_at_once() {
         .env("TANDEM_CLUSTER_COOKIE", "x")
         .output_within();
     assert_exit(&out, 2, &["1 bytes", "at least 16"]);
+    // The head checks its cookie before it writes or starts anything.
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("head");
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["run", &config("cluster.toml"), "--run-dir", run_dir.to_str().unwrap()])
+        .args([
+            "--set",
+            "cluster.listen=\"127.0.0.1:0\"",
+            "--set",
+            "metrics.enabled=false",
+        ])
+        .env("TANDEM_CLUSTER_COOKIE", "short")
+        .output_within();
+    assert_exit(&out, 2, &["TANDEM_CLUSTER_COOKIE", "5 bytes", "at least 16"]);
+    assert!(!run_dir.join("config.toml").exists());
 }
 
 // ---- 6. The earlier attacks, kept fixed --------------------------------------------------------

@@ -163,6 +163,51 @@ impl RewardSource for TokenSetReward {
 mod tests {
     use super::*;
 
+    fn word_tokenizer(words: &[&str]) -> TextTokenizer {
+        let vocab: serde_json::Map<String, serde_json::Value> = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), i.into()))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        });
+        TextTokenizer::from_json(&json.to_string(), std::path::Path::new("<test>")).unwrap()
+    }
+
+    /// Scores each pair with its ids read as one base-10 number, prompt then response.
+    struct Digits;
+    impl RewardSource for Digits {
+        fn score(&self, prompts: &[&[u32]], responses: &[&[u32]], _: &Device) -> Result<Vec<f32>, ActorError> {
+            Ok(prompts
+                .iter()
+                .zip(responses)
+                .map(|(p, r)| {
+                    p.iter().chain(r.iter()).fold(0.0, |acc, &d| acc * 10.0 + d as f32) + 0.1 * r.len() as f32
+                })
+                .collect())
+        }
+        fn name(&self) -> &str {
+            "digits"
+        }
+    }
+
+    #[test]
+    fn retokenised_ids_are_the_target_vocabulary_cut_from_the_left() {
+        let policy = word_tokenizer(&["<unk>", "a", "b", "c"]);
+        let target = word_tokenizer(&["c", "b", "a", "<unk>"]);
+        let r = |max_len| RetokenizedReward::new(Box::new(Digits), policy.clone(), target.clone(), max_len, 3);
+        // "a b" + "c": the prompt is [2, 1] in the target's ids and the response [0].
+        assert_eq!(r(8).retokenize(&[1, 2], &[3]).unwrap(), (vec![2, 1], vec![0]));
+        assert_eq!(r(2).retokenize(&[1, 2], &[3]).unwrap(), (vec![1], vec![0]));
+        assert_eq!(r(1).retokenize(&[1, 2], &[3]).unwrap(), (vec![0], vec![]));
+        // The inner source sees the target's ids: 21 then 0, with a response of one token.
+        let s = r(8).score(&[&[1, 2]], &[&[3]], &Device::Cpu).unwrap();
+        assert!((s[0] - 210.1).abs() < 1e-3, "{s:?}");
+    }
+
     #[test]
     fn token_set_reward_is_the_fraction_of_hits() {
         let r = TokenSetReward::new("positive", [3, 5]);

@@ -10,6 +10,9 @@
 //!   abandoned without a checkpoint.
 //! - A failed learner gets a checkpoint from here when its state is still at a step boundary,
 //!   with the batch it held beside the buffered trajectories.
+//! - A write that fails (`metrics.jsonl` or `actors.jsonl`: a full disk, say) ends the loop at
+//!   once with the error as the run's failure: nothing more is written, so what is on disk ends
+//!   at the last complete checkpoint, and the run exits 1 ([`Outcome::write_failed`]).
 //! - Every 25 ms the trajectories held in the channels and the replay buffer are sampled (the
 //!   run's `max_held`); every `metrics.sample_interval_s` each actor's meter goes to
 //!   `actors.jsonl`. The Prometheus endpoint is served for the loop's duration.

@@ -14,6 +14,12 @@
 //! batch it held goes back with the buffered trajectories). A run that stops for too many
 //! non-finite steps keeps the last checkpoint from before them.
 //!
+//! Failing writes: a failed append to `metrics.jsonl`, a trajectory store whose writer failed
+//! (the learner stops after the step it could not store) and a checkpoint that cannot be
+//! written all stop the run with [`RuntimeError::Stopped`] or [`RuntimeError::ActorFailed`]
+//! (exit 1), naming the file and the system's error. The message ends with the latest complete
+//! checkpoint to `--resume` from, or says that there is none and the run must start again.
+//!
 //! Resuming: `metrics.jsonl` lines and stored trajectories of steps at or after the checkpoint
 //! are set aside (the resumed run redoes those steps), the replay buffer is refilled from the
 //! checkpoint and the feeder issues every ticket the checkpoint does not account for.
@@ -106,6 +112,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         return crate::mock_labeller::run(cfg, opts).await;
     }
     let run_dir = &opts.run_dir;
+    // The cluster cookie is checked before anything is written or started.
+    let cookie = match &cfg.cluster {
+        Some(cc) => Some(crate::cluster::read_cookie(cc.cookie_file.as_deref())?),
+        None => None,
+    };
     std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
     let resume_from = checkpoints::resume_point(run_dir, opts.resume)?;
     let config_toml = cfg.to_toml();
@@ -211,15 +222,14 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         .await?;
     tree.rollouts(&devices, &policy.config, &ticket_rx, &gen_tx, &snap, &reissued, &faults)
         .await?;
-    let head = match &cfg.cluster {
-        Some(cc) => {
-            let cookie = crate::cluster::read_cookie(cc.cookie_file.as_deref())?;
+    let head = match (&cfg.cluster, cookie) {
+        (Some(cc), Some(cookie)) => {
             let head = crate::cluster::start_head(cc, cookie, p.nodes.iter().map(|n| n.name.clone()).collect()).await?;
             let path = run_dir.join("cluster_addr");
             std::fs::write(&path, head.addr.to_string()).map_err(|e| RuntimeError::io(&path, e))?;
             Some(head)
         }
-        None => None,
+        _ => None,
     };
     tree.nodes(run_dir, &policy.config, &ticket_rx, &gen_tx, &snap, &reissued)
         .await?;
