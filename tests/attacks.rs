@@ -393,10 +393,11 @@ fn top_against_a_server_that_is_not_tandem_names_the_address() {
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
         for stream in listener.incoming().take(2) {
+            // As an SSH server does: its banner first, then it reads and hangs up.
             let Ok(mut s) = stream else { continue };
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n");
             let mut buf = [0u8; 256];
             let _ = s.read(&mut buf);
-            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n");
         }
     });
     let out = tandem(&["top", "--addr", &addr, "--once"]);

@@ -214,6 +214,8 @@ impl Drive<'_> {
                                     written.push(next_step);
                                     format!("checkpoint written: {}", dir.display())
                                 }
+                                // A checkpoint that failed for the learner fails the same way here.
+                                Err(e) if what.contains(&e) => "no checkpoint of its state (the same error)".to_string(),
                                 Err(e) => format!("no checkpoint of its state: {e}"),
                             };
                             failure = Some(format!("{what}; {note}"));
