@@ -32,6 +32,25 @@ macro_rules! bad_input {
 }
 pub(crate) use bad_input;
 
+/// Checks an output file named on the command line before any work is done: its directory
+/// must exist and it must not be a directory. Every command treats output files this way (a
+/// missing directory is bad input, exit 2, and is never created); run directories are the
+/// exception, created with their parents.
+pub fn check_output_path(path: &std::path::Path) -> anyhow::Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent.filter(|d| !d.is_dir()) {
+        return bad_input!(
+            "{}: the directory {} does not exist (create it first; output files get no new directories)",
+            path.display(),
+            dir.display()
+        );
+    }
+    if path.is_dir() {
+        return bad_input!("{}: is a directory, not a file to write", path.display());
+    }
+    Ok(())
+}
+
 /// The process exit status for an error chain.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {

@@ -68,6 +68,20 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     if args.devices.is_empty() {
         return bad_input!("--devices: name at least one device");
     }
+    // An address that cannot be a HOST:PORT fails now, not after --reconnect-s of retries.
+    let port_ok = args
+        .join
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !transport::join_host(host).is_empty() && port.parse::<u16>().is_ok());
+    if !port_ok {
+        return bad_input!(
+            "--join {:?}: expected HOST:PORT (for example 127.0.0.1:7946)",
+            args.join
+        );
+    }
+    if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(args.join.as_str()) {
+        return bad_input!("--join {}: {e}", args.join);
+    }
     let cookie = match read_cookie(args.cookie_file.as_deref()) {
         Ok(c) => c,
         Err(e) => return bad_input!("{e}"),

@@ -7,7 +7,12 @@
 //!   with its log-prob, reference log-prob, KL (= logp − ref_logp), value, reward and advantage;
 //! - `--step K`, `--version V`, `--reward-min X`, `--reward-max Y` filter (the reward is the
 //!   reward-model or rule score of the response);
-//! - `--export-jsonl FILE`: one JSON object per matching trajectory;
+//! - `--export-jsonl FILE`: one JSON object per matching trajectory; its parent directory
+//!   must exist (exit 2 otherwise, as for every output path of the CLI);
+//! - `--skip-corrupt`: read past damaged records instead of refusing the store: every intact
+//!   record is used (exported, shown, summarised) and each skipped byte range is reported on
+//!   stderr with its segment, offset, size and damage;
+//! - filters that match nothing (`--step 999`) say so on stderr and exit 2;
 //! - `--verify`: checks every record; on damage names the segment and byte offset of the first
 //!   bad record and exits 1;
 //! - `--repair`: cuts off a torn last record (a crash mid-write), as reopening the store does;
@@ -27,9 +32,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use tandem_actors::reward_source::{RewardModelSource, RewardSource};
-use tandem_models::{ScalarModel, TextTokenizer};
-use tandem_runtime::pipeline::reward_source;
+use tandem_actors::reward_source::RewardSource;
+use tandem_models::TextTokenizer;
+use tandem_runtime::pipeline::{reward_model_source, reward_source};
 use tandem_runtime::store::{read_store, store_dir, ReadMode, Record, SegmentWriter, StoredTrajectory};
 use tandem_runtime::{builtin, Config};
 
@@ -63,6 +68,9 @@ pub struct ReplayArgs {
     /// Cut off a torn last record left by a crash.
     #[arg(long)]
     repair: bool,
+    /// Read past damaged records, reporting the byte ranges skipped, instead of refusing.
+    #[arg(long, conflicts_with_all = ["verify", "repair"])]
+    skip_corrupt: bool,
     /// Score the stored responses again and report the differences.
     #[arg(long)]
     rescore: bool,
@@ -86,12 +94,41 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         let (_, cut) = SegmentWriter::open(&dir, u64::MAX)?;
         return crate::print_json(&json!({ "repaired": cut.is_some(), "cut_at": cut }));
     }
+    if let Some(path) = &args.export_jsonl {
+        crate::error::check_output_path(path)?;
+    }
     let mode = if args.verify {
         ReadMode::Strict
+    } else if args.skip_corrupt {
+        ReadMode::SkipCorrupt
     } else {
         ReadMode::Tolerant
     };
-    let read = read_store(&dir, mode)?;
+    let read = read_store(&dir, mode).map_err(|e| match e {
+        tandem_runtime::store::StoreError::Damaged { .. } if !args.verify => {
+            anyhow::Error::new(e).context("the store is damaged (read the intact records with --skip-corrupt)")
+        }
+        e => e.into(),
+    })?;
+    for s in &read.skipped {
+        eprintln!(
+            "skipped {} bytes {}..{} ({} bytes, after its record {}): {}",
+            s.path.display(),
+            s.start,
+            s.end,
+            s.end - s.start,
+            s.after_records,
+            s.damage
+        );
+    }
+    if !read.skipped.is_empty() {
+        let bytes: u64 = read.skipped.iter().map(|s| s.end - s.start).sum();
+        eprintln!(
+            "skipped {} damaged range(s), {bytes} bytes in all; {} intact records read",
+            read.skipped.len(),
+            read.records.len()
+        );
+    }
     if let Some((path, offset)) = &read.torn_tail {
         tracing::warn!(
             "{} at byte {offset}: torn last record (a crash mid-write); not read",
@@ -115,6 +152,13 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         return crate::rerun::rerun_step(&args.run_dir, k, &all);
     }
     let picked: Vec<&StoredTrajectory> = all.iter().filter(|t| args.matches(t)).collect();
+    if picked.is_empty() && args.filtered() {
+        return bad_input!(
+            "no stored trajectory matches the filters ({}); the store holds {} trajectories",
+            args.filters(),
+            all.len()
+        );
+    }
     if let Some(path) = &args.export_jsonl {
         export(path, &picked)?;
     }
@@ -132,6 +176,28 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
 }
 
 impl ReplayArgs {
+    fn filtered(&self) -> bool {
+        self.step.is_some() || self.version.is_some() || self.reward_min.is_some() || self.reward_max.is_some()
+    }
+
+    /// The filters given, as on the command line.
+    fn filters(&self) -> String {
+        let mut f = vec![];
+        if let Some(s) = self.step {
+            f.push(format!("--step {s}"));
+        }
+        if let Some(v) = self.version {
+            f.push(format!("--version {v}"));
+        }
+        if let Some(m) = self.reward_min {
+            f.push(format!("--reward-min {m}"));
+        }
+        if let Some(m) = self.reward_max {
+            f.push(format!("--reward-max {m}"));
+        }
+        f.join(" ")
+    }
+
     fn matches(&self, t: &StoredTrajectory) -> bool {
         self.step.is_none_or(|s| t.outcome.step() == s)
             && self.version.is_none_or(|v| t.policy_version == v)
@@ -286,7 +352,10 @@ fn show(tok: &TextTokenizer, t: &StoredTrajectory) -> anyhow::Result<()> {
 fn rescore(args: &ReplayArgs, picked: &[&StoredTrajectory]) -> anyhow::Result<()> {
     let device = candle_core::Device::Cpu;
     let source: Arc<dyn RewardSource> = match &args.reward_model {
-        Some(dir) => Arc::new(RewardModelSource::new(ScalarModel::load(dir, &device)?)),
+        Some(dir) => {
+            let tok = tokenizer(&args.run_dir)?;
+            reward_model_source(dir, &tok, tok.vocab_size(), None, &device)?
+        }
         None => reward_source(&run_config(&args.run_dir)?, &tokenizer(&args.run_dir)?, &device)?,
     };
     let (mut differing, mut sum, mut max) = (0usize, 0f64, 0f64);

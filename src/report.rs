@@ -65,6 +65,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
 
     let html = render_page(&args.run_dir, &metrics, actors.as_ref(), config.as_deref());
     let out = args.out.unwrap_or_else(|| args.run_dir.join("report.html"));
+    crate::error::check_output_path(&out)?;
     if let Err(e) = std::fs::write(&out, html) {
         return bad_input!("cannot write {}: {e}", out.display());
     }

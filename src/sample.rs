@@ -37,6 +37,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
             args.best_of
         );
     }
+    crate::error::check_output_path(&args.out)?;
     let cfg = Config::load(&args.config, &args.set)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -213,9 +213,32 @@ fn scrape(addr: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(2))
         .with_context(|| format!("no tandem metrics endpoint at {addr} (is a run live?)"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let not_tandem = |what: String| format!("{addr} is not a tandem metrics endpoint: {what}");
+    // One write; a server of another protocol may answer and close before taking all of it,
+    // so what it sent is read even when the write fails.
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let wrote = s.write_all(request.as_bytes());
+    // Bounded: a metrics page is small, and a server that streams forever must not fill memory.
+    let mut raw = Vec::new();
+    let read = (&mut s).take(64 << 20).read_to_end(&mut raw);
+    if raw.is_empty() {
+        let why = match (wrote, read) {
+            (Err(e), _) => format!("it did not take the request: {e}"),
+            (_, Err(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                "no answer within 5 s".to_string()
+            }
+            (_, Err(e)) => format!("reading its answer failed: {e}"),
+            (Ok(()), Ok(_)) => "it closed the connection without an answer".to_string(),
+        };
+        anyhow::bail!(not_tandem(why));
+    }
+    let buf = String::from_utf8_lossy(&raw);
+    let status = buf.lines().next().unwrap_or("").trim();
+    if !(status.starts_with("HTTP/1.") && status.split_whitespace().nth(1) == Some("200")) {
+        let shown: String = status.chars().take(60).collect();
+        anyhow::bail!(not_tandem(format!("it answered {shown:?}")));
+    }
     let body = buf.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     Ok(body.to_string())
 }

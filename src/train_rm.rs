@@ -5,7 +5,14 @@
 //! It receives `config.toml`, `metrics.jsonl` (one line per step; `eval_*` fields on
 //! evaluation steps), `checkpoints/step-K/`, `normalization.json` and the final
 //! `reward_model/` in HF sequence-classification layout. The last line on stdout is a JSON
-//! summary. Bad config or data (a malformed line, as `FILE:LINE`) exits with status 2.
+//! summary. Bad config or data (a malformed line, as `FILE:LINE`; a ranked line with more than
+//! 64 responses; no held-out comparisons) exits with status 2, checked before anything is
+//! written.
+//!
+//! Like `tandem run`, the run locks `RUN_DIR/tandem.lock` for its whole life (a second run
+//! into the directory exits 2 naming the holder's pid), refuses a directory that holds an
+//! earlier run, and deletes one only with `--overwrite` and only if it is a tandem run
+//! directory (see `tandem_runtime::run_dir`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,7 +20,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use tandem_runtime::train_rm::{train_rm, RmConfig};
+use tandem_runtime::run_dir::refuse_earlier_run;
+use tandem_runtime::train_rm::{load_inputs, train_rm_on, RmConfig};
+use tandem_runtime::RunDirLock;
 
 #[derive(Debug, Args)]
 pub struct TrainRmArgs {
@@ -22,6 +31,9 @@ pub struct TrainRmArgs {
     /// Where the run writes its outputs (overrides the config's `run_dir`).
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Delete the run directory first if it holds an earlier run.
+    #[arg(long)]
+    overwrite: bool,
     /// Override a config key, e.g. `--set train.epochs=2 --set normalize.kind=gain_bias`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -37,13 +49,22 @@ pub fn run(args: TrainRmArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "rm".into());
         PathBuf::from("runs").join(stem)
     });
+    // Data errors exit 2 before the directory is locked, cleared or written.
+    let inputs = load_inputs(&cfg)?;
+    let _lock = if args.overwrite {
+        RunDirLock::acquire_for_overwrite(&run_dir)?
+    } else {
+        let lock = RunDirLock::acquire(&run_dir)?;
+        refuse_earlier_run(&run_dir)?;
+        lock
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("tandem-control")
         .build()
         .context("cannot start the async runtime")?;
-    let out = rt.block_on(train_rm(&cfg, &run_dir));
+    let out = rt.block_on(train_rm_on(&cfg, &run_dir, inputs));
     rt.shutdown_timeout(Duration::from_secs(5));
     let s = out.with_context(|| format!("train-rm {}", args.config.display()))?;
     crate::print_json(&json!({

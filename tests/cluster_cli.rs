@@ -163,10 +163,10 @@ fn a_killed_worker_loses_no_prompts_and_is_used_again_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let cookie_file = dir.path().join("cookie");
-    std::fs::write(&cookie_file, "s3cret-cookie\n").unwrap();
+    std::fs::write(&cookie_file, "s3cret-cookie-0123456789\n").unwrap();
     // The shipped config as it is (step count included), but for the listener and endpoint.
     let steps = 30u64;
-    let mut head = head(&run_dir, "s3cret-cookie", &[]);
+    let mut head = head(&run_dir, "s3cret-cookie-0123456789", &[]);
     let addr = wait_for("cluster_addr", &mut head, || {
         std::fs::read_to_string(run_dir.join("cluster_addr")).ok()
     });
@@ -344,8 +344,8 @@ fn a_worker_with_another_cookie_is_refused_and_both_sides_log_it() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let wrong = dir.path().join("wrong-cookie");
-    std::fs::write(&wrong, "not-the-cookie").unwrap();
-    let mut head = head(&run_dir, "the-cookie", &["steps=1000"]);
+    std::fs::write(&wrong, "not-the-cookie-0123456789").unwrap();
+    let mut head = head(&run_dir, "the-cookie-0123456789", &["steps=1000"]);
     let addr = wait_for("cluster_addr", &mut head, || {
         std::fs::read_to_string(run_dir.join("cluster_addr")).ok()
     });
@@ -393,7 +393,7 @@ fn a_tls_head_runs_with_a_tls_worker_and_refuses_plain_and_untrusting_ones() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let cookie_file = dir.path().join("cookie");
-    std::fs::write(&cookie_file, "tls-cookie").unwrap();
+    std::fs::write(&cookie_file, "tls-cookie-0123456789").unwrap();
     let (cert, key) = self_signed(dir.path(), "head", &["localhost", "127.0.0.1"]);
     let (other, _) = self_signed(dir.path(), "other", &["localhost", "127.0.0.1"]);
     let steps = 3;
@@ -405,7 +405,7 @@ fn a_tls_head_runs_with_a_tls_worker_and_refuses_plain_and_untrusting_ones() {
     ];
     let mut head = head(
         &run_dir,
-        "tls-cookie",
+        "tls-cookie-0123456789",
         &sets.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let addr = wait_for("cluster_addr", &mut head, || {
@@ -505,9 +505,9 @@ fn a_plain_head_refuses_a_tls_worker_and_stray_bytes_and_stays_up() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let cookie_file = dir.path().join("cookie");
-    std::fs::write(&cookie_file, "plain-cookie").unwrap();
+    std::fs::write(&cookie_file, "plain-cookie-0123456789").unwrap();
     let (cert, _) = self_signed(dir.path(), "head", &["127.0.0.1"]);
-    let mut head = head(&run_dir, "plain-cookie", &["steps=1000"]);
+    let mut head = head(&run_dir, "plain-cookie-0123456789", &["steps=1000"]);
     let addr = wait_for("cluster_addr", &mut head, || {
         std::fs::read_to_string(run_dir.join("cluster_addr")).ok()
     });
@@ -656,7 +656,7 @@ fn cluster_keys_are_checked() {
         let out = tandem()
             .args(["node", "--join", "127.0.0.1:1", "--name", "w1"])
             .args(args)
-            .env("TANDEM_CLUSTER_COOKIE", "c")
+            .env("TANDEM_CLUSTER_COOKIE", "c-0123456789abcdef")
             .output_within();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");

@@ -87,7 +87,7 @@ fn train_rm_cli_names_the_bad_line_and_exits_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("prefs.jsonl:2: \"responses\" needs at least 2 entries"),
+        err.contains("prefs.jsonl:2: \"responses\" needs 2 to 64 entries, got 1"),
         "{err}"
     );
 }

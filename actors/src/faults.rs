@@ -9,7 +9,14 @@
 //! value_panic_every = 0          # ... and value batches
 //! learner_fail_at_step = 5       # the learner fails once, at the start of step 5
 //! nonfinite_loss_steps = [3, 4]  # every minibatch loss of these steps is NaN
+//! disk_full_checkpoint_at_step = 2  # writing a checkpoint of step 2 or later fails (ENOSPC)
+//! disk_full_store_at_step = 3       # storing the trajectories of step 3 or later fails
+//! disk_full_metrics_at_step = 3     # appending the metrics line of step 3 or later fails
 //! ```
+//!
+//! The `disk_full_*` faults make the write fail with the operating system's "No space left on
+//! device" error ([`disk_full`]) at the point where the real write would, so what a full disk
+//! does to a run can be tested without filling one.
 //!
 //! Counters live in one shared [`Faults`], so they keep counting across restarts: with
 //! `rollout_panic_every = 7` batches 7, 14, 21, ... fail whichever sampler (or restarted
@@ -27,6 +34,19 @@ pub struct FaultConfig {
     pub value_panic_every: u64,
     pub learner_fail_at_step: Option<u64>,
     pub nonfinite_loss_steps: Vec<u64>,
+    pub disk_full_checkpoint_at_step: Option<u64>,
+    pub disk_full_store_at_step: Option<u64>,
+    pub disk_full_metrics_at_step: Option<u64>,
+}
+
+/// The error a write gets on a full disk (ENOSPC), for the `disk_full_*` faults.
+pub fn disk_full() -> std::io::Error {
+    std::io::Error::from_raw_os_error(28)
+}
+
+/// Whether a `disk_full_*` fault set to `at` fails the write for `step`.
+pub fn disk_full_at(at: Option<u64>, step: u64) -> bool {
+    at.is_some_and(|k| step >= k)
 }
 
 impl FaultConfig {

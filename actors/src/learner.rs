@@ -15,7 +15,8 @@
 //! returns, plus those the replay buffer dropped as stale) from the device thread, right after
 //! the PPO step. The channel is bounded: if the store's writer falls behind, the learner's
 //! device thread waits for room (bounded memory over an unbounded backlog). If the store is
-//! gone, the records are discarded and training goes on.
+//! gone (its writer failed: a full disk, say), the learner reports the step and then stops the
+//! run with [`LearnerEvent::Halted`]: training never goes on while trajectories are lost.
 //!
 //! Checkpoints: at the start of step k the learner's state is exactly "after k steps", so that
 //! is where checkpoints are taken: every `checkpoint_every` steps (step 0 included), after the
@@ -243,11 +244,10 @@ impl Actor for LearnerActor {
                     .lock()
                     .map_err(|_| ActorError::Other("trainer poisoned".into()))?;
                 let (stats, outputs) = t.step_with_outputs(&trajectories, version, step)?;
+                let mut store_lost = false;
                 if let Some(store) = store {
                     let used = trajectories.into_iter().zip(outputs).collect();
-                    if store.send(StepRecords { step, used, dropped }).is_err() {
-                        tracing::warn!(step, "trajectory store is gone; step not stored");
-                    }
+                    store_lost = store.send(StepRecords { step, used, dropped }).is_err();
                 }
                 std::thread::sleep(delay);
                 let sync_start = Instant::now();
@@ -256,10 +256,10 @@ impl Actor for LearnerActor {
                 } else {
                     None
                 };
-                Ok((stats, weights, sync_start.elapsed()))
+                Ok((stats, weights, sync_start.elapsed(), store_lost))
             })
             .await?;
-        let (stats, weights, copy_took) = out?;
+        let (stats, weights, copy_took, store_lost) = out?;
         if stats.skipped_updates > 0 {
             st.nonfinite_streak += 1;
             tracing::warn!(
@@ -341,6 +341,17 @@ impl Actor for LearnerActor {
             .lock()
             .map_err(|_| ActorError::Other("in-hand lock".into()))?
             .clear();
+        if store_lost {
+            let last = st.last_checkpoint.map_or("none".to_string(), |k| format!("step-{k}"));
+            let msg = format!(
+                "the trajectory store stopped writing (its error is above), so step {step}'s trajectories \
+                 were not stored; stopping after step {step}. The last checkpoint is {last}"
+            );
+            let _ = st.args.events.send(LearnerEvent::Halted(msg)).await;
+            st.args.meter.set_state(ActorState::Stopped);
+            me.stop(Some("halted".into()));
+            return Ok(());
+        }
         if st.nonfinite_streak >= st.args.max_nonfinite_steps.max(1) {
             let last = st.last_checkpoint.map_or("none".to_string(), |k| format!("step-{k}"));
             let msg = format!(

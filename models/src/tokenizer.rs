@@ -70,6 +70,12 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Whether `other` maps every token to the same id, so that ids mean the same text under
+    /// both (the test for scoring one model's ids with another model).
+    pub fn same_vocabulary(&self, other: &TextTokenizer) -> bool {
+        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

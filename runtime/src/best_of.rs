@@ -133,9 +133,6 @@ pub async fn best_of_n(
         .run(move |_| sample_and_score(&model, &ps, n, &sampling, seed, source.as_ref(), batch))
         .await?;
     let scored = scored?;
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| RuntimeError::io(parent, e))?;
-    }
     let mut f = std::io::BufWriter::new(std::fs::File::create(out).map_err(|e| RuntimeError::io(out, e))?);
     let (mut best_sum, mut all_sum, mut all_n) = (0.0, 0.0, 0usize);
     for s in &scored {

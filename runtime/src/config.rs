@@ -185,6 +185,10 @@ use tandem_models::SamplingConfig;
 
 use crate::error::RuntimeError;
 
+/// The most tokens `data.prompt_max_tokens` and `sampling.max_new_tokens` may each be: they
+/// size position tables and key-value caches, so a huge value is refused at load (exit 2).
+pub const MAX_SEQUENCE_TOKENS: usize = 1 << 17;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -705,7 +709,9 @@ impl Config {
         for o in overrides {
             apply_override(&mut table, o).map_err(|m| bad(format!("--set {o}: {m}")))?;
         }
-        Config::deserialize(table).map_err(|e| bad(format!("after --set overrides: {e}")))
+        // Parsed again as text, so an error keeps its key and line, and names its --set.
+        let merged = toml::to_string(&table).map_err(|e| bad(format!("after --set overrides: {e}")))?;
+        toml::from_str(&merged).map_err(|e| bad(override_error(&e, &merged, overrides)))
     }
 
     /// Reads a run directory's resolved `config.toml` as it was written: no overrides and no
@@ -1002,8 +1008,19 @@ impl Config {
             return bad("sampling.top_p", "in (0, 1]", &s.top_p);
         }
         let d = &self.data;
-        if d.prompt_max_tokens == 0 {
-            return bad("data.prompt_max_tokens", ">= 1", &0);
+        if d.prompt_max_tokens == 0 || d.prompt_max_tokens > MAX_SEQUENCE_TOKENS {
+            return bad(
+                "data.prompt_max_tokens",
+                &format!("between 1 and {MAX_SEQUENCE_TOKENS}"),
+                &d.prompt_max_tokens,
+            );
+        }
+        if s.max_new_tokens > MAX_SEQUENCE_TOKENS {
+            return bad(
+                "sampling.max_new_tokens",
+                &format!("between 1 and {MAX_SEQUENCE_TOKENS}"),
+                &s.max_new_tokens,
+            );
         }
         if self.mode.publish_every == 0 {
             return bad("mode.publish_every", ">= 1", &0);
@@ -1092,6 +1109,31 @@ impl Config {
     /// The config as TOML (what the run directory keeps).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// A config error after `--set` overrides, as `--set KEY=VALUE: what is wrong` when the
+/// error's line is a key that an override set, else the error with the line it points at.
+fn override_error(e: &toml::de::Error, merged: &str, overrides: &[String]) -> String {
+    let line = e.span().map(|sp| {
+        let start = merged[..sp.start.min(merged.len())].rfind('\n').map_or(0, |i| i + 1);
+        merged[start..].lines().next().unwrap_or("").trim().to_string()
+    });
+    let key = line
+        .as_deref()
+        .and_then(|l| l.split_once('='))
+        .map(|(k, _)| k.trim().trim_matches('"'));
+    let culprit = key.and_then(|k| {
+        overrides.iter().rev().find(|o| {
+            o.split_once('=')
+                .and_then(|(ok, _)| ok.trim().rsplit('.').next())
+                .is_some_and(|last| last == k)
+        })
+    });
+    match (culprit, line) {
+        (Some(o), _) => format!("--set {o}: {}", e.message().trim()),
+        (None, Some(l)) => format!("after --set overrides, at `{l}`: {}", e.message().trim()),
+        (None, None) => format!("after --set overrides: {}", e.message().trim()),
     }
 }
 

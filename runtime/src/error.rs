@@ -16,6 +16,9 @@ pub enum RuntimeError {
     Actor(#[from] tandem_actors::ActorError),
     #[error("actor failed: {0}")]
     ActorFailed(String),
+    /// The run stopped because something it must write could not be written (a full disk).
+    #[error("{0}")]
+    Stopped(String),
     #[error("{0}")]
     Other(String),
 }

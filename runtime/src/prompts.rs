@@ -38,19 +38,19 @@ pub fn load_prompts(
     max_tokens: usize,
     on_bad_line: BadLinePolicy,
 ) -> Result<PromptSet, RuntimeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| RuntimeError::io(path, e))?;
     let mut out = Vec::new();
     let mut skipped = 0;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    for (i, line) in lines(&bytes) {
+        if line.as_ref().is_ok_and(|l| l.trim().is_empty()) {
             continue;
         }
-        match parse_line(line, tokenizer, max_tokens) {
+        match line.and_then(|l| parse_line(l, tokenizer, max_tokens)) {
             Ok(ids) => out.push(ids),
             Err(msg) => {
                 let e = RuntimeError::Prompts {
                     path: path.into(),
-                    line: i + 1,
+                    line: i,
                     msg,
                 };
                 if on_bad_line == BadLinePolicy::Error {
@@ -104,21 +104,43 @@ pub fn read_jsonl(
     path: &Path,
     mut each: impl FnMut(&serde_json::Value) -> Result<(), String>,
 ) -> Result<(), RuntimeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    let bytes = std::fs::read(path).map_err(|e| RuntimeError::io(path, e))?;
+    for (i, line) in lines(&bytes) {
+        if line.as_ref().is_ok_and(|l| l.trim().is_empty()) {
             continue;
         }
-        serde_json::from_str(line)
-            .map_err(|e| format!("malformed JSON: {e}"))
+        line.and_then(|l| serde_json::from_str(l).map_err(|e| format!("malformed JSON: {e}")))
             .and_then(|v| each(&v))
             .map_err(|msg| RuntimeError::Prompts {
                 path: path.into(),
-                line: i + 1,
+                line: i,
                 msg,
             })?;
     }
     Ok(())
+}
+
+/// The most bytes one line of a JSONL input may have.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// The lines of a JSONL file with their 1-based numbers (a `\r` before the `\n` dropped),
+/// each as text, or as why it is not: not UTF-8 (naming the byte), or longer than
+/// [`MAX_LINE_BYTES`]. A bad line does not stop the others, so `data.on_bad_line = "skip"`
+/// can skip it.
+pub fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, Result<&str, String>)> {
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    body.split(|&b| b == b'\n').enumerate().map(|(i, raw)| {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let text = if raw.len() > MAX_LINE_BYTES {
+            Err(format!(
+                "the line is {} bytes; at most {MAX_LINE_BYTES} are read",
+                raw.len()
+            ))
+        } else {
+            std::str::from_utf8(raw).map_err(|e| format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1))
+        };
+        (i + 1, text)
+    })
 }
 
 /// Settings of the ticket stream.

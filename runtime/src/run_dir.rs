@@ -11,8 +11,10 @@
 //! lock two different files of the same name).
 //!
 //! **Overwriting.** `--overwrite` deletes only what is recognisably a tandem run directory:
-//! one whose `config.toml` is a resolved tandem config (it has `steps` and `[placement]`) and
-//! that also holds `tandem.lock`, `metrics.jsonl` or `checkpoints/`. Anything else that is not
+//! one whose `config.toml` is a resolved tandem config (`tandem run`'s has `steps` and
+//! `[placement]`, `tandem train-rm`'s has `[model]`, `[train]` and `[placement]`) and that also
+//! holds `tandem.lock`, `metrics.jsonl`, `checkpoints/` or `reward_model/`. Without
+//! `--overwrite`, a directory that holds an earlier run is refused ([`refuse_earlier_run`]). Anything else that is not
 //! empty is refused with an error that names the directory, as are the working directory and
 //! its parents (so `--run-dir . --overwrite` cannot wipe the project it is run from). The lock
 //! is taken before deleting, so a live run is never deleted; everything but the lock file is
@@ -124,10 +126,39 @@ pub fn is_run_dir(dir: &Path) -> bool {
         Err(_) => return false,
     };
     let resolved = toml::from_str::<toml::Table>(&config).is_ok_and(|t| {
-        t.get("steps").is_some_and(|v| v.is_integer()) && t.get("placement").is_some_and(|v| v.is_table())
+        let table = |k: &str| t.get(k).is_some_and(|v| v.is_table());
+        let run = t.get("steps").is_some_and(|v| v.is_integer()) && table("placement");
+        let train_rm = table("model") && table("train") && table("placement");
+        run || train_rm
     });
     resolved
-        && (dir.join(LOCK_FILE).is_file() || dir.join("metrics.jsonl").is_file() || dir.join("checkpoints").is_dir())
+        && (dir.join(LOCK_FILE).is_file()
+            || dir.join("metrics.jsonl").is_file()
+            || dir.join("checkpoints").is_dir()
+            || dir.join("reward_model").is_dir())
+}
+
+/// Refuses a fresh run into `run_dir` when it holds an earlier one: a non-empty
+/// `metrics.jsonl`, `checkpoints/` or a trained `reward_model/` or `policy/`. Used by `tandem
+/// train-rm` (a fresh `tandem run` checks the same through its resume point).
+pub fn refuse_earlier_run(run_dir: &Path) -> Result<(), RuntimeError> {
+    let has = |name: &str| {
+        let p = run_dir.join(name);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => true,
+            Ok(m) => m.len() > 0,
+            Err(_) => false,
+        }
+    };
+    match ["metrics.jsonl", "checkpoints", "reward_model", "policy"].into_iter().find(|n| has(n)) {
+        Some(found) => Err(RuntimeError::Config {
+            path: run_dir.to_path_buf(),
+            msg: format!(
+                "this run directory holds another run (it has {found}); replace it with --overwrite or choose another --run-dir"
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Refuses to let `--overwrite` delete `run_dir` unless it is missing, empty, or a tandem run

@@ -45,7 +45,8 @@ pub fn tap(
                 let _ = res_tx.send((rec.step, (probe.0)(&rec)));
                 if let Some(s) = &store {
                     if s.send(rec).is_err() {
-                        tracing::warn!("trajectory store is gone; step not stored");
+                        // Dropping our receiver tells the learner that the store is gone.
+                        break;
                     }
                 }
             }

@@ -17,12 +17,16 @@
 //! - `{"prompt": P, "chosen": A, "rejected": B}`;
 //! - `{"chosen": A, "rejected": B}` (HH-RLHF): the prompt is the longest common prefix of the
 //!   two texts, cut back to just after its last whitespace so no word is split;
-//! - `{"prompt": P, "responses": [R0, R1, ...], "ranking": [i, j, ...]}`: `K >= 2` responses,
-//!   `ranking` lists their indices from best to worst (a permutation of `0..K`).
+//! - `{"prompt": P, "responses": [R0, R1, ...], "ranking": [i, j, ...]}`: `2 <= K <=`
+//!   [`MAX_RANKED_RESPONSES`] responses, `ranking` lists their indices from best to worst (a
+//!   permutation of `0..K`). More responses are refused naming `FILE:LINE` (the pairwise loss
+//!   takes all C(K,2) pairs, so K sizes the work per line).
 //!
 //! Prompts are left-truncated to `data.prompt_max_tokens`, responses right-truncated to
 //! `data.response_max_tokens`. A malformed line is an error naming `FILE:LINE` (exit 2).
-//! Without `data.eval`, a seeded `data.eval_fraction` of the training file is held out.
+//! Without `data.eval`, a seeded `data.eval_fraction` of the training file is held out. The
+//! held-out set must not be empty: that is checked before anything is trained or written
+//! ([`load_inputs`]), so 2 records or `eval_fraction = 0` without `data.eval` exit 2 at once.
 //!
 //! # Config
 //!
@@ -392,6 +396,9 @@ pub fn load_comparisons(
 
 type Record = (String, Vec<String>, Vec<usize>);
 
+/// The most responses a ranked record may have.
+pub const MAX_RANKED_RESPONSES: usize = 64;
+
 fn parse_record(v: &serde_json::Value) -> Result<Record, String> {
     let s = |key: &str| -> Result<Option<String>, String> {
         match v.get(key) {
@@ -409,9 +416,9 @@ fn parse_record(v: &serde_json::Value) -> Result<Record, String> {
             .as_array()
             .and_then(|a| a.iter().map(|x| x.as_str().map(String::from)).collect())
             .ok_or("\"responses\" must be an array of strings")?;
-        if responses.len() < 2 {
+        if responses.len() < 2 || responses.len() > MAX_RANKED_RESPONSES {
             return Err(format!(
-                "\"responses\" needs at least 2 entries, got {}",
+                "\"responses\" needs 2 to {MAX_RANKED_RESPONSES} entries, got {}",
                 responses.len()
             ));
         }
@@ -570,6 +577,13 @@ pub struct RmInputs {
 /// Trains, normalises and saves a reward model on the files the config names; see the
 /// module docs.
 pub async fn train_rm(cfg: &RmConfig, run_dir: &Path) -> Result<RmSummary, RuntimeError> {
+    let inputs = load_inputs(cfg)?;
+    train_rm_on(cfg, run_dir, inputs).await
+}
+
+/// Loads, tokenises and splits the config's data, and checks that training and held-out
+/// sets are both non-empty, before anything is trained or written.
+pub fn load_inputs(cfg: &RmConfig) -> Result<RmInputs, RuntimeError> {
     let backbone = load_backbone(cfg)?;
     let tok = &backbone.tokenizer;
     let d = &cfg.data;
@@ -586,7 +600,18 @@ pub async fn train_rm(cfg: &RmConfig, run_dir: &Path) -> Result<RmSummary, Runti
         Some(p) if cfg.normalize.kind != NormalizeKind::None => Some(load_reference(p, tok, d)?),
         _ => None,
     };
-    train_rm_on(cfg, run_dir, RmInputs { train, eval, reference }).await
+    if eval.is_empty() {
+        return Err(RuntimeError::Config {
+            path: d.train.clone(),
+            msg: format!(
+                "no held-out comparisons: {} records with data.eval_fraction = {} hold out none, and the \
+                 run would fail after training. Give data.eval, raise data.eval_fraction or add records",
+                train.len(),
+                d.eval_fraction
+            ),
+        });
+    }
+    Ok(RmInputs { train, eval, reference })
 }
 
 /// [`train_rm`] on already tokenised data (the config's data paths are only recorded).

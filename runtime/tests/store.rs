@@ -257,3 +257,39 @@ fn retention_keeps_every_nth_step_or_none() {
     assert_eq!(steps(run_writer(Retention::EveryN, 3, 8)), vec![0, 3, 6]);
     assert!(run_writer(Retention::None, 1, 4).is_empty());
 }
+
+#[test]
+fn skip_corrupt_reads_around_every_damaged_range_and_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = write(dir.path(), 8, 64 << 20);
+    let path = dir.path().join(segment_name(1));
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Record 2: a payload byte (checksum). Record 5: its length field (the resync must find 6).
+    bytes[at[2].1 as usize + HEADER_BYTES as usize + 3] ^= 0xff;
+    bytes[at[5].1 as usize + 2] ^= 0x40;
+    // And a torn last record.
+    let end = bytes.len();
+    bytes.truncate(end - 5);
+    std::fs::write(&path, &bytes).unwrap();
+    for mode in [ReadMode::Strict, ReadMode::Tolerant] {
+        assert!(read_store(dir.path(), mode).is_err(), "{mode:?}");
+    }
+    let read = read_store(dir.path(), ReadMode::SkipCorrupt).unwrap();
+    let kept: Vec<u64> = read
+        .records
+        .iter()
+        .map(|(_, _, Record::Trajectory(t))| t.ticket - 7)
+        .collect();
+    assert_eq!(kept, vec![0, 1, 3, 4, 6]);
+    let ranges: Vec<(u64, u64, usize)> = read.skipped.iter().map(|s| (s.start, s.end, s.after_records)).collect();
+    assert_eq!(
+        ranges,
+        vec![
+            (at[2].1, at[3].1, 2),
+            (at[5].1, at[6].1, 4),
+            (at[7].1, end as u64 - 5, 5)
+        ]
+    );
+    assert!(matches!(read.skipped[0].damage, Damage::Checksum { .. }));
+    assert!(matches!(read.skipped[2].damage, Damage::Torn { .. }));
+}

@@ -63,7 +63,7 @@ pub mod worker;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ractor::{Actor, ActorRef};
@@ -86,16 +86,31 @@ pub fn read_cookie(file: Option<&Path>) -> Result<String, RuntimeError> {
             .to_string(),
         None => std::env::var(COOKIE_ENV).unwrap_or_default().trim().to_string(),
     };
+    let source = file.map_or(PathBuf::from(COOKIE_ENV), Path::to_path_buf);
     if cookie.is_empty() {
         let from = file.map_or(format!("{COOKIE_ENV} is not set"), |f| {
             format!("{} is empty", f.display())
         });
-        return Err(RuntimeError::Other(format!(
-            "no cluster cookie: {from}; give a cookie file or set {COOKIE_ENV} (there is no default)"
-        )));
+        return Err(RuntimeError::Config {
+            path: source,
+            msg: format!("no cluster cookie: {from}; give a cookie file or set {COOKIE_ENV} (there is no default)"),
+        });
+    }
+    if cookie.len() < MIN_COOKIE_BYTES {
+        return Err(RuntimeError::Config {
+            path: source,
+            msg: format!(
+                "the cluster cookie has {} bytes; at least {MIN_COOKIE_BYTES} are needed (for example \
+                 `head -c 32 /dev/urandom | base64`)",
+                cookie.len()
+            ),
+        });
     }
     Ok(cookie)
 }
+
+/// The shortest cluster cookie accepted: it is the only secret between head and nodes.
+pub const MIN_COOKIE_BYTES: usize = 16;
 
 /// A `NodeServer` for the session traffic. Its own listener (ractor_cluster always opens one,
 /// and respawns it when it stops) is on a free loopback port that nobody is told about, and it

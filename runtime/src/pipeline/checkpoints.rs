@@ -123,6 +123,10 @@ pub(super) struct CheckpointWriter {
     pub replay: ActorRef<ReplayMsg>,
     /// The store's progress: checkpoints wait until every earlier step is written.
     pub store_written: Option<Arc<AtomicU64>>,
+    /// The store's error once its writer has failed: a checkpoint then fails at once.
+    pub store_failed: Option<crate::store::StoreFailure>,
+    /// `faults.disk_full_checkpoint_at_step`.
+    pub disk_full_at: Option<u64>,
     pub policy_config: ModelConfig,
     pub critic_config: Option<ModelConfig>,
     pub tokenizer: TextTokenizer,
@@ -139,6 +143,11 @@ impl CheckpointWriter {
         if let Some(w) = &self.store_written {
             let waiting = Instant::now();
             while w.load(Ordering::Acquire) < step {
+                if let Some(e) = self.store_failed.as_ref().and_then(|f| f.get()) {
+                    return Err(format!(
+                        "the trajectory store failed, so the steps before it are not all stored: {e}"
+                    ));
+                }
                 if waiting.elapsed() > Duration::from_secs(120) {
                     return Err("the trajectory store has not written the steps before it for 120 s".into());
                 }
@@ -157,7 +166,12 @@ impl CheckpointWriter {
         let (policy_config, critic_config) = (self.policy_config.clone(), self.critic_config.clone());
         let (tokenizer, config_toml, keep, seed) =
             (self.tokenizer.clone(), self.config_toml.clone(), self.keep, self.seed);
+        let disk_full = tandem_actors::faults::disk_full_at(self.disk_full_at, step);
         tokio::task::spawn_blocking(move || -> Result<PathBuf, String> {
+            if disk_full {
+                let dir = checkpoint::checkpoints_dir(&run_dir).join(format!("step-{step}"));
+                return Err(format!("{}: {}", dir.display(), tandem_actors::faults::disk_full()));
+            }
             let state = {
                 let t = trainer
                     .lock()

@@ -10,6 +10,9 @@
 //!   abandoned without a checkpoint.
 //! - A failed learner gets a checkpoint from here when its state is still at a step boundary,
 //!   with the batch it held beside the buffered trajectories.
+//! - A write that fails (`metrics.jsonl` or `actors.jsonl`: a full disk, say) ends the loop at
+//!   once with the error as the run's failure: nothing more is written, so what is on disk ends
+//!   at the last complete checkpoint, and the run exits 1 ([`Outcome::write_failed`]).
 //! - Every 25 ms the trajectories held in the channels and the replay buffer are sampled (the
 //!   run's `max_held`); every `metrics.sample_interval_s` each actor's meter goes to
 //!   `actors.jsonl`. The Prometheus endpoint is served for the loop's duration.
@@ -58,6 +61,8 @@ pub(super) struct Drive<'a> {
     pub depths: [Arc<ChannelStats>; 3],
     /// Trajectories per batch in those channels.
     pub per_ticket: usize,
+    /// `faults.disk_full_metrics_at_step`.
+    pub metrics_disk_full_at: Option<u64>,
 }
 
 /// How the loop ended.
@@ -68,6 +73,8 @@ pub(super) struct Outcome {
     pub interrupted: bool,
     /// Why the run stopped early.
     pub failure: Option<String>,
+    /// The failure is a write that failed (metrics.jsonl or actors.jsonl).
+    pub write_failed: bool,
     /// Most trajectories ever held in the channels plus the replay buffer.
     pub max_held: usize,
 }
@@ -91,6 +98,7 @@ impl Drive<'_> {
             replay_held,
             depths,
             per_ticket,
+            metrics_disk_full_at,
         } = self;
         let metrics_path = run_dir.join("metrics.jsonl");
         let mut metrics = std::fs::OpenOptions::new()
@@ -106,6 +114,7 @@ impl Drive<'_> {
         let mut written: Vec<u64> = Vec::new();
         let mut interrupted = false;
         let mut failure: Option<String> = None;
+        let mut write_failed = false;
         let mut draining_since: Option<Instant> = None;
         let mut max_held = 0usize;
         let mut probe = tokio::time::interval(Duration::from_millis(25));
@@ -148,8 +157,21 @@ impl Drive<'_> {
                 ev = events_rx.recv(), if learner_gone.is_none() => match ev {
                     Some(LearnerEvent::Report(r)) => {
                         let line = crate::step_probe::merge(&r, probe_rx.as_ref());
-                        writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
-                        metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
+                        let appended = if tandem_actors::faults::disk_full_at(metrics_disk_full_at, r.step) {
+                            Err(tandem_actors::faults::disk_full())
+                        } else {
+                            writeln!(metrics, "{line}").and_then(|()| metrics.flush())
+                        };
+                        if let Err(e) = appended {
+                            // What is on disk ends at the last checkpoint: stop now, write nothing more.
+                            failure = Some(format!(
+                                "cannot append step {}'s line to {}: {e}; the run stops",
+                                r.step,
+                                metrics_path.display()
+                            ));
+                            write_failed = true;
+                            break;
+                        }
                         let msg = pace.message(&r);
                         if let Some(b) = &bar {
                             b.set_position(r.step + 1);
@@ -192,6 +214,8 @@ impl Drive<'_> {
                                     written.push(next_step);
                                     format!("checkpoint written: {}", dir.display())
                                 }
+                                // A checkpoint that failed for the learner fails the same way here.
+                                Err(e) if what.contains(&e) => "no checkpoint of its state (the same error)".to_string(),
                                 Err(e) => format!("no checkpoint of its state: {e}"),
                             };
                             failure = Some(format!("{what}; {note}"));
@@ -225,13 +249,22 @@ impl Drive<'_> {
                         break;
                     }
                 }
-                _ = sample_tick.tick() => sampler.sample(latest_version)?,
+                _ = sample_tick.tick() => if let Err(e) = sampler.sample(latest_version) {
+                    failure = Some(format!("{e}; the run stops"));
+                    write_failed = true;
+                    break;
+                },
             }
         }
         if let Some(b) = &bar {
             b.finish_and_clear();
         }
-        sampler.sample(latest_version)?;
+        if !write_failed {
+            if let Err(e) = sampler.sample(latest_version) {
+                failure.get_or_insert(format!("{e}; the run stops"));
+                write_failed = true;
+            }
+        }
         if let Some(task) = endpoint {
             task.abort();
             let _ = std::fs::remove_file(run_dir.join("metrics_addr"));
@@ -241,6 +274,7 @@ impl Drive<'_> {
             checkpoints: written,
             interrupted,
             failure,
+            write_failed,
             max_held,
         })
     }

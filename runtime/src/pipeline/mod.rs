@@ -14,6 +14,12 @@
 //! batch it held goes back with the buffered trajectories). A run that stops for too many
 //! non-finite steps keeps the last checkpoint from before them.
 //!
+//! Failing writes: a failed append to `metrics.jsonl`, a trajectory store whose writer failed
+//! (the learner stops after the step it could not store) and a checkpoint that cannot be
+//! written all stop the run with [`RuntimeError::Stopped`] or [`RuntimeError::ActorFailed`]
+//! (exit 1), naming the file and the system's error. The message ends with the latest complete
+//! checkpoint to `--resume` from, or says that there is none and the run must start again.
+//!
 //! Resuming: `metrics.jsonl` lines and stored trajectories of steps at or after the checkpoint
 //! are set aside (the resumed run redoes those steps), the replay buffer is refilled from the
 //! checkpoint and the feeder issues every ticket the checkpoint does not account for.
@@ -41,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use tandem_actors::learner::{LearnerArgs, LearnerStart};
 use tandem_actors::replay::{ReplayArgs, ReplayCheckpoint};
-use tandem_actors::reward_source::{RewardModelSource, RewardSource, TokenSetReward};
+use tandem_actors::reward_source::{RetokenizedReward, RewardModelSource, RewardSource, TokenSetReward};
 use tandem_actors::{
     stage_channel, DeviceId, Executor, Faults, PpoTrainer, ReissueQueue, StepReport, TrajectoryBatch, WeightsSnapshot,
 };
@@ -52,7 +58,7 @@ use crate::checkpoint;
 use crate::config::{Config, RewardKind};
 use crate::error::RuntimeError;
 use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
-use crate::store::{spawn_writer, store_dir, StoreStats};
+use crate::store::{spawn_writer_with_fault, store_dir, StoreStats};
 use crate::supervisor::SupervisorMsg;
 use actor_tree::ActorTree;
 use checkpoints::CheckpointWriter;
@@ -106,6 +112,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         return crate::mock_labeller::run(cfg, opts).await;
     }
     let run_dir = &opts.run_dir;
+    // The cluster cookie is checked before anything is written or started.
+    let cookie = match &cfg.cluster {
+        Some(cc) => Some(crate::cluster::read_cookie(cc.cookie_file.as_deref())?),
+        None => None,
+    };
     std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
     let resume_from = checkpoints::resume_point(run_dir, opts.resume)?;
     let config_toml = cfg.to_toml();
@@ -160,7 +171,8 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let (store_tx, store_writer) = match cfg.store.retention {
         crate::config::Retention::None => (None, None),
         _ => {
-            let (tx, w) = spawn_writer(&store_dir(run_dir), &cfg.store, start.step)?;
+            let dir = store_dir(run_dir);
+            let (tx, w) = spawn_writer_with_fault(&dir, &cfg.store, start.step, cfg.faults.disk_full_store_at_step)?;
             (Some(tx), Some(w))
         }
     };
@@ -210,15 +222,14 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         .await?;
     tree.rollouts(&devices, &policy.config, &ticket_rx, &gen_tx, &snap, &reissued, &faults)
         .await?;
-    let head = match &cfg.cluster {
-        Some(cc) => {
-            let cookie = crate::cluster::read_cookie(cc.cookie_file.as_deref())?;
+    let head = match (&cfg.cluster, cookie) {
+        (Some(cc), Some(cookie)) => {
             let head = crate::cluster::start_head(cc, cookie, p.nodes.iter().map(|n| n.name.clone()).collect()).await?;
             let path = run_dir.join("cluster_addr");
             std::fs::write(&path, head.addr.to_string()).map_err(|e| RuntimeError::io(&path, e))?;
             Some(head)
         }
-        None => None,
+        _ => None,
     };
     tree.nodes(run_dir, &policy.config, &ticket_rx, &gen_tx, &snap, &reissued)
         .await?;
@@ -263,6 +274,8 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         trainer: trainer.clone(),
         replay: replay.clone(),
         store_written: store_writer.as_ref().map(|w| w.steps_written()),
+        store_failed: store_writer.as_ref().map(|w| w.failure()),
+        disk_full_at: cfg.faults.disk_full_checkpoint_at_step,
         policy_config: policy.config.clone(),
         critic_config,
         tokenizer: policy.tokenizer.clone(),
@@ -276,6 +289,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         checkpoints: written,
         interrupted,
         failure,
+        write_failed,
         max_held,
     } = Drive {
         cfg,
@@ -294,6 +308,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         replay_held,
         depths,
         per_ticket,
+        metrics_disk_full_at: cfg.faults.disk_full_metrics_at_step,
     }
     .serve()
     .await?;
@@ -320,16 +335,38 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         ),
         None => None,
     };
-    if let Some(f) = failure {
-        let last = checkpoint::list(run_dir)?
-            .last()
-            .map_or("none".to_string(), |(_, d)| d.display().to_string());
-        return Err(RuntimeError::ActorFailed(format!(
-            "{f}\nlatest checkpoint: {last} (continue with `tandem run --resume {}`)",
-            run_dir.display()
-        )));
+    let store_error = store
+        .as_ref()
+        .and_then(|s| s.as_ref().err())
+        .map(|e| format!("trajectory store: {e}"));
+    if failure.is_some() || store_error.is_some() {
+        let what: Vec<String> = failure.into_iter().chain(store_error.clone()).collect();
+        let next = match checkpoint::list(run_dir).unwrap_or_default().last() {
+            Some((_, d)) => format!(
+                "latest checkpoint: {} (continue with `tandem run --resume {}`{})",
+                d.display(),
+                run_dir.display(),
+                if write_failed || store_error.is_some() {
+                    " once the disk has room"
+                } else {
+                    ""
+                }
+            ),
+            None => format!(
+                "no complete checkpoint was written, so there is nothing to resume: start the run again \
+                 (with --overwrite to replace {})",
+                run_dir.display()
+            ),
+        };
+        let msg = format!("{}\n{next}", what.join("\n"));
+        return Err(if write_failed || store_error.is_some() {
+            RuntimeError::Stopped(msg)
+        } else {
+            RuntimeError::ActorFailed(msg)
+        });
     }
-    save_models(cfg, run_dir, &policy.tokenizer, &trainer, &policy.config)?;
+    save_models(cfg, run_dir, &policy.tokenizer, &trainer, &policy.config)
+        .map_err(|e| RuntimeError::Stopped(format!("saving the trained models: {e}")))?;
     let store = store.transpose()?;
     Ok(RunSummary {
         reports,
@@ -360,7 +397,12 @@ pub fn reward_source(
                 path: "config.toml".into(),
                 msg: "reward.model is required with kind = \"reward_model\"".into(),
             })?;
-            Arc::new(RewardModelSource::new(ScalarModel::load(dir, device)?))
+            let policy_vocab = match &cfg.models.policy.path {
+                Some(policy_dir) => ModelConfig::from_dir(policy_dir)?.dims().vocab_size,
+                None => tokenizer.vocab_size(),
+            };
+            let longest = cfg.data.prompt_max_tokens + cfg.sampling.max_new_tokens;
+            reward_model_source(dir, tokenizer, policy_vocab, Some(longest), device)?
         }
         RewardKind::PositiveWords => {
             let words: Vec<String> = cfg
@@ -379,6 +421,64 @@ pub fn reward_source(
         _ => crate::reward_sources::rule_source(cfg, tokenizer)?,
     };
     crate::reward_sources::shaped(cfg, source)
+}
+
+/// The reward model in `dir` as a source over the policy's ids. When its `tokenizer.json` has
+/// the policy's vocabulary (or it has none, which is taken to mean the policy's) it scores the
+/// ids as they are, and its embedding table must cover the policy's `policy_vocab` ids and
+/// `longest` positions, else a load-time error naming its config.json (exit 2). With another
+/// tokenizer, text is decoded and re-tokenised for it ([`RetokenizedReward`]).
+pub fn reward_model_source(
+    dir: &Path,
+    tokenizer: &TextTokenizer,
+    policy_vocab: usize,
+    longest: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Arc<dyn RewardSource>, RuntimeError> {
+    let model = ScalarModel::load(dir, device)?;
+    let dims = model.config().dims();
+    let own = if dir.join("tokenizer.json").is_file() {
+        Some(TextTokenizer::from_dir(dir)?)
+    } else {
+        None
+    };
+    if let Some(own) = own.filter(|t| !t.same_vocabulary(tokenizer)) {
+        tracing::info!(
+            reward_model = %dir.display(),
+            "the reward model's tokenizer is not the policy's: responses are decoded and re-tokenised for it"
+        );
+        let pad = model.config().pad_id();
+        let inner = Box::new(RewardModelSource::new(model));
+        return Ok(Arc::new(RetokenizedReward::new(
+            inner,
+            tokenizer.clone(),
+            own,
+            dims.max_positions,
+            pad,
+        )));
+    }
+    let bad = |msg: String| {
+        Err(RuntimeError::Config {
+            path: dir.join("config.json"),
+            msg,
+        })
+    };
+    if dims.vocab_size < policy_vocab {
+        return bad(format!(
+            "reward.model: vocab_size is {} but the policy's vocabulary has {policy_vocab} ids, under the same \
+             tokenizer: the policy can sample ids this reward model has no embedding for. Use a reward model \
+             trained over the policy's vocabulary (or give it its own tokenizer.json, and text is re-tokenised)",
+            dims.vocab_size
+        ));
+    }
+    if let Some(n) = longest.filter(|&n| n > dims.max_positions) {
+        return bad(format!(
+            "reward.model: it reads at most {} positions, but a prompt and its response take up to {n} \
+             (data.prompt_max_tokens + sampling.max_new_tokens)",
+            dims.max_positions
+        ));
+    }
+    Ok(Arc::new(RewardModelSource::new(model)))
 }
 
 /// The progress message for each step: throughput and ETA over this session's steps.

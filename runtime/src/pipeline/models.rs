@@ -33,6 +33,16 @@ pub(crate) fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
                 msg: format!("models.policy must be a causal LM, found {}", config.hf_class()),
             });
         }
+        let longest = cfg.data.prompt_max_tokens + cfg.sampling.max_new_tokens;
+        if longest > config.dims().max_positions {
+            return Err(RuntimeError::Config {
+                path: dir.join("config.json"),
+                msg: format!(
+                    "models.policy reads at most {} positions, but data.prompt_max_tokens + sampling.max_new_tokens = {longest}",
+                    config.dims().max_positions
+                ),
+            });
+        }
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let tensors = load_tensors(dir, &config, &candle_core::Device::Cpu)?;
         Ok(LoadedPolicy {
@@ -75,6 +85,7 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
             CriticInit::RewardModel => {
                 let dir = cfg.reward.model.clone().expect("validated");
                 let config = ModelConfig::from_dir(&dir)?;
+                check_critic_input(&dir, &config, &policy, "init = \"reward_model\"")?;
                 let t = load_tensors(&dir, &config, device)?;
                 (dir, config, t)
             }
@@ -82,6 +93,7 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
             CriticInit::Path => {
                 let dir = c.path.clone().expect("validated");
                 let config = ModelConfig::from_dir(&dir)?;
+                check_critic_input(&dir, &config, &policy, "path")?;
                 let t = load_tensors(&dir, &config, device)?;
                 (dir, config, t)
             }
@@ -130,6 +142,31 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
         critic_config,
         initial_policy,
     })
+}
+
+/// The critic reads the policy's ids, so a checkpoint it starts from must share the policy's
+/// vocabulary (its tokenizer.json, when it has one) and cover every id the policy can sample.
+fn check_critic_input(dir: &Path, config: &ModelConfig, policy: &LoadedPolicy, key: &str) -> Result<(), RuntimeError> {
+    let bad = |msg: String| {
+        Err(RuntimeError::Config {
+            path: dir.join("config.json"),
+            msg: format!("models.critic.{key}: {msg}"),
+        })
+    };
+    if dir.join("tokenizer.json").is_file() && !TextTokenizer::from_dir(dir)?.same_vocabulary(&policy.tokenizer) {
+        return bad(
+            "this checkpoint's tokenizer is not the policy's, and the critic reads the policy's ids; \
+             initialise the critic from the policy (models.critic.init = \"policy\")"
+                .into(),
+        );
+    }
+    let (have, need) = (config.dims().vocab_size, policy.config.dims().vocab_size);
+    if have < need {
+        return bad(format!(
+            "vocab_size is {have} but the policy's vocabulary has {need} ids; the critic would read ids it has no embedding for"
+        ));
+    }
+    Ok(())
 }
 
 /// PPO-ptx texts: one `{"text": "..."}` per line, tokenised and cut to their first

@@ -34,10 +34,10 @@ mod writer;
 
 pub use record::{decode, encode, Outcome, Record, StoredTrajectory};
 pub use segment::{
-    list_segments, read_store, segment_name, set_aside_from_step, Damage, ReadMode, SegmentWriter, StoreRead,
+    list_segments, read_store, segment_name, set_aside_from_step, Damage, ReadMode, SegmentWriter, Skipped, StoreRead,
     HEADER_BYTES,
 };
-pub use writer::{spawn_writer, StoreStats, StoreWriter};
+pub use writer::{spawn_writer, spawn_writer_with_fault, StoreFailure, StoreStats, StoreWriter};
 
 use std::path::PathBuf;
 

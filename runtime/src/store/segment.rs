@@ -103,6 +103,23 @@ pub enum ReadMode {
     /// A record cut short at the end of the last segment (a crash mid-write) ends the log;
     /// it is reported in [`StoreRead::torn_tail`], never read. Other damage is an error.
     Tolerant,
+    /// Damage of any kind is skipped: reading goes on at the next offset where a whole record
+    /// with a good checksum that decodes begins, and each skipped byte range is reported in
+    /// [`StoreRead::skipped`] (`tandem replay --skip-corrupt`).
+    SkipCorrupt,
+}
+
+/// A byte range of a segment that [`ReadMode::SkipCorrupt`] skipped.
+#[derive(Debug)]
+pub struct Skipped {
+    pub path: PathBuf,
+    /// The first skipped byte and one past the last.
+    pub start: u64,
+    pub end: u64,
+    /// Good records of this segment before the range.
+    pub after_records: usize,
+    /// What was wrong at `start`.
+    pub damage: Damage,
 }
 
 /// Everything a reader found.
@@ -114,6 +131,45 @@ pub struct StoreRead {
     pub bytes: u64,
     /// In [`ReadMode::Tolerant`]: the segment and offset where a torn tail begins.
     pub torn_tail: Option<(PathBuf, u64)>,
+    /// In [`ReadMode::SkipCorrupt`]: the damaged ranges that were skipped, in order.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Whether a whole record with a good checksum that decodes begins at `at`.
+fn record_at(buf: &[u8], at: usize) -> bool {
+    let left = (buf.len() - at) as u64;
+    if left < HEADER_BYTES {
+        return false;
+    }
+    let len = u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as u64;
+    let stored = u32::from_le_bytes(buf[at + 4..at + 8].try_into().expect("4 bytes"));
+    if len > MAX_PAYLOAD || HEADER_BYTES + len > left {
+        return false;
+    }
+    let payload = &buf[at + 8..at + 8 + len as usize];
+    crc32fast::hash(payload) == stored && decode(payload).is_ok()
+}
+
+/// [`scan`] that skips damage: after a bad record it goes on at the next offset where
+/// [`record_at`] holds (or the end). Returns each skipped range with its damage and the number
+/// of good records before it.
+fn scan_skipping(buf: &[u8], mut each: impl FnMut(u64, &[u8]) -> Result<(), Damage>) -> Vec<(u64, u64, usize, Damage)> {
+    let mut skipped = vec![];
+    let (mut at, mut good) = (0usize, 0usize);
+    while at < buf.len() {
+        let base = at as u64;
+        let bad = scan(&buf[at..], |o, p| {
+            each(base + o, p)?;
+            good += 1;
+            Ok(())
+        });
+        let Some((o, damage)) = bad else { break };
+        let start = at + o as usize;
+        let end = (start + 1..buf.len()).find(|&o| record_at(buf, o)).unwrap_or(buf.len());
+        skipped.push((start as u64, end as u64, good, damage));
+        at = end;
+    }
+    skipped
 }
 
 /// Reads and checks every record in `dir` (a run's `trajectories/`).
@@ -123,6 +179,24 @@ pub fn read_store(dir: &Path, mode: ReadMode) -> Result<StoreRead, StoreError> {
     for (i, (_, path)) in segments.iter().enumerate() {
         let buf = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
         let mut bytes = 0u64;
+        if mode == ReadMode::SkipCorrupt {
+            let skipped = scan_skipping(&buf, |offset, payload| {
+                let r = decode(payload).map_err(Damage::Decode)?;
+                bytes += HEADER_BYTES + payload.len() as u64;
+                out.records.push((path.clone(), offset, r));
+                Ok(())
+            });
+            out.bytes += bytes;
+            out.skipped
+                .extend(skipped.into_iter().map(|(start, end, after_records, damage)| Skipped {
+                    path: path.clone(),
+                    start,
+                    end,
+                    after_records,
+                    damage,
+                }));
+            continue;
+        }
         let bad = scan(&buf, |offset, payload| {
             let r = decode(payload).map_err(Damage::Decode)?;
             bytes += HEADER_BYTES + payload.len() as u64;

@@ -1,8 +1,14 @@
 //! The store's writer thread: turns each learner step's records into log records.
+//!
+//! A write that fails (a full disk, say) ends the thread: it records the error in the
+//! [`StoreFailure`] the run watches, fsyncs what it wrote and drops its receiver, so the
+//! learner's next send fails and the learner stops the run at that step boundary (see
+//! `tandem_actors::learner`); a checkpoint waiting for the store gives up at once. The store
+//! never stops silently while training goes on.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -27,13 +33,22 @@ impl StoreStats {
     }
 }
 
+/// Why the writer stopped early: set once, by the writer thread, when a write fails.
+pub type StoreFailure = Arc<OnceLock<String>>;
+
 /// The running writer thread; [`StoreWriter::finish`] waits for it.
 pub struct StoreWriter {
     thread: JoinHandle<Result<StoreStats, StoreError>>,
     written: Arc<AtomicU64>,
+    failed: StoreFailure,
 }
 
 impl StoreWriter {
+    /// The writer's error once a write has failed (and it has stopped).
+    pub fn failure(&self) -> StoreFailure {
+        self.failed.clone()
+    }
+
     /// Learner steps whose records are written and flushed (or not kept): one past the last.
     pub fn steps_written(&self) -> Arc<AtomicU64> {
         self.written.clone()
@@ -55,16 +70,42 @@ pub fn spawn_writer(
     cfg: &StoreConfig,
     first_step: u64,
 ) -> Result<(Sender<StepRecords>, StoreWriter), StoreError> {
+    spawn_writer_with_fault(dir, cfg, first_step, None)
+}
+
+/// [`spawn_writer`] whose writes fail as on a full disk from learner step `disk_full_at` on
+/// (`faults.disk_full_store_at_step`).
+pub fn spawn_writer_with_fault(
+    dir: &Path,
+    cfg: &StoreConfig,
+    first_step: u64,
+    disk_full_at: Option<u64>,
+) -> Result<(Sender<StepRecords>, StoreWriter), StoreError> {
     let (segments, _) = SegmentWriter::open(dir, cfg.segment_bytes)?;
     let (tx, rx) = crossbeam_channel::bounded(cfg.queue.max(1));
     let cfg = cfg.clone();
     let written = Arc::new(AtomicU64::new(first_step));
-    let w = written.clone();
+    let failed = StoreFailure::default();
+    let (w, f) = (written.clone(), failed.clone());
+    let dir_name = dir.to_path_buf();
     let thread = std::thread::Builder::new()
         .name("tandem-store".into())
-        .spawn(move || write_loop(segments, rx, &cfg, &w))
+        .spawn(move || {
+            let out = write_loop(segments, rx, &cfg, &w, disk_full_at, &dir_name);
+            if let Err(e) = &out {
+                let _ = f.set(e.to_string());
+            }
+            out
+        })
         .map_err(|e| StoreError::io(dir, e))?;
-    Ok((tx, StoreWriter { thread, written }))
+    Ok((
+        tx,
+        StoreWriter {
+            thread,
+            written,
+            failed,
+        },
+    ))
 }
 
 fn write_loop(
@@ -72,6 +113,8 @@ fn write_loop(
     rx: Receiver<StepRecords>,
     cfg: &StoreConfig,
     written: &AtomicU64,
+    disk_full_at: Option<u64>,
+    dir: &Path,
 ) -> Result<StoreStats, StoreError> {
     let mut stats = StoreStats::default();
     let result = (|| {
@@ -82,6 +125,9 @@ fn write_loop(
             }
             let now = unix_ms();
             let step = rec.step;
+            if tandem_actors::faults::disk_full_at(disk_full_at, step) {
+                return Err(StoreError::io(dir, tandem_actors::faults::disk_full()));
+            }
             let used = rec
                 .used
                 .into_iter()
@@ -104,7 +150,7 @@ fn write_loop(
         Ok(())
     })();
     if let Err(e) = &result {
-        tracing::error!("trajectory store: {e}; no more trajectories are stored");
+        tracing::error!("trajectory store: {e}; no more trajectories are stored, so the run stops");
     }
     // Flush what was written, even after an error.
     let synced = w.sync();
