@@ -68,6 +68,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     if args.devices.is_empty() {
         return bad_input!("--devices: name at least one device");
     }
+    for d in &args.devices {
+        if let Err(e) = d.check_built() {
+            return bad_input!("--devices: {e}");
+        }
+    }
     let cookie = match read_cookie(args.cookie_file.as_deref()) {
         Ok(c) => c,
         Err(e) => return bad_input!("{e}"),

@@ -121,6 +121,7 @@ pub async fn best_of_n(
     let (model, tokenizer) = policy(cfg, policy_dir, exec.device())?;
     let prompts = load_prompts(
         &cfg.data.prompts,
+        &cfg.data.prompt_key,
         &tokenizer,
         cfg.data.prompt_max_tokens,
         cfg.data.on_bad_line,

@@ -177,6 +177,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let truth = reward_source(cfg, &policy.tokenizer, exec.device())?;
     let prompts = load_prompts(
         &cfg.data.prompts,
+        &cfg.data.prompt_key,
         &policy.tokenizer,
         cfg.data.prompt_max_tokens,
         cfg.data.on_bad_line,

@@ -312,6 +312,10 @@ impl RmConfig {
         if !(t.lr > 0.0 && t.lr.is_finite() && (0.0..=t.lr).contains(&t.min_lr)) {
             return Err("train.lr must be > 0 and train.min_lr in [0, lr]".into());
         }
+        self.placement
+            .device
+            .check_built()
+            .map_err(|e| format!("placement.device: {e}"))?;
         if self.channels.batches == 0 || self.placement.threads == 0 {
             return Err("channels.batches and placement.threads must be >= 1".into());
         }

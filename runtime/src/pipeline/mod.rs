@@ -176,6 +176,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let held_bound = (c.rollout_to_reward + c.reward_to_value + c.value_to_replay) * per_ticket + cfg.replay_capacity();
     let prompts = load_prompts(
         &cfg.data.prompts,
+        &cfg.data.prompt_key,
         &policy.tokenizer,
         cfg.data.prompt_max_tokens,
         cfg.data.on_bad_line,
