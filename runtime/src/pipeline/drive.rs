@@ -1,7 +1,8 @@
 //! Serving a running pipeline: the learner's events, the supervisor's failures, Ctrl-C (or SIGTERM) and
 //! the periodic samplers, until the learner is done or the run stops.
 //!
-//! - Each step report is appended to `RUN_DIR/metrics.jsonl` (flushed) and moves the progress
+//! - Each step report is appended to `RUN_DIR/metrics.jsonl` (flushed), and with
+//!   `metrics.tensorboard` to a TensorBoard event file in `RUN_DIR/tb/`, and moves the progress
 //!   bar; a checkpoint the learner asks for is written ([`CheckpointWriter`]) before it goes
 //!   on, so every line before a checkpoint is on disk first.
 //! - A stage the supervisor gave up on, or Ctrl-C, sets the learner's stop flag and drains the
@@ -98,6 +99,13 @@ impl Drive<'_> {
             .append(true)
             .open(&metrics_path)
             .map_err(|e| RuntimeError::io(&metrics_path, e))?;
+        let mut tb = match cfg.metrics.tensorboard {
+            true => Some(crate::tensorboard::EventWriter::create(
+                &run_dir.join("tb"),
+                (start.step > 0).then_some(start.step),
+            )?),
+            false => None,
+        };
         // Progress on stderr: a live bar on a terminal, else one line per step (see RunOptions).
         let bar = (progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .then(|| super::progress_bar(cfg.steps, start.step));
@@ -150,6 +158,10 @@ impl Drive<'_> {
                         let line = crate::step_probe::merge(&r, probe_rx.as_ref());
                         writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
                         metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
+                        if let Some(tb) = &mut tb {
+                            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                            tb.scalars(r.step, &crate::tensorboard::scalars_of(&v))?;
+                        }
                         let msg = pace.message(&r);
                         if let Some(b) = &bar {
                             b.set_position(r.step + 1);
