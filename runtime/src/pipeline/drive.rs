@@ -119,6 +119,8 @@ impl Drive<'_> {
         let mut probe = tokio::time::interval(Duration::from_millis(25));
         let mut sampler = ActorSampler::new(meters, run_dir, started)?;
         let mut sample_tick = tokio::time::interval(Duration::from_secs_f64(cfg.metrics.sample_interval_s));
+        // An earlier session's address must not lead `tandem top` to whatever holds that port now.
+        let _ = std::fs::remove_file(run_dir.join("metrics_addr"));
         let endpoint = match (cfg.metrics.enabled, telemetry::prometheus()) {
             // A taken port must not stop a training run: warn and go on without the endpoint.
             (true, Some(handle)) => match telemetry::serve(&cfg.metrics.addr, handle).await {
@@ -163,6 +165,11 @@ impl Drive<'_> {
                             tb.scalars(r.step, &crate::tensorboard::scalars_of(&v))?;
                         }
                         let msg = pace.message(&r);
+                        // The run's position for `tandem top` (the learner's counter is this session's).
+                        metrics::gauge!("tandem_run_step").set((r.step + 1) as f64);
+                        metrics::gauge!("tandem_run_steps").set(cfg.steps as f64);
+                        metrics::gauge!("tandem_run_eta_seconds").set(pace.eta_s);
+                        metrics::gauge!("tandem_learner_score_mean").set(r.stats.score_mean);
                         if let Some(b) = &bar {
                             b.set_position(r.step + 1);
                             b.set_message(msg);

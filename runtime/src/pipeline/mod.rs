@@ -105,6 +105,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     if cfg.mock_labeller.is_some() {
         return crate::mock_labeller::run(cfg, opts).await;
     }
+    if cfg.metrics.enabled {
+        // Before any actor exists: series set before the recorder is installed (each actor's
+        // queue capacity, its zeroed counters) would be lost.
+        let _ = crate::telemetry::prometheus();
+    }
     let run_dir = &opts.run_dir;
     std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
     let resume_from = checkpoints::resume_point(run_dir, opts.resume)?;
@@ -388,6 +393,8 @@ pub(crate) struct Pace {
     started: std::time::Instant,
     first_step: u64,
     tokens: usize,
+    /// Seconds left, estimated after the last step.
+    pub(crate) eta_s: f64,
 }
 
 impl Pace {
@@ -397,6 +404,7 @@ impl Pace {
             started: std::time::Instant::now(),
             first_step,
             tokens: 0,
+            eta_s: f64::NAN,
         }
     }
 
@@ -407,6 +415,7 @@ impl Pace {
         let done = (r.step + 1).saturating_sub(self.first_step).max(1);
         let left = self.steps.saturating_sub(r.step + 1);
         let eta = elapsed / done as f64 * left as f64;
+        self.eta_s = eta;
         format!(
             "score {:.3} reward {:.3} kl {:.3} beta {:.4} {:.0} tok/s elapsed {} eta {}",
             r.stats.score_mean,
