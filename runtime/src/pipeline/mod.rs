@@ -312,6 +312,9 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     tree.root.stop(None);
     let _ = tree.root_handle.await;
     if let Some(h) = head {
+        // An orderly end (finished, stopped, or a stage given up on): the nodes may go.
+        h.goodbye(&p.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>())
+            .await;
         h.shutdown().await;
     }
     let tickets_issued = tokio::task::spawn_blocking(move || feeder.join().unwrap_or(0))
