@@ -113,4 +113,31 @@ fn errors_say_what_is_wrong_once() {
         bench.contains("weight transfer") && bench.contains("PPO loop"),
         "{bench}"
     );
+
+    // A reward command out of restarts stops the run with one report, not one per supervisor
+    // restart of the reward actor (each of which would fail the same way at once).
+    let dir = tempfile::tempdir().unwrap();
+    let out = tandem()
+        .args(["run", &quickstart(), "--quiet", "--run-dir"])
+        .arg(dir.path().join("run"))
+        .args(["--set", "steps=2", "--set", "metrics.enabled=false"])
+        .args(["--set", "reward.kind=\"command\"", "--set", "reward.max_restarts=1"])
+        .args([
+            "--set",
+            "reward.command=[\"sh\", \"-c\", \"while read l; do echo oops; done\"]",
+        ])
+        .output_within();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let failed = stderr
+        .lines()
+        .filter(|l| l.contains("actor failed actor=reward"))
+        .count();
+    assert_eq!(failed, 1, "{stderr}");
+    // The log line and the final error line.
+    assert_eq!(stderr.matches("no restarts left").count(), 2, "{stderr}");
+    assert!(
+        line_with(&stderr, "error:").contains("(no restarts left: max_restarts = 1)"),
+        "{stderr}"
+    );
 }
