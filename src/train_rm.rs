@@ -5,7 +5,9 @@
 //! It receives `config.toml`, `metrics.jsonl` (one line per step; `eval_*` fields on
 //! evaluation steps), `checkpoints/step-K/`, `normalization.json` and the final
 //! `reward_model/` in HF sequence-classification layout. The last line on stdout is a JSON
-//! summary. Bad config or data (a malformed line, as `FILE:LINE`) exits with status 2.
+//! summary. Bad config or data (a malformed line, as `FILE:LINE`) exits with status 2. After
+//! every step a progress line goes to stderr (`rm step k/N loss acc [eval_acc] elapsed eta`);
+//! `--quiet` turns it off.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,10 +27,14 @@ pub struct TrainRmArgs {
     /// Override a config key, e.g. `--set train.epochs=2 --set normalize.kind=gain_bias`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 pub fn run(args: TrainRmArgs) -> anyhow::Result<()> {
-    let cfg = RmConfig::load(&args.config, &args.set)?;
+    let mut cfg = RmConfig::load(&args.config, &args.set)?;
+    cfg.progress = !args.quiet;
     let run_dir = args.run_dir.or_else(|| cfg.run_dir.clone()).unwrap_or_else(|| {
         let stem = args
             .config

@@ -433,7 +433,7 @@ impl Pace {
 }
 
 /// `1h02m03s`, `2m03s` or `3s`.
-fn hms(secs: f64) -> String {
+pub(crate) fn hms(secs: f64) -> String {
     let s = secs.round() as u64;
     match (s / 3600, s / 60 % 60, s % 60) {
         (0, 0, s) => format!("{s}s"),
