@@ -552,8 +552,13 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
     let (policy, critic) = (Shape::of(&policy_cfg), Shape::of(&critic_cfg));
     // The learner's padded length: the longest prompt after truncation, plus the response.
     let tokenizer = TextTokenizer::from_dir(&work.policy)?;
-    let prompt_set =
-        tandem_runtime::prompts::load_prompts(&work.prompts, &tokenizer, args.prompt_len, BadLinePolicy::Error)?;
+    let prompt_set = tandem_runtime::prompts::load_prompts(
+        &work.prompts,
+        "prompt",
+        &tokenizer,
+        args.prompt_len,
+        BadLinePolicy::Error,
+    )?;
     let prompt_tokens = prompt_set.prompts.iter().map(Vec::len).max().unwrap_or(0);
     let prompt_tokens_mean = mean(prompt_set.prompts.iter().map(|p| p.len() as f64));
 

@@ -53,8 +53,9 @@ impl DeviceSpec {
             #[cfg(feature = "cuda")]
             DeviceSpec::Cuda(i) => Device::new_cuda(i).with_context(|| format!("opening device {self}")),
             #[cfg(not(feature = "cuda"))]
-            DeviceSpec::Cuda(_) => {
-                crate::error::bad_input!("device {self} needs a tandem built with `--features cuda`")
+            DeviceSpec::Cuda(i) => {
+                let msg = tandem_actors::DeviceId::Cuda(i).check_built().unwrap_err();
+                crate::error::bad_input!("--device: {msg}")
             }
         }
     }

@@ -51,6 +51,24 @@ pub fn check_output_path(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The error and its causes joined by ": ", as `{:#}` does, except that a cause whose text
+/// already ends the line is left out: an error that shows its source (`"{path}: {source}"`)
+/// would otherwise print the OS error twice.
+pub fn chain_text(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// The process exit status for an error chain.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
@@ -88,6 +106,21 @@ mod tests {
         let e = e.context("loading").unwrap_err();
         assert_eq!(exit_code(&e), EXIT_BAD_INPUT);
         assert_eq!(format!("{e:#}"), "loading: no such thing");
+    }
+
+    #[test]
+    fn a_cause_the_message_already_shows_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory (os error 2)");
+        let e = anyhow::Error::new(ModelError::Io {
+            path: "x.toml".into(),
+            source: io,
+        })
+        .context("run x.toml");
+        assert_eq!(format!("{e:#}").matches("os error 2").count(), 2, "{e:#}");
+        assert_eq!(
+            chain_text(&e),
+            "run x.toml: x.toml: No such file or directory (os error 2)"
+        );
     }
 
     #[test]

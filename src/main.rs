@@ -74,7 +74,7 @@ enum Command {
     /// Look at one model's numbers: token log-probs, a generation, a reward score.
     #[command(subcommand)]
     Inspect(inspect::InspectCommand),
-    /// Micro-benchmarks of the model code.
+    /// Benchmarks: generation, the PPO loop, sync vs async overlap, weight transfer to nodes.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// A worker node: join a head and host the rollouts it places here.
@@ -137,7 +137,7 @@ fn main() -> ExitCode {
     match cli.command.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error::chain_text(&e));
             ExitCode::from(error::exit_code(&e))
         }
     }

@@ -82,6 +82,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(args.join.as_str()) {
         return bad_input!("--join {}: {e}", args.join);
     }
+    for d in &args.devices {
+        if let Err(e) = d.check_built() {
+            return bad_input!("--devices: {e}");
+        }
+    }
     let cookie = match read_cookie(args.cookie_file.as_deref()) {
         Ok(c) => c,
         Err(e) => return bad_input!("{e}"),

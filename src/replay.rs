@@ -84,6 +84,9 @@ pub struct ReplayArgs {
 
 pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let dir = store_dir(&args.run_dir);
+    if !args.run_dir.is_dir() {
+        return bad_input!("{}: no such directory (give a run directory)", args.run_dir.display());
+    }
     if !dir.is_dir() {
         return bad_input!(
             "{}: no trajectory store (trajectories/) in this run directory",

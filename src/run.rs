@@ -17,10 +17,14 @@
 //! tokens/s, elapsed, ETA): a live bar when stderr is a terminal, else one plain line per step;
 //! `--quiet` turns it off. Ctrl-C or SIGTERM stops the run at the next step boundary with a
 //! checkpoint (a second signal stops at once): what was reported is on disk, the models are
-//! saved, and the exit status is 0. The last line on stdout is a JSON summary.
+//! saved, and the exit status is 0. The last line on stdout is a JSON summary; a readable one
+//! goes to stderr before it (see [`summary_text`]): steps and wall time of this session and of
+//! the whole run (they differ after `--resume`), score (the reward model or rule) and reward
+//! (score with the KL penalty) over the first and last quarter of the run's steps, the mock
+//! labeller's true score, where the trained models are and the `tandem report` command.
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
@@ -88,6 +92,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         RunDirLock::acquire(&run_dir)?
     };
     let progress = !args.quiet;
+    let session_started = Instant::now();
     let summary = run_config(
         &cfg,
         RunOptions {
@@ -102,9 +107,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let q = (r.len() / 4).max(1);
     let mean =
         |xs: &[tandem_actors::StepReport]| xs.iter().map(|x| x.stats.reward_mean).sum::<f64>() / xs.len().max(1) as f64;
+    let whole = RunTotals::read(&run_dir);
+    let session_wall_s = session_started.elapsed().as_secs_f64();
+    eprint!("{}", summary_text(&run_dir, &summary, &whole, session_wall_s));
+    let policy = run_dir.join("policy");
     crate::print_json(&json!({
         "run_dir": run_dir,
         "steps": r.len(),
+        "run_steps": whole.steps,
+        "session_wall_s": session_wall_s,
+        "score_first_quarter": whole.first_quarter("score_mean"),
+        "score_last_quarter": whole.last_quarter("score_mean"),
+        "policy": policy.is_dir().then_some(policy),
         "interrupted": summary.interrupted,
         "reward_first_quarter": if r.is_empty() { None } else { Some(mean(&r[..q.min(r.len())])) },
         "reward_last_quarter": if r.is_empty() { None } else { Some(mean(&r[r.len().saturating_sub(q)..])) },
@@ -116,4 +130,105 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "stored_trajectories": summary.store.map(|s| s.trajectories),
         "store_bytes_per_trajectory": summary.store.map(|s| s.bytes_per_trajectory()),
     }))
+}
+
+/// The whole run's numbers, from `RUN_DIR/metrics.jsonl` (every session's steps; lines a
+/// resumed run set aside are not in it).
+pub struct RunTotals {
+    lines: Vec<serde_json::Value>,
+    pub steps: usize,
+    /// The last step's wall time (it counts earlier sessions too).
+    pub wall_s: Option<f64>,
+}
+
+impl RunTotals {
+    pub fn read(run_dir: &Path) -> Self {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let wall_s = lines.last().and_then(|l| l["wall_s"].as_f64());
+        RunTotals {
+            steps: lines.len(),
+            wall_s,
+            lines,
+        }
+    }
+
+    fn quarter_mean(&self, key: &str, last: bool) -> Option<f64> {
+        let q = (self.lines.len() / 4).max(1).min(self.lines.len());
+        let part = if last {
+            &self.lines[self.lines.len() - q..]
+        } else {
+            &self.lines[..q]
+        };
+        let xs: Vec<f64> = part.iter().filter_map(|l| l[key].as_f64()).collect();
+        (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+    }
+
+    /// The mean of `key` over the first quarter of the run's steps (at least one step).
+    pub fn first_quarter(&self, key: &str) -> Option<f64> {
+        self.quarter_mean(key, false)
+    }
+
+    /// The mean of `key` over the last quarter of the run's steps.
+    pub fn last_quarter(&self, key: &str) -> Option<f64> {
+        self.quarter_mean(key, true)
+    }
+}
+
+/// The readable end-of-run summary (several lines, each ending in a newline).
+pub fn summary_text(run_dir: &Path, summary: &RunSummary, whole: &RunTotals, session_wall_s: f64) -> String {
+    use std::fmt::Write as _;
+    let secs = |s: f64| format!("{s:.1}s");
+    let mut out = String::new();
+    let state = if summary.interrupted { "stopped" } else { "finished" };
+    let _ = writeln!(
+        out,
+        "run {state}: {} steps in {} ({})",
+        whole.steps,
+        whole.wall_s.map(secs).unwrap_or_else(|| "-".into()),
+        run_dir.display()
+    );
+    let (Some(first), Some(last)) = (summary.reports.first(), summary.reports.last()) else {
+        let _ = writeln!(out, "  this session: no step ({})", secs(session_wall_s));
+        return out;
+    };
+    if summary.resumed_from.is_some() {
+        let _ = writeln!(
+            out,
+            "  this session: {} steps ({}-{}) in {}, resumed from checkpoint step {}",
+            summary.reports.len(),
+            first.step + 1,
+            last.step + 1,
+            secs(session_wall_s),
+            summary.resumed_from.unwrap_or(0)
+        );
+    }
+    let row = |key: &str, name: &str, what: &str| -> Option<String> {
+        let (a, b) = (whole.first_quarter(key)?, whole.last_quarter(key)?);
+        Some(format!("  {name:<12}{a:>9.4} -> {b:<9.4} {what}\n"))
+    };
+    let _ = writeln!(
+        out,
+        "  {:<12}{:>9} -> {:<9} (means over the first and last quarter of the steps)",
+        "", "first", "last"
+    );
+    for (key, name, what) in [
+        ("score_mean", "score", "the reward model's or rule's score"),
+        ("true_score_mean", "true score", "the programmatic labeller's score"),
+        ("reward_mean", "reward", "score with the KL penalty"),
+        ("kl", "kl", "to the reference policy"),
+    ] {
+        out.push_str(&row(key, name, what).unwrap_or_default());
+    }
+    for m in ["policy", "critic", "policy_ema"] {
+        let dir = run_dir.join(m);
+        if dir.is_dir() {
+            let _ = writeln!(out, "  {:<12}{}", format!("{m}:"), dir.display());
+        }
+    }
+    let _ = writeln!(out, "  {:<12}tandem report {}", "report:", run_dir.display());
+    out
 }

@@ -1,7 +1,9 @@
 //! `tandem sample CONFIG.toml --best-of N --out FILE.jsonl [--policy DIR] [--set k=v ...]`:
 //! best-of-N (rejection) sampling with the config's policy, sampling settings and reward
 //! source (see `tandem_runtime::best_of`). The last line on stdout is a JSON summary with the
-//! mean score of the kept responses beside the mean over all samples.
+//! mean score of the kept responses beside the mean over all samples. After each generation
+//! batch a progress line goes to stderr (prompts done out of all, elapsed, ETA); `--quiet`
+//! turns it off.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +30,9 @@ pub struct SampleArgs {
     /// Override a config key.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
@@ -49,6 +54,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         args.policy.as_deref(),
         args.best_of,
         &args.out,
+        !args.quiet,
     ));
     rt.shutdown_timeout(Duration::from_secs(5));
     let s = out.with_context(|| format!("sample {}", args.config.display()))?;

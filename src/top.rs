@@ -3,10 +3,13 @@
 //!
 //! One row per actor: kind, id, device, state (idle, computing, blocked, stopped), busy %
 //! of the last sample interval, inbound queue depth/capacity, rate (tokens/s for rollout
-//! actors, items/s for the others), policy-version lag and restarts. A header shows the
-//! learner's step count, policy version, reward and KL. The table is redrawn in place every
-//! `--interval` seconds until the run ends or Ctrl-C; `--once` prints one snapshot and exits,
-//! for scripts. `--run-dir` reads the endpoint's address from `DIR/metrics_addr`.
+//! actors, items/s for the others), policy-version lag and restarts. A header shows the run's
+//! step out of its total, the ETA, the policy version, score, reward, KL and beta. The table is
+//! redrawn in place every `--interval` seconds until the run ends or Ctrl-C; `--once` prints one
+//! snapshot and exits, for scripts. `--run-dir` reads the endpoint's address from
+//! `DIR/metrics_addr` (which a run writes once it serves, and removes when it ends), so a port
+//! that another program holds is never read as the run's; an endpoint that serves no `tandem_`
+//! series is refused as not a tandem run.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -169,10 +172,16 @@ pub fn render(samples: &[Sample]) -> String {
             .map(|s| s.value)
     };
     let fmt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |x| format!("{x:.digits$}"));
+    let step = gauge("tandem_run_step").or(gauge("tandem_learner_steps"));
+    let eta = gauge("tandem_run_eta_seconds")
+        .filter(|s| s.is_finite())
+        .map_or("-".to_string(), |s| format!("{}s", s.round()));
     let mut out = format!(
-        "steps {}  policy v{}  reward {}  kl {}  beta {}\n",
-        fmt(gauge("tandem_learner_steps"), 0),
+        "step {}/{}  eta {eta}  policy v{}  score {}  reward {}  kl {}  beta {}\n",
+        fmt(step, 0),
+        fmt(gauge("tandem_run_steps"), 0),
         fmt(gauge("tandem_policy_version"), 0),
+        fmt(gauge("tandem_learner_score_mean"), 3),
         fmt(gauge("tandem_learner_reward_mean"), 3),
         fmt(gauge("tandem_learner_kl"), 3),
         fmt(gauge("tandem_learner_beta"), 4),
@@ -240,6 +249,9 @@ fn scrape(addr: &str) -> anyhow::Result<String> {
         anyhow::bail!(not_tandem(format!("it answered {shown:?}")));
     }
     let body = buf.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    if !body.lines().any(|l| l.starts_with("tandem_")) {
+        anyhow::bail!("{addr} answers, but not with a tandem run's metrics (another program holds the port?)");
+    }
     Ok(body.to_string())
 }
 
@@ -305,7 +317,7 @@ tandem_learner_steps 7
             ("rollout", Some(0.25), Some(1.0), Some(2.0))
         );
         let table = render(&s);
-        assert!(table.contains("steps 7"), "{table}");
+        assert!(table.starts_with("step 7/- "), "{table}");
         let line = table.lines().find(|l| l.starts_with("rollout")).unwrap();
         assert!(
             line.contains("blocked") && line.contains("25") && line.contains("1/2"),

@@ -13,6 +13,9 @@
 //! into the directory exits 2 naming the holder's pid), refuses a directory that holds an
 //! earlier run, and deletes one only with `--overwrite` and only if it is a tandem run
 //! directory (see `tandem_runtime::run_dir`).
+//!
+//! After every step a progress line goes to stderr (`rm step k/N loss acc [eval_acc] elapsed
+//! eta`); `--quiet` turns it off.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,10 +40,14 @@ pub struct TrainRmArgs {
     /// Override a config key, e.g. `--set train.epochs=2 --set normalize.kind=gain_bias`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 pub fn run(args: TrainRmArgs) -> anyhow::Result<()> {
-    let cfg = RmConfig::load(&args.config, &args.set)?;
+    let mut cfg = RmConfig::load(&args.config, &args.set)?;
+    cfg.progress = !args.quiet;
     let run_dir = args.run_dir.or_else(|| cfg.run_dir.clone()).unwrap_or_else(|| {
         let stem = args
             .config

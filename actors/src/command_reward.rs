@@ -281,7 +281,8 @@ impl RewardSource for CommandReward {
                 Err(msg) => {
                     st.running = None; // killed and reaped by Drop
                     if st.restarts >= self.spec.max_restarts {
-                        return Err(ActorError::Other(format!(
+                        // Every later batch would fail the same way: stop the run, once.
+                        return Err(ActorError::Fatal(format!(
                             "{msg} (no restarts left: max_restarts = {})",
                             self.spec.max_restarts
                         )));

@@ -57,6 +57,22 @@ impl FromStr for DeviceId {
     }
 }
 
+impl DeviceId {
+    /// Whether this build can open the device: a `cuda:N` device in a build without the `cuda`
+    /// feature is an error that says how to get one. Config loading and the command line check
+    /// every device with this before anything starts, so such a request is bad input (exit 2)
+    /// from every command rather than a failure half-way through a run.
+    pub fn check_built(&self) -> Result<(), String> {
+        match self {
+            DeviceId::Cuda(i) if !cfg!(feature = "cuda") => Err(format!(
+                "cuda:{i} needs a tandem built with CUDA support: \
+                 `cargo build --release --features cuda` (or `cargo install --path . --features cuda`)"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl serde::Serialize for DeviceId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -174,9 +190,7 @@ fn cuda_device(i: usize) -> Result<Device, ActorError> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(i: usize) -> Result<Device, ActorError> {
-    Err(ActorError::Device(format!(
-        "cuda:{i} requested but tandem was built without the `cuda` feature"
-    )))
+    Err(ActorError::Device(DeviceId::Cuda(i).check_built().unwrap_err()))
 }
 
 mod busy_clock {

@@ -199,8 +199,11 @@ impl ActorMeter {
 
     pub fn read(&self) -> MeterReading {
         let depth = self.inbound.as_ref().map(|(f, _)| f());
-        if let Some(d) = depth {
-            metrics::gauge!("tandem_actor_queue_depth", &self.labels()).set(d as f64);
+        if let (Some(d), Some((_, cap))) = (depth, &self.inbound) {
+            let l = self.labels();
+            metrics::gauge!("tandem_actor_queue_depth", &l).set(d as f64);
+            // Again with every reading: a capacity set before a recorder was installed is lost.
+            metrics::gauge!("tandem_actor_queue_capacity", &l).set(*cap as f64);
         }
         let v = self.version.load(Ordering::Relaxed);
         MeterReading {

@@ -35,6 +35,7 @@ use crate::model::LanguageModel;
 #[serde(deny_unknown_fields)]
 pub struct SamplingConfig {
     /// Upper bound on generated tokens per prompt.
+    #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
     /// Logits are divided by this before softmax; 0 means greedy (log-probs at 1).
     #[serde(default = "one")]
@@ -62,10 +63,14 @@ fn one() -> f64 {
     1.0
 }
 
+fn default_max_new_tokens() -> usize {
+    32
+}
+
 impl Default for SamplingConfig {
     fn default() -> Self {
         Self {
-            max_new_tokens: 32,
+            max_new_tokens: default_max_new_tokens(),
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,

@@ -56,8 +56,10 @@ pub fn sample_and_score(
     seed: u64,
     source: &dyn RewardSource,
     batch: usize,
+    progress: bool,
 ) -> Result<Vec<Scored>, ActorError> {
     let mut out = Vec::with_capacity(prompts.len());
+    let started = std::time::Instant::now();
     let per_batch = batch.max(1).min((MAX_ROWS_PER_BATCH / n.max(1)).max(1));
     for (b, chunk) in prompts.chunks(per_batch).enumerate() {
         let rows: Vec<Vec<u32>> = chunk.iter().flat_map(|p| std::iter::repeat_n(p.clone(), n)).collect();
@@ -72,6 +74,17 @@ pub fn sample_and_score(
                 responses: g.responses[i * n..(i + 1) * n].to_vec(),
                 scores: scores[i * n..(i + 1) * n].to_vec(),
             });
+        }
+        if progress {
+            let (done, total) = (out.len(), prompts.len());
+            let elapsed = started.elapsed().as_secs_f64();
+            let eta = elapsed / done.max(1) as f64 * (total - done) as f64;
+            let hms = crate::pipeline::hms;
+            eprintln!(
+                "sampled {done}/{total} prompts ({n} each) elapsed {} eta {}",
+                hms(elapsed),
+                hms(eta)
+            );
         }
     }
     Ok(out)
@@ -111,6 +124,7 @@ pub async fn best_of_n(
     policy_dir: Option<&Path>,
     n: usize,
     out: &Path,
+    progress: bool,
 ) -> Result<BestOfSummary, RuntimeError> {
     if n == 0 || n > MAX_BEST_OF {
         return Err(RuntimeError::Other(format!(
@@ -121,6 +135,7 @@ pub async fn best_of_n(
     let (model, tokenizer) = policy(cfg, policy_dir, exec.device())?;
     let prompts = load_prompts(
         &cfg.data.prompts,
+        &cfg.data.prompt_key,
         &tokenizer,
         cfg.data.prompt_max_tokens,
         cfg.data.on_bad_line,
@@ -130,7 +145,7 @@ pub async fn best_of_n(
     let (sampling, seed, batch) = (cfg.sampling.clone(), cfg.seed, cfg.data.prompts_per_ticket);
     let ps = prompts.clone();
     let (scored, _) = exec
-        .run(move |_| sample_and_score(&model, &ps, n, &sampling, seed, source.as_ref(), batch))
+        .run(move |_| sample_and_score(&model, &ps, n, &sampling, seed, source.as_ref(), batch, progress))
         .await?;
     let scored = scored?;
     let mut f = std::io::BufWriter::new(std::fs::File::create(out).map_err(|e| RuntimeError::io(out, e))?);

@@ -31,7 +31,8 @@
 //! kv_heads = 2             # qwen2 only
 //!
 //! [models.critic]
-//! init = "reward_model"    # reward_model (InstructGPT) | policy | path
+//! init = "reward_model"    # reward_model (InstructGPT) | policy | path. Default: reward_model
+//!                          # with reward.kind = "reward_model", else policy
 //! path = "..."             # with init = "path"
 //!
 //! [reward]                 # see crate::reward_sources
@@ -54,17 +55,19 @@
 //!
 //! [data]
 //! prompts = "data/prompts.jsonl"   # JSONL, one {"prompt": "..."} per line
-//! prompt_max_tokens = 16   # prompts are left-truncated to this many tokens
+//! prompt_key = "prompt"    # the field holding the prompt (e.g. "question")
+//! answer_key = "answer"    # the field holding the answer (reward.kind = "exact_match")
+//! prompt_max_tokens = 64   # prompts are left-truncated to this many tokens
 //! prompts_per_step = 32    # prompts per learner step
 //! samples_per_prompt = 1   # responses per prompt (> 1 for GRPO / RLOO groups)
-//! prompts_per_ticket = 16  # prompts per generation batch
+//! prompts_per_ticket = 16  # prompts per generation batch; default min(16, prompts_per_step)
 //! pretrain = "data/pretrain.jsonl"  # PPO-ptx texts, one {"text": "..."} per line; needs
 //!                          # algorithm.ptx_coef > 0 (and ptx_coef > 0 needs this)
 //! pretrain_rows = 4        # pretraining texts added to every minibatch
 //! pretrain_max_tokens = 64 # each text is cut to its first this many tokens (>= 2)
 //!
-//! [sampling]               # see tandem_models::SamplingConfig
-//! max_new_tokens = 12
+//! [sampling]               # optional, every key has a default; see tandem_models::SamplingConfig
+//! max_new_tokens = 32
 //! temperature = 1.0        # finite, >= 0; 0 is greedy (the same as greedy = true: the
 //!                          # sampler, reference and learner then all use log-probs at T = 1)
 //! top_k = 0                # 0 = off
@@ -104,7 +107,8 @@
 //!                          # running (mean/std of every score so far); score_clip = c clips
 //! kl = { kind = "adaptive", init_beta = 0.1, target = 6.0, k_beta = 0.1 }  # or { kind = "fixed", beta = 0.1 }
 //!
-//! [placement]
+//! [placement]              # cpu:N, or cuda:N in a tandem built with `--features cuda` (else
+//!                          # a config error, exit 2)
 //! rollout_devices = ["cpu:0"]
 //! rollouts_per_device = 1
 //! reward_device = "cpu:0"
@@ -134,6 +138,8 @@
 //! addr = "127.0.0.1:9184"  # bind address (loopback by default); port 0 picks a free port.
 //!                          # The bound address is written to RUN_DIR/metrics_addr.
 //! sample_interval_s = 1.0  # per-actor samples (RUN_DIR/actors.jsonl, busy/rate gauges)
+//! tensorboard = false      # also write each step's scalars as TensorBoard event files to
+//!                          # RUN_DIR/tb/ (see crate::tensorboard); independent of `enabled`
 //!
 //! [channels]               # capacities of the bounded data plane, in generation batches
 //! tickets = 2
@@ -174,6 +180,8 @@
 //! rollout_panic_every = 0
 //! ```
 //!
+//! A minimal config needs only `steps`, `[models.policy]`, `[reward] kind` and `[data] prompts`.
+//!
 //! `[data] on_bad_line = "error"` (default) stops at a malformed prompts line with its number;
 //! `"skip"` skips such lines, logs each with its number and counts them.
 
@@ -202,6 +210,7 @@ pub struct Config {
     pub models: ModelsConfig,
     pub reward: RewardSourceConfig,
     pub data: DataConfig,
+    #[serde(default)]
     pub sampling: SamplingConfig,
     #[serde(default)]
     pub algorithm: TrainerConfig,
@@ -361,6 +370,8 @@ pub struct MetricsConfig {
     pub enabled: bool,
     pub addr: String,
     pub sample_interval_s: f64,
+    /// Per-step scalars as TensorBoard event files in `RUN_DIR/tb/` (see crate::tensorboard).
+    pub tensorboard: bool,
 }
 
 impl Default for MetricsConfig {
@@ -369,6 +380,7 @@ impl Default for MetricsConfig {
             enabled: true,
             addr: "127.0.0.1:9184".into(),
             sample_interval_s: 1.0,
+            tensorboard: false,
         }
     }
 }
@@ -520,11 +532,18 @@ pub struct DataConfig {
     pub prompts: PathBuf,
     #[serde(default = "default_prompt_max")]
     pub prompt_max_tokens: usize,
+    #[serde(default = "default_prompts_per_step")]
     pub prompts_per_step: usize,
     #[serde(default = "one")]
     pub samples_per_prompt: usize,
     #[serde(default = "default_ticket")]
     pub prompts_per_ticket: usize,
+    /// The field of a prompts line that holds the prompt.
+    #[serde(default = "default_prompt_key")]
+    pub prompt_key: String,
+    /// The field that holds the reference answer (`reward.kind = "exact_match"`).
+    #[serde(default = "default_answer_key")]
+    pub answer_key: String,
     #[serde(default)]
     pub on_bad_line: BadLinePolicy,
     /// PPO-ptx pretraining texts (JSONL with a "text" string per line).
@@ -551,6 +570,15 @@ fn one() -> usize {
 }
 fn default_ticket() -> usize {
     16
+}
+fn default_prompt_key() -> String {
+    "prompt".into()
+}
+fn default_answer_key() -> String {
+    "answer".into()
+}
+fn default_prompts_per_step() -> usize {
+    32
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -602,21 +630,25 @@ impl Default for ChannelsConfig {
     }
 }
 
-/// Whether the config file or an override sets `sampling.stop_tokens` (an explicit `[]` means
-/// "no stop token"; leaving it out means "the model's EOS").
-fn stop_tokens_given(path: &Path, overrides: &[String]) -> bool {
+/// Whether the config file or an override sets `key` (`section.name`): defaults that depend on
+/// other keys (the model's EOS as `sampling.stop_tokens`, `data.prompts_per_ticket`,
+/// `models.critic.init`) apply only to keys the user left out.
+fn key_given(path: &Path, overrides: &[String], key: &str) -> bool {
     let in_file = std::fs::read_to_string(path)
         .ok()
         .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
         .is_some_and(|t| {
-            t.get("sampling")
-                .and_then(|s| s.as_table())
-                .is_some_and(|s| s.contains_key("stop_tokens"))
+            let mut cur = Some(&t);
+            let parts: Vec<&str> = key.split('.').collect();
+            for p in &parts[..parts.len() - 1] {
+                cur = cur.and_then(|c| c.get(*p)).and_then(|v| v.as_table());
+            }
+            cur.is_some_and(|c| c.contains_key(parts[parts.len() - 1]))
         });
     in_file
         || overrides
             .iter()
-            .any(|o| o.split('=').next().map(str::trim) == Some("sampling.stop_tokens"))
+            .any(|o| o.split('=').next().map(str::trim) == Some(key))
 }
 
 /// Expands `${NAME}` and `${NAME:-default}` in a config path from the environment. `$` not
@@ -655,6 +687,7 @@ impl Config {
     /// Reads, overrides, resolves and validates a config file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
         let mut cfg = Self::parse(path, overrides)?;
+        cfg.apply_dependent_defaults(|key| key_given(path, overrides, key));
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base).map_err(|msg| RuntimeError::Config {
             path: path.to_path_buf(),
@@ -664,7 +697,7 @@ impl Config {
             path: path.to_path_buf(),
             msg,
         })?;
-        let given = stop_tokens_given(path, overrides);
+        let given = key_given(path, overrides, "sampling.stop_tokens");
         cfg.resolve_stops(given).map_err(|msg| RuntimeError::Config {
             path: path.to_path_buf(),
             msg,
@@ -694,6 +727,22 @@ impl Config {
             msg,
         })?;
         Ok(cfg)
+    }
+
+    /// Defaults that depend on other keys, for the keys the config leaves out (`given` says
+    /// which it sets): `data.prompts_per_ticket = min(16, data.prompts_per_step)`, and
+    /// `models.critic.init = "reward_model"` with a reward model, else `"policy"`.
+    fn apply_dependent_defaults(&mut self, given: impl Fn(&str) -> bool) {
+        if !given("data.prompts_per_ticket") {
+            self.data.prompts_per_ticket = default_ticket().min(self.data.prompts_per_step).max(1);
+        }
+        if !given("models.critic.init") {
+            self.models.critic.init = if self.reward.kind == RewardKind::RewardModel {
+                CriticInit::RewardModel
+            } else {
+                CriticInit::Policy
+            };
+        }
     }
 
     fn parse(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
@@ -935,6 +984,15 @@ impl Config {
             return Err("supervision.max_nonfinite_steps must be >= 1".into());
         }
         let p = &self.placement;
+        let local = p.rollout_devices.iter().map(|d| ("placement.rollout_devices", d));
+        let stages = [
+            ("placement.reward_device", &p.reward_device),
+            ("placement.value_device", &p.value_device),
+            ("placement.learner_device", &p.learner_device),
+        ];
+        for (key, d) in local.chain(stages) {
+            d.check_built().map_err(|e| format!("{key}: {e}"))?;
+        }
         let remote: usize = p.nodes.iter().map(|n| n.rollouts).sum();
         if p.rollout_devices.len() * p.rollouts_per_device + remote == 0 {
             return Err("placement: at least one rollout actor is needed".into());

@@ -6,7 +6,8 @@
 //! `policy/` (and `critic/`) in HF layout. `checkpoints/step-K/` hold what a resumed run
 //! continues from ([`checkpoint`]). With `[cluster]`, rollouts also run on worker nodes
 //! ([`cluster`]); `cluster_addr` then holds the head's listener and `cluster.jsonl` one line per
-//! policy version sent to each node. `tandem.lock` is held by the live run ([`run_dir`]).
+//! policy version sent to each node. With `[metrics] tensorboard = true`, `tb/` holds
+//! TensorBoard event files ([`tensorboard`]). `tandem.lock` is held by the live run ([`run_dir`]).
 //!
 //! Besides PPO runs ([`pipeline`]): reward-model training from preferences ([`train_rm`]),
 //! best-of-N sampling ([`best_of`]), the mock-labeller experiment ([`mock_labeller`]) and the
@@ -28,6 +29,7 @@ pub mod step_probe;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tensorboard;
 pub mod train_rm;
 
 pub use config::{Config, Retention, StoreConfig};

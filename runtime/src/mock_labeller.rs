@@ -125,6 +125,7 @@ fn label(
             cfg.seed ^ 0x5a_4d_70 ^ (round << 20),
             truth,
             cfg.data.prompts_per_ticket,
+            false,
         )?;
         for s in scored {
             drawn += 1;
@@ -177,6 +178,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let truth = reward_source(cfg, &policy.tokenizer, exec.device())?;
     let prompts = load_prompts(
         &cfg.data.prompts,
+        &cfg.data.prompt_key,
         &policy.tokenizer,
         cfg.data.prompt_max_tokens,
         cfg.data.on_bad_line,
@@ -242,6 +244,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             threads: cfg.placement.threads_per_device,
         },
         channels: RmChannels::default(),
+        progress: false,
     };
     let rm = train_rm_on(
         &rm_cfg,

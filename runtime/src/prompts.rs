@@ -1,6 +1,7 @@
 //! Prompts from JSONL and the ticket feeder.
 //!
-//! Each line is a JSON object with a `"prompt"` string; HH-RLHF style text
+//! Each line is a JSON object with a `"prompt"` string (another field with `data.prompt_key`,
+//! for example `"question"`); HH-RLHF style text
 //! ("\n\nHuman: ... \n\nAssistant:") is used as written. Blank lines are skipped; anything
 //! else is an error naming the file and line — or, with `data.on_bad_line = "skip"`, skipped,
 //! logged with its line number and counted. Prompts are tokenised with the policy's
@@ -31,9 +32,10 @@ pub struct PromptSet {
     pub skipped: usize,
 }
 
-/// Reads and tokenises a prompts file.
+/// Reads and tokenises a prompts file; each line's prompt is its `key` field.
 pub fn load_prompts(
     path: &Path,
+    key: &str,
     tokenizer: &TextTokenizer,
     max_tokens: usize,
     on_bad_line: BadLinePolicy,
@@ -45,7 +47,7 @@ pub fn load_prompts(
         if line.as_ref().is_ok_and(|l| l.trim().is_empty()) {
             continue;
         }
-        match line.and_then(|l| parse_line(l, tokenizer, max_tokens)) {
+        match line.and_then(|l| parse_line(l, key, tokenizer, max_tokens)) {
             Ok(ids) => out.push(ids),
             Err(msg) => {
                 let e = RuntimeError::Prompts {
@@ -75,13 +77,24 @@ pub fn load_prompts(
     Ok(PromptSet { prompts: out, skipped })
 }
 
-fn parse_line(line: &str, tokenizer: &TextTokenizer, max_tokens: usize) -> Result<Vec<u32>, String> {
+fn parse_line(line: &str, key: &str, tokenizer: &TextTokenizer, max_tokens: usize) -> Result<Vec<u32>, String> {
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
-    let prompt = v
-        .get("prompt")
-        .and_then(|p| p.as_str())
-        .ok_or("expected an object with a \"prompt\" string")?;
-    encode_prompt(tokenizer, prompt, max_tokens)
+    encode_prompt(tokenizer, prompt_field(&v, key)?, max_tokens)
+}
+
+/// The `key` string of a prompts line, or an error naming the key and the fields the line has
+/// (so a file keyed `"question"` says so, and `data.prompt_key` is the fix).
+pub fn prompt_field<'a>(v: &'a serde_json::Value, key: &str) -> Result<&'a str, String> {
+    match v.get(key) {
+        Some(p) => p.as_str().ok_or_else(|| format!("\"{key}\" must be a string")),
+        None => {
+            let fields: Vec<&String> = v.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+            Err(format!(
+                "expected an object with a \"{key}\" string (its fields: {fields:?}; \
+                 set data.prompt_key to the field that holds the prompt)"
+            ))
+        }
+    }
 }
 
 /// A prompt's token ids as the pipeline feeds them: tokenised, never empty, and left-truncated

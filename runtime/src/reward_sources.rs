@@ -50,10 +50,16 @@ pub fn rule_source(cfg: &Config, tokenizer: &TextTokenizer) -> Result<Arc<dyn Re
             )
         }
         RewardKind::ExactMatch => {
-            let answers = load_answers(&cfg.data.prompts, tokenizer, cfg.data.prompt_max_tokens)?;
+            let answers = load_answers(
+                &cfg.data.prompts,
+                (&cfg.data.prompt_key, &cfg.data.answer_key),
+                tokenizer,
+                cfg.data.prompt_max_tokens,
+            )?;
             if answers.is_empty() {
                 return Err(bad(format!(
-                    "kind = \"exact_match\" needs \"answer\" on the lines of {}",
+                    "kind = \"exact_match\" needs {:?} (data.answer_key) on the lines of {}",
+                    cfg.data.answer_key,
                     cfg.data.prompts.display()
                 )));
             }
@@ -98,20 +104,22 @@ pub fn shaped(cfg: &Config, source: Arc<dyn RewardSource>) -> Result<Arc<dyn Rew
     Ok(Arc::new(ShapedReward::new(source, length, no_stop)))
 }
 
-/// Prompt ids (as the pipeline feeds them) → `"answer"`, for the lines that have one.
+/// Prompt ids (as the pipeline feeds them) → answer, for the lines that have one; `keys` are
+/// the prompt and answer fields (`data.prompt_key`, `data.answer_key`).
 pub fn load_answers(
     path: &Path,
+    keys: (&str, &str),
     tokenizer: &TextTokenizer,
     max_tokens: usize,
 ) -> Result<HashMap<Vec<u32>, String>, RuntimeError> {
     let mut out = HashMap::new();
     read_jsonl(path, |v| {
-        let Some(answer) = v.get("answer") else { return Ok(()) };
-        let answer = answer.as_str().ok_or("\"answer\" must be a string")?;
-        let prompt = v
-            .get("prompt")
-            .and_then(|p| p.as_str())
-            .ok_or("expected an object with a \"prompt\" string")?;
+        let (prompt_key, answer_key) = keys;
+        let Some(answer) = v.get(answer_key) else { return Ok(()) };
+        let answer = answer
+            .as_str()
+            .ok_or_else(|| format!("\"{answer_key}\" must be a string"))?;
+        let prompt = crate::prompts::prompt_field(v, prompt_key)?;
         // Not `encode_prompt`: a prompt line the prompt loader skips must not fail here.
         let mut ids = tokenizer.encode(prompt).map_err(|e| e.to_string())?;
         if ids.len() > max_tokens {

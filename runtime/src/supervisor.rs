@@ -197,7 +197,18 @@ impl Actor for RunSupervisor {
                     return Ok(());
                 }
                 tracing::error!(actor = %name, error = %err, "actor failed");
+                let fatal = tandem_actors::ActorError::is_fatal(err.as_ref());
                 match role {
+                    ChildRole::Rollout | ChildRole::Stage if fatal => {
+                        // Restarting cannot mend it: stop the run with this error, without
+                        // restarting the actor to fail (and be logged) again.
+                        st.gave_up = true;
+                        let _ = st.args.failures.send(RunFailure {
+                            actor: name,
+                            error: err.to_string(),
+                            role,
+                        });
+                    }
                     ChildRole::Rollout | ChildRole::Stage => self.restart_later(&me, st, name, err.to_string()),
                     ChildRole::Learner | ChildRole::Essential => {
                         let _ = st.args.failures.send(RunFailure {

@@ -128,6 +128,9 @@ pub struct RmConfig {
     pub placement: RmPlacement,
     #[serde(default)]
     pub channels: RmChannels,
+    /// A progress line on stderr after every step (set by the command line, not the file).
+    #[serde(skip)]
+    pub progress: bool,
 }
 
 fn default_seed() -> u64 {
@@ -316,6 +319,10 @@ impl RmConfig {
         if !(t.lr > 0.0 && t.lr.is_finite() && (0.0..=t.lr).contains(&t.min_lr)) {
             return Err("train.lr must be > 0 and train.min_lr in [0, lr]".into());
         }
+        self.placement
+            .device
+            .check_built()
+            .map_err(|e| format!("placement.device: {e}"))?;
         if self.channels.batches == 0 || self.placement.threads == 0 {
             return Err("channels.batches and placement.threads must be >= 1".into());
         }
@@ -694,6 +701,7 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
     })
     .map_err(|e| RuntimeError::Other(format!("supervisor: {e}")))?;
 
+    let started = std::time::Instant::now();
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| RuntimeError::io(&metrics_path, e))?;
     let mut reports = Vec::new();
@@ -706,6 +714,9 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
                 Some(mut r) => {
                     let line = serde_json::to_string(&r).expect("report serialises");
                     writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
+                    if cfg.progress {
+                        eprintln!("{}", progress_line(&r, total_steps, started.elapsed().as_secs_f64()));
+                    }
                     if let Some(w) = r.weights.take() {
                         save_step_checkpoint(run_dir, r.step + 1, &backbone, &w, cfg.checkpoints.keep)?;
                     }
@@ -767,6 +778,21 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
         normalization,
         model_dir,
     })
+}
+
+/// `rm step K/N loss L acc A [eval_acc E] elapsed T eta T'` after the report of step K - 1.
+fn progress_line(r: &tandem_actors::rm_learner::RmReport, total: usize, elapsed_s: f64) -> String {
+    use crate::pipeline::hms;
+    let done = r.step + 1;
+    let eta = elapsed_s / done as f64 * total.saturating_sub(done) as f64;
+    let eval = r.eval_accuracy.map(|a| format!(" eval_acc {a:.3}")).unwrap_or_default();
+    format!(
+        "rm step {done}/{total} loss {:.4} acc {:.3}{eval} elapsed {} eta {}",
+        r.loss,
+        r.accuracy,
+        hms(elapsed_s),
+        hms(eta)
+    )
 }
 
 /// `checkpoints/.tmp-step-K` then renamed to `checkpoints/step-K`; keeps the last `keep`.

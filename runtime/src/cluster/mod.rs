@@ -153,6 +153,25 @@ pub struct Head {
 }
 
 impl Head {
+    /// Tells every joined node that the run is over (see [`node_host`]), waiting up to 2 s for
+    /// each to acknowledge, so that the nodes exit instead of waiting for the head to return.
+    pub async fn goodbye(&self, nodes: &[String]) {
+        for name in nodes {
+            for member in ractor::pg::get_members(&node_link::node_group(name)) {
+                let host: ActorRef<node_host::NodeMsg> = member.into();
+                let said = host
+                    .call(
+                        |r| node_host::NodeMsg::Goodbye(Vec::new(), r),
+                        Some(std::time::Duration::from_secs(2)),
+                    )
+                    .await;
+                if let Err(e) = said {
+                    tracing::debug!(node = %name, "goodbye not acknowledged: {e}");
+                }
+            }
+        }
+    }
+
     /// Closes the listener, then stops the node server (every session with it), so a node that
     /// loses its session finds no listener rather than one that is going away.
     pub async fn shutdown(mut self) {

@@ -18,6 +18,9 @@
 //!   of its own (the actor stays free for chunks and other slots) and is the call's reply. The
 //!   head's proxies keep at most one `Sample` in flight per slot, so the node never holds more
 //!   than one batch per slot and its memory does not grow with the sampling speed.
+//! - `Goodbye`: the head's run is over (it finished, or was stopped in order). The host raises
+//!   [`NodeHostArgs::farewell`] before it replies, so when the session then closes the worker
+//!   exits at once with status 0 instead of waiting for the head to come back.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +47,9 @@ pub enum NodeMsg {
     /// [`SampleRequest`] → [`SampleReply`].
     #[rpc]
     Sample(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// The head's run is over; the reply (empty) says the node heard it.
+    #[rpc]
+    Goodbye(Vec<u8>, RpcReplyPort<Vec<u8>>),
 }
 
 #[derive(Clone)]
@@ -51,6 +57,8 @@ pub struct NodeHostArgs {
     pub name: String,
     pub devices: Vec<DeviceId>,
     pub threads_per_device: usize,
+    /// Raised when the head says goodbye (see the module docs).
+    pub farewell: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Hosted {
@@ -115,6 +123,11 @@ impl Actor for NodeHostActor {
                 let _ = reply.send(wire::encode(&SetupReply { result }));
             }
             NodeMsg::Chunk(bytes) => self.chunk(st, bytes),
+            NodeMsg::Goodbye(_, reply) => {
+                st.args.farewell.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!(node = %st.args.name, "the head's run is over");
+                let _ = reply.send(Vec::new());
+            }
             NodeMsg::Commit(bytes, reply) => {
                 let result = self.commit(st, &bytes).await;
                 if let Err(e) = &result {

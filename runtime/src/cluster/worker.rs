@@ -9,12 +9,15 @@
 //!   (the authentication fails), a head that requires TLS (it answered this plain node with a
 //!   TLS alert), a failed TLS handshake (the head's certificate is not trusted, or the head does
 //!   not use TLS and closed the handshake);
-//! - losing the head after having joined (the run ended, or the network) makes it try to
-//!   connect again for `reconnect_s` seconds, keeping its weights, so a head that comes back
-//!   does not resend a version the node already holds; after that it exits with status 0.
+//! - a head whose run is over says goodbye before it closes the session (see
+//!   [`super::node_host`]): the worker then exits at once with status 0;
+//! - losing the head otherwise (a crash, or the network) makes it try to connect again for
+//!   `reconnect_s` seconds, keeping its weights, so a head that comes back does not resend a
+//!   version the node already holds; after that it exits with status 0.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ractor::Actor;
@@ -76,6 +79,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
         authenticated: Mutex::new(HashSet::new()),
     };
     let server = super::start_server(opts.cookie.clone(), &opts.name, subscription).await?;
+    let farewell = Arc::new(AtomicBool::new(false));
     let (host, _) = Actor::spawn(
         None,
         NodeHostActor,
@@ -83,6 +87,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
             name: opts.name.clone(),
             devices: opts.devices.clone(),
             threads_per_device: opts.threads_per_device,
+            farewell: farewell.clone(),
         },
     )
     .await
@@ -129,6 +134,10 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
                 Some(Event::Authenticated) => {
                     joined_once = true;
                     tracing::info!(head = %opts.join, node = %opts.name, "joined the head");
+                }
+                Some(Event::Closed(true)) if farewell.load(Ordering::SeqCst) => {
+                    tracing::info!(head = %opts.join, "the head finished its run; exiting");
+                    break 'outer Ok(());
                 }
                 Some(Event::Closed(true)) => {
                     tracing::warn!(head = %opts.join, "lost the head; reconnecting");

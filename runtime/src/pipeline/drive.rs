@@ -1,7 +1,8 @@
 //! Serving a running pipeline: the learner's events, the supervisor's failures, Ctrl-C (or SIGTERM) and
 //! the periodic samplers, until the learner is done or the run stops.
 //!
-//! - Each step report is appended to `RUN_DIR/metrics.jsonl` (flushed) and moves the progress
+//! - Each step report is appended to `RUN_DIR/metrics.jsonl` (flushed), and with
+//!   `metrics.tensorboard` to a TensorBoard event file in `RUN_DIR/tb/`, and moves the progress
 //!   bar; a checkpoint the learner asks for is written ([`CheckpointWriter`]) before it goes
 //!   on, so every line before a checkpoint is on disk first.
 //! - A stage the supervisor gave up on, or Ctrl-C, sets the learner's stop flag and drains the
@@ -106,6 +107,13 @@ impl Drive<'_> {
             .append(true)
             .open(&metrics_path)
             .map_err(|e| RuntimeError::io(&metrics_path, e))?;
+        let mut tb = match cfg.metrics.tensorboard {
+            true => Some(crate::tensorboard::EventWriter::create(
+                &run_dir.join("tb"),
+                (start.step > 0).then_some(start.step),
+            )?),
+            false => None,
+        };
         // Progress on stderr: a live bar on a terminal, else one line per step (see RunOptions).
         let bar = (progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .then(|| super::progress_bar(cfg.steps, start.step));
@@ -120,6 +128,8 @@ impl Drive<'_> {
         let mut probe = tokio::time::interval(Duration::from_millis(25));
         let mut sampler = ActorSampler::new(meters, run_dir, started)?;
         let mut sample_tick = tokio::time::interval(Duration::from_secs_f64(cfg.metrics.sample_interval_s));
+        // An earlier session's address must not lead `tandem top` to whatever holds that port now.
+        let _ = std::fs::remove_file(run_dir.join("metrics_addr"));
         let endpoint = match (cfg.metrics.enabled, telemetry::prometheus()) {
             // A taken port must not stop a training run: warn and go on without the endpoint.
             (true, Some(handle)) => match telemetry::serve(&cfg.metrics.addr, handle).await {
@@ -172,7 +182,16 @@ impl Drive<'_> {
                             write_failed = true;
                             break;
                         }
+                        if let Some(tb) = &mut tb {
+                            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                            tb.scalars(r.step, &crate::tensorboard::scalars_of(&v))?;
+                        }
                         let msg = pace.message(&r);
+                        // The run's position for `tandem top` (the learner's counter is this session's).
+                        metrics::gauge!("tandem_run_step").set((r.step + 1) as f64);
+                        metrics::gauge!("tandem_run_steps").set(cfg.steps as f64);
+                        metrics::gauge!("tandem_run_eta_seconds").set(pace.eta_s);
+                        metrics::gauge!("tandem_learner_score_mean").set(r.stats.score_mean);
                         if let Some(b) = &bar {
                             b.set_position(r.step + 1);
                             b.set_message(msg);

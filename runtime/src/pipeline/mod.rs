@@ -111,6 +111,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     if cfg.mock_labeller.is_some() {
         return crate::mock_labeller::run(cfg, opts).await;
     }
+    if cfg.metrics.enabled {
+        // Before any actor exists: series set before the recorder is installed (each actor's
+        // queue capacity, its zeroed counters) would be lost.
+        let _ = crate::telemetry::prometheus();
+    }
     let run_dir = &opts.run_dir;
     // The cluster cookie is checked before anything is written or started.
     let cookie = match &cfg.cluster {
@@ -188,6 +193,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let held_bound = (c.rollout_to_reward + c.reward_to_value + c.value_to_replay) * per_ticket + cfg.replay_capacity();
     let prompts = load_prompts(
         &cfg.data.prompts,
+        &cfg.data.prompt_key,
         &policy.tokenizer,
         cfg.data.prompt_max_tokens,
         cfg.data.on_bad_line,
@@ -321,6 +327,9 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     tree.root.stop(None);
     let _ = tree.root_handle.await;
     if let Some(h) = head {
+        // An orderly end (finished, stopped, or a stage given up on): the nodes may go.
+        h.goodbye(&p.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>())
+            .await;
         h.shutdown().await;
     }
     let tickets_issued = tokio::task::spawn_blocking(move || feeder.join().unwrap_or(0))
@@ -487,6 +496,8 @@ pub(crate) struct Pace {
     started: std::time::Instant,
     first_step: u64,
     tokens: usize,
+    /// Seconds left, estimated after the last step.
+    pub(crate) eta_s: f64,
 }
 
 impl Pace {
@@ -496,6 +507,7 @@ impl Pace {
             started: std::time::Instant::now(),
             first_step,
             tokens: 0,
+            eta_s: f64::NAN,
         }
     }
 
@@ -506,6 +518,7 @@ impl Pace {
         let done = (r.step + 1).saturating_sub(self.first_step).max(1);
         let left = self.steps.saturating_sub(r.step + 1);
         let eta = elapsed / done as f64 * left as f64;
+        self.eta_s = eta;
         format!(
             "score {:.3} reward {:.3} kl {:.3} beta {:.4} {:.0} tok/s elapsed {} eta {}",
             r.stats.score_mean,
@@ -520,7 +533,7 @@ impl Pace {
 }
 
 /// `1h02m03s`, `2m03s` or `3s`.
-fn hms(secs: f64) -> String {
+pub(crate) fn hms(secs: f64) -> String {
     let s = secs.round() as u64;
     match (s / 3600, s / 60 % 60, s % 60) {
         (0, 0, s) => format!("{s}s"),
