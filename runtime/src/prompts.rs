@@ -1,7 +1,9 @@
 //! Prompts from JSONL and the ticket feeder.
 //!
 //! Each line is a JSON object with a `"prompt"` string; HH-RLHF style text
-//! ("\n\nHuman: ... \n\nAssistant:") is used as written. Blank lines are skipped; anything
+//! ("\n\nHuman: ... \n\nAssistant:") is used as written. A `"messages"` array of
+//! `{"role", "content"}` turns is rendered with the model's chat template and its generation
+//! prompt ([`crate::chat`]). Blank lines are skipped; anything
 //! else is an error naming the file and line — or, with `data.on_bad_line = "skip"`, skipped,
 //! logged with its line number and counted. Prompts are tokenised with the policy's
 //! tokenizer and left-truncated to `prompt_max_tokens` (the end of a prompt is what the
@@ -77,11 +79,20 @@ pub fn load_prompts(
 
 fn parse_line(line: &str, tokenizer: &TextTokenizer, max_tokens: usize) -> Result<Vec<u32>, String> {
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
-    let prompt = v
-        .get("prompt")
+    encode_prompt(tokenizer, &prompt_text(&v, tokenizer)?, max_tokens)
+}
+
+/// The prompt text of a record: its `"prompt"` string, or its `"messages"` rendered with the
+/// tokenizer's chat template and generation prompt (a final assistant turn, the reference an
+/// SFT record trains on, is left out).
+pub fn prompt_text(v: &serde_json::Value, tokenizer: &TextTokenizer) -> Result<String, String> {
+    if let Some(m) = v.get("messages") {
+        return crate::chat::render_prompt(tokenizer, m);
+    }
+    v.get("prompt")
         .and_then(|p| p.as_str())
-        .ok_or("expected an object with a \"prompt\" string")?;
-    encode_prompt(tokenizer, prompt, max_tokens)
+        .map(String::from)
+        .ok_or_else(|| "expected an object with a \"prompt\" string or a \"messages\" array".to_string())
 }
 
 /// A prompt's token ids as the pipeline feeds them: tokenised, never empty, and left-truncated

@@ -108,12 +108,9 @@ pub fn load_answers(
     read_jsonl(path, |v| {
         let Some(answer) = v.get("answer") else { return Ok(()) };
         let answer = answer.as_str().ok_or("\"answer\" must be a string")?;
-        let prompt = v
-            .get("prompt")
-            .and_then(|p| p.as_str())
-            .ok_or("expected an object with a \"prompt\" string")?;
+        let prompt = crate::prompts::prompt_text(v, tokenizer)?;
         // Not `encode_prompt`: a prompt line the prompt loader skips must not fail here.
-        let mut ids = tokenizer.encode(prompt).map_err(|e| e.to_string())?;
+        let mut ids = tokenizer.encode(&prompt).map_err(|e| e.to_string())?;
         if ids.len() > max_tokens {
             ids.drain(..ids.len() - max_tokens);
         }

@@ -11,7 +11,8 @@
 //! lock two different files of the same name).
 //!
 //! **Overwriting.** `--overwrite` deletes only what is recognisably a tandem run directory:
-//! one whose `config.toml` is a resolved tandem config (it has `steps` and `[placement]`) and
+//! one whose `config.toml` is a resolved tandem config (it has `steps`, or `[train] epochs`
+//! for SFT, and `[placement]`) and
 //! that also holds `tandem.lock`, `metrics.jsonl` or `checkpoints/`. Anything else that is not
 //! empty is refused with an error that names the directory, as are the working directory and
 //! its parents (so `--run-dir . --overwrite` cannot wipe the project it is run from). The lock
@@ -124,7 +125,12 @@ pub fn is_run_dir(dir: &Path) -> bool {
         Err(_) => return false,
     };
     let resolved = toml::from_str::<toml::Table>(&config).is_ok_and(|t| {
-        t.get("steps").is_some_and(|v| v.is_integer()) && t.get("placement").is_some_and(|v| v.is_table())
+        // `steps` for RL runs; `[train] epochs` for SFT runs.
+        let steps = t.get("steps").is_some_and(|v| v.is_integer())
+            || t.get("train")
+                .and_then(|x| x.get("epochs"))
+                .is_some_and(|v| v.is_integer());
+        steps && t.get("placement").is_some_and(|v| v.is_table())
     });
     resolved
         && (dir.join(LOCK_FILE).is_file() || dir.join("metrics.jsonl").is_file() || dir.join("checkpoints").is_dir())
