@@ -293,7 +293,7 @@ mod tests {
         let schedule = LrSchedule {
             peak_lr: 1e-2,
             warmup_steps: 0,
-            total_steps: 10,
+            total_steps: 40,
             decay: Default::default(),
             min_lr: 0.0,
         };
@@ -365,11 +365,11 @@ mod tests {
             target: vec![false, false, false, true, true, true],
         }];
         let first = t.step(&ex).unwrap().0.loss;
-        for _ in 0..8 {
+        for _ in 0..29 {
             t.step(&ex).unwrap();
         }
         let last = t.evaluate(&ex, 4).unwrap().loss;
         assert!(last < first * 0.5, "loss {first} -> {last}");
-        assert_eq!(t.steps(), 9);
+        assert_eq!(t.steps(), 30);
     }
 }
