@@ -34,6 +34,18 @@ fn ok_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
+/// The first number under `key` anywhere in `v`.
+fn find_key(v: &serde_json::Value, key: &str) -> Option<f64> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .and_then(|x| x.as_f64())
+            .or_else(|| m.values().find_map(|x| find_key(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
+    }
+}
+
 fn fails_with(args: &[&str], code: i32, needle: &str) {
     let out = tandem(args);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -144,7 +156,7 @@ fn the_addition_pipeline_trains_evaluates_and_continues_with_rl() {
         "--temperature",
     );
 
-    // RL from the SFT model (CI-sized).
+    // RL from the SFT model (CI-sized), with the SFT data as the PPO-ptx mix (InstructGPT).
     let grpo = tmp.path().join("grpo");
     let set_policy = format!("models.policy.path={p}");
     let r = ok_json(&[
@@ -157,9 +169,22 @@ fn the_addition_pipeline_trains_evaluates_and_continues_with_rl() {
         &set_policy,
         "--set",
         "steps=4",
+        "--set",
+        "data.pretrain=../data/addition_train.jsonl",
+        "--set",
+        "algorithm.ptx_coef=1.0",
+        "--set",
+        "metrics.addr=\"127.0.0.1:0\"",
     ]);
     assert_eq!(r["steps"], 4);
     assert!(grpo.join("policy/model.safetensors").is_file());
+    // The ptx log-likelihood of the SFT records is logged every step: negative, and near the
+    // SFT model's own per-token loss (prompt tokens included, so somewhat above it).
+    let metrics = std::fs::read_to_string(grpo.join("metrics.jsonl")).unwrap();
+    for l in metrics.lines() {
+        let ptx = find_key(&serde_json::from_str(l).unwrap(), "ptx_logprob").expect("ptx_logprob logged");
+        assert!(ptx < 0.0 && ptx > -6.0, "{l}");
+    }
 }
 
 #[test]

@@ -72,3 +72,42 @@ fn a_tokenizer_directory_brings_its_template() {
     let e = tandem_runtime::chat::render_prompt(&plain, &msgs).unwrap_err();
     assert!(e.contains("chat_template"), "{e}");
 }
+
+#[test]
+fn chat_prompts_feed_runs_and_exact_match_alike() {
+    // The prompt loader (run, sample, eval) and the exact-match answers read a chat record the
+    // same way: the template with the generation prompt, the final assistant turn left out.
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(fixtures().join("hf/qwen2-tiny").join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(
+        fixtures().join("chat/tokenizer_config.json"),
+        dir.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let tok = TextTokenizer::from_dir(dir.path()).unwrap();
+    let data = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "12+39="}, {"role": "assistant", "content": "51"}], "answer": "51"}"#,
+            "\n",
+            r#"{"prompt": "1+1=", "answer": "2"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let set = tandem_runtime::prompts::load_prompts(&data, &tok, 256, Default::default()).unwrap();
+    let want = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n12+39=<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(set.prompts[0], tok.encode(want).unwrap());
+    assert_eq!(set.prompts[1], tok.encode("1+1=").unwrap());
+    let answers = tandem_runtime::reward_sources::load_answers(&data, &tok, 256).unwrap();
+    assert_eq!(answers[&set.prompts[0]], "51");
+    assert_eq!(answers[&set.prompts[1]], "2");
+}
