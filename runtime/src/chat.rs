@@ -158,6 +158,51 @@ pub fn assistant_segments(template: &ChatTemplate, messages: &[Message]) -> Resu
     Ok(out)
 }
 
+/// A conversational preference record as text, for reward-model training: TRL's
+/// `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}`, or with the prompt
+/// implicit, `{"chosen": [conversation], "rejected": [conversation]}` whose shared leading turns
+/// are the prompt. Returns `{"prompt", "chosen", "rejected"}` strings: the prompt rendered with
+/// the generation prompt, each response as what rendering the whole conversation adds to it.
+/// `Ok(None)` when `chosen` is not a list of messages (a plain-text record).
+pub fn preference_as_text(
+    tokenizer: &TextTokenizer,
+    v: &serde_json::Value,
+) -> Result<Option<serde_json::Value>, String> {
+    let (Some(chosen), Some(rejected)) = (v.get("chosen"), v.get("rejected")) else {
+        return Ok(None);
+    };
+    if !chosen.is_array() {
+        return Ok(None);
+    }
+    let t = ChatTemplate::of(tokenizer)?
+        .ok_or("a conversational preference record needs a model whose tokenizer_config.json has a chat_template")?;
+    let chosen = parse_messages(chosen).map_err(|e| format!("chosen: {e}"))?;
+    let rejected = parse_messages(rejected).map_err(|e| format!("rejected: {e}"))?;
+    let (prompt, c, r) = match v.get("prompt") {
+        Some(p) => (parse_messages(p).map_err(|e| format!("prompt: {e}"))?, chosen, rejected),
+        None => {
+            let n = chosen.iter().zip(&rejected).take_while(|(a, b)| a == b).count();
+            if n == 0 || n == chosen.len() || n == rejected.len() {
+                return Err(
+                    "\"chosen\" and \"rejected\" need shared leading turns (the prompt) and then differ".into(),
+                );
+            }
+            (chosen[..n].to_vec(), chosen[n..].to_vec(), rejected[n..].to_vec())
+        }
+    };
+    let p = t.render(&prompt, true)?;
+    let response = |rest: Vec<Message>| -> Result<String, String> {
+        let all: Vec<Message> = prompt.iter().cloned().chain(rest).collect();
+        let full = t.render(&all, false)?;
+        full.strip_prefix(&p).map(String::from).ok_or_else(|| {
+            "the chat template does not render the conversation as an extension of its prompt".to_string()
+        })
+    };
+    Ok(Some(
+        serde_json::json!({"prompt": p, "chosen": response(c)?, "rejected": response(r)?}),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,10 @@
 //!   two texts, cut back to just after its last whitespace so no word is split;
 //! - `{"prompt": P, "responses": [R0, R1, ...], "ranking": [i, j, ...]}`: `K >= 2` responses,
 //!   `ranking` lists their indices from best to worst (a permutation of `0..K`).
+//! - conversational (TRL's form), for a model with a chat template:
+//!   `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}`, or
+//!   `{"chosen": [conversation], "rejected": [conversation]}` whose shared leading turns are the
+//!   prompt; rendered with the template ([`crate::chat::preference_as_text`]).
 //!
 //! Prompts are left-truncated to `data.prompt_max_tokens`, responses right-truncated to
 //! `data.response_max_tokens`. A malformed line is an error naming `FILE:LINE` (exit 2).
@@ -362,7 +366,9 @@ pub fn load_comparisons(
 ) -> Result<Vec<Comparison>, RuntimeError> {
     let mut out = Vec::new();
     read_jsonl(path, |v| {
-        let (prompt, responses, ranking) = parse_record(v)?;
+        // Conversational records ({"chosen": [messages], ...}) through the chat template.
+        let text = crate::chat::preference_as_text(tokenizer, v)?;
+        let (prompt, responses, ranking) = parse_record(text.as_ref().unwrap_or(v))?;
         let p = encode_prompt(tokenizer, &prompt, prompt_max)?;
         let mut rs = Vec::with_capacity(responses.len());
         for (j, r) in responses.iter().enumerate() {

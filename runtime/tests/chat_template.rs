@@ -111,3 +111,44 @@ fn chat_prompts_feed_runs_and_exact_match_alike() {
     assert_eq!(answers[&set.prompts[0]], "51");
     assert_eq!(answers[&set.prompts[1]], "2");
 }
+
+#[test]
+fn conversational_preferences_train_reward_models_through_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(fixtures().join("hf/qwen2-tiny").join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(
+        fixtures().join("chat/tokenizer_config.json"),
+        dir.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let tok = TextTokenizer::from_dir(dir.path()).unwrap();
+    let data = dir.path().join("prefs.jsonl");
+    let user = r#"{"role": "user", "content": "2+2="}"#;
+    std::fs::write(
+        &data,
+        format!(
+            "{{\"chosen\": [{user}, {{\"role\": \"assistant\", \"content\": \"4\"}}], \"rejected\": [{user}, {{\"role\": \"assistant\", \"content\": \"5\"}}]}}\n\
+             {{\"prompt\": [{user}], \"chosen\": [{{\"role\": \"assistant\", \"content\": \"4\"}}], \"rejected\": [{{\"role\": \"assistant\", \"content\": \"22\"}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let c = tandem_runtime::train_rm::load_comparisons(&data, &tok, 256, 16).unwrap();
+    let prompt = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n2+2=<|im_end|>\n<|im_start|>assistant\n";
+    for (e, rejected) in c.iter().zip(["5<|im_end|>\n", "22<|im_end|>\n"]) {
+        assert_eq!(tok.decode(&e.prompt).unwrap(), prompt);
+        assert_eq!(tok.decode(&e.responses[0]).unwrap(), "4<|im_end|>\n");
+        assert_eq!(tok.decode(&e.responses[1]).unwrap(), rejected);
+        assert_eq!(e.ranking, vec![0, 1]);
+    }
+    // Identical conversations have no response to compare: an error naming the line.
+    std::fs::write(&data, format!("{{\"chosen\": [{user}], \"rejected\": [{user}]}}\n")).unwrap();
+    let e = tandem_runtime::train_rm::load_comparisons(&data, &tok, 256, 16).unwrap_err();
+    assert!(e.to_string().contains("prefs.jsonl:1"), "{e}");
+}
