@@ -13,6 +13,8 @@ mod bench_overlap;
 mod bench_ppo;
 mod device;
 mod error;
+mod eval;
+mod gen_task;
 mod inspect;
 mod node;
 mod replay;
@@ -20,6 +22,7 @@ mod report;
 mod rerun;
 mod run;
 mod sample;
+mod sft;
 mod top;
 mod train_rm;
 
@@ -85,6 +88,13 @@ enum Command {
     TrainRm(train_rm::TrainRmArgs),
     /// Best-of-N sampling: generate N per prompt, keep the best-scored, write JSONL.
     Sample(sample::SampleArgs),
+    /// Supervised fine-tuning on prompt/completion or chat JSONL; saves the model in HF layout.
+    Sft(sft::SftArgs),
+    /// Evaluate a model on held-out prompts: accuracy, pass@k, mean length, no-stop fraction.
+    Eval(eval::EvalArgs),
+    /// Write a verifiable task's data (prompts, completions, answers) as JSONL.
+    #[command(subcommand)]
+    GenTask(gen_task::GenTaskCommand),
 }
 
 impl Command {
@@ -99,6 +109,9 @@ impl Command {
             Command::Node(args) => node::run(args),
             Command::TrainRm(args) => train_rm::run(args),
             Command::Sample(args) => sample::run(args),
+            Command::Sft(args) => sft::run(args),
+            Command::Eval(args) => eval::run(args),
+            Command::GenTask(cmd) => gen_task::run(cmd),
         }
     }
 }

@@ -87,3 +87,38 @@ fn trained_checkpoints_load_in_transformers() {
         }
     }
 }
+
+#[test]
+fn sft_output_loads_in_transformers() {
+    let Some(py) = python() else {
+        println!("skipped: no Python with torch and transformers (set TANDEM_PYTHON)");
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let run = tempfile::tempdir().unwrap();
+    let run_dir = run.path().join("sft");
+    tandem(&[
+        "sft",
+        root.join("configs/pipeline/sft.toml").to_str().unwrap(),
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "checkpoints.every=50",
+    ]);
+    let text = "12+39=51";
+    for d in ["policy", "checkpoints/step-50/policy"] {
+        let dir = run_dir.join(d);
+        let theirs = transformers(&py, &dir, text);
+        let ours = tandem(&["inspect", "logprobs", "--model", dir.to_str().unwrap(), "--text", text]);
+        let a = ours["next_token_logprobs"].as_array().unwrap();
+        let b = theirs["next_token_logprobs"].as_array().unwrap();
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!((x - y).abs() < 1e-4, "sft {d}: {x} vs {y}");
+        }
+    }
+}

@@ -40,6 +40,8 @@ pub mod rm_learner;
 pub mod rm_trainer;
 pub mod rollout;
 pub mod rule_reward;
+pub mod sft_learner;
+pub mod sft_trainer;
 pub mod snapshot;
 pub mod trajectory;
 pub mod value;

@@ -30,4 +30,4 @@ pub use error::{ModelError, Result};
 pub use generation::{generate, Decoding, Generation, SamplingConfig};
 pub use kv_cache::KvCache;
 pub use model::{snapshot, LanguageModel, ScalarModel, TokenOutputs, WeightInit};
-pub use tokenizer::TextTokenizer;
+pub use tokenizer::{ChatTemplateSource, TextTokenizer};

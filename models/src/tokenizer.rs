@@ -1,5 +1,10 @@
 //! `tokenizer.json` through the `tokenizers` crate. Text is encoded without adding special
 //! tokens (prompts are used as written) and decoded with special tokens skipped.
+//!
+//! [`TextTokenizer::from_dir`] also reads the directory's chat template, if it has one: the
+//! `chat_template` of `tokenizer_config.json` (a string, or a list of named templates of which
+//! `default` is taken), else `chat_template.jinja`, with the `bos_token` / `eos_token` strings
+//! templates refer to. It is kept as text ([`ChatTemplateSource`]); the runtime renders it.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +14,71 @@ use crate::error::{ModelError, Result};
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
+    chat: Option<ChatTemplateSource>,
+}
+
+/// A Jinja chat template as a HF tokenizer directory ships it, with the special-token strings
+/// it may use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatTemplateSource {
+    pub template: String,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// The file it came from (for errors).
+    pub path: PathBuf,
+}
+
+impl ChatTemplateSource {
+    /// The template of `dir`, if it has one (see the module docs).
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: path.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
+            Err(e) => return Err(ModelError::io(&path, e)),
+        };
+        // A special token is written as a string or as {"content": ...}.
+        let token = |key: &str| match config.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(v) => v.get("content").and_then(|c| c.as_str()).map(String::from),
+            None => None,
+        };
+        let bad = |msg: &str| ModelError::BadConfig {
+            path: path.clone(),
+            key: "chat_template",
+            msg: msg.into(),
+        };
+        let (template, from) = match config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => (s.clone(), path.clone()),
+            Some(serde_json::Value::Array(list)) => {
+                let named = |n: &str| {
+                    list.iter()
+                        .find(|t| t.get("name").and_then(|x| x.as_str()) == Some(n))
+                        .and_then(|t| t.get("template")?.as_str())
+                };
+                let t = named("default").ok_or_else(|| bad("a list of templates needs one named \"default\""))?;
+                (t.to_string(), path.clone())
+            }
+            None | Some(serde_json::Value::Null) => {
+                let jinja = dir.join("chat_template.jinja");
+                match std::fs::read_to_string(&jinja) {
+                    Ok(t) => (t, jinja),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(ModelError::io(&jinja, e)),
+                }
+            }
+            Some(_) => return Err(bad("must be a string or a list of {name, template}")),
+        };
+        Ok(Some(Self {
+            template,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+            path: from,
+        }))
+    }
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -18,9 +88,21 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads `DIR/tokenizer.json`.
+    /// Loads `DIR/tokenizer.json` and the directory's chat template, if any.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        Self::from_file(&dir.join("tokenizer.json"))
+        let mut t = Self::from_file(&dir.join("tokenizer.json"))?;
+        t.chat = ChatTemplateSource::from_dir(dir)?;
+        Ok(t)
+    }
+
+    /// The chat template of the directory this tokenizer was loaded from.
+    pub fn chat_template(&self) -> Option<&ChatTemplateSource> {
+        self.chat.as_ref()
+    }
+
+    /// Replaces the chat template (`None` removes it).
+    pub fn set_chat_template(&mut self, chat: Option<ChatTemplateSource>) {
+        self.chat = chat;
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -37,6 +119,7 @@ impl TextTokenizer {
         Ok(Self {
             inner,
             path: path.into(),
+            chat: None,
         })
     }
 
@@ -49,6 +132,7 @@ impl TextTokenizer {
         Ok(Self {
             inner,
             path: label.into(),
+            chat: None,
         })
     }
 

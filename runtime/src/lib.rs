@@ -15,19 +15,23 @@
 
 pub mod best_of;
 pub mod builtin;
+pub mod chat;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod interrupts;
 pub mod mock_labeller;
 pub mod pipeline;
 pub mod prompts;
 pub mod reward_sources;
 pub mod run_dir;
+pub mod sft;
 pub mod step_probe;
 pub mod store;
 pub mod supervisor;
+pub mod tasks;
 pub mod telemetry;
 pub mod tensorboard;
 pub mod train_rm;

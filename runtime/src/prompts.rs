@@ -2,7 +2,9 @@
 //!
 //! Each line is a JSON object with a `"prompt"` string (another field with `data.prompt_key`,
 //! for example `"question"`); HH-RLHF style text
-//! ("\n\nHuman: ... \n\nAssistant:") is used as written. Blank lines are skipped; anything
+//! ("\n\nHuman: ... \n\nAssistant:") is used as written. A `"messages"` array of
+//! `{"role", "content"}` turns is rendered with the model's chat template and its generation
+//! prompt ([`crate::chat`]). Blank lines are skipped; anything
 //! else is an error naming the file and line — or, with `data.on_bad_line = "skip"`, skipped,
 //! logged with its line number and counted. Prompts are tokenised with the policy's
 //! tokenizer and left-truncated to `prompt_max_tokens` (the end of a prompt is what the
@@ -79,7 +81,17 @@ pub fn load_prompts(
 
 fn parse_line(line: &str, key: &str, tokenizer: &TextTokenizer, max_tokens: usize) -> Result<Vec<u32>, String> {
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
-    encode_prompt(tokenizer, prompt_field(&v, key)?, max_tokens)
+    encode_prompt(tokenizer, &prompt_text(&v, key, tokenizer)?, max_tokens)
+}
+
+/// The prompt text of a record: its `key` string (`data.prompt_key`), or its `"messages"`
+/// rendered with the tokenizer's chat template and generation prompt (a final assistant turn,
+/// the reference an SFT record trains on, is left out).
+pub fn prompt_text(v: &serde_json::Value, key: &str, tokenizer: &TextTokenizer) -> Result<String, String> {
+    if let Some(m) = v.get("messages") {
+        return crate::chat::render_prompt(tokenizer, m);
+    }
+    prompt_field(v, key).map(String::from)
 }
 
 /// The `key` string of a prompts line, or an error naming the key and the fields the line has

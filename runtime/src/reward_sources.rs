@@ -119,9 +119,9 @@ pub fn load_answers(
         let answer = answer
             .as_str()
             .ok_or_else(|| format!("\"{answer_key}\" must be a string"))?;
-        let prompt = crate::prompts::prompt_field(v, prompt_key)?;
+        let prompt = crate::prompts::prompt_text(v, prompt_key, tokenizer)?;
         // Not `encode_prompt`: a prompt line the prompt loader skips must not fail here.
-        let mut ids = tokenizer.encode(prompt).map_err(|e| e.to_string())?;
+        let mut ids = tokenizer.encode(&prompt).map_err(|e| e.to_string())?;
         if ids.len() > max_tokens {
             ids.drain(..ids.len() - max_tokens);
         }

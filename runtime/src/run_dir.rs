@@ -12,7 +12,8 @@
 //!
 //! **Overwriting.** `--overwrite` deletes only what is recognisably a tandem run directory:
 //! one whose `config.toml` is a resolved tandem config (`tandem run`'s has `steps` and
-//! `[placement]`, `tandem train-rm`'s has `[model]`, `[train]` and `[placement]`) and that also
+//! `[placement]`, `tandem sft`'s `[train] epochs` and `[placement]`, `tandem train-rm`'s has
+//! `[model]`, `[train]` and `[placement]`) and that also
 //! holds `tandem.lock`, `metrics.jsonl`, `checkpoints/` or `reward_model/`. Without
 //! `--overwrite`, a directory that holds an earlier run is refused ([`refuse_earlier_run`]). Anything else that is not
 //! empty is refused with an error that names the directory, as are the working directory and
@@ -128,8 +129,13 @@ pub fn is_run_dir(dir: &Path) -> bool {
     let resolved = toml::from_str::<toml::Table>(&config).is_ok_and(|t| {
         let table = |k: &str| t.get(k).is_some_and(|v| v.is_table());
         let run = t.get("steps").is_some_and(|v| v.is_integer()) && table("placement");
+        let sft = t
+            .get("train")
+            .and_then(|x| x.get("epochs"))
+            .is_some_and(|v| v.is_integer())
+            && table("placement");
         let train_rm = table("model") && table("train") && table("placement");
-        run || train_rm
+        run || sft || train_rm
     });
     resolved
         && (dir.join(LOCK_FILE).is_file()

@@ -13,7 +13,7 @@
 //!
 //! # Data
 //!
-//! JSONL, one record per line, in any of three forms:
+//! JSONL, one record per line, in any of these forms:
 //! - `{"prompt": P, "chosen": A, "rejected": B}`;
 //! - `{"chosen": A, "rejected": B}` (HH-RLHF): the prompt is the longest common prefix of the
 //!   two texts, cut back to just after its last whitespace so no word is split;
@@ -21,6 +21,10 @@
 //!   [`MAX_RANKED_RESPONSES`] responses, `ranking` lists their indices from best to worst (a
 //!   permutation of `0..K`). More responses are refused naming `FILE:LINE` (the pairwise loss
 //!   takes all C(K,2) pairs, so K sizes the work per line).
+//! - conversational (TRL's form), for a model with a chat template:
+//!   `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}`, or
+//!   `{"chosen": [conversation], "rejected": [conversation]}` whose shared leading turns are the
+//!   prompt; rendered with the template ([`crate::chat::preference_as_text`]).
 //!
 //! Prompts are left-truncated to `data.prompt_max_tokens`, responses right-truncated to
 //! `data.response_max_tokens`. A malformed line is an error naming `FILE:LINE` (exit 2).
@@ -373,7 +377,9 @@ pub fn load_comparisons(
 ) -> Result<Vec<Comparison>, RuntimeError> {
     let mut out = Vec::new();
     read_jsonl(path, |v| {
-        let (prompt, responses, ranking) = parse_record(v)?;
+        // Conversational records ({"chosen": [messages], ...}) through the chat template.
+        let text = crate::chat::preference_as_text(tokenizer, v)?;
+        let (prompt, responses, ranking) = parse_record(text.as_ref().unwrap_or(v))?;
         let p = encode_prompt(tokenizer, &prompt, prompt_max)?;
         let mut rs = Vec::with_capacity(responses.len());
         for (j, r) in responses.iter().enumerate() {

@@ -169,16 +169,30 @@ fn check_critic_input(dir: &Path, config: &ModelConfig, policy: &LoadedPolicy, k
     Ok(())
 }
 
-/// PPO-ptx texts: one `{"text": "..."}` per line, tokenised and cut to their first
+/// PPO-ptx texts: one `{"text": "..."}` per line, or an SFT record (InstructGPT mixes the
+/// SFT demonstrations in): `{"prompt", "completion"}` as prompt then completion, `{"messages"}`
+/// as the whole conversation rendered with the chat template. Tokenised and cut to their first
 /// `max_tokens` tokens; a text of fewer than 2 tokens is an error naming its line.
 fn load_pretraining(path: &Path, tokenizer: &TextTokenizer, max_tokens: usize) -> Result<Vec<Vec<u32>>, RuntimeError> {
+    let template =
+        crate::chat::ChatTemplate::of(tokenizer).map_err(|msg| RuntimeError::Config { path: path.into(), msg })?;
     let mut texts = vec![];
     read_jsonl(path, |v| {
-        let text = v
-            .get("text")
-            .and_then(|t| t.as_str())
-            .ok_or("expected an object with a \"text\" string")?;
-        let mut ids = tokenizer.encode(text).map_err(|e| e.to_string())?;
+        let s = |k: &str| v.get(k).and_then(|t| t.as_str());
+        let text = match (s("text"), s("prompt"), s("completion"), v.get("messages")) {
+            (Some(t), ..) => t.to_string(),
+            (None, Some(p), Some(c), _) => format!("{p}{c}"),
+            (None, _, _, Some(m)) => {
+                let t = template
+                    .as_ref()
+                    .ok_or("a {\"messages\": ...} record needs a model with a chat_template")?;
+                t.render(&crate::chat::parse_messages(m)?, false)?
+            }
+            _ => {
+                return Err("expected a \"text\" string, \"prompt\" and \"completion\" strings, or \"messages\"".into())
+            }
+        };
+        let mut ids = tokenizer.encode(&text).map_err(|e| e.to_string())?;
         ids.truncate(max_tokens);
         if ids.len() < 2 {
             return Err("a pretraining text needs at least 2 tokens".into());

@@ -1,0 +1,265 @@
+//! The SFT, evaluation and task-generation CLI on the shipped addition pipeline
+//! (configs/pipeline/sft.toml, then configs/pipeline/grpo.toml from its output): `tandem sft`
+//! trains and saves a causal LM, `tandem eval` measures its held-out exact-match accuracy,
+//! pass@k, mean length and no-stop fraction, and the RL config runs from the SFT model.
+//! Bad input exits 2 naming the file and line; a second run into a run directory is refused;
+//! `--resume` continues from the latest checkpoint.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::OutputWithin;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tandem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .current_dir(root())
+        .args(args)
+        .output_within()
+}
+
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    let out = tandem(args);
+    assert!(
+        out.status.success(),
+        "tandem {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// The first number under `key` anywhere in `v`.
+fn find_key(v: &serde_json::Value, key: &str) -> Option<f64> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .and_then(|x| x.as_f64())
+            .or_else(|| m.values().find_map(|x| find_key(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
+    }
+}
+
+fn fails_with(args: &[&str], code: i32, needle: &str) {
+    let out = tandem(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "tandem {args:?}: {err}");
+    assert!(err.contains(needle), "tandem {args:?}: {err}");
+}
+
+#[test]
+fn the_addition_pipeline_trains_evaluates_and_continues_with_rl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tmp.path().join("sft");
+    let s = ok_json(&[
+        "sft",
+        "configs/pipeline/sft.toml",
+        "--run-dir",
+        sft_dir.to_str().unwrap(),
+        "--quiet",
+    ]);
+    println!("sft: {s}");
+    assert_eq!(s["steps"], s["total_steps"]);
+    let (first, last) = (s["first_eval_loss"].as_f64().unwrap(), s["eval_loss"].as_f64().unwrap());
+    assert!(last < first && last < 1.5, "held-out loss {first} -> {last}");
+    let policy = sft_dir.join("policy");
+    let p = policy.to_str().unwrap();
+
+    // Greedy held-out accuracy of the SFT model: learnt something, far from all.
+    let samples = tmp.path().join("eval.jsonl");
+    let e = ok_json(&[
+        "eval",
+        "configs/pipeline/grpo.toml",
+        "--model",
+        p,
+        "--prompts",
+        "configs/data/addition_eval.jsonl",
+        "--out",
+        samples.to_str().unwrap(),
+    ]);
+    println!("eval greedy: {e}");
+    let acc = e["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.02 && acc < 0.9, "SFT accuracy {acc}");
+    assert_eq!(e["prompts"], 200);
+    assert_eq!(e["pass_at"][0][1].as_f64().unwrap(), acc, "greedy pass@1 = accuracy");
+    assert!(e["no_stop_fraction"].as_f64().unwrap() < 0.1, "{e}");
+    let len = e["mean_length"].as_f64().unwrap();
+    assert!((2.0..=5.0).contains(&len), "answers are 1-3 digits and EOS: {len}");
+    // The samples file: one line per response, `correct` agreeing with the answer.
+    let lines = std::fs::read_to_string(&samples).unwrap();
+    let answers: std::collections::HashMap<String, String> =
+        std::fs::read_to_string(root().join("configs/data/addition_eval.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["prompt"].as_str().unwrap().into(),
+                    v["answer"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+    let mut right = 0;
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let want = &answers[v["prompt"].as_str().unwrap()];
+        let correct = v["response"].as_str().unwrap().trim() == want;
+        assert_eq!(v["correct"].as_bool().unwrap(), correct, "{l}");
+        right += correct as usize;
+    }
+    assert_eq!(lines.lines().count(), 200);
+    assert!((right as f64 / 200.0 - acc).abs() < 1e-12);
+
+    // n samples at T = 1: pass@k for k = 1, 2, 4 and it never falls with k.
+    let e4 = ok_json(&[
+        "eval",
+        "configs/pipeline/grpo.toml",
+        "--model",
+        p,
+        "--prompts",
+        "configs/data/addition_eval.jsonl",
+        "--samples",
+        "4",
+        "--temperature",
+        "1.0",
+        "--out",
+        tmp.path().join("eval4.jsonl").to_str().unwrap(),
+    ]);
+    println!("eval 4 samples at T=1: {e4}");
+    let pass: Vec<(u64, f64)> = e4["pass_at"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x[0].as_u64().unwrap(), x[1].as_f64().unwrap()))
+        .collect();
+    assert_eq!(pass.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 4]);
+    assert!(
+        pass[0].1 <= pass[1].1 && pass[1].1 <= pass[2].1 && pass[2].1 > 0.0,
+        "{pass:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("eval4.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        800
+    );
+    fails_with(
+        &["eval", "configs/pipeline/grpo.toml", "--model", p, "--samples", "4"],
+        2,
+        "--temperature",
+    );
+
+    // RL from the SFT model (CI-sized), with the SFT data as the PPO-ptx mix (InstructGPT).
+    let grpo = tmp.path().join("grpo");
+    let set_policy = format!("models.policy.path={p}");
+    let r = ok_json(&[
+        "run",
+        "configs/pipeline/grpo.toml",
+        "--run-dir",
+        grpo.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        &set_policy,
+        "--set",
+        "steps=4",
+        "--set",
+        "data.pretrain=../data/addition_train.jsonl",
+        "--set",
+        "algorithm.ptx_coef=1.0",
+        "--set",
+        "metrics.addr=\"127.0.0.1:0\"",
+    ]);
+    assert_eq!(r["steps"], 4);
+    assert!(grpo.join("policy/model.safetensors").is_file());
+    // The ptx log-likelihood of the SFT records is logged every step: negative, and near the
+    // SFT model's own per-token loss (prompt tokens included, so somewhat above it).
+    let metrics = std::fs::read_to_string(grpo.join("metrics.jsonl")).unwrap();
+    for l in metrics.lines() {
+        let ptx = find_key(&serde_json::from_str(l).unwrap(), "ptx_logprob").expect("ptx_logprob logged");
+        assert!(ptx < 0.0 && ptx > -6.0, "{l}");
+    }
+}
+
+#[test]
+fn sft_refuses_bad_input_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    let good = r#"{"prompt": "1+2=", "completion": "3"}"#;
+    std::fs::write(&data, format!("{good}\n{good}\n{{\"prompt\": \"1+1=\"}}\n")).unwrap();
+    let cfg = tmp.path().join("sft.toml");
+    let text = format!(
+        "[model]\npath = \"{}\"\n[data]\ntrain = \"train.jsonl\"\neval_fraction = 0.0\n[train]\nepochs = 4\nbatch_size = 1\n[checkpoints]\nevery = 3\n",
+        root().join("fixtures/hf/qwen2-tiny").display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let run = tmp.path().join("run");
+    let (c, r) = (cfg.to_str().unwrap(), run.to_str().unwrap());
+    fails_with(&["sft", c, "--run-dir", r], 2, "train.jsonl:3");
+    fails_with(&["sft", c, "--run-dir", r, "--set", "train.nope=1"], 2, "nope");
+
+    std::fs::write(&data, format!("{good}\n{good}\n")).unwrap();
+    let s = ok_json(&["sft", c, "--run-dir", r, "--quiet"]);
+    assert_eq!(s["steps"], 8);
+    assert_eq!(s["checkpoints"], 2);
+    // A fresh run into a run directory is refused; --overwrite replaces it.
+    fails_with(&["sft", c, "--run-dir", r], 2, "--resume");
+    ok_json(&["sft", c, "--run-dir", r, "--overwrite", "--quiet"]);
+    // --resume continues from the latest checkpoint (step 6) to the end.
+    let s = ok_json(&["sft", "--resume", r, "--quiet"]);
+    assert_eq!(s["resumed_from"], 6);
+    assert_eq!(s["steps"], 2);
+    let steps = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(steps, 8);
+}
+
+#[test]
+fn gen_task_is_seeded_and_checks_its_arguments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    for (name, seed) in [("a", "3"), ("b", "3"), ("c", "4")] {
+        let s = ok_json(&[
+            "gen-task",
+            "addition",
+            "--digits",
+            "3",
+            "--count",
+            "50",
+            "--seed",
+            seed,
+            "--reverse",
+            "--out",
+            &f(name),
+        ]);
+        assert_eq!(s["records"], 50);
+    }
+    let read = |n: &str| std::fs::read_to_string(tmp.path().join(n)).unwrap();
+    assert_eq!(read("a"), read("b"));
+    assert_ne!(read("a"), read("c"));
+    for l in read("a").lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let (a, b) = v["prompt"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches('=')
+            .split_once('+')
+            .unwrap();
+        let sum = a.parse::<u64>().unwrap() + b.parse::<u64>().unwrap();
+        let reversed: String = sum.to_string().chars().rev().collect();
+        assert_eq!(v["answer"].as_str().unwrap(), reversed);
+    }
+    fails_with(
+        &["gen-task", "addition", "--digits", "0", "--out", &f("d")],
+        2,
+        "--digits",
+    );
+}
