@@ -62,7 +62,7 @@ fn workers_exit_at_once_when_the_head_finishes_its_run() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let cookie_file = dir.path().join("cookie");
-    std::fs::write(&cookie_file, "goodbye-cookie\n").unwrap();
+    std::fs::write(&cookie_file, "goodbye-cookie-0123456789\n").unwrap();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/cluster.toml");
     let mut head = Proc::spawn(
         &[
@@ -78,7 +78,7 @@ fn workers_exit_at_once_when_the_head_finishes_its_run() {
             "--set",
             "cluster.listen=\"127.0.0.1:0\"",
         ],
-        &[("TANDEM_CLUSTER_COOKIE", "goodbye-cookie")],
+        &[("TANDEM_CLUSTER_COOKIE", "goodbye-cookie-0123456789")],
     );
     let start = Instant::now();
     let addr = loop {
