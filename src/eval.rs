@@ -48,6 +48,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let abs = std::path::absolute(p).with_context(|| format!("--prompts {}", p.display()))?;
         set.push(format!("data.prompts={}", abs.display()));
     }
+    if let Some(m) = &args.model {
+        // The model evaluated is the config's policy (so its checks apply to it, and a config
+        // whose own policy does not exist yet, like a pipeline's RL stage, still loads).
+        let abs = std::path::absolute(m).with_context(|| format!("--model {}", m.display()))?;
+        set.push(format!("models.policy.path={}", abs.display()));
+    }
     let cfg = Config::load(&args.config, &set)?;
     let opts = EvalOptions {
         out: args.out.clone().unwrap_or_else(|| default_out(args.model.as_deref())),

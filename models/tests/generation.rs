@@ -57,15 +57,18 @@ fn cached_decoding_matches_full_recompute() {
         )
         .unwrap();
         assert_eq!(cached.responses, full.responses);
+        // One-token and whole-sequence f32 GEMMs sum in different orders (more so with the
+        // AVX-512 kernels): log-probs near -5 differ by about 1e-5.
+        let tol = 5e-5;
         for (a, b) in cached.full_logprobs.iter().zip(&full.full_logprobs) {
             let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
             let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
-            assert_close("cached vs recomputed logprob", &a, &b, 1e-5);
+            assert_close("cached vs recomputed logprob", &a, &b, tol);
         }
         for (a, b) in cached.logprobs.iter().zip(&full.logprobs) {
             let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
             let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
-            assert_close("cached vs recomputed behaviour logprob", &a, &b, 1e-5);
+            assert_close("cached vs recomputed behaviour logprob", &a, &b, tol);
         }
     }
 }
