@@ -746,21 +746,7 @@ impl Config {
     }
 
     fn parse(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
-        let bad = |msg: String| RuntimeError::Config {
-            path: path.to_path_buf(),
-            msg,
-        };
-        if overrides.is_empty() {
-            return toml::from_str(&text).map_err(|e| bad(e.to_string()));
-        }
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        for o in overrides {
-            apply_override(&mut table, o).map_err(|m| bad(format!("--set {o}: {m}")))?;
-        }
-        // Parsed again as text, so an error keeps its key and line, and names its --set.
-        let merged = toml::to_string(&table).map_err(|e| bad(format!("after --set overrides: {e}")))?;
-        toml::from_str(&merged).map_err(|e| bad(override_error(&e, &merged, overrides)))
+        read_toml(path, overrides)
     }
 
     /// Reads a run directory's resolved `config.toml` as it was written: no overrides and no
@@ -1196,6 +1182,26 @@ fn override_error(e: &toml::de::Error, merged: &str, overrides: &[String]) -> St
 }
 
 /// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML or kept as a string.
+/// Reads a TOML config file into `T` with `--set` overrides applied; errors name the file,
+/// and an error in an overridden value names its `--set` (shared by every command's config).
+pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path, overrides: &[String]) -> Result<T, RuntimeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+    let bad = |msg: String| RuntimeError::Config {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if overrides.is_empty() {
+        return toml::from_str(&text).map_err(|e| bad(e.to_string()));
+    }
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    for o in overrides {
+        apply_override(&mut table, o).map_err(|m| bad(format!("--set {o}: {m}")))?;
+    }
+    // Parsed again as text, so an error keeps its key and line, and names its --set.
+    let merged = toml::to_string(&table).map_err(|e| bad(format!("after --set overrides: {e}")))?;
+    toml::from_str(&merged).map_err(|e| bad(override_error(&e, &merged, overrides)))
+}
+
 pub(crate) fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), String> {
     let (key, raw) = spec.split_once('=').ok_or("expected section.key=value")?;
     let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))

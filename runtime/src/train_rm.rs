@@ -258,18 +258,12 @@ impl RmConfig {
     /// Reads, overrides (`--set section.key=value`), resolves paths against the file's
     /// directory and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
-        let bad = |msg: String| RuntimeError::Config {
+        let mut cfg: RmConfig = crate::config::read_toml(path, overrides)?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        cfg.validate().map_err(|msg| RuntimeError::Config {
             path: path.to_path_buf(),
             msg,
-        };
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        for o in overrides {
-            crate::config::apply_override(&mut table, o).map_err(|m| bad(format!("--set {o}: {m}")))?;
-        }
-        let mut cfg = RmConfig::deserialize(table).map_err(|e| bad(e.to_string()))?;
-        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-        cfg.validate().map_err(bad)?;
+        })?;
         Ok(cfg)
     }
 
