@@ -248,7 +248,7 @@ pub fn generate(
     }
     let mut mask = batch.mask;
     let mut all_ids = batch.ids;
-    let mut cache = KvCache::new(model.config().dims().layers);
+    let mut cache = KvCache::with_capacity(model.config().dims().layers, longest + cfg.max_new_tokens);
     let mut logits = match decoding {
         Decoding::Cached => model.next_token_logits(&all_ids, &mask, Some(&mut cache))?,
         Decoding::Recompute => model.next_token_logits(&all_ids, &mask, None)?,

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::Gpt2Config;
 use crate::kernels::packed_attention;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, QkvRows};
 use crate::layers::{attention, embed, AttentionInputs, Conv1D, LayerNorm};
 
 #[derive(Debug, Clone)]
@@ -84,6 +84,23 @@ impl Gpt2 {
             let y = match cache.as_deref_mut() {
                 // Training and scoring forwards: one fused kernel reads the packed qkv.
                 None => packed_attention(&qkv, &attn.bias, self.heads, self.scale)?,
+                Some(c) if c.host_applies(&qkv) => {
+                    let qkv = qkv.contiguous()?;
+                    let data = qkv.flatten_all()?.to_vec1::<f32>()?;
+                    let rows = QkvRows {
+                        data: &data,
+                        rows: b,
+                        tokens: t,
+                        stride: 3 * d,
+                        q: 0,
+                        k: d,
+                        v: 2 * d,
+                        heads: self.heads,
+                        kv_heads: self.heads,
+                        head_dim: d / self.heads,
+                    };
+                    c.attend(i, rows, &attn.bias, self.scale as f32)?
+                }
                 Some(c) => {
                     let hd = d / self.heads;
                     let split = |j: usize| -> Result<Tensor> {

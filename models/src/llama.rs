@@ -7,7 +7,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::LlamaConfig;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, QkvRows};
 use crate::layers::{attention, embed, repeat_kv, AttentionInputs, RmsNorm, Rotary};
 
 /// `x W^T (+ b)` with the weight stored (out, in), as in `nn.Linear`; the bias add is the fused
@@ -115,13 +115,36 @@ impl Llama {
             let q = self.rotary.apply(&heads(&l.q_proj, self.heads)?, &attn.positions)?;
             let k = self.rotary.apply(&heads(&l.k_proj, self.kv_heads)?, &attn.positions)?;
             let v = heads(&l.v_proj, self.kv_heads)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, k, v)?,
-                None => (k, v),
-            };
             let n_rep = self.heads / self.kv_heads;
-            let y = attention(&q, &repeat_kv(k, n_rep)?, &repeat_kv(v, n_rep)?, &attn.bias, scale)?;
-            let y = y.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
+            let y = match cache.as_deref_mut() {
+                Some(c) if c.host_applies(&k) => {
+                    // Token rows [q | k | v] of (b, t, heads + 2 kv_heads, hd).
+                    let qkv = Tensor::cat(&[&q, &k, &v], 1)?.transpose(1, 2)?.contiguous()?;
+                    let data = qkv.flatten_all()?.to_vec1::<f32>()?;
+                    let (qw, kw) = (self.heads * hd, self.kv_heads * hd);
+                    let rows = QkvRows {
+                        data: &data,
+                        rows: b,
+                        tokens: t,
+                        stride: qw + 2 * kw,
+                        q: 0,
+                        k: qw,
+                        v: qw + kw,
+                        heads: self.heads,
+                        kv_heads: self.kv_heads,
+                        head_dim: hd,
+                    };
+                    c.attend(i, rows, &attn.bias, scale as f32)?
+                }
+                cache => {
+                    let (k, v) = match cache {
+                        Some(c) => c.append(i, k, v)?,
+                        None => (k, v),
+                    };
+                    let y = attention(&q, &repeat_kv(k, n_rep)?, &repeat_kv(v, n_rep)?, &attn.bias, scale)?;
+                    y.transpose(1, 2)?.reshape((b, t, self.heads * hd))?
+                }
+            };
             h = (h + l.o_proj.forward(&y)?)?;
             let x = l.post_attention_layernorm.forward(&h)?;
             let m = crate::kernels::swiglu(&l.gate_proj.forward(&x)?, &l.up_proj.forward(&x)?)?;

@@ -83,7 +83,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// y += a * x
 #[inline(always)]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
@@ -93,45 +93,51 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 const MASKED_BELOW: f32 = -1.0e8;
 
 /// Probabilities `p (t, t)` of one head of one batch row: `qkv` is that row, `bias` its
-/// (t, t) mask, `q0`/`k0` the head's offsets in a `qkv` row. A masked key gets exactly the
-/// zero the composition gives it (`exp(-1e9 - max)` is 0 in f32) without computing its score,
-/// unless every key of the row is masked, where the composition's uniform weights come from
-/// scoring them all.
+/// (t, t) mask, `q0`/`k0` the head's offsets in a `qkv` row.
 #[inline(always)]
 fn probs(qkv: &[f32], bias: &[f32], t: usize, w: usize, q0: usize, k0: usize, hd: usize, scale: f32, p: &mut [f32]) {
     for i in 0..t {
         let q = &qkv[i * w + q0..][..hd];
-        let (brow, row) = (&bias[i * t..(i + 1) * t], &mut p[i * t..(i + 1) * t]);
-        let all_masked = brow.iter().all(|&b| b < MASKED_BELOW);
-        let mut m = f32::NEG_INFINITY;
-        for (j, s) in row.iter_mut().enumerate() {
-            *s = if brow[j] < MASKED_BELOW && !all_masked {
-                f32::NEG_INFINITY
-            } else {
-                dot(q, &qkv[j * w + k0..][..hd]) * scale + brow[j]
-            };
-            m = m.max(*s);
+        let key = |j: usize| &qkv[j * w + k0..][..hd];
+        softmax_row(q, key, &bias[i * t..(i + 1) * t], scale, &mut p[i * t..(i + 1) * t]);
+    }
+}
+
+/// `row[j] = softmax_j(q . key(j) * scale + brow[j])` for one query. A masked key gets exactly
+/// the zero the composition gives it (`exp(-1e9 - max)` is 0 in f32) without computing its
+/// score, unless every key of the row is masked, where the composition's uniform weights come
+/// from scoring them all.
+#[inline(always)]
+pub(crate) fn softmax_row<'a>(q: &[f32], key: impl Fn(usize) -> &'a [f32], brow: &[f32], scale: f32, row: &mut [f32]) {
+    let all_masked = brow.iter().all(|&b| b < MASKED_BELOW);
+    let mut m = f32::NEG_INFINITY;
+    for (j, s) in row.iter_mut().enumerate() {
+        *s = if brow[j] < MASKED_BELOW && !all_masked {
+            f32::NEG_INFINITY
+        } else {
+            dot(q, key(j)) * scale + brow[j]
+        };
+        m = m.max(*s);
+    }
+    for s in row.iter_mut() {
+        *s = if *s == f32::NEG_INFINITY {
+            0.0
+        } else {
+            simd::exp(*s - m)
+        };
+    }
+    let mut acc = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let mut sum = chunks.remainder().iter().sum::<f32>();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k];
         }
-        for s in row.iter_mut() {
-            *s = if *s == f32::NEG_INFINITY {
-                0.0
-            } else {
-                simd::exp(*s - m)
-            };
-        }
-        let mut acc = [0f32; 8];
-        let chunks = row.chunks_exact(8);
-        let mut sum = chunks.remainder().iter().sum::<f32>();
-        for c in chunks {
-            for k in 0..8 {
-                acc[k] += c[k];
-            }
-        }
-        sum += acc.iter().sum::<f32>();
-        let inv = 1.0 / sum;
-        for s in row.iter_mut() {
-            *s *= inv;
-        }
+    }
+    sum += acc.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    for s in row.iter_mut() {
+        *s *= inv;
     }
 }
 
