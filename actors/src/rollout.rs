@@ -41,6 +41,24 @@ pub enum RolloutMsg {
 // Local only: never sent to another node.
 impl ractor::Message for RolloutMsg {}
 
+/// New weights from the snapshot (through its [`crate::snapshot::WeightsPort`]).
+impl From<SharedWeights> for RolloutMsg {
+    fn from(w: SharedWeights) -> Self {
+        RolloutMsg::Adopt(w)
+    }
+}
+
+impl TryFrom<RolloutMsg> for SharedWeights {
+    type Error = RolloutMsg;
+
+    fn try_from(msg: RolloutMsg) -> Result<Self, RolloutMsg> {
+        match msg {
+            RolloutMsg::Adopt(w) => Ok(w),
+            other => Err(other),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct RolloutArgs {
     pub name: String,
@@ -75,7 +93,7 @@ impl Actor for RolloutActor {
     type Arguments = RolloutArgs;
 
     async fn pre_start(&self, me: ActorRef<RolloutMsg>, args: RolloutArgs) -> Result<RolloutState, ActorProcessingErr> {
-        args.snapshot.cast(SnapshotMsg::AddRollout(me.clone()))?;
+        args.snapshot.cast(SnapshotMsg::AddPolicyReceiver(me.get_derived()))?;
         let intake = TicketIntake::new(
             &args.name,
             args.tickets.clone(),

@@ -28,6 +28,24 @@ pub enum ValueMsg {
 // Local only: never sent to another node.
 impl ractor::Message for ValueMsg {}
 
+/// New weights from the snapshot (through its [`crate::snapshot::WeightsPort`]).
+impl From<SharedWeights> for ValueMsg {
+    fn from(w: SharedWeights) -> Self {
+        ValueMsg::Adopt(w)
+    }
+}
+
+impl TryFrom<ValueMsg> for SharedWeights {
+    type Error = ValueMsg;
+
+    fn try_from(msg: ValueMsg) -> Result<Self, ValueMsg> {
+        match msg {
+            ValueMsg::Adopt(w) => Ok(w),
+            other => Err(other),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct ValueArgs {
     pub name: String,
@@ -59,7 +77,7 @@ impl Actor for ValueActor {
 
     async fn pre_start(&self, me: ActorRef<ValueMsg>, args: ValueArgs) -> Result<ValueState, ActorProcessingErr> {
         if args.critic.is_some() {
-            args.snapshot.cast(SnapshotMsg::SetValue(me.clone()))?;
+            args.snapshot.cast(SnapshotMsg::SetCriticReceiver(me.get_derived()))?;
         } else {
             me.cast(ValueMsg::Step)?;
         }
