@@ -20,7 +20,7 @@ use tandem_actors::learner::{LearnerActor, LearnerArgs, LearnerMsg};
 use tandem_actors::replay::{ReplayActor, ReplayArgs, ReplayMsg};
 use tandem_actors::reward::{RewardActor, RewardArgs};
 use tandem_actors::reward_source::RewardSource;
-use tandem_actors::rollout::{RolloutActor, RolloutArgs};
+use tandem_actors::rollout::{RolloutActor, RolloutArgs, RolloutMsg};
 use tandem_actors::snapshot::{SnapshotActor, SnapshotArgs, SnapshotMsg};
 use tandem_actors::value::{ValueActor, ValueArgs};
 use tandem_actors::{
@@ -32,11 +32,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::cluster::node_link::{NodeLinkActor, NodeLinkArgs, NodeView};
-use crate::cluster::remote_rollout::{RemoteRolloutActor, RemoteRolloutArgs};
+use crate::cluster::remote_rollout::{RemoteRolloutActor, RemoteRolloutArgs, RemoteRolloutMsg};
 use crate::cluster::wire::Setup;
 use crate::config::Config;
 use crate::error::RuntimeError;
-use crate::supervisor::{ChildRole, ChildSpec, RunFailure, RunSupervisor, SpawnFn, SupervisorArgs, SupervisorMsg};
+use crate::supervisor::{
+    ChildRole, ChildSpec, RunFailure, RunSupervisor, SpawnFn, SupervisorArgs, SupervisorMsg, WakeFn,
+};
 
 static NEXT_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -124,6 +126,7 @@ impl<'a> ActorTree<'a> {
     }
 
     /// Has the supervisor spawn a restartable stage actor.
+    #[allow(clippy::too_many_arguments)]
     async fn start_child<A>(
         &self,
         name: String,
@@ -132,6 +135,7 @@ impl<'a> ActorTree<'a> {
         role: ChildRole,
         held: HeldTickets,
         meter: Arc<ActorMeter>,
+        wake_on_reissue: Option<WakeFn>,
     ) -> Result<(), RuntimeError>
     where
         A: Actor,
@@ -143,6 +147,7 @@ impl<'a> ActorTree<'a> {
             role,
             held,
             meter,
+            wake_on_reissue,
         };
         self.root
             .call(|r| SupervisorMsg::Start(spec, r), None)
@@ -194,7 +199,7 @@ impl<'a> ActorTree<'a> {
             held: held.clone(),
             faults: faults.clone(),
         };
-        self.start_child(name, || ValueActor, args, ChildRole::Stage, held, meter)
+        self.start_child(name, || ValueActor, args, ChildRole::Stage, held, meter, None)
             .await
     }
 
@@ -226,7 +231,7 @@ impl<'a> ActorTree<'a> {
             held: held.clone(),
             faults: faults.clone(),
         };
-        self.start_child(name, || RewardActor, args, ChildRole::Stage, held, meter)
+        self.start_child(name, || RewardActor, args, ChildRole::Stage, held, meter, None)
             .await
     }
 
@@ -262,7 +267,8 @@ impl<'a> ActorTree<'a> {
                     reissued: reissued.clone(),
                     faults: faults.clone(),
                 };
-                self.start_child(name, || RolloutActor, args, ChildRole::Rollout, held, meter)
+                let wake = waker(|| RolloutMsg::Reissued);
+                self.start_child(name, || RolloutActor, args, ChildRole::Rollout, held, meter, Some(wake))
                     .await?;
             }
         }
@@ -329,8 +335,17 @@ impl<'a> ActorTree<'a> {
                     reissued: reissued.clone(),
                     timeout: Duration::from_secs_f64(cc.sample_timeout_s),
                 };
-                self.start_child(name, || RemoteRolloutActor, args, ChildRole::Rollout, held, meter)
-                    .await?;
+                let wake = waker(|| RemoteRolloutMsg::Reissued);
+                self.start_child(
+                    name,
+                    || RemoteRolloutActor,
+                    args,
+                    ChildRole::Rollout,
+                    held,
+                    meter,
+                    Some(wake),
+                )
+                .await?;
             }
             views.push((n.name.clone(), view_rx));
         }
@@ -381,6 +396,13 @@ impl<'a> ActorTree<'a> {
         let name = format!("learner/{}", self.cfg.placement.learner_device);
         self.spawn_watched(&name, LearnerActor, args, ChildRole::Learner).await
     }
+}
+
+/// Makes a [`WakeFn`] that casts `msg()` to the child.
+fn waker<M: ractor::Message>(msg: fn() -> M) -> WakeFn {
+    Arc::new(move |cell: &ActorCell| {
+        let _ = cell.send_message(msg());
+    })
 }
 
 /// Makes a [`SpawnFn`] for a restartable actor.
