@@ -3,7 +3,8 @@
 //!
 //! Stage actors (rollout, reward, value, remote rollout) are restartable [`ChildSpec`]s: the
 //! supervisor spawns them and, when one fails, reissues the tickets in its [`HeldTickets`] and
-//! spawns it again. The snapshot, replay, node-link and learner actors are linked and watched:
+//! spawns it again. A sampler's spec carries its wake hook ([`ChildSpec::wake_on_reissue`]):
+//! reissued tickets wake the samplers that wait for a newer policy. The snapshot, replay, node-link and learner actors are linked and watched:
 //! their failure ends the run. Every actor gets an [`ActorMeter`] (kept in
 //! [`ActorTree::meters`] for `actors.jsonl` and `tandem top`); a stage's meter also watches the
 //! depth of its inbound channel. ractor's registry is process-wide, so registered names carry
@@ -20,19 +21,19 @@ use tandem_actors::learner::{LearnerActor, LearnerArgs, LearnerMsg};
 use tandem_actors::replay::{ReplayActor, ReplayArgs, ReplayMsg};
 use tandem_actors::reward::{RewardActor, RewardArgs};
 use tandem_actors::reward_source::RewardSource;
-use tandem_actors::rollout::{RolloutActor, RolloutArgs, RolloutMsg};
+use tandem_actors::rollout::{RolloutActor, RolloutArgs};
 use tandem_actors::snapshot::{SnapshotActor, SnapshotArgs, SnapshotMsg};
 use tandem_actors::value::{ValueActor, ValueArgs};
 use tandem_actors::{
-    ActorError, ActorMeter, DeviceId, Executor, Faults, HeldTickets, ReissueQueue, StageReceiver, StageSender,
-    TrajectoryBatch, WeightsSnapshot, WorkTicket,
+    ActorError, ActorMeter, DeviceId, Executor, Faults, HeldTickets, ReissueQueue, StageMsg, StageReceiver,
+    StageSender, TrajectoryBatch, WeightsSnapshot, WorkTicket,
 };
 use tandem_models::{LanguageModel, ModelConfig};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::cluster::node_link::{NodeLinkActor, NodeLinkArgs, NodeView};
-use crate::cluster::remote_rollout::{RemoteRolloutActor, RemoteRolloutArgs, RemoteRolloutMsg};
+use crate::cluster::remote_rollout::{RemoteRolloutActor, RemoteRolloutArgs};
 use crate::cluster::wire::Setup;
 use crate::config::Config;
 use crate::error::RuntimeError;
@@ -199,7 +200,7 @@ impl<'a> ActorTree<'a> {
             held: held.clone(),
             faults: faults.clone(),
         };
-        self.start_child(name, || ValueActor, args, ChildRole::Stage, held, meter, None)
+        self.start_child(name, ValueActor::default, args, ChildRole::Stage, held, meter, None)
             .await
     }
 
@@ -231,7 +232,7 @@ impl<'a> ActorTree<'a> {
             held: held.clone(),
             faults: faults.clone(),
         };
-        self.start_child(name, || RewardActor, args, ChildRole::Stage, held, meter, None)
+        self.start_child(name, RewardActor::default, args, ChildRole::Stage, held, meter, None)
             .await
     }
 
@@ -267,9 +268,17 @@ impl<'a> ActorTree<'a> {
                     reissued: reissued.clone(),
                     faults: faults.clone(),
                 };
-                let wake = waker(|| RolloutMsg::Reissued);
-                self.start_child(name, || RolloutActor, args, ChildRole::Rollout, held, meter, Some(wake))
-                    .await?;
+                let wake = waker(|| StageMsg::Reissued);
+                self.start_child(
+                    name,
+                    RolloutActor::default,
+                    args,
+                    ChildRole::Rollout,
+                    held,
+                    meter,
+                    Some(wake),
+                )
+                .await?;
             }
         }
         Ok(())
@@ -335,10 +344,10 @@ impl<'a> ActorTree<'a> {
                     reissued: reissued.clone(),
                     timeout: Duration::from_secs_f64(cc.sample_timeout_s),
                 };
-                let wake = waker(|| RemoteRolloutMsg::Reissued);
+                let wake = waker(|| StageMsg::Reissued);
                 self.start_child(
                     name,
-                    || RemoteRolloutActor,
+                    RemoteRolloutActor::default,
                     args,
                     ChildRole::Rollout,
                     held,
