@@ -34,7 +34,7 @@ use clap::Args;
 use serde_json::json;
 use tandem_actors::reward_source::RewardSource;
 use tandem_models::TextTokenizer;
-use tandem_runtime::pipeline::{reward_model_source, reward_source};
+use tandem_runtime::reward_sources::{reward_model_source, reward_source};
 use tandem_runtime::store::{read_store, store_dir, ReadMode, Record, SegmentWriter, StoredTrajectory};
 use tandem_runtime::{builtin, Config};
 

@@ -53,7 +53,9 @@ pub struct RunArgs {
     quiet: bool,
 }
 
-/// Runs `cfg` on a fresh tokio runtime (control plane only: compute runs on device executors).
+/// Runs `cfg` on a fresh tokio runtime (control plane only: compute runs on device executors):
+/// the mock-labeller recipe for a config with `[mock_labeller]` (it ends with the PPO
+/// pipeline), else the PPO pipeline.
 pub fn run_config(cfg: &Config, opts: RunOptions) -> anyhow::Result<RunSummary> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -61,7 +63,13 @@ pub fn run_config(cfg: &Config, opts: RunOptions) -> anyhow::Result<RunSummary> 
         .thread_name("tandem-control")
         .build()
         .context("cannot start the async runtime")?;
-    let out = rt.block_on(tandem_runtime::run(cfg, opts));
+    let out = rt.block_on(async {
+        if cfg.mock_labeller.is_some() {
+            tandem_runtime::mock_labeller::run(cfg, opts).await
+        } else {
+            tandem_runtime::run(cfg, opts).await
+        }
+    });
     rt.shutdown_timeout(Duration::from_secs(5));
     Ok(out?)
 }

@@ -82,11 +82,6 @@ impl TicketIntake {
         self.put_aside.is_some()
     }
 
-    /// The ticket's batch went downstream: this sampler no longer answers for it.
-    pub fn handed_on(&self, id: u64) {
-        self.held.release(id);
-    }
-
     /// Gives back the ticket put aside, for other samplers (this one cannot sample for now).
     pub fn give_back(&mut self) {
         if let Some(t) = self.put_aside.take() {

@@ -20,6 +20,8 @@
 //!   drops (and counts) anything older than that when the learner asks for a batch. Data
 //!   from an older version than the one trained is off-policy and corrected as such.
 //! - Compute runs on [`device::Executor`] threads, never on tokio workers.
+//! - Rollout, reward and value (and the runtime's proxies of remote rollouts) run in one
+//!   [`stage`] skeleton: receive, hold the ticket, compute on the device, send, release.
 //! - A failed rollout, reward or value actor loses no prompts: the tickets it held are
 //!   reissued ([`reissue`]); the learner checkpoints at step boundaries only ([`learner`]).
 
@@ -43,6 +45,7 @@ pub mod rule_reward;
 pub mod sft_learner;
 pub mod sft_trainer;
 pub mod snapshot;
+pub mod stage;
 pub mod trajectory;
 pub mod value;
 
@@ -55,6 +58,7 @@ pub use learner::{LearnerEvent, StepReport};
 pub use meter::{ActorMeter, ActorState, MeterReading};
 pub use ppo_trainer::{Advantage, PpoTrainer, TrainerConfig, TrainerState};
 pub use reissue::{HeldTickets, ReissueQueue, TicketSet};
+pub use stage::{Stage, StageActor, StageMsg};
 pub use trajectory::{
     Prompt, SharedWeights, StepRecords, TokenOutputs, Trajectory, TrajectoryBatch, WeightsSnapshot, WorkTicket,
 };

@@ -1,4 +1,4 @@
-//! The reward actor: scores responses and computes the reference model's log-probs.
+//! The reward stage: scores responses and computes the reference model's log-probs.
 //!
 //! For each batch from the rollout stage it runs the reward source and, on its device, the
 //! frozen reference policy over prompt + response, and forwards the batch with `score` and
@@ -8,33 +8,30 @@
 //! `-beta * KL_t (+ score at the last token)` is assembled by the learner with the KL
 //! coefficient of the step that trains on the batch, so an adaptive beta is applied exactly.
 //!
-//! The ticket of the batch in hand is recorded in [`HeldTickets`] until the batch is handed
-//! downstream, so a supervisor can reissue it if this actor fails.
+//! It runs in the [stage skeleton](crate::stage): the ticket of the batch in hand is recorded
+//! in [`HeldTickets`] until the batch is handed downstream, so a supervisor can reissue it if
+//! this actor fails.
 
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{ActorProcessingErr, ActorRef};
 use tandem_models::batch::PromptResponseBatch;
 use tandem_models::LanguageModel;
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
 use crate::faults::Faults;
-use crate::meter::{ActorMeter, ActorState};
+use crate::meter::ActorMeter;
 use crate::reissue::HeldTickets;
 use crate::reward_source::RewardSource;
-use crate::trajectory::TrajectoryBatch;
+use crate::stage::{Stage, StageActor, StageCore, StageMsg, Take};
+use crate::trajectory::{TrajectoryBatch, WorkTicket};
 
 /// Scores per row and, with a reference model, its log-probs per response token.
 type ScoresAndRefs = (Vec<f32>, Option<Vec<Vec<f32>>>);
 
-pub enum RewardMsg {
-    /// Score the next batch (self-sent).
-    Step,
-}
-
-// Local only: never sent to another node.
-impl ractor::Message for RewardMsg {}
+/// The reward actor: the [`RewardStage`] in the stage skeleton.
+pub type RewardActor = StageActor<RewardStage>;
 
 #[derive(Clone)]
 pub struct RewardArgs {
@@ -54,38 +51,43 @@ pub struct RewardArgs {
     pub faults: Arc<Faults>,
 }
 
-pub struct RewardActor;
+pub struct RewardStage {
+    args: RewardArgs,
+}
 
-impl Actor for RewardActor {
-    type Msg = RewardMsg;
-    type State = RewardArgs;
-    type Arguments = RewardArgs;
+impl Stage for RewardStage {
+    type Args = RewardArgs;
+    type In = TrajectoryBatch;
+    const UPSTREAM_CLOSED: &'static str = "rollout stage closed";
+    const DOWNSTREAM_GONE: &'static str = "value stage gone";
 
-    async fn pre_start(&self, me: ActorRef<RewardMsg>, args: RewardArgs) -> Result<RewardArgs, ActorProcessingErr> {
-        me.cast(RewardMsg::Step)?;
-        Ok(args)
+    fn start(args: RewardArgs, _me: &ActorRef<StageMsg>) -> Result<(Self, StageCore, bool), ActorProcessingErr> {
+        let core = StageCore {
+            out: args.out.clone(),
+            meter: args.meter.clone(),
+            held: args.held.clone(),
+        };
+        Ok((RewardStage { args }, core, true))
     }
 
-    async fn handle(
-        &self,
-        me: ActorRef<RewardMsg>,
-        _msg: RewardMsg,
-        st: &mut RewardArgs,
-    ) -> Result<(), ActorProcessingErr> {
-        let _timer = st.meter.time_handle();
-        st.meter.set_state(ActorState::Idle);
-        let Some(mut batch) = st.input.recv().await else {
-            st.meter.set_state(ActorState::Stopped);
-            me.stop(Some("rollout stage closed".into()));
-            return Ok(());
-        };
-        st.held.hold(&batch.ticket);
+    fn ticket(batch: &TrajectoryBatch) -> &WorkTicket {
+        &batch.ticket
+    }
+
+    async fn take(&mut self, _me: &ActorRef<StageMsg>) -> Take<TrajectoryBatch> {
+        match self.args.input.recv().await {
+            Some(b) => Take::Item(b),
+            None => Take::Closed,
+        }
+    }
+
+    async fn compute(&mut self, mut batch: TrajectoryBatch) -> Result<TrajectoryBatch, ActorProcessingErr> {
+        let st = &self.args;
         let source = st.source.clone();
         let reference = st.reference.clone();
         let temperature = st.temperature;
         let prompts: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.prompt_ids.clone()).collect();
         let responses: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.response_ids.clone()).collect();
-        st.meter.set_state(ActorState::Computing);
         // A source that does not use the device (a rule, an external verifier) scores on a
         // thread of its own while the reference runs on the device.
         let off_device = (!source.uses_device()).then(|| {
@@ -136,19 +138,7 @@ impl Actor for RewardActor {
         st.meter.busy(took);
         st.meter.items(batch.trajectories.len() as u64);
         st.faults.reward_batch();
-        st.meter.set_state(ActorState::Blocked);
-        let ticket = batch.ticket.id;
-        let sent = st.out.send(batch).await;
-        st.meter.set_state(ActorState::Idle);
-        if let Ok(waited) = sent {
-            st.held.release(ticket);
-            st.meter.blocked(waited);
-        } else {
-            me.stop(Some("value stage gone".into()));
-            return Ok(());
-        }
-        me.cast(RewardMsg::Step)?;
-        Ok(())
+        Ok(batch)
     }
 }
 
@@ -237,7 +227,7 @@ mod tests {
             held: HeldTickets::default(),
             faults: Arc::new(Faults::default()),
         };
-        let (actor, handle) = Actor::spawn(None, RewardActor, args).await.unwrap();
+        let (actor, handle) = Actor::spawn(None, RewardActor::default(), args).await.unwrap();
         in_tx.send(batch()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
         let asked = Instant::now();

@@ -1,22 +1,23 @@
-//! The rollout actor (sampler): turns work tickets into sampled responses.
+//! The rollout stage (sampler): turns work tickets into sampled responses.
 //!
 //! It holds a policy built over the latest [`SharedWeights`] it adopted (sharing the tensors)
-//! and loops: take a ticket from the bounded ticket channel, wait until its policy is recent
-//! enough for the ticket (`ticket.step <= version + max_lag`, `max_lag = max_staleness +
-//! publish_every - 1`; in sync mode with a publish every step that means exactly the
-//! learner's current version), generate on its device with the ticket's seed,
-//! and push the batch into the bounded channel to the reward stage — waiting there when the
-//! reward stage is full. New weights are swapped in between generation batches, never during
-//! one. The loop ends when the ticket channel closes or the downstream channel is gone.
+//! and, in the [stage skeleton](crate::stage), loops: take a ticket from the bounded ticket
+//! channel, wait until its policy is recent enough for the ticket (`ticket.step <= version +
+//! max_lag`, `max_lag = max_staleness + publish_every - 1`; in sync mode with a publish every
+//! step that means exactly the learner's current version), generate on its device with the
+//! ticket's seed, and push the batch into the bounded channel to the reward stage — waiting
+//! there when the reward stage is full. New weights are swapped in between generation batches,
+//! never during one ([`Stage::adopt`]). The loop ends when the ticket channel closes or the
+//! downstream channel is gone.
 //!
 //! Tickets are taken in the order [`TicketIntake`] defines (reissued ones first, with the
 //! staleness gate), and held in the rollout's [`HeldTickets`] until their batch is handed
-//! downstream; [`RolloutMsg::Reissued`] wakes a rollout that is waiting for a newer policy so
+//! downstream; [`StageMsg::Reissued`] wakes a rollout that is waiting for a newer policy so
 //! a reissued ticket never waits behind a ticket meant for a later step.
 
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{ActorProcessingErr, ActorRef};
 use rand::{rngs::StdRng, SeedableRng};
 use tandem_models::{generate, Decoding, LanguageModel, ModelConfig, SamplingConfig};
 
@@ -24,22 +25,14 @@ use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
 use crate::faults::Faults;
 use crate::intake::{Next, TicketIntake};
-use crate::meter::{ActorMeter, ActorState};
+use crate::meter::ActorMeter;
 use crate::reissue::{HeldTickets, ReissueQueue};
 use crate::snapshot::{adopt, SnapshotMsg};
+use crate::stage::{Stage, StageActor, StageCore, StageMsg, Take};
 use crate::trajectory::{SharedWeights, StageTimes, Trajectory, TrajectoryBatch, WorkTicket};
 
-pub enum RolloutMsg {
-    /// Take the next ticket (self-sent after each batch).
-    Step,
-    /// Swap in a new policy version before the next batch.
-    Adopt(SharedWeights),
-    /// Tickets were put in the reissue queue.
-    Reissued,
-}
-
-// Local only: never sent to another node.
-impl ractor::Message for RolloutMsg {}
+/// The rollout actor: the [`RolloutStage`] in the stage skeleton.
+pub type RolloutActor = StageActor<RolloutStage>;
 
 #[derive(Clone)]
 pub struct RolloutArgs {
@@ -61,21 +54,27 @@ pub struct RolloutArgs {
     pub faults: Arc<Faults>,
 }
 
-pub struct RolloutState {
+pub struct RolloutStage {
     args: RolloutArgs,
     model: Option<(u64, Arc<LanguageModel>)>,
     intake: TicketIntake,
 }
 
-pub struct RolloutActor;
+/// A ticket to sample, with the policy (and its version) it is sampled with.
+pub struct Assigned {
+    ticket: WorkTicket,
+    version: u64,
+    model: Arc<LanguageModel>,
+}
 
-impl Actor for RolloutActor {
-    type Msg = RolloutMsg;
-    type State = RolloutState;
-    type Arguments = RolloutArgs;
+impl Stage for RolloutStage {
+    type Args = RolloutArgs;
+    type In = Assigned;
+    const UPSTREAM_CLOSED: &'static str = "no more tickets";
+    const DOWNSTREAM_GONE: &'static str = "reward stage gone";
 
-    async fn pre_start(&self, me: ActorRef<RolloutMsg>, args: RolloutArgs) -> Result<RolloutState, ActorProcessingErr> {
-        args.snapshot.cast(SnapshotMsg::AddRollout(me.clone()))?;
+    fn start(args: RolloutArgs, me: &ActorRef<StageMsg>) -> Result<(Self, StageCore, bool), ActorProcessingErr> {
+        args.snapshot.cast(SnapshotMsg::AddPolicyReceiver(me.get_derived()))?;
         let intake = TicketIntake::new(
             &args.name,
             args.tickets.clone(),
@@ -83,95 +82,67 @@ impl Actor for RolloutActor {
             args.held.clone(),
             args.max_lag,
         );
-        Ok(RolloutState {
+        let core = StageCore {
+            out: args.out.clone(),
+            meter: args.meter.clone(),
+            held: args.held.clone(),
+        };
+        let stage = RolloutStage {
             args,
             model: None,
             intake,
-        })
+        };
+        // The first policy starts it.
+        Ok((stage, core, false))
     }
 
-    async fn handle(
-        &self,
-        me: ActorRef<RolloutMsg>,
-        msg: RolloutMsg,
-        st: &mut RolloutState,
-    ) -> Result<(), ActorProcessingErr> {
-        let _timer = st.args.meter.time_handle();
-        match msg {
-            RolloutMsg::Adopt(w) => {
-                let (cfg, dev) = (&st.args.config, st.args.executor.device());
-                let build = |t| LanguageModel::from_tensors(cfg, t, dev);
-                let Some(first) = adopt(&mut st.model, &w, &st.args.name, &st.args.snapshot, build)? else {
-                    return Ok(());
-                };
-                st.args.meter.set_version(w.version);
-                if first || st.intake.waiting() {
-                    me.cast(RolloutMsg::Step)?;
-                }
-            }
-            RolloutMsg::Reissued => {
-                if st.intake.waiting() {
-                    me.cast(RolloutMsg::Step)?;
-                }
-            }
-            RolloutMsg::Step => {
-                let Some((version, model)) = st.model.clone() else {
-                    return Ok(());
-                };
-                st.args.meter.set_state(ActorState::Idle);
-                let ticket = match st.intake.next(version).await {
-                    Next::Sample(t) => t,
-                    // Too far ahead of the policy: Adopt (or Reissued) resumes us.
-                    Next::Wait => return Ok(()),
-                    Next::Closed => {
-                        st.args.meter.set_state(ActorState::Stopped);
-                        me.stop(Some("no more tickets".into()));
-                        return Ok(());
-                    }
-                };
-                st.args.meter.set_state(ActorState::Computing);
-                let batch = self.sample(st, &ticket, version, model).await?;
-                st.args.faults.rollout_batch();
-                st.args.meter.set_state(ActorState::Blocked);
-                let sent = st.args.out.send(batch).await;
-                st.args.meter.set_state(ActorState::Idle);
-                if let Ok(waited) = sent {
-                    st.intake.handed_on(ticket.id);
-                    st.args.meter.blocked(waited);
-                } else {
-                    me.stop(Some("reward stage gone".into()));
-                    return Ok(());
-                }
-                me.cast(RolloutMsg::Step)?;
-            }
+    fn ticket(input: &Assigned) -> &WorkTicket {
+        &input.ticket
+    }
+
+    async fn take(&mut self, _me: &ActorRef<StageMsg>) -> Take<Assigned> {
+        let Some((version, model)) = self.model.clone() else {
+            return Take::Wait;
+        };
+        match self.intake.next(version).await {
+            Next::Sample(ticket) => Take::Item(Assigned { ticket, version, model }),
+            // Too far ahead of the policy: Adopt (or Reissued) resumes us.
+            Next::Wait => Take::Wait,
+            Next::Closed => Take::Closed,
         }
-        Ok(())
     }
-}
 
-impl RolloutActor {
-    async fn sample(
-        &self,
-        st: &RolloutState,
-        ticket: &WorkTicket,
-        version: u64,
-        model: Arc<LanguageModel>,
-    ) -> Result<TrajectoryBatch, ActorProcessingErr> {
+    async fn compute(&mut self, a: Assigned) -> Result<TrajectoryBatch, ActorProcessingErr> {
+        let args = &self.args;
         let batch = sample_ticket(
-            &st.args.executor,
-            model,
-            &st.args.sampling,
-            ticket,
-            version,
-            &st.args.name,
+            &args.executor,
+            a.model,
+            &args.sampling,
+            &a.ticket,
+            a.version,
+            &args.name,
         )
         .await?;
-        st.args
-            .meter
+        args.meter
             .busy(std::time::Duration::from_secs_f64(batch.times.generate_s));
-        st.args.meter.items(batch.tokens_generated as u64);
-        metrics::counter!("tandem_rollout_batches_total", &st.args.meter.labels()).increment(1);
+        args.meter.items(batch.tokens_generated as u64);
+        metrics::counter!("tandem_rollout_batches_total", &args.meter.labels()).increment(1);
+        args.faults.rollout_batch();
         Ok(batch)
+    }
+
+    fn adopt(&mut self, w: SharedWeights) -> Result<Option<bool>, ActorProcessingErr> {
+        let (cfg, dev) = (&self.args.config, self.args.executor.device());
+        let build = |t| LanguageModel::from_tensors(cfg, t, dev);
+        let adopted = adopt(&mut self.model, &w, &self.args.name, &self.args.snapshot, build)?;
+        if adopted.is_some() {
+            self.args.meter.set_version(w.version);
+        }
+        Ok(adopted)
+    }
+
+    fn waiting(&self) -> bool {
+        self.intake.waiting()
     }
 }
 

@@ -1,10 +1,12 @@
 //! The snapshot actor: owns the versioned weights and hands them out.
 //!
 //! The learner publishes version k+1 of the policy (and of the critic) after a step; the
-//! snapshot actor keeps the latest [`SharedWeights`] and casts the same `Arc` to every rollout
-//! actor and to the value actor — receivers share the tensors, nothing is copied per receiver.
-//! Receivers report back when they adopt a version; the publish-to-adopt latency of each
-//! version is recorded as a histogram and kept for the learner's metrics line.
+//! snapshot actor keeps the latest [`SharedWeights`] and sends the same `Arc` to every policy
+//! receiver (the rollout actors) and to the critic receiver (the value actor) — receivers share
+//! the tensors, nothing is copied per receiver. Receivers register a [`WeightsPort`]: a ractor
+//! [`DerivedActorRef`] that accepts weights, so the snapshot never names their message types.
+//! Receivers report back when they adopt a version ([`adopt`]); the publish-to-adopt latency
+//! of each version is recorded as a histogram and kept for the learner's metrics line.
 //!
 //! Receivers in other processes (worker nodes) [`SnapshotMsg::Subscribe`] instead: they get a
 //! `watch` receiver that always holds the latest version, so a slow link skips intermediate
@@ -15,12 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Tensor;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 
 use crate::meter::ActorMeter;
-use crate::rollout::RolloutMsg;
 use crate::trajectory::SharedWeights;
-use crate::value::ValueMsg;
+
+/// Where the snapshot sends new weights: any actor whose messages convert from
+/// [`SharedWeights`] (`actor_ref.get_derived()`).
+pub type WeightsPort = DerivedActorRef<SharedWeights>;
 
 pub enum SnapshotMsg {
     /// A new policy version (and critic, when there is one) from the learner.
@@ -34,10 +38,10 @@ pub enum SnapshotMsg {
         version: u64,
         latency: Duration,
     },
-    /// Register a rollout actor; it gets the latest policy at once.
-    AddRollout(ActorRef<RolloutMsg>),
-    /// Register the value actor; it gets the latest critic at once.
-    SetValue(ActorRef<ValueMsg>),
+    /// Register a policy receiver (a rollout actor); it gets the latest policy at once.
+    AddPolicyReceiver(WeightsPort),
+    /// Register the critic receiver (the value actor); it gets the latest critic at once.
+    SetCriticReceiver(WeightsPort),
     /// A watch on the latest policy (for receivers that copy weights elsewhere).
     Subscribe(RpcReplyPort<tokio::sync::watch::Receiver<SharedWeights>>),
     /// The worst publish-to-adopt latency of `version` seen so far, in seconds.
@@ -56,8 +60,8 @@ pub struct SnapshotState {
     policy: SharedWeights,
     critic: Option<SharedWeights>,
     meter: Arc<ActorMeter>,
-    rollouts: Vec<ActorRef<RolloutMsg>>,
-    value: Option<ActorRef<ValueMsg>>,
+    policy_receivers: Vec<WeightsPort>,
+    critic_receiver: Option<WeightsPort>,
     latency: BTreeMap<u64, f64>,
     watch: tokio::sync::watch::Sender<SharedWeights>,
 }
@@ -84,8 +88,8 @@ impl Actor for SnapshotActor {
             policy: args.policy,
             critic: args.critic,
             meter: args.meter,
-            rollouts: vec![],
-            value: None,
+            policy_receivers: vec![],
+            critic_receiver: None,
             latency: BTreeMap::new(),
         })
     }
@@ -103,11 +107,11 @@ impl Actor for SnapshotActor {
                 metrics::histogram!("tandem_weight_publish_seconds")
                     .record(policy.published_at.elapsed().as_secs_f64());
                 // Critic first: the value stage must never see data newer than its critic.
-                if let (Some(c), Some(v)) = (&critic, &st.value) {
-                    let _ = v.cast(ValueMsg::Adopt(c.clone()));
+                if let (Some(c), Some(v)) = (&critic, &st.critic_receiver) {
+                    let _ = v.send_message(c.clone());
                 }
-                for r in &st.rollouts {
-                    let _ = r.cast(RolloutMsg::Adopt(policy.clone()));
+                for r in &st.policy_receivers {
+                    let _ = r.send_message(policy.clone());
                 }
                 st.watch.send_replace(policy.clone());
                 st.policy = policy;
@@ -129,15 +133,15 @@ impl Actor for SnapshotActor {
                 let e = st.latency.entry(version).or_insert(0.0);
                 *e = e.max(latency.as_secs_f64());
             }
-            SnapshotMsg::AddRollout(r) => {
-                let _ = r.cast(RolloutMsg::Adopt(st.policy.clone()));
-                st.rollouts.push(r);
+            SnapshotMsg::AddPolicyReceiver(r) => {
+                let _ = r.send_message(st.policy.clone());
+                st.policy_receivers.push(r);
             }
-            SnapshotMsg::SetValue(v) => {
+            SnapshotMsg::SetCriticReceiver(v) => {
                 if let Some(c) = &st.critic {
-                    let _ = v.cast(ValueMsg::Adopt(c.clone()));
+                    let _ = v.send_message(c.clone());
                 }
-                st.value = Some(v);
+                st.critic_receiver = Some(v);
             }
             SnapshotMsg::Subscribe(reply) => {
                 let _ = reply.send(st.watch.subscribe());

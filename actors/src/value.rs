@@ -1,32 +1,29 @@
-//! The value actor: the critic's per-token values for each response.
+//! The value stage: the critic's per-token values for each response.
 //!
 //! It holds a critic built over the latest critic weights the snapshot actor handed it. A batch
 //! is only valued by a critic at least as new as the policy that sampled it (the learner
 //! publishes policy and critic together, critic first), so in sync mode step k's data is
-//! always valued by critic k. Without a critic (GRPO, RLOO) the stage passes batches through
-//! with zero values.
+//! always valued by critic k: a batch that is newer waits in the [stage skeleton](crate::stage)
+//! ([`Stage::ready`]) until that critic arrives. Without a critic (GRPO, RLOO) the stage
+//! passes batches through with zero values.
 
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{ActorProcessingErr, ActorRef};
 use tandem_models::batch::PromptResponseBatch;
 use tandem_models::{ModelConfig, ScalarModel};
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
 use crate::faults::Faults;
-use crate::meter::{ActorMeter, ActorState};
+use crate::meter::ActorMeter;
 use crate::reissue::HeldTickets;
 use crate::snapshot::{adopt, SnapshotMsg};
-use crate::trajectory::{SharedWeights, TrajectoryBatch};
+use crate::stage::{Stage, StageActor, StageCore, StageMsg, Take};
+use crate::trajectory::{SharedWeights, TrajectoryBatch, WorkTicket};
 
-pub enum ValueMsg {
-    Step,
-    Adopt(SharedWeights),
-}
-
-// Local only: never sent to another node.
-impl ractor::Message for ValueMsg {}
+/// The value actor: the [`ValueStage`] in the stage skeleton.
+pub type ValueActor = StageActor<ValueStage>;
 
 #[derive(Clone)]
 pub struct ValueArgs {
@@ -44,116 +41,87 @@ pub struct ValueArgs {
     pub faults: Arc<Faults>,
 }
 
-pub struct ValueState {
+pub struct ValueStage {
     args: ValueArgs,
     model: Option<(u64, Arc<ScalarModel>)>,
-    pending: Option<TrajectoryBatch>,
 }
 
-pub struct ValueActor;
+impl Stage for ValueStage {
+    type Args = ValueArgs;
+    type In = TrajectoryBatch;
+    const UPSTREAM_CLOSED: &'static str = "reward stage closed";
+    const DOWNSTREAM_GONE: &'static str = "replay gone";
 
-impl Actor for ValueActor {
-    type Msg = ValueMsg;
-    type State = ValueState;
-    type Arguments = ValueArgs;
-
-    async fn pre_start(&self, me: ActorRef<ValueMsg>, args: ValueArgs) -> Result<ValueState, ActorProcessingErr> {
-        if args.critic.is_some() {
-            args.snapshot.cast(SnapshotMsg::SetValue(me.clone()))?;
-        } else {
-            me.cast(ValueMsg::Step)?;
+    fn start(args: ValueArgs, me: &ActorRef<StageMsg>) -> Result<(Self, StageCore, bool), ActorProcessingErr> {
+        // With a critic, the first critic starts it.
+        let take_now = args.critic.is_none();
+        if !take_now {
+            args.snapshot.cast(SnapshotMsg::SetCriticReceiver(me.get_derived()))?;
         }
-        Ok(ValueState {
-            args,
-            model: None,
-            pending: None,
-        })
+        let core = StageCore {
+            out: args.out.clone(),
+            meter: args.meter.clone(),
+            held: args.held.clone(),
+        };
+        Ok((ValueStage { args, model: None }, core, take_now))
     }
 
-    async fn handle(
-        &self,
-        me: ActorRef<ValueMsg>,
-        msg: ValueMsg,
-        st: &mut ValueState,
-    ) -> Result<(), ActorProcessingErr> {
-        let _timer = st.args.meter.time_handle();
-        match msg {
-            ValueMsg::Adopt(w) => {
-                let Some(cfg) = &st.args.critic else { return Ok(()) };
-                let build = |t| ScalarModel::from_tensors(cfg, t, st.args.executor.device());
-                let Some(first) = adopt(&mut st.model, &w, &st.args.name, &st.args.snapshot, build)? else {
-                    return Ok(());
-                };
-                st.args.meter.set_version(w.version);
-                if first || st.pending.is_some() {
-                    me.cast(ValueMsg::Step)?;
-                }
-            }
-            ValueMsg::Step => {
-                st.args.meter.set_state(ActorState::Idle);
-                let batch = match st.pending.take() {
-                    Some(b) => b,
-                    None => match st.args.input.recv().await {
-                        Some(b) => b,
-                        None => {
-                            st.args.meter.set_state(ActorState::Stopped);
-                            me.stop(Some("reward stage closed".into()));
-                            return Ok(());
-                        }
-                    },
-                };
-                st.args.held.hold(&batch.ticket);
-                let mut batch = match &st.model {
-                    None if st.args.critic.is_none() => batch,
-                    None => {
-                        st.pending = Some(batch);
-                        return Ok(());
-                    }
-                    Some((v, model)) => {
-                        let needed = batch.trajectories.iter().map(|t| t.policy_version).max().unwrap_or(0);
-                        if *v < needed {
-                            st.pending = Some(batch);
-                            return Ok(());
-                        }
-                        self.value(st, batch, model.clone()).await?
-                    }
-                };
-                if st.args.critic.is_none() {
-                    for t in &mut batch.trajectories {
-                        t.values = vec![0.0; t.response_ids.len()];
-                    }
-                }
-                st.args.meter.items(batch.trajectories.len() as u64);
-                st.args.faults.value_batch();
-                st.args.meter.set_state(ActorState::Blocked);
-                let ticket = batch.ticket.id;
-                let sent = st.args.out.send(batch).await;
-                st.args.meter.set_state(ActorState::Idle);
-                if let Ok(waited) = sent {
-                    st.args.held.release(ticket);
-                    st.args.meter.blocked(waited);
-                } else {
-                    me.stop(Some("replay gone".into()));
-                    return Ok(());
-                }
-                me.cast(ValueMsg::Step)?;
+    fn ticket(batch: &TrajectoryBatch) -> &WorkTicket {
+        &batch.ticket
+    }
+
+    async fn take(&mut self, _me: &ActorRef<StageMsg>) -> Take<TrajectoryBatch> {
+        match self.args.input.recv().await {
+            Some(b) => Take::Item(b),
+            None => Take::Closed,
+        }
+    }
+
+    fn ready(&self, batch: &TrajectoryBatch) -> bool {
+        match &self.model {
+            None => self.args.critic.is_none(),
+            Some((v, _)) => {
+                let needed = batch.trajectories.iter().map(|t| t.policy_version).max().unwrap_or(0);
+                *v >= needed
             }
         }
-        Ok(())
+    }
+
+    async fn compute(&mut self, batch: TrajectoryBatch) -> Result<TrajectoryBatch, ActorProcessingErr> {
+        let mut batch = match self.model.clone() {
+            Some((_, model)) => self.value(batch, model).await?,
+            None => batch,
+        };
+        if self.args.critic.is_none() {
+            for t in &mut batch.trajectories {
+                t.values = vec![0.0; t.response_ids.len()];
+            }
+        }
+        self.args.meter.items(batch.trajectories.len() as u64);
+        self.args.faults.value_batch();
+        Ok(batch)
+    }
+
+    fn adopt(&mut self, w: SharedWeights) -> Result<Option<bool>, ActorProcessingErr> {
+        let Some(cfg) = &self.args.critic else { return Ok(None) };
+        let build = |t| ScalarModel::from_tensors(cfg, t, self.args.executor.device());
+        let adopted = adopt(&mut self.model, &w, &self.args.name, &self.args.snapshot, build)?;
+        if adopted.is_some() {
+            self.args.meter.set_version(w.version);
+        }
+        Ok(adopted)
     }
 }
 
-impl ValueActor {
+impl ValueStage {
     async fn value(
         &self,
-        st: &ValueState,
         mut batch: TrajectoryBatch,
         model: Arc<ScalarModel>,
     ) -> Result<TrajectoryBatch, ActorProcessingErr> {
         let prompts: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.prompt_ids.clone()).collect();
         let responses: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.response_ids.clone()).collect();
-        st.args.meter.set_state(ActorState::Computing);
-        let (values, took) = st
+        let (values, took) = self
             .args
             .executor
             .run(move |dev| -> Result<Vec<Vec<f32>>, crate::error::ActorError> {
@@ -169,7 +137,7 @@ impl ValueActor {
             t.values = values[i][..t.response_ids.len()].to_vec();
         }
         batch.times.value_s = took.as_secs_f64();
-        st.args.meter.busy(took);
+        self.args.meter.busy(took);
         Ok(batch)
     }
 }

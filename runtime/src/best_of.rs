@@ -28,8 +28,9 @@ use tandem_models::{generate, Decoding, LanguageModel, SamplingConfig, TextToken
 
 use crate::config::Config;
 use crate::error::RuntimeError;
-use crate::pipeline::{load_policy, reward_source};
+use crate::policy::load_policy;
 use crate::prompts::load_prompts;
+use crate::reward_sources::reward_source;
 
 /// The largest `N` that best-of-N sampling accepts.
 pub const MAX_BEST_OF: usize = 1024;
@@ -79,7 +80,7 @@ pub fn sample_and_score(
             let (done, total) = (out.len(), prompts.len());
             let elapsed = started.elapsed().as_secs_f64();
             let eta = elapsed / done.max(1) as f64 * (total - done) as f64;
-            let hms = crate::pipeline::hms;
+            let hms = crate::progress::hms;
             eprintln!(
                 "sampled {done}/{total} prompts ({n} each) elapsed {} eta {}",
                 hms(elapsed),

@@ -30,8 +30,8 @@ use tandem_actors::Executor;
 use crate::best_of::{policy, sample_and_score};
 use crate::config::{Config, RewardKind};
 use crate::error::RuntimeError;
-use crate::pipeline::reward_source;
 use crate::prompts::load_prompts;
+use crate::reward_sources::reward_source;
 
 /// How to evaluate.
 #[derive(Debug, Clone)]

@@ -12,9 +12,14 @@
 //! Besides PPO runs ([`pipeline`]): reward-model training from preferences ([`train_rm`]),
 //! best-of-N sampling ([`best_of`]), the mock-labeller experiment ([`mock_labeller`]) and the
 //! rule/command reward sources a config can name ([`reward_sources`]).
+//!
+//! The modules form layers, each using only those below it: [`config`] (a leaf: the schema,
+//! its checks and the built-in models); setup ([`policy`], [`reward_sources`], [`prompts`],
+//! [`cluster`], [`supervisor`]); the PPO [`pipeline`]; and the recipes above it
+//! ([`mock_labeller`], [`best_of`], [`train_rm`], [`sft`], [`eval`]), which the binary
+//! chooses among.
 
 pub mod best_of;
-pub mod builtin;
 pub mod chat;
 pub mod checkpoint;
 pub mod cluster;
@@ -24,6 +29,8 @@ pub mod eval;
 pub mod interrupts;
 pub mod mock_labeller;
 pub mod pipeline;
+pub mod policy;
+pub mod progress;
 pub mod prompts;
 pub mod reward_sources;
 pub mod run_dir;
@@ -36,6 +43,8 @@ pub mod telemetry;
 pub mod tensorboard;
 pub mod train_rm;
 
+/// The built-in tiny models (`[models.policy.builtin]`), a part of the config.
+pub use config::builtin;
 pub use config::{Config, Retention, StoreConfig};
 pub use error::RuntimeError;
 pub use pipeline::{run, RunOptions, RunSummary};

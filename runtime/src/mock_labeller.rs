@@ -30,7 +30,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
-use serde::{Deserialize, Serialize};
 use tandem_actors::reward_source::RewardSource;
 use tandem_actors::rm_trainer::{Comparison, RmLoss};
 use tandem_actors::{ActorError, Executor};
@@ -39,62 +38,21 @@ use tandem_models::{TextTokenizer, WeightInit};
 use crate::best_of::sample_and_score;
 use crate::config::{Config, RewardKind, RewardSourceConfig};
 use crate::error::RuntimeError;
-use crate::pipeline::{load_policy, reward_source, RunOptions, RunSummary};
+use crate::pipeline::{RunOptions, RunSummary};
+use crate::policy::{load_policy, LoadedPolicy};
 use crate::prompts::load_prompts;
+use crate::reward_sources::reward_source;
 use crate::step_probe::StepProbe;
 use crate::train_rm::{
-    train_rm_on, CheckpointSection, NormalizeKind, NormalizeSection, RmChannels, RmConfig, RmData, RmInputs,
-    RmPlacement, TrainSection,
+    train_rm_on, CheckpointSection, NormalizeSection, RmChannels, RmConfig, RmData, RmInputs, RmPlacement, TrainSection,
 };
-
-/// `[mock_labeller]`; see the module docs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MockLabellerConfig {
-    pub pairs: usize,
-    pub eval_pairs: usize,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub normalize: NormalizeKind,
-    pub min_eval_accuracy: f64,
-}
-
-impl Default for MockLabellerConfig {
-    fn default() -> Self {
-        Self {
-            pairs: 512,
-            eval_pairs: 128,
-            epochs: 4,
-            batch_size: 32,
-            lr: 1e-3,
-            normalize: NormalizeKind::GainBias,
-            min_eval_accuracy: 0.0,
-        }
-    }
-}
-
-impl MockLabellerConfig {
-    pub fn validate(&self, cfg: &Config) -> Result<(), String> {
-        if self.pairs < 2 || self.eval_pairs < 1 || self.epochs == 0 || self.batch_size == 0 {
-            return Err("mock_labeller: needs pairs >= 2, eval_pairs >= 1, epochs >= 1, batch_size >= 1".into());
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err("mock_labeller.lr must be > 0".into());
-        }
-        if cfg.models.critic.init == crate::config::CriticInit::RewardModel {
-            return Err("mock_labeller: models.critic.init = \"reward_model\" is not available (the reward model is trained during the run); use \"policy\"".into());
-        }
-        Ok(())
-    }
-}
 
 /// Labelled pairs and every sampled (prompt, response).
 type Labelled = (Vec<Comparison>, Vec<(Vec<u32>, Vec<u32>)>, usize);
 
 fn label(
     cfg: &Config,
-    policy: &crate::pipeline::LoadedPolicy,
+    policy: &LoadedPolicy,
     prompts: &[Vec<u32>],
     truth: &dyn RewardSource,
     want: usize,
@@ -165,7 +123,11 @@ fn text(tok: &TextTokenizer, ids: &[u32]) -> String {
 
 /// Labels, trains the reward model, then runs PPO against it (see the module docs).
 pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeError> {
-    let m = cfg.mock_labeller.clone().expect("called with [mock_labeller]");
+    let Some(m) = cfg.mock_labeller.clone() else {
+        return Err(RuntimeError::Other(
+            "the mock labeller needs a [mock_labeller] section".into(),
+        ));
+    };
     let dir = opts.run_dir.join("mock_labeller");
     std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::io(&dir, e))?;
     let orig = dir.join("config.toml");
@@ -296,12 +258,12 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             }
         }
     }));
-    Box::pin(crate::pipeline::run(
+    crate::pipeline::run(
         &ppo,
         RunOptions {
             step_probe: Some(probe),
             ..opts
         },
-    ))
+    )
     .await
 }

@@ -1,7 +1,7 @@
-//! Building the rule-based and external-command reward sources that `[reward]` names, and the
-//! score shaping any source can get.
+//! Building the reward source that `[reward]` names, and the score shaping any source can get.
 //!
-//! [`crate::pipeline::reward_source`] calls [`rule_source`] for `kind = "regex"`,
+//! [`reward_source`] builds the reward model ([`reward_model_source`]) or the positive-words
+//! rule itself, calls [`rule_source`] for `kind = "regex"`,
 //! `"exact_match"` and `"command"`, and wraps every source with [`shaped`] when
 //! `length_penalty` or `no_stop_penalty` is set. Response text is decoded with the policy's
 //! tokenizer and cut at the first of `sampling.stop_tokens`.
@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_actors::command_reward::{CommandReward, CommandSpec};
-use tandem_actors::reward_source::RewardSource;
+use tandem_actors::reward_source::{RetokenizedReward, RewardModelSource, RewardSource, TokenSetReward};
 use tandem_actors::rule_reward::{
     ExactMatchReward, LengthPenalty, NoStopPenalty, RegexReward, ResponseText, ShapedReward,
 };
-use tandem_models::TextTokenizer;
+use tandem_models::{ModelConfig, ScalarModel, TextTokenizer};
 
-use crate::config::{Config, RewardKind};
+use crate::config::{builtin, Config, RewardKind};
 use crate::error::RuntimeError;
 use crate::prompts::read_jsonl;
 
@@ -32,6 +32,104 @@ fn bad(msg: String) -> RuntimeError {
         path: "config.toml [reward]".into(),
         msg,
     }
+}
+
+/// The reward source the config names: the reward model, the positive-words rule over the
+/// policy's tokenizer, or a rule/command source ([`crate::reward_sources`]), with the config's
+/// score shaping. `tandem replay --rescore` builds it the same way.
+pub fn reward_source(
+    cfg: &Config,
+    tokenizer: &TextTokenizer,
+    device: &candle_core::Device,
+) -> Result<Arc<dyn RewardSource>, RuntimeError> {
+    let source: Arc<dyn RewardSource> = match cfg.reward.kind {
+        RewardKind::RewardModel => {
+            let dir = cfg.reward.model.as_ref().ok_or_else(|| RuntimeError::Config {
+                path: "config.toml".into(),
+                msg: "reward.model is required with kind = \"reward_model\"".into(),
+            })?;
+            let policy_vocab = match &cfg.models.policy.path {
+                Some(policy_dir) => ModelConfig::from_dir(policy_dir)?.dims().vocab_size,
+                None => tokenizer.vocab_size(),
+            };
+            let longest = cfg.data.prompt_max_tokens + cfg.sampling.max_new_tokens;
+            reward_model_source(dir, tokenizer, policy_vocab, Some(longest), device)?
+        }
+        RewardKind::PositiveWords => {
+            let words: Vec<String> = cfg
+                .reward
+                .words
+                .clone()
+                .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
+            let ids = builtin::word_token_ids(tokenizer, &words);
+            if ids.is_empty() {
+                return Err(RuntimeError::Other(
+                    "reward.words: none of the words is a token of the policy's tokenizer".into(),
+                ));
+            }
+            Arc::new(TokenSetReward::new("positive_words", ids))
+        }
+        _ => rule_source(cfg, tokenizer)?,
+    };
+    shaped(cfg, source)
+}
+
+/// The reward model in `dir` as a source over the policy's ids. When its `tokenizer.json` has
+/// the policy's vocabulary (or it has none, which is taken to mean the policy's) it scores the
+/// ids as they are, and its embedding table must cover the policy's `policy_vocab` ids and
+/// `longest` positions, else a load-time error naming its config.json (exit 2). With another
+/// tokenizer, text is decoded and re-tokenised for it ([`RetokenizedReward`]).
+pub fn reward_model_source(
+    dir: &Path,
+    tokenizer: &TextTokenizer,
+    policy_vocab: usize,
+    longest: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Arc<dyn RewardSource>, RuntimeError> {
+    let model = ScalarModel::load(dir, device)?;
+    let dims = model.config().dims();
+    let own = if dir.join("tokenizer.json").is_file() {
+        Some(TextTokenizer::from_dir(dir)?)
+    } else {
+        None
+    };
+    if let Some(own) = own.filter(|t| !t.same_vocabulary(tokenizer)) {
+        tracing::info!(
+            reward_model = %dir.display(),
+            "the reward model's tokenizer is not the policy's: responses are decoded and re-tokenised for it"
+        );
+        let pad = model.config().pad_id();
+        let inner = Box::new(RewardModelSource::new(model));
+        return Ok(Arc::new(RetokenizedReward::new(
+            inner,
+            tokenizer.clone(),
+            own,
+            dims.max_positions,
+            pad,
+        )));
+    }
+    let bad = |msg: String| {
+        Err(RuntimeError::Config {
+            path: dir.join("config.json"),
+            msg,
+        })
+    };
+    if dims.vocab_size < policy_vocab {
+        return bad(format!(
+            "reward.model: vocab_size is {} but the policy's vocabulary has {policy_vocab} ids, under the same \
+             tokenizer: the policy can sample ids this reward model has no embedding for. Use a reward model \
+             trained over the policy's vocabulary (or give it its own tokenizer.json, and text is re-tokenised)",
+            dims.vocab_size
+        ));
+    }
+    if let Some(n) = longest.filter(|&n| n > dims.max_positions) {
+        return bad(format!(
+            "reward.model: it reads at most {} positions, but a prompt and its response take up to {n} \
+             (data.prompt_max_tokens + sampling.max_new_tokens)",
+            dims.max_positions
+        ));
+    }
+    Ok(Arc::new(RewardModelSource::new(model)))
 }
 
 /// The regex, exact-match or command source of `cfg.reward`.

@@ -94,8 +94,8 @@ use tandem_actors::{stage_channel, ActorMeter, DeviceId, Executor, StageSender};
 use tandem_models::rl::{LrDecay, LrSchedule};
 use tandem_models::{load_tensors, save_checkpoint, LanguageModel, ModelConfig, TextTokenizer, WeightInit};
 
-use crate::builtin;
 use crate::chat::{assistant_segments, parse_messages, ChatTemplate};
+use crate::config::builtin;
 use crate::config::ModelSource;
 use crate::error::RuntimeError;
 use crate::prompts::read_jsonl;

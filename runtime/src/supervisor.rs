@@ -5,7 +5,8 @@
 //!
 //! - **Rollout, reward and value actors** (and the head-side proxies of worker nodes' rollouts,
 //!   see [`crate::cluster`]) are restarted. The tickets the failed actor held are
-//!   put in the [`ReissueQueue`] at once (and waiting rollouts are woken to take them); the
+//!   put in the [`ReissueQueue`] at once (and every live child with a
+//!   [`ChildSpec::wake_on_reissue`] hook — the samplers — is woken to take them); the
 //!   actor is spawned again after a back-off of `backoff_s`, doubled for each earlier failure of
 //!   the same actor within `window_s`, at most `backoff_max_s`. Its meter counts the restart.
 //! - When more than `max_restarts` failures (of all such actors) fall within `window_s`, the
@@ -24,20 +25,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent};
-use tandem_actors::rollout::RolloutMsg;
 use tandem_actors::{ActorMeter, HeldTickets, ReissueQueue};
 use tokio::sync::mpsc;
 
-use crate::cluster::remote_rollout::RemoteRolloutMsg;
 use crate::config::SupervisionConfig;
 
 /// Spawns one instance of a child, linked to the given supervisor.
 pub type SpawnFn =
     Arc<dyn Fn(ActorCell) -> Pin<Box<dyn Future<Output = Result<ActorCell, SpawnErr>> + Send>> + Send + Sync>;
 
+/// Tells one live instance of a child (its cell) that tickets were reissued.
+pub type WakeFn = Arc<dyn Fn(&ActorCell) + Send + Sync>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChildRole {
-    /// A sampler: restarted, and woken when tickets are reissued.
+    /// A sampler: restarted, and stopped last at shutdown.
     Rollout,
     /// Reward or value: restarted.
     Stage,
@@ -54,6 +56,9 @@ pub struct ChildSpec {
     pub spawn: SpawnFn,
     pub held: HeldTickets,
     pub meter: Arc<ActorMeter>,
+    /// How to wake the child when tickets are reissued (samplers take them); `None` for
+    /// children that take no tickets.
+    pub wake_on_reissue: Option<WakeFn>,
 }
 
 /// Why the run must stop.
@@ -239,12 +244,9 @@ impl RunSupervisor {
         if !held.is_empty() {
             tracing::info!(actor = %name, tickets = ?held.iter().map(|t| t.id).collect::<Vec<_>>(), "reissuing held tickets");
             st.args.reissued.push(held);
-            for (_, role, cell) in st.live.values() {
-                if *role == ChildRole::Rollout {
-                    // A local sampler or a worker node's proxy; the other cast fails on the type.
-                    if cell.send_message(RolloutMsg::Reissued).is_err() {
-                        let _ = cell.send_message(RemoteRolloutMsg::Reissued);
-                    }
+            for (child, _, cell) in st.live.values() {
+                if let Some(wake) = st.specs.get(child).and_then(|s| s.wake_on_reissue.as_ref()) {
+                    wake(cell);
                 }
             }
         }

@@ -105,8 +105,9 @@ use tandem_models::batch::PromptResponseBatch;
 use tandem_models::rl::{FixedGainBias, LrDecay, LrSchedule};
 use tandem_models::{load_tensors, save_checkpoint, HeadKind, ModelConfig, ScalarModel, TextTokenizer, WeightInit};
 
-use crate::builtin;
+use crate::config::builtin;
 use crate::config::ModelSource;
+pub use crate::config::NormalizeKind;
 use crate::error::RuntimeError;
 use crate::prompts::{encode_prompt, read_jsonl};
 use crate::supervisor::{ChildRole, RunSupervisor, SupervisorArgs, SupervisorMsg};
@@ -194,16 +195,6 @@ impl Default for TrainSection {
             eval_batch_size: 64,
         }
     }
-}
-
-/// How the trained model's scores are shifted and scaled (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NormalizeKind {
-    #[default]
-    None,
-    ReferenceBias,
-    GainBias,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -782,7 +773,7 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
 
 /// `rm step K/N loss L acc A [eval_acc E] elapsed T eta T'` after the report of step K - 1.
 fn progress_line(r: &tandem_actors::rm_learner::RmReport, total: usize, elapsed_s: f64) -> String {
-    use crate::pipeline::hms;
+    use crate::progress::hms;
     let done = r.step + 1;
     let eta = elapsed_s / done as f64 * total.saturating_sub(done) as f64;
     let eval = r.eval_accuracy.map(|a| format!(" eval_acc {a:.3}")).unwrap_or_default();

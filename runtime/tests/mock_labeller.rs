@@ -15,7 +15,11 @@ async fn mock_labeller_true_score_rises() {
     let cfg = load("mock_labeller.toml", &[]);
     let dir = tempfile::tempdir().unwrap();
     let t = std::time::Instant::now();
-    let s = run_in(&cfg, dir.path()).await;
+    let opts = tandem_runtime::RunOptions {
+        run_dir: dir.path().into(),
+        ..Default::default()
+    };
+    let s = tandem_runtime::mock_labeller::run(&cfg, opts).await.unwrap();
     assert_eq!(s.reports.len() as u64, cfg.steps);
     let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -2,7 +2,7 @@
 //! file's answers, regex, and the length / no-stop penalties, with real numbers.
 
 use candle_core::Device;
-use tandem_runtime::pipeline::reward_source;
+use tandem_runtime::reward_sources::reward_source;
 use tandem_runtime::Config;
 
 fn config(dir: &std::path::Path, reward: &str) -> Config {

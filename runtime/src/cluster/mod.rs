@@ -77,6 +77,16 @@ use crate::error::RuntimeError;
 /// The environment variable a cookie is read from when no file is named.
 pub const COOKIE_ENV: &str = "TANDEM_CLUSTER_COOKIE";
 
+/// What the head needs before the run writes or starts anything: with `tls_cert` and
+/// `tls_key`, a check that they are PEM and go together (a config error naming the file), then
+/// the cookie ([`read_cookie`]).
+pub fn head_credentials(cfg: &ClusterConfig) -> Result<String, RuntimeError> {
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+        transport::server_tls(cert, key)?;
+    }
+    read_cookie(cfg.cookie_file.as_deref())
+}
+
 /// The shared secret: the file's content (trimmed), else `TANDEM_CLUSTER_COOKIE`.
 pub fn read_cookie(file: Option<&Path>) -> Result<String, RuntimeError> {
     let cookie = match file {

@@ -2,10 +2,12 @@
 //!
 //! A [`RemoteRolloutActor`] is an ordinary child of the run's supervisor (role `Rollout`, with
 //! its own [`HeldTickets`] and meter labelled with the node): to the rest of the pipeline it is
-//! a sampler. It takes tickets exactly as a local rollout actor does ([`TicketIntake`]: reissued
-//! ones first, and only tickets recent enough for the policy version the node holds), sends one ticket at a
-//! time to the node's host actor as a ractor_cluster call, and pushes the batch that comes back
-//! into the bounded `rollout_to_reward` channel, waiting there when it is full.
+//! a sampler, run by the same [stage skeleton](tandem_actors::stage) as a local one. It takes
+//! tickets exactly as a local rollout actor does ([`TicketIntake`]: reissued ones first, and
+//! only tickets recent enough for the policy version the node holds); its compute sends one
+//! ticket at a time to the node's host actor as a ractor_cluster call, and the skeleton pushes
+//! the batch that comes back into the bounded `rollout_to_reward` channel, waiting there when
+//! it is full.
 //!
 //! Back-pressure: one call in flight per proxy is the credit. The node samples nothing it was
 //! not asked for, and the head holds at most one returned batch per proxy outside the bounded
@@ -23,10 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{ActorProcessingErr, ActorRef};
+use tandem_actors::stage::{Stage, StageActor, StageCore, StageMsg, Take};
 use tandem_actors::{
-    ActorMeter, ActorState, HeldTickets, Next, ReissueQueue, StageReceiver, StageSender, TicketIntake, TrajectoryBatch,
-    WorkTicket,
+    ActorMeter, HeldTickets, Next, ReissueQueue, StageReceiver, StageSender, TicketIntake, TrajectoryBatch, WorkTicket,
 };
 use tokio::sync::watch;
 
@@ -34,14 +36,8 @@ use super::node_host::NodeMsg;
 use super::node_link::NodeView;
 use super::wire::{self, SampleReply, SampleRequest};
 
-pub enum RemoteRolloutMsg {
-    /// Take the next ticket (self-sent, or when the node's view changes).
-    Step,
-    /// Tickets were put in the reissue queue.
-    Reissued,
-}
-
-impl ractor::Message for RemoteRolloutMsg {}
+/// The proxy actor: the [`RemoteRolloutStage`] in the stage skeleton.
+pub type RemoteRolloutActor = StageActor<RemoteRolloutStage>;
 
 #[derive(Clone)]
 pub struct RemoteRolloutArgs {
@@ -59,24 +55,19 @@ pub struct RemoteRolloutArgs {
     pub timeout: Duration,
 }
 
-pub struct RemoteRolloutState {
+pub struct RemoteRolloutStage {
     args: RemoteRolloutArgs,
     intake: TicketIntake,
 }
 
-pub struct RemoteRolloutActor;
+impl Stage for RemoteRolloutStage {
+    type Args = RemoteRolloutArgs;
+    /// The ticket and the node's host actor it goes to.
+    type In = (WorkTicket, ActorRef<NodeMsg>);
+    const UPSTREAM_CLOSED: &'static str = "no more tickets";
+    const DOWNSTREAM_GONE: &'static str = "reward stage gone";
 
-impl Actor for RemoteRolloutActor {
-    type Msg = RemoteRolloutMsg;
-    type State = RemoteRolloutState;
-    type Arguments = RemoteRolloutArgs;
-
-    async fn pre_start(
-        &self,
-        me: ActorRef<RemoteRolloutMsg>,
-        args: RemoteRolloutArgs,
-    ) -> Result<RemoteRolloutState, ActorProcessingErr> {
-        me.cast(RemoteRolloutMsg::Step)?;
+    fn start(args: RemoteRolloutArgs, _me: &ActorRef<StageMsg>) -> Result<(Self, StageCore, bool), ActorProcessingErr> {
         let intake = TicketIntake::new(
             &args.name,
             args.tickets.clone(),
@@ -84,93 +75,80 @@ impl Actor for RemoteRolloutActor {
             args.held.clone(),
             args.max_lag,
         );
-        Ok(RemoteRolloutState { args, intake })
+        let core = StageCore {
+            out: args.out.clone(),
+            meter: args.meter.clone(),
+            held: args.held.clone(),
+        };
+        Ok((RemoteRolloutStage { args, intake }, core, true))
     }
 
-    async fn handle(
-        &self,
-        me: ActorRef<RemoteRolloutMsg>,
-        msg: RemoteRolloutMsg,
-        st: &mut RemoteRolloutState,
-    ) -> Result<(), ActorProcessingErr> {
-        let _timer = st.args.meter.time_handle();
-        if matches!(msg, RemoteRolloutMsg::Reissued) && !st.intake.waiting() {
-            return Ok(());
-        }
-        let view = st.args.view.borrow_and_update().clone();
+    fn ticket(input: &Self::In) -> &WorkTicket {
+        &input.0
+    }
+
+    async fn take(&mut self, me: &ActorRef<StageMsg>) -> Take<Self::In> {
+        let view = self.args.view.borrow_and_update().clone();
         let (Some(host), Some(version)) = (view.host, view.version) else {
             // Node down or without weights: hold nothing, wait for it.
-            st.intake.give_back();
-            st.args.meter.set_state(ActorState::Idle);
-            return self.wait_for_node(&me, st);
+            self.intake.give_back();
+            self.wait_for_node(me);
+            return Take::Wait;
         };
-        st.args.meter.set_version(version);
-        st.args.meter.set_state(ActorState::Idle);
-        let ticket = match st.intake.next(version).await {
-            Next::Sample(t) => t,
+        self.args.meter.set_version(version);
+        match self.intake.next(version).await {
+            Next::Sample(t) => Take::Item((t, host)),
             // The node's policy is too old for this ticket: wait for a newer version.
-            Next::Wait => return self.wait_for_node(&me, st),
-            Next::Closed => {
-                st.args.meter.set_state(ActorState::Stopped);
-                me.stop(Some("no more tickets".into()));
-                return Ok(());
+            Next::Wait => {
+                self.wait_for_node(me);
+                Take::Wait
             }
-        };
-        st.args.meter.set_state(ActorState::Computing);
-        let batch = self.sample(st, &host, &ticket).await?;
-        st.args.meter.busy(Duration::from_secs_f64(batch.times.generate_s));
-        st.args.meter.items(batch.tokens_generated as u64);
-        st.args.meter.set_state(ActorState::Blocked);
-        let sent = st.args.out.send(batch).await;
-        st.args.meter.set_state(ActorState::Idle);
-        match sent {
-            Ok(waited) => {
-                st.intake.handed_on(ticket.id);
-                st.args.meter.blocked(waited);
-                me.cast(RemoteRolloutMsg::Step)?;
-            }
-            Err(_) => me.stop(Some("reward stage gone".into())),
+            Next::Closed => Take::Closed,
         }
-        Ok(())
+    }
+
+    async fn compute(&mut self, (ticket, host): Self::In) -> Result<TrajectoryBatch, ActorProcessingErr> {
+        let batch = self.sample(&host, &ticket).await?;
+        self.args.meter.busy(Duration::from_secs_f64(batch.times.generate_s));
+        self.args.meter.items(batch.tokens_generated as u64);
+        Ok(batch)
+    }
+
+    fn waiting(&self) -> bool {
+        self.intake.waiting()
     }
 }
 
-impl RemoteRolloutActor {
+impl RemoteRolloutStage {
     /// Casts `Step` once the node's view changes (joined, left, or a new version).
-    fn wait_for_node(
-        &self,
-        me: &ActorRef<RemoteRolloutMsg>,
-        st: &mut RemoteRolloutState,
-    ) -> Result<(), ActorProcessingErr> {
+    fn wait_for_node(&self, me: &ActorRef<StageMsg>) {
         // The clone has seen what this Step saw: it wakes on the next change only.
-        let mut view = st.args.view.clone();
+        let mut view = self.args.view.clone();
         let me = me.clone();
         tokio::spawn(async move {
             if view.changed().await.is_ok() {
-                let _ = me.cast(RemoteRolloutMsg::Step);
+                let _ = me.cast(StageMsg::Step);
             }
         });
-        Ok(())
     }
 
     async fn sample(
         &self,
-        st: &RemoteRolloutState,
         host: &ActorRef<NodeMsg>,
         ticket: &WorkTicket,
     ) -> Result<TrajectoryBatch, ActorProcessingErr> {
         let req = wire::encode(&SampleRequest {
-            slot: st.args.slot,
-            sampler: st.args.name.clone(),
+            slot: self.args.slot,
+            sampler: self.args.name.clone(),
             ticket: ticket.clone(),
         });
-        let node = &st.args.node;
-        let reply = match host.call(|r| NodeMsg::Sample(req, r), Some(st.args.timeout)).await {
+        let node = &self.args.node;
+        let reply = match host.call(|r| NodeMsg::Sample(req, r), Some(self.args.timeout)).await {
             Ok(CallResult::Success(bytes)) => bytes,
             Ok(CallResult::Timeout) => {
                 return Err(format!(
                     "node {node}: no batch for ticket {} within {:?}",
-                    ticket.id, st.args.timeout
+                    ticket.id, self.args.timeout
                 )
                 .into())
             }

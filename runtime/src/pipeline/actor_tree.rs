@@ -3,7 +3,8 @@
 //!
 //! Stage actors (rollout, reward, value, remote rollout) are restartable [`ChildSpec`]s: the
 //! supervisor spawns them and, when one fails, reissues the tickets in its [`HeldTickets`] and
-//! spawns it again. The snapshot, replay, node-link and learner actors are linked and watched:
+//! spawns it again. A sampler's spec carries its wake hook ([`ChildSpec::wake_on_reissue`]):
+//! reissued tickets wake the samplers that wait for a newer policy. The snapshot, replay, node-link and learner actors are linked and watched:
 //! their failure ends the run. Every actor gets an [`ActorMeter`] (kept in
 //! [`ActorTree::meters`] for `actors.jsonl` and `tandem top`); a stage's meter also watches the
 //! depth of its inbound channel. ractor's registry is process-wide, so registered names carry
@@ -24,8 +25,8 @@ use tandem_actors::rollout::{RolloutActor, RolloutArgs};
 use tandem_actors::snapshot::{SnapshotActor, SnapshotArgs, SnapshotMsg};
 use tandem_actors::value::{ValueActor, ValueArgs};
 use tandem_actors::{
-    ActorError, ActorMeter, DeviceId, Executor, Faults, HeldTickets, ReissueQueue, StageReceiver, StageSender,
-    TrajectoryBatch, WeightsSnapshot, WorkTicket,
+    ActorError, ActorMeter, DeviceId, Executor, Faults, HeldTickets, ReissueQueue, StageMsg, StageReceiver,
+    StageSender, TrajectoryBatch, WeightsSnapshot, WorkTicket,
 };
 use tandem_models::{LanguageModel, ModelConfig};
 use tokio::sync::{mpsc, watch};
@@ -36,7 +37,9 @@ use crate::cluster::remote_rollout::{RemoteRolloutActor, RemoteRolloutArgs};
 use crate::cluster::wire::Setup;
 use crate::config::Config;
 use crate::error::RuntimeError;
-use crate::supervisor::{ChildRole, ChildSpec, RunFailure, RunSupervisor, SpawnFn, SupervisorArgs, SupervisorMsg};
+use crate::supervisor::{
+    ChildRole, ChildSpec, RunFailure, RunSupervisor, SpawnFn, SupervisorArgs, SupervisorMsg, WakeFn,
+};
 
 static NEXT_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -124,6 +127,7 @@ impl<'a> ActorTree<'a> {
     }
 
     /// Has the supervisor spawn a restartable stage actor.
+    #[allow(clippy::too_many_arguments)]
     async fn start_child<A>(
         &self,
         name: String,
@@ -132,6 +136,7 @@ impl<'a> ActorTree<'a> {
         role: ChildRole,
         held: HeldTickets,
         meter: Arc<ActorMeter>,
+        wake_on_reissue: Option<WakeFn>,
     ) -> Result<(), RuntimeError>
     where
         A: Actor,
@@ -143,6 +148,7 @@ impl<'a> ActorTree<'a> {
             role,
             held,
             meter,
+            wake_on_reissue,
         };
         self.root
             .call(|r| SupervisorMsg::Start(spec, r), None)
@@ -194,7 +200,7 @@ impl<'a> ActorTree<'a> {
             held: held.clone(),
             faults: faults.clone(),
         };
-        self.start_child(name, || ValueActor, args, ChildRole::Stage, held, meter)
+        self.start_child(name, ValueActor::default, args, ChildRole::Stage, held, meter, None)
             .await
     }
 
@@ -226,7 +232,7 @@ impl<'a> ActorTree<'a> {
             held: held.clone(),
             faults: faults.clone(),
         };
-        self.start_child(name, || RewardActor, args, ChildRole::Stage, held, meter)
+        self.start_child(name, RewardActor::default, args, ChildRole::Stage, held, meter, None)
             .await
     }
 
@@ -262,8 +268,17 @@ impl<'a> ActorTree<'a> {
                     reissued: reissued.clone(),
                     faults: faults.clone(),
                 };
-                self.start_child(name, || RolloutActor, args, ChildRole::Rollout, held, meter)
-                    .await?;
+                let wake = waker(|| StageMsg::Reissued);
+                self.start_child(
+                    name,
+                    RolloutActor::default,
+                    args,
+                    ChildRole::Rollout,
+                    held,
+                    meter,
+                    Some(wake),
+                )
+                .await?;
             }
         }
         Ok(())
@@ -329,8 +344,17 @@ impl<'a> ActorTree<'a> {
                     reissued: reissued.clone(),
                     timeout: Duration::from_secs_f64(cc.sample_timeout_s),
                 };
-                self.start_child(name, || RemoteRolloutActor, args, ChildRole::Rollout, held, meter)
-                    .await?;
+                let wake = waker(|| StageMsg::Reissued);
+                self.start_child(
+                    name,
+                    RemoteRolloutActor::default,
+                    args,
+                    ChildRole::Rollout,
+                    held,
+                    meter,
+                    Some(wake),
+                )
+                .await?;
             }
             views.push((n.name.clone(), view_rx));
         }
@@ -381,6 +405,13 @@ impl<'a> ActorTree<'a> {
         let name = format!("learner/{}", self.cfg.placement.learner_device);
         self.spawn_watched(&name, LearnerActor, args, ChildRole::Learner).await
     }
+}
+
+/// Makes a [`WakeFn`] that casts `msg()` to the child.
+fn waker<M: ractor::Message>(msg: fn() -> M) -> WakeFn {
+    Arc::new(move |cell: &ActorCell| {
+        let _ = cell.send_message(msg());
+    })
 }
 
 /// Makes a [`SpawnFn`] for a restartable actor.

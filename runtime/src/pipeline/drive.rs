@@ -116,8 +116,8 @@ impl Drive<'_> {
         };
         // Progress on stderr: a live bar on a terminal, else one line per step (see RunOptions).
         let bar = (progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .then(|| super::progress_bar(cfg.steps, start.step));
-        let mut pace = super::Pace::new(cfg.steps, start.step);
+            .then(|| crate::progress::progress_bar(cfg.steps, start.step));
+        let mut pace = crate::progress::Pace::new(cfg.steps, start.step);
         let mut reports = Vec::new();
         let mut written: Vec<u64> = Vec::new();
         let mut interrupted = false;

@@ -47,24 +47,23 @@ use std::time::{Duration, Instant};
 
 use tandem_actors::learner::{LearnerArgs, LearnerStart};
 use tandem_actors::replay::{ReplayArgs, ReplayCheckpoint};
-use tandem_actors::reward_source::{RetokenizedReward, RewardModelSource, RewardSource, TokenSetReward};
 use tandem_actors::{
     stage_channel, DeviceId, Executor, Faults, PpoTrainer, ReissueQueue, StepReport, TrajectoryBatch, WeightsSnapshot,
 };
-use tandem_models::{LanguageModel, ModelConfig, ScalarModel, TextTokenizer};
+use tandem_models::{LanguageModel, ModelConfig, TextTokenizer};
 
-use crate::builtin;
 use crate::checkpoint;
-use crate::config::{Config, RewardKind};
+use crate::config::Config;
 use crate::error::RuntimeError;
 use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
+use crate::reward_sources::reward_source;
 use crate::store::{spawn_writer_with_fault, store_dir, StoreStats};
 use crate::supervisor::SupervisorMsg;
 use actor_tree::ActorTree;
 use checkpoints::CheckpointWriter;
 use drive::{Drive, Outcome};
-pub use models::{build_learner, BuiltLearner, LoadedPolicy};
-pub(crate) use models::{load_policy, sampling_temperature};
+pub(crate) use models::sampling_temperature;
+pub use models::{build_learner, BuiltLearner};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -109,7 +108,10 @@ pub struct RunSummary {
 /// Runs `cfg` to completion (or a stop) and returns the reports.
 pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeError> {
     if cfg.mock_labeller.is_some() {
-        return crate::mock_labeller::run(cfg, opts).await;
+        return Err(RuntimeError::Other(
+            "a config with [mock_labeller] runs through crate::mock_labeller::run, which runs PPO after labelling"
+                .into(),
+        ));
     }
     if cfg.metrics.enabled {
         // Before any actor exists: series set before the recorder is installed (each actor's
@@ -119,7 +121,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let run_dir = &opts.run_dir;
     // The cluster cookie is checked before anything is written or started.
     let cookie = match &cfg.cluster {
-        Some(cc) => Some(crate::cluster::read_cookie(cc.cookie_file.as_deref())?),
+        Some(cc) => Some(crate::cluster::head_credentials(cc)?),
         None => None,
     };
     std::fs::create_dir_all(run_dir).map_err(|e| RuntimeError::io(run_dir, e))?;
@@ -390,167 +392,6 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         restarts: tree.meters.iter().map(|m| m.read().restarts).sum(),
         prompts_skipped: prompts.skipped,
     })
-}
-
-/// The reward source the config names: the reward model, the positive-words rule over the
-/// policy's tokenizer, or a rule/command source ([`crate::reward_sources`]), with the config's
-/// score shaping. `tandem replay --rescore` builds it the same way.
-pub fn reward_source(
-    cfg: &Config,
-    tokenizer: &TextTokenizer,
-    device: &candle_core::Device,
-) -> Result<Arc<dyn RewardSource>, RuntimeError> {
-    let source: Arc<dyn RewardSource> = match cfg.reward.kind {
-        RewardKind::RewardModel => {
-            let dir = cfg.reward.model.as_ref().ok_or_else(|| RuntimeError::Config {
-                path: "config.toml".into(),
-                msg: "reward.model is required with kind = \"reward_model\"".into(),
-            })?;
-            let policy_vocab = match &cfg.models.policy.path {
-                Some(policy_dir) => ModelConfig::from_dir(policy_dir)?.dims().vocab_size,
-                None => tokenizer.vocab_size(),
-            };
-            let longest = cfg.data.prompt_max_tokens + cfg.sampling.max_new_tokens;
-            reward_model_source(dir, tokenizer, policy_vocab, Some(longest), device)?
-        }
-        RewardKind::PositiveWords => {
-            let words: Vec<String> = cfg
-                .reward
-                .words
-                .clone()
-                .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
-            let ids = builtin::word_token_ids(tokenizer, &words);
-            if ids.is_empty() {
-                return Err(RuntimeError::Other(
-                    "reward.words: none of the words is a token of the policy's tokenizer".into(),
-                ));
-            }
-            Arc::new(TokenSetReward::new("positive_words", ids))
-        }
-        _ => crate::reward_sources::rule_source(cfg, tokenizer)?,
-    };
-    crate::reward_sources::shaped(cfg, source)
-}
-
-/// The reward model in `dir` as a source over the policy's ids. When its `tokenizer.json` has
-/// the policy's vocabulary (or it has none, which is taken to mean the policy's) it scores the
-/// ids as they are, and its embedding table must cover the policy's `policy_vocab` ids and
-/// `longest` positions, else a load-time error naming its config.json (exit 2). With another
-/// tokenizer, text is decoded and re-tokenised for it ([`RetokenizedReward`]).
-pub fn reward_model_source(
-    dir: &Path,
-    tokenizer: &TextTokenizer,
-    policy_vocab: usize,
-    longest: Option<usize>,
-    device: &candle_core::Device,
-) -> Result<Arc<dyn RewardSource>, RuntimeError> {
-    let model = ScalarModel::load(dir, device)?;
-    let dims = model.config().dims();
-    let own = if dir.join("tokenizer.json").is_file() {
-        Some(TextTokenizer::from_dir(dir)?)
-    } else {
-        None
-    };
-    if let Some(own) = own.filter(|t| !t.same_vocabulary(tokenizer)) {
-        tracing::info!(
-            reward_model = %dir.display(),
-            "the reward model's tokenizer is not the policy's: responses are decoded and re-tokenised for it"
-        );
-        let pad = model.config().pad_id();
-        let inner = Box::new(RewardModelSource::new(model));
-        return Ok(Arc::new(RetokenizedReward::new(
-            inner,
-            tokenizer.clone(),
-            own,
-            dims.max_positions,
-            pad,
-        )));
-    }
-    let bad = |msg: String| {
-        Err(RuntimeError::Config {
-            path: dir.join("config.json"),
-            msg,
-        })
-    };
-    if dims.vocab_size < policy_vocab {
-        return bad(format!(
-            "reward.model: vocab_size is {} but the policy's vocabulary has {policy_vocab} ids, under the same \
-             tokenizer: the policy can sample ids this reward model has no embedding for. Use a reward model \
-             trained over the policy's vocabulary (or give it its own tokenizer.json, and text is re-tokenised)",
-            dims.vocab_size
-        ));
-    }
-    if let Some(n) = longest.filter(|&n| n > dims.max_positions) {
-        return bad(format!(
-            "reward.model: it reads at most {} positions, but a prompt and its response take up to {n} \
-             (data.prompt_max_tokens + sampling.max_new_tokens)",
-            dims.max_positions
-        ));
-    }
-    Ok(Arc::new(RewardModelSource::new(model)))
-}
-
-/// The progress message for each step: throughput and ETA over this session's steps.
-pub(crate) struct Pace {
-    steps: u64,
-    started: std::time::Instant,
-    first_step: u64,
-    tokens: usize,
-    /// Seconds left, estimated after the last step.
-    pub(crate) eta_s: f64,
-}
-
-impl Pace {
-    pub(crate) fn new(steps: u64, first_step: u64) -> Self {
-        Self {
-            steps,
-            started: std::time::Instant::now(),
-            first_step,
-            tokens: 0,
-            eta_s: f64::NAN,
-        }
-    }
-
-    /// `score S reward R kl K beta B T tok/s elapsed E eta A` after report `r`.
-    pub(crate) fn message(&mut self, r: &tandem_actors::StepReport) -> String {
-        self.tokens += r.tokens_generated;
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let done = (r.step + 1).saturating_sub(self.first_step).max(1);
-        let left = self.steps.saturating_sub(r.step + 1);
-        let eta = elapsed / done as f64 * left as f64;
-        self.eta_s = eta;
-        format!(
-            "score {:.3} reward {:.3} kl {:.3} beta {:.4} {:.0} tok/s elapsed {} eta {}",
-            r.stats.score_mean,
-            r.stats.reward_mean,
-            r.stats.kl,
-            r.stats.beta,
-            self.tokens as f64 / elapsed.max(1e-9),
-            hms(elapsed),
-            hms(eta)
-        )
-    }
-}
-
-/// `1h02m03s`, `2m03s` or `3s`.
-pub(crate) fn hms(secs: f64) -> String {
-    let s = secs.round() as u64;
-    match (s / 3600, s / 60 % 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, s) => format!("{m}m{s:02}s"),
-        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
-    }
-}
-
-fn progress_bar(steps: u64, from: u64) -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(steps);
-    b.set_position(from);
-    b.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    b
 }
 
 /// Saves the trained policy (and critic, and the policy's EMA as `policy_ema/`) in HF layout

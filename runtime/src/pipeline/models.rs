@@ -12,56 +12,10 @@ use tandem_models::{
     load_tensors, snapshot, HeadKind, LanguageModel, ModelConfig, ScalarModel, TextTokenizer, WeightInit,
 };
 
-use crate::builtin;
 use crate::config::{Config, CriticInit};
 use crate::error::RuntimeError;
+use crate::policy::{load_policy, LoadedPolicy};
 use crate::prompts::read_jsonl;
-
-pub struct LoadedPolicy {
-    pub config: ModelConfig,
-    pub tokenizer: TextTokenizer,
-    pub(crate) init: Option<(PathBuf, HashMap<String, Tensor>)>,
-}
-
-pub(crate) fn load_policy(cfg: &Config) -> Result<LoadedPolicy, RuntimeError> {
-    let m = &cfg.models.policy;
-    if let Some(dir) = &m.path {
-        let config = ModelConfig::from_dir(dir)?;
-        if config.head != HeadKind::CausalLm {
-            return Err(RuntimeError::Config {
-                path: dir.join("config.json"),
-                msg: format!("models.policy must be a causal LM, found {}", config.hf_class()),
-            });
-        }
-        let longest = cfg.data.prompt_max_tokens + cfg.sampling.max_new_tokens;
-        if longest > config.dims().max_positions {
-            return Err(RuntimeError::Config {
-                path: dir.join("config.json"),
-                msg: format!(
-                    "models.policy reads at most {} positions, but data.prompt_max_tokens + sampling.max_new_tokens = {longest}",
-                    config.dims().max_positions
-                ),
-            });
-        }
-        let tokenizer = TextTokenizer::from_dir(dir)?;
-        let tensors = load_tensors(dir, &config, &candle_core::Device::Cpu)?;
-        Ok(LoadedPolicy {
-            config,
-            tokenizer,
-            init: Some((dir.clone(), tensors)),
-        })
-    } else {
-        let spec = m.builtin.as_ref().expect("validated: path or builtin");
-        let max_pos = (cfg.data.prompt_max_tokens + cfg.sampling.max_new_tokens)
-            .next_power_of_two()
-            .max(64);
-        Ok(LoadedPolicy {
-            config: builtin::model_config(spec, max_pos),
-            tokenizer: builtin::tokenizer()?,
-            init: None,
-        })
-    }
-}
 
 /// A run's learner as the config initialises it (before any checkpoint is restored).
 pub struct BuiltLearner {

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde_json::json;
 use tandem_models::{ModelConfig, TextTokenizer};
 
-use crate::config::{BuiltinArch, BuiltinModel};
+use super::{BuiltinArch, BuiltinModel};
 use crate::error::RuntimeError;
 
 /// Words of the built-in vocabulary besides the sentiment words.
