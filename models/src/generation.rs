@@ -20,6 +20,21 @@
 //!
 //! Sampling uses the caller's seeded RNG and walks tokens in a fixed order, so a seed gives the
 //! same responses every time (and the same with or without the cache, up to float rounding).
+//!
+//! ## In-flight weight updates
+//! [`generate_inflight`] asks an [`Inflight`] source for newer weights before every decode
+//! forward after the first. When it returns a model, that model computes the logits of the
+//! next step, so every row's tokens from that step on are sampled by the new policy
+//! ([`Generation::adopted`] lists the step at which each version took over; row `i`'s `j`-th
+//! token is always sampled at step `j`). What happens to the KV cache is the source's
+//! [`InflightKv`]: `Keep` (as PipelineRL does) goes on attending over keys and values the old
+//! weights computed, which costs nothing, so later tokens are sampled from a mix of the two
+//! policies that the recorded log-probs describe exactly (they are what was sampled from);
+//! `Recompute` runs the whole prefix (prompt and response so far) through the new weights
+//! into a fresh cache, one prefill of `prompt + step` tokens per adoption, after which the
+//! sampling distribution is exactly the new policy's.
+
+use std::sync::Arc;
 
 use candle_core::{Tensor, D};
 use rand::{rngs::StdRng, Rng};
@@ -136,6 +151,9 @@ pub struct Generation {
     pub full_logprobs: Vec<Vec<f32>>,
     /// Whether the row ended on a stop token.
     pub stopped: Vec<bool>,
+    /// `(step, version)` for each policy adopted in flight: the tokens of steps `>= step` were
+    /// sampled by `version` (until the next entry). Empty without in-flight updates.
+    pub adopted: Vec<(usize, u64)>,
 }
 
 impl Generation {
@@ -216,6 +234,22 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> (
     (tok as u32, (lp as f64 - z.ln()) as f32, lp)
 }
 
+/// What happens to the KV cache when a policy is adopted in flight (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightKv {
+    /// Keep the keys and values the old weights computed (free).
+    Keep,
+    /// Run the prefix through the new weights into a fresh cache (one prefill per adoption).
+    Recompute,
+}
+
+/// Where a running generation gets newer weights: `next(step)` is asked before the forward
+/// that yields the logits of `step`, and returns the newer policy's version and model, if any.
+pub struct Inflight<'a> {
+    pub next: &'a mut dyn FnMut(usize) -> Option<(u64, Arc<LanguageModel>)>,
+    pub kv: InflightKv,
+}
+
 /// Generates a response for every prompt. See the module docs for the log-prob semantics.
 pub fn generate(
     model: &LanguageModel,
@@ -223,6 +257,19 @@ pub fn generate(
     cfg: &SamplingConfig,
     rng: &mut StdRng,
     decoding: Decoding,
+) -> Result<Generation> {
+    generate_inflight(model, prompts, cfg, rng, decoding, None)
+}
+
+/// [`generate`], adopting newer weights between decode steps from `inflight` (see the module
+/// docs). With `None` it is exactly [`generate`].
+pub fn generate_inflight(
+    model: &LanguageModel,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    rng: &mut StdRng,
+    decoding: Decoding,
+    mut inflight: Option<Inflight<'_>>,
 ) -> Result<Generation> {
     cfg.validate()?;
     let dev = model.device().clone();
@@ -242,6 +289,7 @@ pub fn generate(
         logprobs: vec![vec![]; b],
         full_logprobs: vec![vec![]; b],
         stopped: vec![false; b],
+        adopted: vec![],
     };
     if cfg.max_new_tokens == 0 {
         return Ok(out);
@@ -249,6 +297,8 @@ pub fn generate(
     let mut mask = batch.mask;
     let mut all_ids = batch.ids;
     let mut cache = KvCache::with_capacity(model.config().dims().layers, longest + cfg.max_new_tokens);
+    // The policy adopted in flight, once there is one.
+    let mut current: Option<Arc<LanguageModel>> = None;
     let mut logits = match decoding {
         Decoding::Cached => model.next_token_logits(&all_ids, &mask, Some(&mut cache))?,
         Decoding::Recompute => model.next_token_logits(&all_ids, &mask, None)?,
@@ -276,12 +326,23 @@ pub fn generate(
             break;
         }
         let next = Tensor::from_vec(next, (b, 1), &dev)?;
-        logits = match decoding {
-            Decoding::Cached => model.next_token_logits(&next, &mask, Some(&mut cache))?,
-            Decoding::Recompute => {
-                all_ids = Tensor::cat(&[&all_ids, &next], D::Minus1)?;
-                model.next_token_logits(&all_ids, &mask, None)?
-            }
+        let newer = inflight.as_mut().and_then(|f| (f.next)(step + 1).map(|n| (n, f.kv)));
+        if let Some(((version, m), _)) = &newer {
+            out.adopted.push((step + 1, *version));
+            current = Some(m.clone());
+        }
+        let model = current.as_deref().unwrap_or(model);
+        let recompute = decoding == Decoding::Recompute || matches!(newer, Some((_, InflightKv::Recompute)));
+        if decoding == Decoding::Recompute || inflight.as_ref().is_some_and(|f| f.kv == InflightKv::Recompute) {
+            all_ids = Tensor::cat(&[&all_ids, &next], D::Minus1)?;
+        }
+        logits = if !recompute {
+            model.next_token_logits(&next, &mask, Some(&mut cache))?
+        } else if decoding == Decoding::Recompute {
+            model.next_token_logits(&all_ids, &mask, None)?
+        } else {
+            cache = KvCache::with_capacity(model.config().dims().layers, longest + cfg.max_new_tokens);
+            model.next_token_logits(&all_ids, &mask, Some(&mut cache))?
         };
     }
     Ok(out)

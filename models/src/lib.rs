@@ -27,7 +27,7 @@ pub use adamw::AdamW;
 pub use checkpoint::{checkpoint_dtype, copy_side_files, load_tensors, save_checkpoint, save_checkpoint_as};
 pub use config::{eos_token_ids, HeadKind, ModelConfig};
 pub use error::{ModelError, Result};
-pub use generation::{generate, Decoding, Generation, SamplingConfig};
+pub use generation::{generate, generate_inflight, Decoding, Generation, Inflight, InflightKv, SamplingConfig};
 pub use kv_cache::KvCache;
 pub use model::{snapshot, LanguageModel, ScalarModel, TokenOutputs, WeightInit};
 pub use tokenizer::{ChatTemplateSource, TextTokenizer};

@@ -1,14 +1,19 @@
 //! Generation: KV cache parity with full recompute, seeded reproducibility, padding invariance,
-//! stop tokens, and what truncation does to behaviour log-probs.
+//! stop tokens, what truncation does to behaviour log-probs, and weights adopted in flight.
 
 mod common;
+
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use common::*;
 use rand::{rngs::StdRng, SeedableRng};
 use tandem_models::batch::{PadSide, PaddedBatch};
 use tandem_models::generation::sample_token;
-use tandem_models::{generate, Decoding, HeadKind, LanguageModel, ModelConfig, SamplingConfig};
+use tandem_models::{
+    generate, generate_inflight, load_tensors, Decoding, HeadKind, Inflight, InflightKv, LanguageModel, ModelConfig,
+    SamplingConfig,
+};
 
 fn lm_fixtures() -> Vec<LanguageModel> {
     checkpoints()
@@ -283,4 +288,117 @@ fn too_long_requests_are_refused() {
     .unwrap_err()
     .to_string()
     .contains("empty"));
+}
+
+/// Each fixture language model, and the same model with its weights scaled by `scale`.
+fn lm_pairs(scale: f64) -> Vec<(LanguageModel, Arc<LanguageModel>)> {
+    checkpoints()
+        .into_iter()
+        .filter(|d| ModelConfig::from_dir(d).unwrap().head == HeadKind::CausalLm)
+        .map(|d| {
+            let cfg = ModelConfig::from_dir(&d).unwrap();
+            let tensors = load_tensors(&d, &cfg, &Device::Cpu).unwrap();
+            let scaled = tensors.into_iter().map(|(k, t)| (k, (t * scale).unwrap())).collect();
+            let other = LanguageModel::from_tensors(&cfg, scaled, &Device::Cpu).unwrap();
+            (LanguageModel::load(&d, &Device::Cpu).unwrap(), Arc::new(other))
+        })
+        .collect()
+}
+
+/// Generates with `first`, adopting `second` as version 9 at step `at`.
+fn switch_at(
+    first: &LanguageModel,
+    second: &Arc<LanguageModel>,
+    at: usize,
+    kv: InflightKv,
+) -> tandem_models::Generation {
+    let mut asked = vec![];
+    let mut next = |step: usize| {
+        asked.push(step);
+        (step == at).then(|| (9, second.clone()))
+    };
+    let g = generate_inflight(
+        first,
+        &prompts(),
+        &sampling(),
+        &mut StdRng::seed_from_u64(7),
+        Decoding::Cached,
+        Some(Inflight { next: &mut next, kv }),
+    )
+    .unwrap();
+    assert_eq!(
+        asked,
+        (1..asked.len() + 1).collect::<Vec<_>>(),
+        "asked before every decode step"
+    );
+    g
+}
+
+#[test]
+fn inflight_adoption_of_the_same_weights_changes_nothing() {
+    for (model, same) in lm_pairs(1.0) {
+        let plain = generate(
+            &model,
+            &prompts(),
+            &sampling(),
+            &mut StdRng::seed_from_u64(7),
+            Decoding::Cached,
+        )
+        .unwrap();
+        let kept = switch_at(&model, &same, 5, InflightKv::Keep);
+        assert_eq!(kept.adopted, vec![(5, 9)]);
+        assert_eq!(kept.responses, plain.responses);
+        assert_eq!(kept.logprobs, plain.logprobs, "same weights, same cache: bit-exact");
+        let recomputed = switch_at(&model, &same, 5, InflightKv::Recompute);
+        assert_eq!(recomputed.responses, plain.responses);
+        for (a, b) in recomputed.full_logprobs.iter().zip(&plain.full_logprobs) {
+            let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+            let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+            assert_close("recomputed cache vs kept", &a, &b, 5e-5);
+        }
+    }
+}
+
+#[test]
+fn inflight_adoption_samples_later_steps_with_the_new_weights() {
+    for (model, other) in lm_pairs(1.5) {
+        let at = 4;
+        let first = generate(
+            &model,
+            &prompts(),
+            &sampling(),
+            &mut StdRng::seed_from_u64(7),
+            Decoding::Cached,
+        )
+        .unwrap();
+        for kv in [InflightKv::Keep, InflightKv::Recompute] {
+            let g = switch_at(&model, &other, at, kv);
+            assert_eq!(g.adopted, vec![(at, 9)]);
+            for (row, (a, b)) in g.full_logprobs.iter().zip(&first.full_logprobs).enumerate() {
+                let n = at.min(a.len());
+                assert_eq!(
+                    a[..n],
+                    b[..n],
+                    "row {row}: tokens before the switch are the old policy's"
+                );
+            }
+            let changed = g
+                .full_logprobs
+                .iter()
+                .zip(&first.full_logprobs)
+                .any(|(a, b)| a.len() > at && a[at] != b[at]);
+            assert!(
+                changed,
+                "{kv:?}: the step after the switch is scored by the new weights"
+            );
+        }
+        let kept = switch_at(&model, &other, at, InflightKv::Keep);
+        let recomputed = switch_at(&model, &other, at, InflightKv::Recompute);
+        let differ = kept
+            .full_logprobs
+            .iter()
+            .zip(&recomputed.full_logprobs)
+            .any(|(a, b)| a.len() > at && a[at] != b[at]);
+        assert!(differ, "a recomputed cache is not the kept one");
+    }
 }
