@@ -77,6 +77,7 @@ fn setup(w: &Workload) -> (PpoTrainer, Vec<Trajectory>) {
             full_logprobs: g.full_logprobs[i].clone(),
             stopped: g.stopped[i],
             policy_version: 0,
+            token_versions: vec![],
             sampler: "bench".into(),
             sampling_seed: 3,
             ref_logprobs: g.full_logprobs[i].clone(),

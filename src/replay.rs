@@ -4,10 +4,13 @@
 //! - no flag: a summary per step (trajectories used and dropped, score mean/min/max) and a last
 //!   line with the totals as JSON;
 //! - `--show N`: the first N matching trajectories decoded to text, one line per response token
-//!   with its log-prob, reference log-prob, KL (= logp − ref_logp), value, reward and advantage;
+//!   with its log-prob, reference log-prob, KL (= logp − ref_logp), value, reward, advantage
+//!   and the policy version that sampled it (tokens of one response span versions when
+//!   samplers adopt weights in flight);
 //! - `--step K`, `--version V`, `--reward-min X`, `--reward-max Y` filter (the reward is the
 //!   reward-model or rule score of the response);
-//! - `--export-jsonl FILE`: one JSON object per matching trajectory; its parent directory
+//! - `--export-jsonl FILE`: one JSON object per matching trajectory (with `token_versions`,
+//!   one per response token, next to `policy_version`, its first); its parent directory
 //!   must exist (exit 2 otherwise, as for every output path of the CLI);
 //! - `--skip-corrupt`: read past damaged records instead of refusing the store: every intact
 //!   record is used (exported, shown, summarised) and each skipped byte range is reported on
@@ -274,6 +277,7 @@ fn to_json(t: &StoredTrajectory) -> serde_json::Value {
         "returns": t.returns,
         "stopped": t.stopped,
         "policy_version": t.policy_version,
+        "token_versions": t.versions(),
         "sampler": t.sampler,
         "sampling_seed": t.sampling_seed,
         "sampled_unix_ms": t.sampled_unix_ms,
@@ -329,9 +333,10 @@ fn show(tok: &TextTokenizer, t: &StoredTrajectory) -> anyhow::Result<()> {
     writeln!(out, "response: {}", tok.decode(&t.response_ids)?)?;
     writeln!(
         out,
-        "  {:>3} {:>14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "i", "token", "logp", "ref_logp", "kl", "value", "reward", "adv"
+        "  {:>3} {:>14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "i", "token", "logp", "ref_logp", "kl", "value", "reward", "adv", "version"
     )?;
+    let versions = t.versions();
     let at = |v: &[f32], i: usize| v.get(i).map_or("-".to_string(), |x| format!("{x:.4}"));
     for (i, &id) in t.response_ids.iter().enumerate() {
         let token = tok.id_to_token(id).unwrap_or_else(|| format!("<{id}>"));
@@ -341,12 +346,13 @@ fn show(tok: &TextTokenizer, t: &StoredTrajectory) -> anyhow::Result<()> {
         };
         writeln!(
             out,
-            "  {i:>3} {token:>14} {:>9} {:>9} {kl:>9} {:>9} {:>9} {:>9}",
+            "  {i:>3} {token:>14} {:>9} {:>9} {kl:>9} {:>9} {:>9} {:>9} {:>7}",
             at(&t.full_logprobs, i),
             at(&t.ref_logprobs, i),
             at(&t.values, i),
             at(&t.token_rewards, i),
             at(&t.advantages, i),
+            versions[i],
         )?;
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! `tandem replay` on a real run: summary, show, filters, export, verify, rescore, rerun-step; and a run
 //! killed with SIGKILL mid-write leaves a store that verifies (after its torn tail, if any, is
-//! cut) and reopens.
+//! cut) and reopens. A run with in-flight weight updates stores, shows and exports the version
+//! of every token.
 
 mod common;
 use common::OutputWithin;
@@ -104,6 +105,12 @@ fn summary_show_filters_and_export() {
     ] {
         assert_eq!(t[key].as_array().unwrap().len(), n, "{key}");
     }
+    // Without in-flight updates every token has the trajectory's version.
+    for t in &lines {
+        let versions = t["token_versions"].as_array().unwrap();
+        assert_eq!(versions.len(), t["response_ids"].as_array().unwrap().len());
+        assert!(versions.iter().all(|v| *v == t["policy_version"]));
+    }
 
     // Filters: by step, by version, by score.
     let count = |args: &[&str]| last_json(&replay(run, args))["trajectories"].as_u64().unwrap();
@@ -118,6 +125,87 @@ fn summary_show_filters_and_export() {
     let high = lines.iter().filter(|t| t["score"].as_f64().unwrap() >= 0.2).count() as u64;
     assert_eq!(count(&["--reward-min", "0.2"]), high);
     assert_eq!(count(&["--reward-max", "0.19999"]), stored - high);
+}
+
+#[test]
+fn inflight_updates_store_show_and_export_per_token_versions() {
+    // Long responses and one version of staleness: the learner publishes while a sampler is
+    // in the middle of a batch, which adopts the new weights between two decode steps.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = tandem()
+        .args(["run", &quickstart(), "--run-dir", run.to_str().unwrap()])
+        .args(["--set", "steps=6", "--set", "metrics.addr=\"127.0.0.1:0\""])
+        .args([
+            "--set",
+            "mode.inflight_updates=true",
+            "--set",
+            "sampling.max_new_tokens=96",
+        ])
+        .args(["--set", "sampling.stop_tokens=[]", "--set", "algorithm.ppo_epochs=1"])
+        .output_within();
+    last_json(&out);
+    let file = dir.path().join("all.jsonl");
+    last_json(&replay(&run, &["--export-jsonl", file.to_str().unwrap()]));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut spanning = None;
+    for t in &lines {
+        let versions: Vec<u64> = t["token_versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(versions.len(), t["response_ids"].as_array().unwrap().len());
+        assert_eq!(
+            versions.first().copied(),
+            t["policy_version"].as_u64(),
+            "the first token is the oldest"
+        );
+        assert!(
+            versions.windows(2).all(|w| w[0] <= w[1]),
+            "versions go back: {versions:?}"
+        );
+        if versions.first() != versions.last() {
+            spanning.get_or_insert((t["step"].as_u64().unwrap(), versions));
+        }
+    }
+    let (step, versions) = spanning.expect("no response spans two policy versions");
+    // `--show` lists the version of each token.
+    let out = replay(&run, &["--show", "1000", "--step", &step.to_string()]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = versions.last().unwrap().to_string();
+    let shown = text
+        .lines()
+        .any(|l| l.starts_with("  ") && l.split_whitespace().last() == Some(last.as_str()));
+    assert!(text.contains("version") && shown, "{text}");
+    // The learner reports token-weighted staleness. Without stop tokens every response has
+    // the same length, so it is at most the trajectories' staleness (that of their first
+    // token), and below it in the step that trained the response spanning two versions.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let reports: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for r in &reports {
+        let (token, traj) = (
+            r["token_staleness_mean"].as_f64().unwrap(),
+            r["staleness_mean"].as_f64().unwrap(),
+        );
+        assert!(
+            token <= traj + 1e-9,
+            "tokens are never staler than their trajectory's first"
+        );
+        assert!(r["behaviour_ratio_min"].as_f64().unwrap() <= r["behaviour_ratio_max"].as_f64().unwrap());
+        assert!(r["behaviour_mismatch_kl"].as_f64().unwrap() >= 0.0);
+    }
+    let r = &reports[step as usize];
+    assert!(
+        r["token_staleness_mean"].as_f64().unwrap() < r["staleness_mean"].as_f64().unwrap(),
+        "{r}"
+    );
 }
 
 #[test]

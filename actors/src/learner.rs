@@ -55,8 +55,13 @@ pub struct StepReport {
     pub policy_version: u64,
     #[serde(flatten)]
     pub stats: StepStats,
+    /// Staleness of the trajectories (the version of their oldest token).
     pub staleness_mean: f64,
     pub staleness_max: u64,
+    /// Staleness per response token (by the version that sampled it; see
+    /// [`Trajectory::token_versions`]).
+    #[serde(flatten)]
+    pub token_staleness: TokenStaleness,
     pub dropped_stale: u64,
     pub tokens_generated: usize,
     pub generate_s: f64,
@@ -74,6 +79,37 @@ pub struct StepReport {
     /// Seconds spent writing the checkpoint taken before this step (0 without one).
     pub checkpoint_s: f64,
     pub wall_s: f64,
+}
+
+/// How many versions behind the trained one the batch's tokens were sampled, token-weighted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TokenStaleness {
+    pub token_staleness_mean: f64,
+    pub token_staleness_max: u64,
+    /// Fraction of response tokens sampled by an older version than the trained one.
+    pub off_policy_token_frac: f64,
+}
+
+impl TokenStaleness {
+    /// Of `batch`, trained at `version`.
+    pub fn of(batch: &[Trajectory], version: u64) -> Self {
+        let (mut sum, mut max, mut off, mut n) = (0u64, 0u64, 0u64, 0u64);
+        for t in batch {
+            for v in t.versions() {
+                let s = version - v.min(version);
+                sum += s;
+                max = max.max(s);
+                off += u64::from(s > 0);
+                n += 1;
+            }
+        }
+        let n = n.max(1) as f64;
+        Self {
+            token_staleness_mean: sum as f64 / n,
+            token_staleness_max: max,
+            off_policy_token_frac: off as f64 / n,
+        }
+    }
 }
 
 /// What the learner tells the runtime, in order.
@@ -229,6 +265,7 @@ impl Actor for LearnerActor {
             .map(|t| version - t.policy_version.min(version))
             .collect();
         let tokens: usize = batch.trajectories.iter().map(|t| t.response_ids.len()).sum();
+        let token_staleness = TokenStaleness::of(&batch.trajectories, version);
         let step = st.step;
         let publish = (step + 1).is_multiple_of(st.args.publish_every) || step + 1 == st.args.steps;
         let trainer = st.args.trainer.clone();
@@ -305,11 +342,20 @@ impl Actor for LearnerActor {
         metrics::gauge!("tandem_learner_policy_loss").set(stats.policy_loss);
         metrics::gauge!("tandem_learner_value_loss").set(stats.value_loss);
         metrics::gauge!("tandem_learner_reward_mean").set(stats.reward_mean);
+        metrics::gauge!("tandem_learner_token_staleness_mean").set(token_staleness.token_staleness_mean);
+        metrics::gauge!("tandem_learner_token_staleness_max").set(token_staleness.token_staleness_max as f64);
+        metrics::gauge!("tandem_learner_off_policy_token_frac").set(token_staleness.off_policy_token_frac);
+        metrics::gauge!("tandem_learner_behaviour_ratio_mean").set(stats.behaviour_ratio_mean);
+        metrics::gauge!("tandem_learner_behaviour_ratio_min").set(stats.behaviour_ratio_min);
+        metrics::gauge!("tandem_learner_behaviour_ratio_max").set(stats.behaviour_ratio_max);
+        metrics::gauge!("tandem_learner_behaviour_ratio_trunc_frac").set(stats.behaviour_ratio_trunc_frac);
+        metrics::gauge!("tandem_learner_behaviour_mismatch_kl").set(stats.behaviour_mismatch_kl);
         let report = StepReport {
             step,
             policy_version: version,
             staleness_mean: staleness.iter().sum::<u64>() as f64 / n as f64,
             staleness_max: staleness.iter().copied().max().unwrap_or(0),
+            token_staleness,
             dropped_stale: batch.dropped_stale,
             tokens_generated: tokens,
             generate_s: batch.times.generate_s,

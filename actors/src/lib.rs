@@ -54,10 +54,11 @@ pub use device::{DeviceId, Executor};
 pub use error::ActorError;
 pub use faults::{FaultConfig, Faults};
 pub use intake::{Next, TicketIntake};
-pub use learner::{LearnerEvent, StepReport};
+pub use learner::{LearnerEvent, StepReport, TokenStaleness};
 pub use meter::{ActorMeter, ActorState, MeterReading};
 pub use ppo_trainer::{Advantage, PpoTrainer, TrainerConfig, TrainerState};
 pub use reissue::{HeldTickets, ReissueQueue, TicketSet};
+pub use replay::StalePolicy;
 pub use stage::{Stage, StageActor, StageMsg};
 pub use trajectory::{
     Prompt, SharedWeights, StepRecords, TokenOutputs, Trajectory, TrajectoryBatch, WeightsSnapshot, WorkTicket,

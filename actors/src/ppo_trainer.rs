@@ -185,6 +185,15 @@ pub struct StepStats {
     pub kl_loss: f64,
     /// Mean truncated behaviour weight (1 for an on-policy batch).
     pub behaviour_weight_mean: f64,
+    /// The behaviour importance ratio `pi_prox / behaviour` per response token (untruncated,
+    /// before any update of the step): mean, min, max, and the fraction of tokens above the
+    /// cap (1, 1, 1 and 0 on policy).
+    pub behaviour_ratio_mean: f64,
+    pub behaviour_ratio_min: f64,
+    pub behaviour_ratio_max: f64,
+    pub behaviour_ratio_trunc_frac: f64,
+    /// Mismatch KL(behaviour || pi_prox) per token (k3 estimate over the sampled tokens).
+    pub behaviour_mismatch_kl: f64,
     /// Mean PPO-ptx log-likelihood of the pretraining rows (0 without ptx).
     pub ptx_logprob: f64,
     pub explained_var: f64,
@@ -212,6 +221,9 @@ pub struct PpoTrainer {
     score_norm: Option<RunningMeanStd>,
     /// Tokenised pretraining texts for PPO-ptx and the rows per minibatch.
     pretraining: Option<(Vec<Vec<u32>>, usize)>,
+    /// With `mode.stale = "mask"`: tokens sampled more than this many versions before the
+    /// trained one get no policy loss ([`PpoTrainer::mask_stale_tokens`]).
+    stale_token_lag: Option<u64>,
 }
 
 /// Everything a checkpoint keeps of the learner.
@@ -325,7 +337,14 @@ impl PpoTrainer {
             ema,
             score_norm,
             pretraining: None,
+            stale_token_lag: None,
         })
+    }
+
+    /// Gives no loss to the tokens sampled more than `max_lag` versions before the version a
+    /// step trains (`mode.stale = "mask"`); their rewards and advantages are kept.
+    pub fn mask_stale_tokens(&mut self, max_lag: u64) {
+        self.stale_token_lag = Some(max_lag);
     }
 
     /// The PPO-ptx pretraining texts (token ids, each at least 2 tokens) and how many of them
@@ -515,6 +534,11 @@ impl PpoTrainer {
                 .token_logprobs(&layout.ids, &layout.mask, start, self.temperature)?;
             out.logprobs.narrow(1, 0, width)?.detach()
         };
+        let ratio = BehaviourRatio::of(&prox, &sampled, mask, self.cfg.loss.behaviour_weight_cap)?;
+        let loss_mask = match self.stale_token_lag {
+            Some(lag) => fresh_token_mask(batch, version, lag, mask)?,
+            None => mask.clone(),
+        };
 
         // Rewards (the KL of pi_prox against the reference, at the current beta, when the KL
         // is in the reward).
@@ -580,7 +604,7 @@ impl PpoTrainer {
             for chunk in order.chunks(mb) {
                 let idx = Tensor::from_vec(chunk.to_vec(), chunk.len(), &dev)?;
                 let pick = |t: &Tensor| t.index_select(&idx, 0);
-                let (ids, full_mask, m) = (pick(&layout.ids)?, pick(&layout.mask)?, pick(mask)?);
+                let (ids, full_mask, m) = (pick(&layout.ids)?, pick(&layout.mask)?, pick(&loss_mask)?);
                 // Policy and critic share no parameters: their forwards (and below, their
                 // backwards) run side by side on the device's threads.
                 let critic_model = match (&self.critic, &returns) {
@@ -704,12 +728,92 @@ impl PpoTrainer {
             ratio_mean: sums.ratio_mean / u,
             kl_loss: sums.kl_loss / u,
             behaviour_weight_mean: sums.behaviour_weight_mean / u,
+            behaviour_ratio_mean: ratio.mean,
+            behaviour_ratio_min: ratio.min,
+            behaviour_ratio_max: ratio.max,
+            behaviour_ratio_trunc_frac: ratio.trunc_frac,
+            behaviour_mismatch_kl: ratio.mismatch_kl,
             ptx_logprob: sums.ptx_logprob / u,
             explained_var: sums.explained_var / u,
             response_len_mean: batch.iter().map(|t| t.response_ids.len() as f64).sum::<f64>() / n as f64,
             skipped_updates: skipped,
         };
         Ok((stats, outputs))
+    }
+}
+
+/// `mask` (b, width) without the tokens of `batch` sampled more than `lag` versions before
+/// `version`.
+fn fresh_token_mask(batch: &[Trajectory], version: u64, lag: u64, mask: &Tensor) -> Result<Tensor, ActorError> {
+    if batch.iter().all(|t| t.policy_version + lag >= version) {
+        return Ok(mask.clone());
+    }
+    let width = mask.dim(1)?;
+    let fresh: Vec<f32> = batch
+        .iter()
+        .flat_map(|t| {
+            let mut row: Vec<f32> = t
+                .versions()
+                .iter()
+                .map(|&v| f32::from(u8::from(v + lag >= version)))
+                .collect();
+            row.resize(width, 0.0);
+            row
+        })
+        .collect();
+    let fresh = Tensor::from_vec(fresh, (batch.len(), width), mask.device())?.to_dtype(mask.dtype())?;
+    Ok((mask * fresh)?)
+}
+
+/// The behaviour importance ratio of a batch (see [`StepStats::behaviour_ratio_mean`]).
+struct BehaviourRatio {
+    mean: f64,
+    min: f64,
+    max: f64,
+    trunc_frac: f64,
+    mismatch_kl: f64,
+}
+
+impl BehaviourRatio {
+    /// Of `prox` against `behaviour` log-probs (b, width) over the tokens of `mask`.
+    fn of(prox: &Tensor, behaviour: &Tensor, mask: &Tensor, cap: Option<f64>) -> Result<Self, ActorError> {
+        let rows = |t: &Tensor| -> Result<Vec<Vec<f64>>, ActorError> { Ok(t.to_dtype(DType::F64)?.to_vec2()?) };
+        let (p, b, m) = (rows(prox)?, rows(behaviour)?, rows(mask)?);
+        let (mut n, mut sum, mut kl, mut over) = (0.0, 0.0, 0.0, 0.0);
+        let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+        for ((p, b), m) in p.iter().zip(&b).zip(&m) {
+            for ((&p, &b), &m) in p.iter().zip(b).zip(m) {
+                if m == 0.0 {
+                    continue;
+                }
+                let log_r = p - b;
+                let r = log_r.exp();
+                n += 1.0;
+                sum += r;
+                kl += r - 1.0 - log_r;
+                min = min.min(r);
+                max = max.max(r);
+                if cap.is_some_and(|c| r > c) {
+                    over += 1.0;
+                }
+            }
+        }
+        if n == 0.0 {
+            return Ok(Self {
+                mean: 1.0,
+                min: 1.0,
+                max: 1.0,
+                trunc_frac: 0.0,
+                mismatch_kl: 0.0,
+            });
+        }
+        Ok(Self {
+            mean: sum / n,
+            min,
+            max,
+            trunc_frac: over / n,
+            mismatch_kl: kl / n,
+        })
     }
 }
 
@@ -831,6 +935,7 @@ mod tests {
                 full_logprobs: full[i].clone(),
                 stopped: false,
                 policy_version: version,
+                token_versions: vec![],
                 sampler: "test".into(),
                 sampling_seed: 0,
                 ref_logprobs: full[i].iter().map(|l| l - ref_gap).collect(),
@@ -970,6 +1075,56 @@ mod tests {
         let stale = tokens(&mixed[..K]);
         let want = (stale * 0.5f64.exp() + tokens(&mixed[K..])) / tokens(&mixed);
         close(stats.behaviour_weight_mean, want, 1e-4);
+    }
+
+    #[test]
+    fn a_response_spanning_two_versions_is_weighted_per_token() {
+        let cfg = TrainerConfig {
+            advantage: Advantage::Grpo,
+            kl: fixed(0.0),
+            ppo_epochs: 1,
+            minibatch_size: 8,
+            ..TrainerConfig::default()
+        };
+        // Row 0 adopted version 5 in flight after two tokens sampled by version 4, whose
+        // policy gave them 0.5 less log-prob than the current one: w = e^0.5 on those two
+        // tokens only, 1 elsewhere (pi_prox is taken per token).
+        let spanning = |t: &PpoTrainer| {
+            let mut b = batch(t, &SCORES, 5, 0.3, 0.0);
+            let tr = &mut b[0];
+            tr.policy_version = 4;
+            tr.token_versions = (0..tr.response_ids.len()).map(|j| if j < 2 { 4 } else { 5 }).collect();
+            for j in 0..2 {
+                tr.full_logprobs[j] -= 0.5;
+                tr.behaviour_logprobs[j] -= 0.5;
+            }
+            b
+        };
+        let mut t = trainer(cfg.clone());
+        let b = spanning(&t);
+        let (stats, _) = t.step_with_outputs(&b, 5, 5).unwrap();
+        assert!(!stats.on_policy);
+        let e = 0.5f64.exp();
+        close(
+            stats.behaviour_weight_mean,
+            (2.0 * e + tokens(&b) - 2.0) / tokens(&b),
+            1e-4,
+        );
+        close(stats.behaviour_ratio_max, e, 1e-4);
+        close(stats.behaviour_ratio_min, 1.0, 1e-4);
+        close(
+            stats.behaviour_ratio_mean,
+            (2.0 * e + tokens(&b) - 2.0) / tokens(&b),
+            1e-4,
+        );
+        close(stats.behaviour_mismatch_kl, 2.0 * (e - 1.5) / tokens(&b), 1e-4);
+        assert_eq!(stats.behaviour_ratio_trunc_frac, 0.0, "e^0.5 is under the cap of 2");
+        // Masking tokens more than 0 versions old leaves only weight-1 tokens in the loss.
+        let mut t = trainer(cfg);
+        t.mask_stale_tokens(0);
+        let b = spanning(&t);
+        let (stats, _) = t.step_with_outputs(&b, 5, 5).unwrap();
+        close(stats.behaviour_weight_mean, 1.0, 1e-4);
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! itself never blocks on the channel, so a learner's request is answered as soon as the data
 //! is there. The learner asks for a batch with the policy version it is
 //! about to train ([`ReplayMsg::NextBatch`]); the buffer first drops — and counts — every
-//! trajectory older than `version - max_lag`, then answers with the `batch_size` oldest
-//! trajectories in (ticket, row) order, or keeps the request until enough have arrived. That
-//! order makes a sync-mode batch independent of which sampler finished first.
+//! trajectory too stale for its [`StalePolicy`] (by default: whose oldest token was sampled
+//! before `version - max_lag`), then answers with the `batch_size` oldest trajectories in
+//! (ticket, row) order, or keeps the request until enough have arrived. That order makes a
+//! sync-mode batch independent of which sampler finished first, and it never favours short
+//! responses: what is served is decided by when a ticket was issued, not by when its batch
+//! finished, so stale data is dropped whatever its length.
 //!
 //! With `keep_dropped` (a trajectory store is attached), the stale trajectories are not
 //! discarded but handed to the learner with the next batch ([`LearnerBatch::dropped`]), so the
@@ -32,6 +35,33 @@ use crate::channel::StageReceiver;
 use crate::meter::ActorMeter;
 use crate::reissue::TicketSet;
 use crate::trajectory::{StageTimes, Trajectory, TrajectoryBatch};
+
+/// What becomes of tokens sampled more than `max_lag` versions before the one trained
+/// (`mode.stale`). Without in-flight updates a trajectory's tokens share one version, so
+/// `Mask` drops what `Drop` drops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StalePolicy {
+    /// Drop (and count) a trajectory whose oldest token is older than the bound.
+    #[default]
+    Drop,
+    /// Train on a trajectory with at least one token within the bound, with no loss on its
+    /// older tokens (they still count in its rewards and advantages); drop the others.
+    Mask,
+    /// Train on everything, with the off-policy correction only.
+    Train,
+}
+
+impl StalePolicy {
+    /// Whether `t` is kept for a learner about to train `version`.
+    pub fn keeps(self, t: &Trajectory, version: u64, max_lag: u64) -> bool {
+        match self {
+            StalePolicy::Drop => t.policy_version + max_lag >= version,
+            StalePolicy::Mask => t.token_versions.last().copied().unwrap_or(t.policy_version) + max_lag >= version,
+            StalePolicy::Train => true,
+        }
+    }
+}
 
 /// What the learner trains on in one step.
 #[derive(Debug, Clone)]
@@ -83,8 +113,10 @@ pub struct ReplayArgs {
     pub input: Option<StageReceiver<TrajectoryBatch>>,
     pub capacity: usize,
     pub batch_size: usize,
-    /// Drop trajectories whose policy lags the learner's version by more than this.
+    /// Trajectories whose policy lags the learner's version by more than this are stale.
     pub max_lag: u64,
+    /// What is dropped of stale trajectories.
+    pub stale: StalePolicy,
     /// Hand stale trajectories to the learner (for the trajectory store) instead of discarding them.
     pub keep_dropped: bool,
     /// This actor's measurements.
@@ -227,7 +259,7 @@ impl ReplayActor {
         let before = st.buffer.len();
         let (keep, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut st.buffer)
             .into_iter()
-            .partition(|(t, _)| t.policy_version + s >= version);
+            .partition(|(t, _)| st.args.stale.keeps(t, version, s));
         st.buffer = keep;
         if st.args.keep_dropped {
             st.dropped.extend(stale.into_iter().map(|(t, _)| t));

@@ -185,6 +185,7 @@ mod tests {
             full_logprobs: vec![-1.0; 3],
             stopped: true,
             policy_version: 0,
+            token_versions: vec![],
             sampler: "test".into(),
             sampling_seed: 0,
             ref_logprobs: vec![],

@@ -14,12 +14,28 @@
 //! staleness gate), and held in the rollout's [`HeldTickets`] until their batch is handed
 //! downstream; [`StageMsg::Reissued`] wakes a rollout that is waiting for a newer policy so
 //! a reissued ticket never waits behind a ticket meant for a later step.
+//!
+//! ## In-flight updates
+//! With `inflight` set (`mode.inflight_updates`), a running batch also adopts newer weights
+//! between two decode steps. The actor handles one message at a time and is busy computing, so
+//! a new version cannot reach it as a message mid-batch: the generation loop on the device
+//! thread reads the snapshot's latest-weights `watch` cell instead ([`InflightSource`]) before
+//! every decode step, builds a model over the new tensors (shared, not copied) and samples the
+//! rest of the batch with it ([`tandem_models::generate_inflight`]; the KV cache is kept or
+//! recomputed as `InflightKv` says). Each trajectory keeps the version of its first token as
+//! `policy_version` (the oldest, which the staleness bound applies to) and, when the response
+//! spans versions, every token's version in `token_versions`. The time from a version's
+//! publication to the first token sampled under it is the histogram
+//! `tandem_inflight_first_token_seconds`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use ractor::{ActorProcessingErr, ActorRef};
 use rand::{rngs::StdRng, SeedableRng};
-use tandem_models::{generate, Decoding, LanguageModel, ModelConfig, SamplingConfig};
+use tandem_models::{
+    generate_inflight, Decoding, Generation, Inflight, InflightKv, LanguageModel, ModelConfig, SamplingConfig,
+};
 
 use crate::channel::{StageReceiver, StageSender};
 use crate::device::Executor;
@@ -52,12 +68,29 @@ pub struct RolloutArgs {
     /// Tickets to sample again, taken before new ones.
     pub reissued: ReissueQueue,
     pub faults: Arc<Faults>,
+    /// Adopt newer weights within a batch, treating the KV cache so; `None`: between batches.
+    pub inflight: Option<InflightKv>,
 }
 
 pub struct RolloutStage {
     args: RolloutArgs,
     model: Option<(u64, Arc<LanguageModel>)>,
     intake: TicketIntake,
+    /// The snapshot's latest-weights cell, once subscribed (with in-flight updates).
+    latest: Option<tokio::sync::watch::Receiver<SharedWeights>>,
+}
+
+/// Where a running batch reads newer weights from (see the module docs).
+#[derive(Clone)]
+pub struct InflightSource {
+    /// The latest published policy.
+    pub latest: tokio::sync::watch::Receiver<SharedWeights>,
+    pub config: ModelConfig,
+    pub kv: InflightKv,
+    /// Told of each adoption (publish-to-adopt latency), as adopting between batches does.
+    pub snapshot: Option<ActorRef<SnapshotMsg>>,
+    /// The newest policy adopted in flight, for the sampler to keep after the batch.
+    pub adopted: Arc<Mutex<Option<(u64, Arc<LanguageModel>)>>>,
 }
 
 /// A ticket to sample, with the policy (and its version) it is sampled with.
@@ -91,6 +124,7 @@ impl Stage for RolloutStage {
             args,
             model: None,
             intake,
+            latest: None,
         };
         // The first policy starts it.
         Ok((stage, core, false))
@@ -113,6 +147,21 @@ impl Stage for RolloutStage {
     }
 
     async fn compute(&mut self, a: Assigned) -> Result<TrajectoryBatch, ActorProcessingErr> {
+        let inflight = match self.args.inflight {
+            Some(kv) => {
+                if self.latest.is_none() {
+                    self.latest = Some(ractor::call!(self.args.snapshot, SnapshotMsg::Subscribe)?);
+                }
+                self.latest.clone().map(|latest| InflightSource {
+                    latest,
+                    config: self.args.config.clone(),
+                    kv,
+                    snapshot: Some(self.args.snapshot.clone()),
+                    adopted: Arc::default(),
+                })
+            }
+            None => None,
+        };
         let args = &self.args;
         let batch = sample_ticket(
             &args.executor,
@@ -121,8 +170,16 @@ impl Stage for RolloutStage {
             &a.ticket,
             a.version,
             &args.name,
+            inflight.clone(),
         )
         .await?;
+        let adopted = inflight.and_then(|f| f.adopted.lock().ok().and_then(|mut a| a.take()));
+        if let Some((version, model)) = adopted {
+            if self.model.as_ref().is_none_or(|(v, _)| *v < version) {
+                self.model = Some((version, model));
+                args.meter.set_version(version);
+            }
+        }
         args.meter
             .busy(std::time::Duration::from_secs_f64(batch.times.generate_s));
         args.meter.items(batch.tokens_generated as u64);
@@ -155,6 +212,7 @@ pub async fn sample_ticket(
     ticket: &WorkTicket,
     version: u64,
     sampler: &str,
+    inflight: Option<InflightSource>,
 ) -> Result<TrajectoryBatch, ActorProcessingErr> {
     let n = ticket.samples_per_prompt.max(1);
     let prompts: Vec<Vec<u32>> = ticket
@@ -164,13 +222,18 @@ pub async fn sample_ticket(
         .collect();
     let sampling = sampling.clone();
     let seed = ticket.seed;
+    let receiver = sampler.to_string();
     let (gen, took) = executor
         .run(move |_| {
             let mut rng = StdRng::seed_from_u64(seed);
-            generate(&model, &prompts, &sampling, &mut rng, Decoding::Cached)
+            match inflight {
+                None => generate_inflight(&model, &prompts, &sampling, &mut rng, Decoding::Cached, None),
+                Some(source) => generate_adopting(&model, version, &prompts, &sampling, &mut rng, source, &receiver),
+            }
         })
         .await?;
     let gen = gen?;
+    let adopted = gen.adopted.clone();
     let sampled_at = crate::trajectory::unix_ms();
     let tokens: usize = gen.responses.iter().map(Vec::len).sum();
     let trajectories = gen
@@ -183,6 +246,7 @@ pub async fn sample_ticket(
         .map(
             |(row, (((response_ids, behaviour_logprobs), full_logprobs), stopped))| {
                 let prompt = &ticket.prompts[row / n];
+                let token_versions = row_versions(version, &adopted, response_ids.len());
                 Trajectory {
                     ticket: ticket.id,
                     row: row as u32,
@@ -193,6 +257,7 @@ pub async fn sample_ticket(
                     full_logprobs,
                     stopped,
                     policy_version: version,
+                    token_versions,
                     sampler: sampler.to_string(),
                     sampling_seed: seed,
                     ref_logprobs: vec![],
@@ -212,4 +277,92 @@ pub async fn sample_ticket(
         },
         tokens_generated: tokens,
     })
+}
+
+/// Generates on the device thread, adopting each newer version `source` publishes between
+/// decode steps (see the module docs).
+fn generate_adopting(
+    model: &LanguageModel,
+    version: u64,
+    prompts: &[Vec<u32>],
+    sampling: &SamplingConfig,
+    rng: &mut StdRng,
+    source: InflightSource,
+    receiver: &str,
+) -> tandem_models::Result<Generation> {
+    let mut current = version;
+    // The step of the last adoption and when its version was published, until a token of that
+    // step is sampled.
+    let mut first_token: Option<(usize, Instant)> = None;
+    let mut latest = source.latest.clone();
+    let mut next = |step: usize| {
+        if let Some((_, published)) = first_token.take() {
+            metrics::histogram!("tandem_inflight_first_token_seconds").record(published.elapsed().as_secs_f64());
+        }
+        let w = latest.borrow_and_update().clone();
+        if w.version <= current {
+            return None;
+        }
+        let m = match LanguageModel::from_tensors(&source.config, w.tensors.clone(), model.device()) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                tracing::warn!(version = w.version, "cannot adopt weights in flight: {e}");
+                return None;
+            }
+        };
+        current = w.version;
+        first_token = Some((step, w.published_at));
+        if let Some(snapshot) = &source.snapshot {
+            let _ = snapshot.cast(SnapshotMsg::Adopted {
+                receiver: receiver.to_string(),
+                version: w.version,
+                latency: w.published_at.elapsed(),
+            });
+        }
+        if let Ok(mut a) = source.adopted.lock() {
+            *a = Some((w.version, m.clone()));
+        }
+        Some((w.version, m))
+    };
+    let inflight = Inflight {
+        next: &mut next,
+        kv: source.kv,
+    };
+    let gen = generate_inflight(model, prompts, sampling, rng, Decoding::Cached, Some(inflight))?;
+    if let Some((step, published)) = first_token {
+        if gen.width() > step {
+            metrics::histogram!("tandem_inflight_first_token_seconds").record(published.elapsed().as_secs_f64());
+        }
+    }
+    Ok(gen)
+}
+
+/// The versions of a row's `len` tokens, sampled from `version` on and then by each policy
+/// `adopted` in flight at its step: empty when they are all `version`.
+fn row_versions(version: u64, adopted: &[(usize, u64)], len: usize) -> Vec<u64> {
+    if adopted.first().is_none_or(|&(step, _)| step >= len) {
+        return vec![];
+    }
+    (0..len)
+        .map(|j| {
+            adopted
+                .iter()
+                .take_while(|&&(step, _)| step <= j)
+                .last()
+                .map_or(version, |&(_, v)| v)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_versions;
+
+    #[test]
+    fn row_versions_follow_the_adoption_steps() {
+        assert_eq!(row_versions(3, &[], 4), Vec::<u64>::new());
+        // Adopted after the row ended: the row is all version 3.
+        assert_eq!(row_versions(3, &[(4, 5)], 4), Vec::<u64>::new());
+        assert_eq!(row_versions(3, &[(1, 4), (3, 6)], 5), vec![3, 4, 4, 6, 6]);
+    }
 }

@@ -16,8 +16,9 @@
 //! 5. **releases** the ticket, and casts itself the next `Step`.
 //!
 //! Each stage supplies only where its input comes from and its compute. Messages are handled
-//! one at a time, so weights are adopted between batches, never during one: [`Stage::adopt`]
-//! is the hook a stage swaps weights in ([`StageMsg::Adopt`], sent by the snapshot through its
+//! one at a time, so weights that arrive as messages are adopted between batches, never during
+//! one (a sampler with in-flight updates reads a shared latest-weights cell mid-batch
+//! instead, see [`crate::rollout`]): [`Stage::adopt`] is the hook a stage swaps weights in ([`StageMsg::Adopt`], sent by the snapshot through its
 //! [`crate::snapshot::WeightsPort`]). A stage that waits (for a newer policy, a critic, or a
 //! worker node) resumes on new weights or, for samplers, on [`StageMsg::Reissued`].
 //!

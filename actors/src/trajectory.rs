@@ -45,7 +45,12 @@ pub struct Trajectory {
     pub full_logprobs: Vec<f32>,
     /// Whether the response ended with a stop token.
     pub stopped: bool,
+    /// The version that sampled the first token: the oldest one in the response.
     pub policy_version: u64,
+    /// The version that sampled each response token, when a policy adopted in flight sampled
+    /// part of the response (non-decreasing, first entry `policy_version`); empty when every
+    /// token was sampled by `policy_version`.
+    pub token_versions: Vec<u64>,
     pub sampler: String,
     pub sampling_seed: u64,
     /// Reference-model log-probs of the response tokens (Reward stage).
@@ -56,6 +61,23 @@ pub struct Trajectory {
     pub values: Vec<f32>,
     /// When the response was sampled, in milliseconds since the Unix epoch.
     pub sampled_unix_ms: u64,
+}
+
+impl Trajectory {
+    /// The version that sampled each response token (see [`Trajectory::token_versions`]).
+    pub fn versions(&self) -> Vec<u64> {
+        token_versions(&self.token_versions, self.policy_version, self.response_ids.len())
+    }
+}
+
+/// Per-token versions of a response of `len` tokens from its compact form: `stored` when it is
+/// not empty, else `len` times `policy_version`.
+pub fn token_versions(stored: &[u64], policy_version: u64, len: usize) -> Vec<u64> {
+    if stored.is_empty() {
+        vec![policy_version; len]
+    } else {
+        stored.to_vec()
+    }
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

@@ -408,6 +408,7 @@ mod tests {
             full_logprobs: vec![-0.25],
             stopped: true,
             policy_version: 2,
+            token_versions: vec![],
             sampler: "rollout/cpu:0/0".into(),
             sampling_seed: 9,
             ref_logprobs: vec![-0.75],

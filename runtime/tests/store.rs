@@ -28,6 +28,12 @@ fn trajectory(i: u64) -> StoredTrajectory {
         advantages: f(1.5),
         returns: f(2.5),
         policy_version: 40 + i,
+        // Some records span two versions (the record's other variant).
+        token_versions: if i % 4 == 1 {
+            vec![40 + i, 41 + i, 41 + i]
+        } else {
+            vec![]
+        },
         sampler: format!("rollout/cpu:0/{i}"),
         sampling_seed: 0xDEAD_BEEF_0000 + i,
         sampled_unix_ms: 1_700_000_000_000 + i,
@@ -187,6 +193,7 @@ fn raw(i: u64) -> Trajectory {
         full_logprobs: t.full_logprobs,
         stopped: t.stopped,
         policy_version: t.policy_version,
+        token_versions: t.token_versions,
         sampler: t.sampler,
         sampling_seed: t.sampling_seed,
         ref_logprobs: t.ref_logprobs,

@@ -147,7 +147,7 @@ impl Actor for NodeHostActor {
                 tokio::spawn(async move {
                     let result = match job {
                         Ok((exec, model, version, sampling)) => {
-                            sample_ticket(&exec, model, &sampling, &req.ticket, version, &req.sampler)
+                            sample_ticket(&exec, model, &sampling, &req.ticket, version, &req.sampler, None)
                                 .await
                                 .map_err(|e| format!("sampling failed: {e}"))
                         }

@@ -20,6 +20,13 @@
 //!                          # lag the step they sample for by up to max_staleness + M - 1
 //!                          # versions (a version counts learner steps), and the learner
 //!                          # corrects that data as off-policy (see tandem_actors::learner)
+//! inflight_updates = false # samplers adopt new weights between decode steps of a running
+//!                          # batch, keeping the KV cache (each token records its version)
+//! inflight_recompute_kv = false # ... and recompute the cache under the new weights (one
+//!                          # prefill of prompt + response so far per adoption)
+//! stale = "drop"           # data older than the bound: "drop" the trajectory (counted in
+//!                          # dropped_stale), "mask" its older tokens out of the loss (drops
+//!                          # only trajectories with no token within the bound), or "train"
 //!
 //! [models.policy]          # either a HF checkpoint directory ...
 //! path = "../fixtures/hf/gpt2-tiny"

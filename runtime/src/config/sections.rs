@@ -161,6 +161,16 @@ impl Default for MetricsConfig {
 pub struct ModeConfig {
     pub max_staleness: u64,
     pub publish_every: u64,
+    /// Samplers adopt a newly published policy between two decode steps of a running batch
+    /// (see `tandem_actors::rollout`); off: only between batches.
+    pub inflight_updates: bool,
+    /// With in-flight updates, run the prefix through the new weights into a fresh KV cache
+    /// at each adoption (one prefill per adoption) instead of keeping the old weights' cache.
+    pub inflight_recompute_kv: bool,
+    /// What becomes of data older than the staleness bound: "drop" (the trajectory), "mask"
+    /// (no loss on its older tokens) or "train" (everything, corrected off-policy); see
+    /// `tandem_actors::replay::StalePolicy`.
+    pub stale: tandem_actors::StalePolicy,
 }
 
 impl ModeConfig {
@@ -169,6 +179,15 @@ impl ModeConfig {
     pub fn max_lag(&self) -> u64 {
         self.max_staleness + self.publish_every.max(1) - 1
     }
+
+    /// How samplers adopt weights within a batch: `None` when they do not.
+    pub fn inflight(&self) -> Option<tandem_models::InflightKv> {
+        self.inflight_updates.then_some(if self.inflight_recompute_kv {
+            tandem_models::InflightKv::Recompute
+        } else {
+            tandem_models::InflightKv::Keep
+        })
+    }
 }
 
 impl Default for ModeConfig {
@@ -176,6 +195,9 @@ impl Default for ModeConfig {
         Self {
             max_staleness: 0,
             publish_every: 1,
+            inflight_updates: false,
+            inflight_recompute_kv: false,
+            stale: tandem_actors::StalePolicy::Drop,
         }
     }
 }

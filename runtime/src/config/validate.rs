@@ -36,6 +36,12 @@ impl Config {
         if self.steps == 0 {
             return Err("steps must be >= 1".into());
         }
+        if self.mode.inflight_recompute_kv && !self.mode.inflight_updates {
+            return Err("mode.inflight_recompute_kv needs mode.inflight_updates = true".into());
+        }
+        if self.mode.inflight_updates && !self.placement.nodes.is_empty() {
+            return Err("mode.inflight_updates: samplers on worker nodes adopt weights only between batches".into());
+        }
         self.validate_algorithm()?;
         use tandem_actors::Advantage;
         match self.algorithm.advantage {

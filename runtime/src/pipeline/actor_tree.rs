@@ -267,6 +267,7 @@ impl<'a> ActorTree<'a> {
                     held: held.clone(),
                     reissued: reissued.clone(),
                     faults: faults.clone(),
+                    inflight: self.cfg.mode.inflight(),
                 };
                 let wake = waker(|| StageMsg::Reissued);
                 self.start_child(

@@ -250,6 +250,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         capacity: cfg.replay_capacity(),
         batch_size: cfg.batch_size(),
         max_lag: cfg.mode.max_lag(),
+        stale: cfg.mode.stale,
         keep_dropped: store_tx.is_some(),
         held: replay_held.clone(),
         restore,

@@ -84,6 +84,9 @@ pub fn build_learner(cfg: &Config, device: &candle_core::Device) -> Result<Built
         device.clone(),
     )?;
     trainer.inject_nonfinite_loss(cfg.faults.nonfinite_loss_steps.clone());
+    if cfg.mode.stale == tandem_actors::StalePolicy::Mask {
+        trainer.mask_stale_tokens(cfg.mode.max_lag());
+    }
     if let Some(path) = &cfg.data.pretrain {
         trainer.set_pretraining(
             load_pretraining(path, &policy.tokenizer, cfg.data.pretrain_max_tokens)?,

@@ -1,4 +1,9 @@
 //! What one store record holds, and its bincode encoding.
+//!
+//! A trajectory whose tokens were all sampled by one policy version is encoded as it always
+//! was; one that spans versions (a policy adopted in flight) is encoded as a second variant
+//! that appends the per-token versions. Records written before per-token versions existed
+//! therefore decode unchanged, with every token at `policy_version`.
 
 use serde::{Deserialize, Serialize};
 use tandem_actors::{TokenOutputs, Trajectory};
@@ -46,7 +51,12 @@ pub struct StoredTrajectory {
     pub token_rewards: Vec<f32>,
     pub advantages: Vec<f32>,
     pub returns: Vec<f32>,
+    /// The version that sampled the first (oldest) token.
     pub policy_version: u64,
+    /// The version of each token when they span versions, else empty (see
+    /// [`tandem_actors::Trajectory::token_versions`]); encoded by the record's variant.
+    #[serde(skip)]
+    pub token_versions: Vec<u64>,
     pub sampler: String,
     pub sampling_seed: u64,
     pub sampled_unix_ms: u64,
@@ -73,6 +83,7 @@ impl StoredTrajectory {
             advantages: c.advantages,
             returns: c.returns,
             policy_version: t.policy_version,
+            token_versions: t.token_versions,
             sampler: t.sampler,
             sampling_seed: t.sampling_seed,
             sampled_unix_ms: t.sampled_unix_ms,
@@ -83,6 +94,11 @@ impl StoredTrajectory {
 }
 
 impl StoredTrajectory {
+    /// The version that sampled each response token.
+    pub fn versions(&self) -> Vec<u64> {
+        tandem_actors::trajectory::token_versions(&self.token_versions, self.policy_version, self.response_ids.len())
+    }
+
     /// The trajectory as the learner saw it (what `tandem replay --rerun-step` trains on again).
     pub fn to_trajectory(&self) -> Trajectory {
         Trajectory {
@@ -95,6 +111,7 @@ impl StoredTrajectory {
             full_logprobs: self.full_logprobs.clone(),
             stopped: self.stopped,
             policy_version: self.policy_version,
+            token_versions: self.token_versions.clone(),
             sampler: self.sampler.clone(),
             sampling_seed: self.sampling_seed,
             ref_logprobs: self.ref_logprobs.clone(),
@@ -105,10 +122,25 @@ impl StoredTrajectory {
     }
 }
 
-/// A store record. New kinds are new variants (appended, so old logs still decode).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A store record ([`encode`] and [`decode`] give its bytes).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     Trajectory(StoredTrajectory),
+}
+
+/// A record as encoded. New kinds are new variants (appended, so old logs still decode).
+#[derive(Serialize)]
+enum WireRef<'a> {
+    Trajectory(&'a StoredTrajectory),
+    VersionedTrajectory(&'a StoredTrajectory, &'a [u64]),
+}
+
+#[derive(Deserialize)]
+enum Wire {
+    /// Every token sampled by `policy_version`.
+    Trajectory(StoredTrajectory),
+    /// A trajectory and the version of each of its tokens.
+    VersionedTrajectory(StoredTrajectory, Vec<u64>),
 }
 
 fn config() -> bincode::config::Configuration {
@@ -117,7 +149,11 @@ fn config() -> bincode::config::Configuration {
 
 /// The payload bytes of a record.
 pub fn encode(record: &Record) -> Vec<u8> {
-    bincode::serde::encode_to_vec(record, config()).expect("records always encode")
+    let wire = match record {
+        Record::Trajectory(t) if t.token_versions.is_empty() => WireRef::Trajectory(t),
+        Record::Trajectory(t) => WireRef::VersionedTrajectory(t, &t.token_versions),
+    };
+    bincode::serde::encode_to_vec(wire, config()).expect("records always encode")
 }
 
 /// Decodes a payload; trailing bytes are an error.
@@ -126,5 +162,18 @@ pub fn decode(payload: &[u8]) -> Result<Record, String> {
     if used != payload.len() {
         return Err(format!("{} trailing bytes after the record", payload.len() - used));
     }
-    Ok(r)
+    Ok(match r {
+        Wire::Trajectory(t) => Record::Trajectory(t),
+        Wire::VersionedTrajectory(mut t, versions) => {
+            if versions.len() != t.response_ids.len() {
+                return Err(format!(
+                    "{} token versions for {} response tokens",
+                    versions.len(),
+                    t.response_ids.len()
+                ));
+            }
+            t.token_versions = versions;
+            Record::Trajectory(t)
+        }
+    })
 }
