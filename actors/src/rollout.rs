@@ -356,7 +356,81 @@ fn row_versions(version: u64, adopted: &[(usize, u64)], len: usize) -> Vec<u64> 
 
 #[cfg(test)]
 mod tests {
-    use super::row_versions;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use candle_core::Device;
+    use tandem_models::{InflightKv, LanguageModel, ModelConfig, SamplingConfig, WeightInit};
+
+    use super::{row_versions, sample_ticket, InflightSource};
+    use crate::device::{DeviceId, Executor};
+    use crate::trajectory::{Prompt, WeightsSnapshot, WorkTicket};
+
+    #[tokio::test]
+    async fn a_running_batch_adopts_a_published_version_between_decode_steps() {
+        let mc = ModelConfig::gpt2(32, 16, 1, 2, 64);
+        let (v0, _) = LanguageModel::trainable(&mc, WeightInit::Random { seed: 1 }, &Device::Cpu).unwrap();
+        let (_, vars) = LanguageModel::trainable(&mc, WeightInit::Random { seed: 2 }, &Device::Cpu).unwrap();
+        // Version 1 is already published when the batch starts with version 0: it is adopted
+        // before the second decode step.
+        let v1 = Arc::new(WeightsSnapshot {
+            version: 1,
+            tensors: tandem_models::snapshot(&vars).unwrap(),
+            published_at: Instant::now(),
+        });
+        let (_publish, latest) = tokio::sync::watch::channel(v1);
+        for kv in [InflightKv::Keep, InflightKv::Recompute] {
+            let source = InflightSource {
+                latest: latest.clone(),
+                config: mc.clone(),
+                kv,
+                snapshot: None,
+                adopted: Arc::default(),
+            };
+            let prompts = vec![
+                Prompt {
+                    index: 0,
+                    ids: vec![1, 2, 3],
+                },
+                Prompt {
+                    index: 1,
+                    ids: vec![4, 5],
+                },
+            ];
+            let ticket = WorkTicket {
+                id: 0,
+                step: 1,
+                prompts,
+                samples_per_prompt: 2,
+                seed: 3,
+            };
+            let sampling = SamplingConfig {
+                max_new_tokens: 6,
+                ..Default::default()
+            };
+            let exec = Executor::new(DeviceId::Cpu(0), 1).unwrap();
+            let model = Arc::new(v0.clone());
+            let batch = sample_ticket(&exec, model, &sampling, &ticket, 0, "test", Some(source.clone()))
+                .await
+                .unwrap();
+            assert_eq!(batch.trajectories.len(), 4);
+            for t in &batch.trajectories {
+                assert_eq!(t.policy_version, 0, "the oldest token's version");
+                assert_eq!(t.versions(), vec![0, 1, 1, 1, 1, 1], "{kv:?}");
+            }
+            let adopted = source.adopted.lock().unwrap().as_ref().map(|(v, _)| *v);
+            assert_eq!(adopted, Some(1), "the sampler keeps the adopted policy");
+            // Without in-flight updates the same ticket is all version 0.
+            let plain = sample_ticket(&exec, Arc::new(v0.clone()), &sampling, &ticket, 0, "test", None)
+                .await
+                .unwrap();
+            assert!(plain.trajectories.iter().all(|t| t.token_versions.is_empty()));
+            // The first token was drawn by version 0 either way.
+            for (a, b) in batch.trajectories.iter().zip(&plain.trajectories) {
+                assert_eq!(a.response_ids[0], b.response_ids[0]);
+            }
+        }
+    }
 
     #[test]
     fn row_versions_follow_the_adoption_steps() {
