@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::{json, Map, Value};
 
+use tandem_actors::StepReport;
+
 use crate::error::bad_input;
 
 #[derive(Debug, Args)]
@@ -112,82 +114,49 @@ fn number(obj: &Map<String, Value>, key: &str, path: &Path, line: usize) -> anyh
     }
 }
 
-/// The metrics.jsonl columns the report draws or summarises.
-const METRIC_KEYS: &[&str] = &[
-    "reward_mean",
-    "reward_std",
-    "score_mean",
-    "kl",
-    "beta",
-    "policy_loss",
-    "value_loss",
-    "entropy",
-    "clip_frac",
-    "approx_kl",
-    "response_len_mean",
-    "staleness_mean",
-    "staleness_max",
-    "dropped_stale",
-    "tokens_generated",
-    "generate_s",
-    "reward_s",
-    "value_s",
-    "learn_s",
-    "weight_sync_s",
-    "learner_wait_s",
-    "wall_s",
-    "policy_version",
-];
-
-/// metrics.jsonl as columns: `steps[i]` is the `step` of row i, `cols[key][i]` its value.
+/// metrics.jsonl, one [`StepReport`] per learner step.
 struct Metrics {
-    steps: Vec<f64>,
-    cols: BTreeMap<&'static str, Vec<Option<f64>>>,
+    rows: Vec<StepReport>,
     skipped_tail: bool,
 }
 
+/// One number of a step's report (NaN when the line lacked it).
+type Field = fn(&StepReport) -> f64;
+
 impl Metrics {
     fn parse(path: &Path, text: &str) -> anyhow::Result<Metrics> {
-        let (rows, skipped_tail) = jsonl_objects(path, text)?;
-        let mut steps = Vec::with_capacity(rows.len());
-        let mut cols: BTreeMap<&'static str, Vec<Option<f64>>> = BTreeMap::new();
-        for (line, obj) in &rows {
-            match number(obj, "step", path, *line)? {
-                Some(s) => steps.push(s),
-                None => return bad_input!("{}:{line}: missing \"step\"", path.display()),
-            }
-            for &key in METRIC_KEYS {
-                cols.entry(key).or_default().push(number(obj, key, path, *line)?);
+        let (objects, skipped_tail) = jsonl_objects(path, text)?;
+        let mut rows = Vec::with_capacity(objects.len());
+        for (line, obj) in objects {
+            match StepReport::from_value(Value::Object(obj)) {
+                Ok(r) => rows.push(r),
+                Err(e) => return bad_input!("{}:{line}: {e}", path.display()),
             }
         }
-        Ok(Metrics {
-            steps,
-            cols,
-            skipped_tail,
-        })
+        Ok(Metrics { rows, skipped_tail })
     }
 
-    fn col(&self, key: &str) -> &[Option<f64>] {
-        self.cols.get(key).map_or(&[], |c| c.as_slice())
+    /// `(step, value)` pairs of one field; non-finite values are gaps.
+    fn series(&self, f: Field) -> Vec<(f64, Option<f64>)> {
+        self.series_opt(|r| Some(f(r)))
     }
 
-    /// `(step, value)` pairs of one column.
-    fn series(&self, key: &str) -> Vec<(f64, Option<f64>)> {
-        self.steps.iter().copied().zip(self.col(key).iter().copied()).collect()
-    }
-
-    /// The last non-null value of a column.
-    fn last(&self, key: &str) -> Option<f64> {
-        self.col(key).iter().rev().find_map(|v| *v)
-    }
-
-    /// Mean of the non-null values among rows `range`.
-    fn mean(&self, key: &str, range: std::ops::Range<usize>) -> Option<f64> {
-        let vals: Vec<f64> = self.col(key)[range]
+    /// [`Metrics::series`] of an optional field.
+    fn series_opt(&self, f: impl Fn(&StepReport) -> Option<f64>) -> Vec<(f64, Option<f64>)> {
+        self.rows
             .iter()
-            .filter_map(|v| *v)
-            .filter(|v| v.is_finite())
-            .collect();
+            .map(|r| (r.step as f64, f(r).filter(|v| v.is_finite())))
+            .collect()
+    }
+
+    /// The last finite value of a field.
+    fn last(&self, f: Field) -> Option<f64> {
+        self.rows.iter().rev().map(f).find(|v| v.is_finite())
+    }
+
+    /// Mean of the finite values among rows `range`.
+    fn mean(&self, f: Field, range: std::ops::Range<usize>) -> Option<f64> {
+        let vals: Vec<f64> = self.rows[range].iter().map(f).filter(|v| v.is_finite()).collect();
         (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64)
     }
 }
@@ -663,23 +632,25 @@ fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
     let zero = || YRange::Auto { zero: true };
 
     let band: Vec<(f64, f64, f64)> = m
-        .steps
+        .rows
         .iter()
-        .zip(m.col("reward_mean").iter().zip(m.col("reward_std")))
-        .map(|(&x, (mean, std))| match (mean, std) {
-            (Some(mean), Some(std)) => (x, mean - std, mean + std),
-            _ => (x, f64::NAN, f64::NAN),
+        .map(|r| {
+            (
+                r.step as f64,
+                r.stats.reward_mean - r.stats.reward_std,
+                r.stats.reward_mean + r.stats.reward_std,
+            )
         })
         .collect();
     let mut reward = Series::new(
         "reward_mean",
         "reward mean (score + KL penalty)",
         c[0],
-        m.series("reward_mean"),
+        m.series(|r| r.stats.reward_mean),
     );
     reward.band = Some(("reward ± 1 std over the batch".into(), band));
 
-    let wall = m.series("wall_s");
+    let wall = m.series(|r| r.wall_s);
     let step_wall: Vec<(f64, Option<f64>)> = wall
         .iter()
         .enumerate()
@@ -745,7 +716,7 @@ fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
                         "score_mean",
                         "score mean (reward model / rule)",
                         c[1],
-                        m.series("score_mean"),
+                        m.series(|r| r.stats.score_mean),
                     ),
                 ],
             )],
@@ -760,7 +731,12 @@ fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
             panels: vec![panel(
                 "clip fraction (of tokens)",
                 zero(),
-                vec![Series::new("clip_frac", "clip fraction", c[4], m.series("clip_frac"))],
+                vec![Series::new(
+                    "clip_frac",
+                    "clip fraction",
+                    c[4],
+                    m.series(|r| r.stats.clip_frac),
+                )],
             )],
             note: None,
         },
@@ -773,12 +749,12 @@ fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
                 panel(
                     "KL (nats per response)",
                     auto,
-                    vec![Series::new("kl", "KL", c[3], m.series("kl"))],
+                    vec![Series::new("kl", "KL", c[3], m.series(|r| r.stats.kl))],
                 ),
                 panel(
                     "β (KL coefficient)",
                     auto,
-                    vec![Series::new("beta", "β", c[9], m.series("beta"))],
+                    vec![Series::new("beta", "β", c[9], m.series(|r| r.stats.beta))],
                 ),
             ],
             note: None,
@@ -792,12 +768,22 @@ fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
                 panel(
                     "policy loss",
                     auto,
-                    vec![Series::new("policy_loss", "policy loss", c[0], m.series("policy_loss"))],
+                    vec![Series::new(
+                        "policy_loss",
+                        "policy loss",
+                        c[0],
+                        m.series(|r| r.stats.policy_loss),
+                    )],
                 ),
                 panel(
                     "value loss",
                     zero(),
-                    vec![Series::new("value_loss", "value loss", c[2], m.series("value_loss"))],
+                    vec![Series::new(
+                        "value_loss",
+                        "value loss",
+                        c[2],
+                        m.series(|r| r.stats.value_loss),
+                    )],
                 ),
             ],
             note: None,
@@ -811,7 +797,7 @@ fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
                 panel(
                     "entropy (nats/token)",
                     auto,
-                    vec![Series::new("entropy", "entropy", c[5], m.series("entropy"))],
+                    vec![Series::new("entropy", "entropy", c[5], m.series(|r| r.stats.entropy))],
                 ),
                 panel(
                     "length (tokens)",
@@ -820,7 +806,7 @@ fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
                         "response_len_mean",
                         "response length",
                         c[7],
-                        m.series("response_len_mean"),
+                        m.series(|r| r.stats.response_len_mean),
                     )],
                 ),
             ],
@@ -838,8 +824,8 @@ fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
                     "staleness (versions)",
                     zero(),
                     vec![
-                        Series::new("staleness_mean", "mean", c[0], m.series("staleness_mean")),
-                        Series::new("staleness_max", "max", c[3], m.series("staleness_max")).dashed(),
+                        Series::new("staleness_mean", "mean", c[0], m.series(|r| r.staleness_mean)),
+                        Series::new("staleness_max", "max", c[3], m.series(|r| r.staleness_max as f64)).dashed(),
                     ],
                 ),
                 panel(
@@ -849,7 +835,7 @@ fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
                         "dropped_stale",
                         "dropped stale samples, cumulative",
                         c[7],
-                        m.series("dropped_stale"),
+                        m.series(|r| r.dropped_stale as f64),
                     )],
                 ),
             ],
@@ -866,12 +852,12 @@ fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
                 "seconds per step (s)",
                 zero(),
                 vec![
-                    Series::new("generate_s", "generate", c[0], m.series("generate_s")),
-                    Series::new("reward_s", "reward", c[1], m.series("reward_s")),
-                    Series::new("value_s", "value", c[2], m.series("value_s")),
-                    Series::new("learn_s", "learn", c[3], m.series("learn_s")),
-                    Series::new("weight_sync_s", "weight sync", c[4], m.series("weight_sync_s")),
-                    Series::new("learner_wait_s", "learner wait", c[5], m.series("learner_wait_s")),
+                    Series::new("generate_s", "generate", c[0], m.series(|r| r.generate_s)),
+                    Series::new("reward_s", "reward", c[1], m.series(|r| r.reward_s)),
+                    Series::new("value_s", "value", c[2], m.series(|r| r.value_s)),
+                    Series::new("learn_s", "learn", c[3], m.series(|r| r.learn_s)),
+                    Series::new("weight_sync_s", "weight sync", c[4], m.series(|r| r.weight_sync_s)),
+                    Series::new("learner_wait_s", "learner wait", c[5], m.series(|r| r.learner_wait_s)),
                     Series::new("step_wall_s", "step wall time", "#333333", step_wall).dashed(),
                 ],
             )],
@@ -912,17 +898,17 @@ pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}
 ";
 
 fn render_page(run_dir: &Path, m: &Metrics, actors: Option<&ActorSamples>, config: Option<&str>) -> String {
-    let n = m.steps.len();
+    let n = m.rows.len();
     let q = (n / 4).max(1);
     let (first_q, last_q) = if n == 0 {
         (None, None)
     } else {
         (
-            m.mean("reward_mean", 0..q.min(n)),
-            m.mean("reward_mean", n.saturating_sub(q)..n),
+            m.mean(|r| r.stats.reward_mean, 0..q.min(n)),
+            m.mean(|r| r.stats.reward_mean, n.saturating_sub(q)..n),
         )
     };
-    let tokens: f64 = m.col("tokens_generated").iter().filter_map(|v| *v).sum();
+    let tokens: usize = m.rows.iter().map(|r| r.tokens_generated).sum();
     let name = run_dir
         .canonicalize()
         .unwrap_or_else(|_| run_dir.to_path_buf())
@@ -932,14 +918,14 @@ fn render_page(run_dir: &Path, m: &Metrics, actors: Option<&ActorSamples>, confi
     let mut rows: Vec<(&str, String)> = vec![
         ("run directory", name.clone()),
         ("learner steps", n.to_string()),
-        ("wall time", m.last("wall_s").map_or("–".into(), duration)),
-        ("last policy version", whole(m.last("policy_version"))),
-        ("tokens generated", format!("{tokens:.0}")),
+        ("wall time", m.last(|r| r.wall_s).map_or("–".into(), duration)),
+        ("last policy version", whole(m.last(|r| r.policy_version as f64))),
+        ("tokens generated", tokens.to_string()),
         (
             "reward mean, first quarter → last quarter",
             format!("{} → {}", short(first_q), short(last_q)),
         ),
-        ("dropped stale samples", whole(m.last("dropped_stale"))),
+        ("dropped stale samples", whole(m.last(|r| r.dropped_stale as f64))),
         (
             "actors sampled",
             actors.map_or("none (no actors.jsonl)".into(), |a| a.busy.len().to_string()),

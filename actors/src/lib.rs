@@ -31,6 +31,7 @@ pub mod faults;
 pub mod intake;
 pub mod learner;
 pub mod meter;
+pub mod metrics_line;
 pub mod ppo_trainer;
 pub mod reissue;
 pub mod replay;
@@ -53,6 +54,7 @@ pub use faults::{FaultConfig, Faults};
 pub use intake::{Next, TicketIntake};
 pub use learner::{LearnerEvent, StepReport};
 pub use meter::{ActorMeter, ActorState, MeterReading};
+pub use metrics_line::MetricsLineError;
 pub use ppo_trainer::{Advantage, PpoTrainer, TrainerConfig, TrainerState};
 pub use reissue::{HeldTickets, ReissueQueue, TicketSet};
 pub use trajectory::{
