@@ -298,7 +298,7 @@ fn run_config(run_dir: &Path) -> anyhow::Result<Config> {
 }
 
 /// The policy's tokenizer: the one saved with the final policy, else the config's.
-fn tokenizer(run_dir: &Path) -> anyhow::Result<TextTokenizer> {
+pub(crate) fn tokenizer(run_dir: &Path) -> anyhow::Result<TextTokenizer> {
     let saved = run_dir.join("policy");
     if saved.join("tokenizer.json").is_file() {
         return Ok(TextTokenizer::from_dir(&saved)?);

@@ -3,8 +3,8 @@
 //!
 //! The run directory is `--run-dir`, else the config's `run_dir` (relative to the working
 //! directory), else `runs/<config name>`. It receives the resolved `config.toml`,
-//! `metrics.jsonl` (one line per learner step), `checkpoints/` and the trained `policy/` and
-//! `critic/`. A directory that already holds a run is refused unless `--overwrite` (which
+//! `metrics.jsonl` (one line per learner step), `checkpoints/`, the trained `policy/` and
+//! `critic/`, and `sessions.jsonl` (one [`SessionRecord`] per session that ended normally). A directory that already holds a run is refused unless `--overwrite` (which
 //! deletes it first) or `--resume` is given. A resumed run reads `RUN_DIR/config.toml`; `--set`
 //! may change it (for example `--set steps=200` to train longer).
 //!
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tandem_actors::StepReport;
 use tandem_runtime::{Config, RunDirLock, RunOptions, RunSummary};
@@ -104,11 +105,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("run {}", label.display()))?;
+    let session_wall_s = session_started.elapsed().as_secs_f64();
+    SessionRecord {
+        first_step: summary.resumed_from.unwrap_or(0),
+        steps: summary.reports.len(),
+        resumed_from: summary.resumed_from,
+        wall_s: session_wall_s,
+        interrupted: summary.interrupted,
+    }
+    .append(&run_dir);
     let r = &summary.reports;
     let q = (r.len() / 4).max(1);
     let mean = |xs: &[StepReport]| xs.iter().map(|x| x.stats.reward_mean).sum::<f64>() / xs.len().max(1) as f64;
     let whole = RunTotals::read(&run_dir);
-    let session_wall_s = session_started.elapsed().as_secs_f64();
     eprint!("{}", summary_text(&run_dir, &summary, &whole, session_wall_s));
     let policy = run_dir.join("policy");
     crate::print_json(&json!({
@@ -130,6 +139,41 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "stored_trajectories": summary.store.map(|s| s.trajectories),
         "store_bytes_per_trajectory": summary.store.map(|s| s.bytes_per_trajectory()),
     }))
+}
+
+/// One line of `RUN_DIR/sessions.jsonl`, appended when a `tandem run` session ends (finished
+/// or stopped; a killed session leaves none): where it began and how far it got. `tandem
+/// report` marks the steps at which resumed sessions began.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The first step this session ran (the checkpoint it resumed from, or 0).
+    pub first_step: u64,
+    /// Steps it ran.
+    pub steps: usize,
+    /// The checkpoint step it resumed from (`None` for a fresh run).
+    pub resumed_from: Option<u64>,
+    pub wall_s: f64,
+    pub interrupted: bool,
+}
+
+impl SessionRecord {
+    /// The file's name inside a run directory.
+    pub const FILE: &'static str = "sessions.jsonl";
+
+    /// Appends the record; a failure is only warned about (the run itself is done).
+    fn append(&self, run_dir: &Path) {
+        use std::io::Write as _;
+        let path = run_dir.join(Self::FILE);
+        let line = serde_json::to_string(self).expect("a session record serialises");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            tracing::warn!("cannot append to {}: {e}", path.display());
+        }
+    }
 }
 
 /// The whole run's numbers, from `RUN_DIR/metrics.jsonl` (every session's steps; lines a

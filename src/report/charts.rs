@@ -2,10 +2,14 @@
 //! units and captions. Each chart is a `<section>` with a stable id (see the module docs of
 //! `report`).
 
-use super::data::{ActorSamples, Metrics};
+use super::data::RunData;
 use super::plot::{panel, Figure, Panel, Series, YRange, PALETTE, SECONDS};
 
-pub(super) fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure> {
+/// The charts of a run, in page order. Charts over steps mark the steps at which a resumed
+/// session began, the actor chart the times; `chart-true-score` is there only when the run
+/// recorded a true score (the mock labeller).
+pub(super) fn figures(d: &RunData) -> Vec<Figure> {
+    let (m, actors) = (&d.metrics, d.actors.as_ref());
     let c = PALETTE;
     let auto = YRange::Auto { zero: false };
     let zero = || YRange::Auto { zero: true };
@@ -39,6 +43,14 @@ pub(super) fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure>
         })
         .collect();
 
+    // Generated tokens over the step's wall time.
+    let throughput: Vec<(f64, Option<f64>)> = m
+        .rows
+        .iter()
+        .zip(&step_wall)
+        .map(|(r, &(x, w))| (x, w.filter(|&w| w > 0.0).map(|w| r.tokens_generated as f64 / w)))
+        .collect();
+
     let actor_fig = match actors {
         Some(a) if !a.busy.is_empty() => {
             let series = a
@@ -66,6 +78,11 @@ pub(super) fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure>
                     x_integer: false,
                     y: YRange::Fixed(0.0, 1.0),
                     series,
+                    markers: a
+                        .session_starts
+                        .iter()
+                        .map(|&t| (t, "a resumed session began".into()))
+                        .collect(),
                 }],
                 note: None,
             }
@@ -80,7 +97,7 @@ pub(super) fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure>
         },
     };
 
-    vec![
+    let mut figs = vec![
         Figure {
             id: "chart-reward",
             title: "Reward and score",
@@ -242,6 +259,98 @@ pub(super) fn figures(m: &Metrics, actors: Option<&ActorSamples>) -> Vec<Figure>
             )],
             note: None,
         },
+        Figure {
+            id: "chart-approx-kl",
+            title: "PPO approx KL",
+            caption: "How far each update moved the policy: the mean over response tokens of (r − 1) − log r, r \
+                      the probability ratio to the policy at the start of the step, averaged over minibatches."
+                .into(),
+            wide: false,
+            panels: vec![panel(
+                "approx KL (nats/token)",
+                zero(),
+                vec![Series::new(
+                    "approx_kl",
+                    "approx KL",
+                    c[6],
+                    m.series(|r| r.stats.approx_kl),
+                )],
+            )],
+            note: None,
+        },
+        Figure {
+            id: "chart-explained-var",
+            title: "Explained variance",
+            caption: "How well the critic's values predict the returns: 1 − Var(returns − values) / Var(returns). 1 \
+                      is a perfect critic, 0 or less no better than a constant."
+                .into(),
+            wide: false,
+            panels: vec![panel(
+                "explained variance",
+                auto,
+                vec![Series::new(
+                    "explained_var",
+                    "explained variance",
+                    c[8],
+                    m.series(|r| r.stats.explained_var),
+                )],
+            )],
+            note: None,
+        },
+        Figure {
+            id: "chart-throughput",
+            title: "Throughput",
+            caption: "Tokens generated for each step over the step's wall time.".into(),
+            wide: false,
+            panels: vec![panel(
+                "tokens per second",
+                zero(),
+                vec![Series::new("tokens_per_s", "tokens/s", c[2], throughput)],
+            )],
+            note: None,
+        },
         actor_fig,
-    ]
+    ];
+    if m.rows.iter().any(|r| r.true_score_mean.is_some()) {
+        figs.insert(
+            1,
+            Figure {
+                id: "chart-true-score",
+                title: "True score",
+                caption: "The programmatic labeller's score of the responses beside the learned reward model's.".into(),
+                wide: false,
+                panels: vec![panel(
+                    "score per response",
+                    auto,
+                    vec![
+                        Series::new(
+                            "true_score_mean",
+                            "true score",
+                            c[2],
+                            m.series_opt(|r| r.true_score_mean),
+                        ),
+                        Series::new(
+                            "score_mean",
+                            "learned score (reward model)",
+                            c[1],
+                            m.series(|r| r.stats.score_mean),
+                        ),
+                    ],
+                )],
+                note: None,
+            },
+        );
+    }
+    for panel in figs
+        .iter_mut()
+        .flat_map(|f| f.panels.iter_mut())
+        .filter(|p| p.x_integer)
+    {
+        panel.markers = d
+            .resumed_at
+            .iter()
+            .map(|&k| (k as f64, format!("resumed at step {k}")))
+            .collect();
+    }
+    figs
 }

@@ -1,15 +1,21 @@
 //! `tandem report RUN_DIR [--out FILE]`: one self-contained HTML page with a run's learning curves.
 //!
 //! Reads `RUN_DIR/metrics.jsonl` (one object per learner step, required), `RUN_DIR/actors.jsonl`
-//! (one object per actor per sample, optional) and `RUN_DIR/config.toml` (optional, shown
-//! folded), and writes `RUN_DIR/report.html` (or `--out FILE`). The last line on stdout is
-//! `{"report": PATH}`.
+//! (one object per actor per sample, optional), `RUN_DIR/config.toml` (optional, shown
+//! folded), `RUN_DIR/sessions.jsonl` (where resumed sessions began, optional) and a few
+//! completions from the trajectory store (optional), and writes `RUN_DIR/report.html` (or
+//! `--out FILE`). The last line on stdout is `{"report": PATH}`.
 //!
 //! The page needs no network and no JavaScript: every chart is inline SVG drawn here, with a
 //! title, labelled axes (quantity and unit), tick labels and a legend when a panel has more than
-//! one series. Each chart is a `<section>` with a stable id — `chart-reward`, `chart-kl`,
-//! `chart-loss`, `chart-clip`, `chart-entropy`, `chart-staleness`, `chart-phases`,
-//! `chart-actors` — and each line is a `<polyline class="series" data-series=KEY>`. A value
+//! one series. Each chart is a `<section>` with a stable id — `chart-reward`, `chart-true-score`
+//! (mock-labeller runs only), `chart-kl`, `chart-loss`, `chart-clip`, `chart-entropy`,
+//! `chart-staleness`, `chart-phases`, `chart-approx-kl`, `chart-explained-var`,
+//! `chart-throughput`, `chart-actors` — and each line is a `<polyline class="series"
+//! data-series=KEY>`. Where a resumed session began, each chart draws a `<line
+//! class="resume-marker" data-x=X>` (X the step, or the time on the actor chart, where the
+//! sessions' clocks are joined end to end). Sample completions follow the charts in
+//! `<section id="completions">`. A value
 //! that is null or missing leaves a gap in its line; a panel with no values at all says "no
 //! data"; a constant series gets a small range around its value. Without actor samples the
 //! utilisation chart holds the note "no actor samples in this run".
@@ -33,7 +39,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::error::bad_input;
-use data::{ActorSamples, Metrics};
+use data::RunData;
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
@@ -48,29 +54,8 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     if !args.run_dir.is_dir() {
         return bad_input!("run directory {} does not exist", args.run_dir.display());
     }
-    let metrics_path = args.run_dir.join("metrics.jsonl");
-    let metrics_text = match std::fs::read_to_string(&metrics_path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return bad_input!(
-                "{} not found: is {} a run directory?",
-                metrics_path.display(),
-                args.run_dir.display()
-            )
-        }
-        Err(e) => return bad_input!("cannot read {}: {e}", metrics_path.display()),
-    };
-    let metrics = Metrics::parse(&metrics_path, &metrics_text)?;
-
-    let actors_path = args.run_dir.join("actors.jsonl");
-    let actors = match std::fs::read_to_string(&actors_path) {
-        Ok(t) => Some(ActorSamples::parse(&actors_path, &t)?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return bad_input!("cannot read {}: {e}", actors_path.display()),
-    };
-    let config = std::fs::read_to_string(args.run_dir.join("config.toml")).ok();
-
-    let html = page::render(&args.run_dir, &metrics, actors.as_ref(), config.as_deref());
+    let data = RunData::read(&args.run_dir)?;
+    let html = page::render(&args.run_dir, &data);
     let out = args.out.unwrap_or_else(|| args.run_dir.join("report.html"));
     crate::error::check_output_path(&out)?;
     if let Err(e) = std::fs::write(&out, html) {

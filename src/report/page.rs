@@ -1,11 +1,12 @@
-//! The HTML page: a header table summarising the run, the resolved config folded away, and the
-//! charts in a two-column grid.
+//! The HTML page: a header table summarising the run, the resolved config folded away, the
+//! charts in a two-column grid, and a table of sample completions (`<section
+//! id="completions">`, one `<tr class="completion">` per response, every text escaped).
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use super::charts::figures;
-use super::data::{ActorSamples, Metrics};
+use super::data::{Completion, RunData};
 use super::plot::escape;
 
 /// Short human form of a number for the header.
@@ -57,9 +58,47 @@ svg .axis{stroke:#444;stroke-width:1.2;fill:none}
 svg .nodata{font-size:14px;fill:#999}
 details{margin:12px 0}
 pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}
+table.completions{border-collapse:collapse;width:100%;font-size:13px}
+table.completions th{text-align:left;color:#555;border-bottom:1px solid #ccc;padding:3px 8px}
+table.completions td{vertical-align:top;border-bottom:1px solid #eee;padding:3px 8px;white-space:pre-wrap}
+table.completions td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
 ";
 
-pub(super) fn render(run_dir: &Path, m: &Metrics, actors: Option<&ActorSamples>, config: Option<&str>) -> String {
+/// The sample completions as a table, or the reason there are none.
+fn completions(c: &Result<Vec<Completion>, String>) -> String {
+    let mut s = String::from(
+        r#"<section class="chart wide" id="completions"><h2>Sample completions</h2><p class="caption">The first responses the learner trained on in steps spread over the run, as the run's tokenizer decodes them. The score is the reward model's or rule's; the reward adds the KL penalty.</p>"#,
+    );
+    match c {
+        Err(why) => {
+            let _ = write!(s, r#"<p class="note">{}</p>"#, escape(why));
+        }
+        Ok(rows) => {
+            s.push_str(
+                "<table class=\"completions\"><tr><th>step</th><th>version</th><th>score</th><th>reward</th>\
+                 <th>prompt</th><th>response</th></tr>",
+            );
+            for c in rows {
+                let _ = write!(
+                    s,
+                    r#"<tr class="completion"><td class="num">{}</td><td class="num">{}</td><td class="num">{:.4}</td><td class="num">{}</td><td class="prompt">{}</td><td class="response">{}</td></tr>"#,
+                    c.step,
+                    c.policy_version,
+                    c.score,
+                    c.reward.map_or("–".into(), |r| format!("{r:.4}")),
+                    escape(&c.prompt),
+                    escape(&c.response)
+                );
+            }
+            s.push_str("</table>");
+        }
+    }
+    s.push_str("</section>");
+    s
+}
+
+pub(super) fn render(run_dir: &Path, d: &RunData) -> String {
+    let (m, actors) = (&d.metrics, d.actors.as_ref());
     let n = m.rows.len();
     let q = (n / 4).max(1);
     let (first_q, last_q) = if n == 0 {
@@ -93,6 +132,10 @@ pub(super) fn render(run_dir: &Path, m: &Metrics, actors: Option<&ActorSamples>,
             actors.map_or("none (no actors.jsonl)".into(), |a| a.busy.len().to_string()),
         ),
     ];
+    if !d.resumed_at.is_empty() {
+        let at: Vec<String> = d.resumed_at.iter().map(u64::to_string).collect();
+        rows.push(("resumed at steps", at.join(", ")));
+    }
     if m.skipped_tail || actors.is_some_and(|a| a.skipped_tail) {
         rows.push((
             "note",
@@ -113,7 +156,7 @@ pub(super) fn render(run_dir: &Path, m: &Metrics, actors: Option<&ActorSamples>,
         let _ = write!(s, "<tr><th>{}</th><td>{}</td></tr>", escape(k), escape(&v));
     }
     s.push_str("</table>");
-    if let Some(cfg) = config {
+    if let Some(cfg) = &d.config {
         let _ = write!(
             s,
             "<details><summary>config.toml</summary><pre>{}</pre></details>",
@@ -121,9 +164,10 @@ pub(super) fn render(run_dir: &Path, m: &Metrics, actors: Option<&ActorSamples>,
         );
     }
     s.push_str(r#"<div class="grid-charts">"#);
-    for fig in figures(m, actors) {
+    for fig in figures(d) {
         s.push_str(&fig.html());
     }
+    s.push_str(&completions(&d.completions));
     s.push_str("</div></body></html>\n");
     s
 }

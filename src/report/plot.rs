@@ -59,6 +59,8 @@ pub(super) struct Panel {
     pub(super) x_integer: bool,
     pub(super) y: YRange,
     pub(super) series: Vec<Series>,
+    /// Where a resumed session began: a dashed vertical line at each x, titled.
+    pub(super) markers: Vec<(f64, String)>,
 }
 
 /// One chart: a titled `<section>` with one or more panels stacked, sharing nothing but the title.
@@ -336,6 +338,16 @@ impl Panel {
                 );
             }
         }
+        for (x, title) in self.markers.iter().filter(|m| (x0..=x1).contains(&m.0)) {
+            let _ = write!(
+                s,
+                r##"<line class="resume-marker" data-x="{x}" x1="{:.1}" x2="{:.1}" y1="{TOP}" y2="{:.1}" stroke="#a05a00" stroke-width="1.5" stroke-dasharray="4 3"><title>{}</title></line>"##,
+                px(*x),
+                px(*x),
+                TOP + ph,
+                escape(title)
+            );
+        }
         s.push_str("</g>");
         if !has_data {
             let _ = write!(
@@ -416,6 +428,7 @@ pub(super) fn panel(y_label: &str, y: YRange, series: Vec<Series>) -> Panel {
         x_integer: true,
         y,
         series,
+        markers: vec![],
     }
 }
 
