@@ -18,6 +18,7 @@ mod eval;
 mod gen_task;
 mod inspect;
 mod node;
+mod progress;
 mod replay;
 mod report;
 mod rerun;

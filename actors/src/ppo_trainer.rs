@@ -70,6 +70,7 @@ use tandem_models::rl::{
 use tandem_models::{snapshot, AdamW, LanguageModel, ScalarModel};
 
 use crate::error::ActorError;
+use crate::metrics_line::{nan, nan_if_null};
 use crate::trajectory::{TokenOutputs, Trajectory};
 
 /// How advantages are estimated.
@@ -165,30 +166,48 @@ impl Default for TrainerConfig {
     }
 }
 
-/// What one step measured.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+/// What one step measured (flattened into [`StepReport`](crate::learner::StepReport)).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepStats {
     /// Every trajectory came from the trained version (pi_prox = the samplers' log-probs).
+    #[serde(default)]
     pub on_policy: bool,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub reward_mean: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub reward_std: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub score_mean: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub kl: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub beta: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub policy_loss: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub value_loss: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub entropy: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub clip_frac: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub approx_kl: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub ratio_mean: f64,
     /// Mean k3 KL to the reference of the loss term (`kl_penalty = "loss"`; 0 otherwise).
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub kl_loss: f64,
     /// Mean truncated behaviour weight (1 for an on-policy batch).
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub behaviour_weight_mean: f64,
     /// Mean PPO-ptx log-likelihood of the pretraining rows (0 without ptx).
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub ptx_logprob: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub explained_var: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub response_len_mean: f64,
+    #[serde(default)]
     pub skipped_updates: u64,
 }
 
