@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use tandem_runtime::progress::hms;
+
 /// How often, at most, a line is printed before the last item.
 const EVERY: Duration = Duration::from_secs(1);
 
@@ -48,27 +50,5 @@ impl Progress {
             hms(elapsed),
             hms(eta)
         );
-    }
-}
-
-/// `1h02m03s`, `2m03s` or `3s`, as the run's own progress line writes times.
-fn hms(secs: f64) -> String {
-    let s = secs.round() as u64;
-    match (s / 3600, s / 60 % 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, s) => format!("{m}m{s:02}s"),
-        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::hms;
-
-    #[test]
-    fn times_read_like_the_run_progress_line() {
-        assert_eq!(hms(3.2), "3s");
-        assert_eq!(hms(123.0), "2m03s");
-        assert_eq!(hms(3723.0), "1h02m03s");
     }
 }
