@@ -7,12 +7,9 @@
 //! `RUN_DIR/metrics.jsonl` and writing the checkpoints the learner asks for — until the learner
 //! is done, a failure, or Ctrl-C / SIGTERM ([`crate::interrupts`]).
 //!
-//! Stopping on purpose (Ctrl-C or SIGTERM, or the supervisor giving up on failing actors): the run sets
-//! the learner's stop flag and drains the replay buffer, so the learner takes a final
-//! checkpoint at its next step boundary and stops; a second Ctrl-C stops at once. A learner
-//! that fails gets a checkpoint from here when its state is still at a step boundary (the
-//! batch it held goes back with the buffered trajectories). A run that stops for too many
-//! non-finite steps keeps the last checkpoint from before them.
+//! Stopping (Ctrl-C, SIGTERM, the supervisor giving up, a failed learner), what a checkpoint
+//! holds and the shutdown order are described once, in `docs/semantics.md` (§5 to §7). A run
+//! that stops for too many non-finite steps keeps the last checkpoint from before them.
 //!
 //! Failing writes: a failed append to `metrics.jsonl`, a trajectory store whose writer failed
 //! (the learner stops after the step it could not store) and a checkpoint that cannot be
@@ -24,11 +21,7 @@
 //! are set aside (the resumed run redoes those steps), the replay buffer is refilled from the
 //! checkpoint and the feeder issues every ticket the checkpoint does not account for.
 //!
-//! Shutdown: the supervisor kills the actors (in-flight generation is abandoned; everything
-//! the learner reported is on disk), which drops their channel ends; blocked producers and
-//! consumers then see closed channels and finish, and the feeder thread exits. The learner's
-//! sender to the trajectory store goes with it, so the store's writer drains its queue,
-//! flushes and fsyncs (see [`crate::store`]). Finally the trained policy (and critic) are saved
+//! After the shutdown (`docs/semantics.md` §6) the trained policy (and critic) are saved
 //! in HF layout under `RUN_DIR/policy` (`RUN_DIR/critic`).
 //!
 //! The parts: `models` (what a run starts from), `checkpoints` (resume point, restore,
