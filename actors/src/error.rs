@@ -10,6 +10,8 @@ pub enum ActorError {
     Model(#[from] tandem_models::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Rl(#[from] tandem_models::rl::RlError),
     #[error("{0}")]
     Other(String),
     /// A failure that restarting the actor cannot mend (a reward command out of restarts): the

@@ -24,13 +24,13 @@ pub mod reissue;
 pub mod replay;
 pub mod reward;
 pub mod reward_source;
-pub mod rm_learner;
 pub mod rm_trainer;
 pub mod rollout;
 pub mod rule_reward;
-pub mod sft_learner;
 pub mod sft_trainer;
 pub mod snapshot;
+pub mod supervised_learner;
+pub mod supervised_trainer;
 pub mod trajectory;
 pub mod value;
 

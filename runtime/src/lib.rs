@@ -30,6 +30,7 @@ pub mod run_dir;
 pub mod sft;
 pub mod step_probe;
 pub mod store;
+pub mod supervised;
 pub mod supervisor;
 pub mod tasks;
 pub mod telemetry;
