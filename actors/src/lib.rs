@@ -11,6 +11,8 @@
 //! compute runs on [`device::Executor`] threads, and a failed stage's tickets are reissued
 //! ([`reissue`]).
 
+#![forbid(unsafe_code)]
+
 pub mod channel;
 pub mod command_reward;
 pub mod device;

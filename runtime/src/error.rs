@@ -19,6 +19,15 @@ pub enum RuntimeError {
     /// The run stopped because something it must write could not be written (a full disk).
     #[error("{0}")]
     Stopped(String),
+    /// A command-line argument or a combination of settings the user can fix (exit 2).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The supervision tree could not be started or reached.
+    #[error("supervisor: {0}")]
+    Supervisor(String),
+    /// A lock over shared training state was poisoned by a panic while it was held.
+    #[error("{0} poisoned")]
+    Poisoned(&'static str),
     #[error("{0}")]
     Other(String),
 }

@@ -13,6 +13,8 @@
 //! best-of-N sampling ([`best_of`]), the mock-labeller experiment ([`mock_labeller`]) and the
 //! rule/command reward sources a config can name ([`reward_sources`]).
 
+#![forbid(unsafe_code)]
+
 pub mod best_of;
 pub mod builtin;
 pub mod chat;

@@ -74,7 +74,11 @@ pub fn rule_source(cfg: &Config, tokenizer: &TextTokenizer) -> Result<Arc<dyn Re
             };
             Arc::new(CommandReward::new(spec, text)?)
         }
-        k => return Err(RuntimeError::Other(format!("{k:?} is not a rule or command reward"))),
+        k => {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "{k:?} is not a rule or command reward"
+            )))
+        }
     })
 }
 

@@ -582,9 +582,7 @@ pub async fn sft(cfg: &SftConfig, opts: SftOptions) -> Result<SftSummary, Runtim
     .await?;
     let (reports, interrupted) = (driven.reports, driven.interrupted);
     let (weights, state) = {
-        let t = trainer
-            .lock()
-            .map_err(|_| RuntimeError::Other("SFT trainer poisoned".into()))?;
+        let t = trainer.lock().map_err(|_| RuntimeError::Poisoned("SFT trainer"))?;
         let state = if interrupted && t.steps() < steps {
             Some(t.state()?)
         } else {

@@ -237,7 +237,7 @@ where
     };
     let (root, root_handle) = Actor::spawn(Some(format!("{kind}-supervisor#{run_no}")), RunSupervisor, supervision)
         .await
-        .map_err(|e| RuntimeError::Other(format!("cannot start the supervisor: {e}")))?;
+        .map_err(|e| RuntimeError::Supervisor(format!("cannot start: {e}")))?;
     let (report_tx, mut report_rx) = tokio::sync::mpsc::channel(16);
     let (learner, learner_h) = Actor::spawn_linked(
         Some(format!("{}/{device}#{run_no}", setup.learner)),
@@ -264,7 +264,7 @@ where
         role: ChildRole::Learner,
         cell: learner.get_cell(),
     })
-    .map_err(|e| RuntimeError::Other(format!("supervisor: {e}")))?;
+    .map_err(|e| RuntimeError::Supervisor(e.to_string()))?;
 
     let mut reports = Vec::new();
     let mut failure = None;

@@ -68,7 +68,7 @@ impl<'a> ActorTree<'a> {
             },
         )
         .await
-        .map_err(|e| RuntimeError::Other(format!("cannot start the supervisor: {e}")))?;
+        .map_err(|e| RuntimeError::Supervisor(format!("cannot start: {e}")))?;
         Ok(Self {
             cfg,
             root,
@@ -119,7 +119,7 @@ impl<'a> ActorTree<'a> {
                 role,
                 cell: r.get_cell(),
             })
-            .map_err(|e| RuntimeError::Other(format!("supervisor: {e}")))?;
+            .map_err(|e| RuntimeError::Supervisor(e.to_string()))?;
         Ok(r)
     }
 
@@ -147,7 +147,7 @@ impl<'a> ActorTree<'a> {
         self.root
             .call(|r| SupervisorMsg::Start(spec, r), None)
             .await
-            .map_err(|e| RuntimeError::Other(format!("supervisor: {e}")))?
+            .map_err(|e| RuntimeError::Supervisor(e.to_string()))?
             .success_or(ActorError::Other("supervisor stopped".into()))?
             .map_err(RuntimeError::ActorFailed)
     }

@@ -560,9 +560,7 @@ fn save_models(
     policy_config: &ModelConfig,
 ) -> Result<(), RuntimeError> {
     use crate::config::CriticInit;
-    let t = trainer
-        .lock()
-        .map_err(|_| RuntimeError::Other("trainer poisoned".into()))?;
+    let t = trainer.lock().map_err(|_| RuntimeError::Poisoned("PPO trainer"))?;
     let policy_src = cfg.models.policy.path.as_deref();
     let critic_src = match cfg.models.critic.init {
         CriticInit::RewardModel => cfg.reward.model.as_deref(),

@@ -361,7 +361,7 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
     let tok = &backbone.tokenizer;
     let RmInputs { train, eval, reference } = data;
     if train.is_empty() {
-        return Err(RuntimeError::Other("no training comparisons".into()));
+        return Err(RuntimeError::InvalidArgument("no training comparisons".into()));
     }
     let t = &cfg.train;
     let total_steps = t.epochs * train.len().div_ceil(t.batch_size);
@@ -425,7 +425,7 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
     // Normalise on the device thread, then save.
     let weights = trainer
         .lock()
-        .map_err(|_| RuntimeError::Other("reward-model trainer poisoned".into()))?
+        .map_err(|_| RuntimeError::Poisoned("reward-model trainer"))?
         .weights()?;
     let reference: Vec<PromptResponse> = match reference {
         Some(r) => r,
