@@ -7,6 +7,9 @@
 //! status says whose fault it was: 2 for bad input (arguments, model directories, files named on
 //! the command line — the same status clap uses for usage errors), 1 for anything else.
 
+// The allocator sets mimalloc options through its C API (`unsafe` calls with SAFETY comments).
+#[allow(unsafe_code)]
+mod allocator;
 mod bench;
 mod bench_cluster;
 mod bench_overlap;
@@ -139,6 +142,7 @@ fn install_panic_logger() {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     // Before any thread starts: every compute thread belongs to a device executor.
     tandem_actors::device::init_compute_threads();
     if std::env::var_os("TANDEM_REFERENCE_KERNELS").is_some_and(|v| v == "1") {
