@@ -1,6 +1,8 @@
 //! Which failures are the user's: the binary's errors are `anyhow` chains, and the exit status
 //! is decided by the first cause in the chain that is either a [`BadInput`] or a
-//! [`ModelError`] about a file (config, checkpoint, tokenizer) or an argument.
+//! [`ModelError`] about a file (config, checkpoint, tokenizer) or an argument: exit 2 for what
+//! the user can fix in their input (config, arguments, data, a missing or unreadable file), 1
+//! for runtime failures (a device, an actor, a full disk).
 
 use std::fmt;
 

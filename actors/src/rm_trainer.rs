@@ -140,7 +140,7 @@ impl RmTrainer {
         let mut off = 0;
         for (i, e) in examples.iter().enumerate() {
             if e.responses.len() < 2 || e.ranking.len() != e.responses.len() {
-                return Err(ActorError::Other(format!(
+                return Err(ActorError::InvalidBatch(format!(
                     "example {i}: {} responses with a ranking of {}",
                     e.responses.len(),
                     e.ranking.len()
@@ -176,7 +176,7 @@ impl RmTrainer {
                 None => l,
             });
         }
-        let loss = total.ok_or_else(|| ActorError::Other("empty reward-model batch".into()))?;
+        let loss = total.ok_or_else(|| ActorError::InvalidBatch("empty reward-model batch".into()))?;
         let host = scores.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let (mut right, mut pairs, mut top) = (0usize, 0usize, 0usize);
         for (e, &o) in examples.iter().zip(&offsets) {

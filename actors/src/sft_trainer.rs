@@ -101,11 +101,11 @@ pub struct SftInputs {
 /// whether token `j + 1` is a target (matching `token_logprobs(.., start = 0, ..)`).
 pub fn sft_inputs(examples: &[SftExample], pad_id: u32, device: &Device) -> Result<SftInputs, ActorError> {
     if examples.is_empty() {
-        return Err(ActorError::Other("empty SFT batch".into()));
+        return Err(ActorError::InvalidBatch("empty SFT batch".into()));
     }
     let width = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     if width < 2 {
-        return Err(ActorError::Other("SFT rows need at least 2 tokens".into()));
+        return Err(ActorError::InvalidBatch("SFT rows need at least 2 tokens".into()));
     }
     let b = examples.len();
     let (mut ids, mut mask, mut lmask) = (
@@ -120,7 +120,7 @@ pub fn sft_inputs(examples: &[SftExample], pad_id: u32, device: &Device) -> Resu
     };
     for (i, e) in examples.iter().enumerate() {
         if e.ids.len() != e.target.len() {
-            return Err(ActorError::Other(format!(
+            return Err(ActorError::InvalidBatch(format!(
                 "example {i}: {} ids but {} target flags",
                 e.ids.len(),
                 e.target.len()
@@ -136,7 +136,7 @@ pub fn sft_inputs(examples: &[SftExample], pad_id: u32, device: &Device) -> Resu
         stats.real_tokens += n;
     }
     if stats.tokens == 0 {
-        return Err(ActorError::Other("SFT batch has no target tokens".into()));
+        return Err(ActorError::InvalidBatch("SFT batch has no target tokens".into()));
     }
     Ok(SftInputs {
         ids: Tensor::from_vec(ids, (b, width), device)?,
@@ -151,7 +151,7 @@ pub fn sft_inputs(examples: &[SftExample], pad_id: u32, device: &Device) -> Resu
 pub fn sft_loss(token_logp: &Tensor, loss_mask: &Tensor) -> Result<Tensor, ActorError> {
     let n = loss_mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if n <= 0.0 {
-        return Err(ActorError::Other("SFT loss over no target tokens".into()));
+        return Err(ActorError::InvalidBatch("SFT loss over no target tokens".into()));
     }
     Ok(masked_sum(token_logp, loss_mask)?.affine(-1.0 / n, 0.0)?)
 }

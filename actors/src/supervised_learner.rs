@@ -102,9 +102,7 @@ impl<T: SupervisedTrainer> Actor for SupervisedLearnerActor<T> {
             .args
             .executor
             .run(move |_| -> Result<_, ActorError> {
-                let mut t = trainer
-                    .lock()
-                    .map_err(|_| ActorError::Other(format!("{} trainer poisoned", T::WHAT)))?;
+                let mut t = trainer.lock().map_err(|_| ActorError::Poisoned(T::WHAT))?;
                 let step = t.steps();
                 let learn = Instant::now();
                 let (stats, lr, norm) = t.step(&batch.examples)?;

@@ -28,8 +28,24 @@ pub enum RuntimeError {
     /// A lock over shared training state was poisoned by a panic while it was held.
     #[error("{0} poisoned")]
     Poisoned(&'static str),
+    /// A checkpoint that cannot be restored into this run.
     #[error("{0}")]
-    Other(String),
+    Checkpoint(String),
+    /// The trajectory store failed (see [`crate::store`]).
+    #[error("trajectory store: {0}")]
+    Store(String),
+    /// Worker nodes: the cluster's server, TLS, or a node's link to its head.
+    #[error("{0}")]
+    Cluster(String),
+    /// The metrics endpoint could not be served.
+    #[error("{0}")]
+    Metrics(String),
+    /// Ctrl-C / SIGTERM could not be listened for.
+    #[error("{0}")]
+    Signals(String),
+    /// A run that finished but did not reach what it was asked to (the mock labeller's bar).
+    #[error("{0}")]
+    Unmet(String),
 }
 
 impl RuntimeError {

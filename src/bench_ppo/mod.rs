@@ -156,7 +156,7 @@ mod rates;
 mod workload;
 
 use rates::{mean, measure_gemm, peak_rss_mb, Shape};
-use workload::{config_text, validate, write_builtin, Workload};
+use workload::{canonical, config_text, validate, write_builtin};
 
 /// Built-in defaults: the peer's GPT-2.
 const LAYERS: usize = 4;

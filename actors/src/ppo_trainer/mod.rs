@@ -257,7 +257,7 @@ impl PpoTrainer {
     ) -> Result<Self, ActorError> {
         cfg.loss.validate()?;
         if cfg.advantage == Advantage::Gae && critic.is_none() {
-            return Err(ActorError::Other("GAE advantages need a critic".into()));
+            return Err(ActorError::InvalidConfig("GAE advantages need a critic".into()));
         }
         let kl = KlController::new(cfg.kl)?;
         let policy_opt = adamw(&policy.1, cfg.policy_lr, cfg.weight_decay)?;
@@ -298,7 +298,7 @@ impl PpoTrainer {
     /// run sees the same texts.
     pub fn set_pretraining(&mut self, texts: Vec<Vec<u32>>, rows: usize) -> Result<(), ActorError> {
         if texts.is_empty() || rows == 0 || texts.iter().any(|t| t.len() < 2) {
-            return Err(ActorError::Other(
+            return Err(ActorError::InvalidConfig(
                 "PPO-ptx needs rows >= 1 and pretraining texts of at least 2 tokens".into(),
             ));
         }

@@ -31,9 +31,9 @@ fn load_vars(vars: &VarMap, tensors: &HashMap<String, Tensor>, what: &str) -> Re
     for (name, var) in data.iter() {
         let t = tensors
             .get(name)
-            .ok_or_else(|| ActorError::Other(format!("{what} checkpoint lacks tensor {name}")))?;
+            .ok_or_else(|| ActorError::Checkpoint(format!("{what} checkpoint lacks tensor {name}")))?;
         if t.dims() != var.dims() {
-            return Err(ActorError::Other(format!(
+            return Err(ActorError::Checkpoint(format!(
                 "{what} checkpoint tensor {name} has shape {:?}, the model {:?}",
                 t.dims(),
                 var.dims()
@@ -96,7 +96,7 @@ impl PpoTrainer {
             }
             (None, None, None) => {}
             _ => {
-                return Err(ActorError::Other(
+                return Err(ActorError::Checkpoint(
                     "checkpoint and run disagree on having a critic".into(),
                 ))
             }
@@ -111,7 +111,7 @@ impl PpoTrainer {
                     .map(|n| {
                         let t = saved
                             .get(n)
-                            .ok_or_else(|| ActorError::Other(format!("checkpoint lacks EMA tensor {n}")))?;
+                            .ok_or_else(|| ActorError::Checkpoint(format!("checkpoint lacks EMA tensor {n}")))?;
                         Ok(t.to_device(&self.device)?)
                     })
                     .collect::<Result<Vec<_>, ActorError>>()?;

@@ -148,7 +148,7 @@ impl<'a> ActorTree<'a> {
             .call(|r| SupervisorMsg::Start(spec, r), None)
             .await
             .map_err(|e| RuntimeError::Supervisor(e.to_string()))?
-            .success_or(ActorError::Other("supervisor stopped".into()))?
+            .success_or(ActorError::PeerGone("supervisor stopped".into()))?
             .map_err(RuntimeError::ActorFailed)
     }
 

@@ -333,7 +333,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         Some(w) => Some(
             tokio::task::spawn_blocking(move || w.finish())
                 .await
-                .map_err(|e| RuntimeError::Other(format!("trajectory store: {e}")))?,
+                .map_err(|e| RuntimeError::Store(e.to_string()))?,
         ),
         None => None,
     };
@@ -414,7 +414,7 @@ pub fn reward_source(
                 .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
             let ids = builtin::word_token_ids(tokenizer, &words);
             if ids.is_empty() {
-                return Err(RuntimeError::Other(
+                return Err(RuntimeError::InvalidArgument(
                     "reward.words: none of the words is a token of the policy's tokenizer".into(),
                 ));
             }

@@ -511,7 +511,7 @@ fn normalize(
 ) -> Result<(HashMap<String, Tensor>, Normalization), tandem_actors::ActorError> {
     use tandem_actors::ActorError;
     if reference.len() < 2 {
-        return Err(ActorError::Other(format!(
+        return Err(ActorError::InvalidConfig(format!(
             "normalize: the reference set has {} responses; at least 2 are needed",
             reference.len()
         )));
@@ -522,12 +522,12 @@ fn normalize(
         NormalizeKind::None => (1.0, 0.0),
         NormalizeKind::ReferenceBias => (1.0, -mean_before),
         NormalizeKind::GainBias => {
-            let f = FixedGainBias::fit(&before).map_err(|e| ActorError::Other(format!("normalize: {e}")))?;
+            let f = FixedGainBias::fit(&before).map_err(|e| ActorError::InvalidConfig(format!("normalize: {e}")))?;
             (f.gain, f.bias)
         }
     };
     fold_score_map(config, &mut weights, gain, bias)
-        .map_err(|e| ActorError::Other(format!("normalize = {kind:?}: {e}")))?;
+        .map_err(|e| ActorError::InvalidConfig(format!("normalize = {kind:?}: {e}")))?;
     let after = score_pairs(config, &weights, reference, device)?;
     let (mean_after, std_after) = mean_std(&after);
     Ok((
