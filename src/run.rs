@@ -41,18 +41,52 @@ pub struct RunArgs {
     /// Continue the run in this directory from its latest checkpoint.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "run_dir", "overwrite"])]
     resume: Option<PathBuf>,
+    #[command(flatten)]
+    common: RunDirArgs,
+}
+
+/// The options `run`, `sft` and `train-rm` share: where the run writes, whether it may replace
+/// an earlier run, config overrides and quiet.
+#[derive(Debug, Args)]
+pub struct RunDirArgs {
     /// Where the run writes its outputs (overrides the config's `run_dir`).
     #[arg(long)]
-    run_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
     /// Delete the run directory first if it holds an earlier run.
     #[arg(long)]
-    overwrite: bool,
-    /// Override a config key, e.g. `--set steps=10 --set mode.max_staleness=0`.
+    pub overwrite: bool,
+    /// Override a config key, e.g. `--set steps=10` or `--set train.lr=1e-3`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// No progress output on stderr (neither the bar nor the per-step lines).
+    pub set: Vec<String>,
+    /// No progress output on stderr.
     #[arg(long, short)]
-    quiet: bool,
+    pub quiet: bool,
+}
+
+impl RunDirArgs {
+    /// `--run-dir`, else the config's `run_dir`, else `runs/<config file stem>` (`fallback`
+    /// when the path has no stem).
+    pub fn run_dir(&self, config: &Path, from_config: Option<&PathBuf>, fallback: &str) -> PathBuf {
+        self.run_dir
+            .clone()
+            .or_else(|| from_config.cloned())
+            .unwrap_or_else(|| {
+                let stem = config
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| fallback.into());
+                PathBuf::from("runs").join(stem)
+            })
+    }
+
+    /// Locks `run_dir` for the run's life, clearing an earlier run first with `--overwrite`.
+    pub fn lock(&self, run_dir: &Path) -> anyhow::Result<RunDirLock> {
+        Ok(if self.overwrite {
+            RunDirLock::acquire_for_overwrite(run_dir)?
+        } else {
+            RunDirLock::acquire(run_dir)?
+        })
+    }
 }
 
 /// Runs `cfg` on a fresh tokio runtime (control plane only: compute runs on device executors):
@@ -79,29 +113,19 @@ pub fn run_config(cfg: &Config, opts: RunOptions) -> anyhow::Result<RunSummary> 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (cfg, run_dir, label) = match (&args.resume, &args.config) {
         (Some(dir), _) => {
-            let cfg = Config::load_run(&dir.join("config.toml"), &args.set)?;
+            let cfg = Config::load_run(&dir.join("config.toml"), &args.common.set)?;
             (cfg, dir.clone(), dir.clone())
         }
         (None, Some(config)) => {
-            let cfg = Config::load(config, &args.set)?;
-            let run_dir = args.run_dir.clone().or_else(|| cfg.run_dir.clone()).unwrap_or_else(|| {
-                let stem = config
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "run".into());
-                PathBuf::from("runs").join(stem)
-            });
+            let cfg = Config::load(config, &args.common.set)?;
+            let run_dir = args.common.run_dir(config, cfg.run_dir.as_ref(), "run");
             (cfg, run_dir, config.clone())
         }
         (None, None) => unreachable!("clap requires a config without --resume"),
     };
     // Held until the run is over: a second run into this directory is refused meanwhile.
-    let _lock = if args.overwrite {
-        RunDirLock::acquire_for_overwrite(&run_dir)?
-    } else {
-        RunDirLock::acquire(&run_dir)?
-    };
-    let progress = !args.quiet;
+    let _lock = args.common.lock(&run_dir)?;
+    let progress = !args.common.quiet;
     let session_started = Instant::now();
     let summary = run_config(
         &cfg,

@@ -220,7 +220,7 @@ impl Actor for LearnerActor {
             .replay
             .call(|reply| ReplayMsg::NextBatch { version, reply }, None)
             .await?;
-        let Some(batch) = batch.success_or(ActorError::Other("replay stopped".into()))? else {
+        let Some(batch) = batch.success_or(ActorError::PeerGone("replay stopped".into()))? else {
             if st.args.stop.load(Ordering::Relaxed) {
                 // Drained to stop: take the final checkpoint at the top of the next step.
                 me.cast(LearnerMsg::Step)?;
@@ -234,7 +234,7 @@ impl Actor for LearnerActor {
                 .args
                 .in_hand
                 .lock()
-                .map_err(|_| ActorError::Other("in-hand lock".into()))?;
+                .map_err(|_| ActorError::Poisoned("in-hand lock"))?;
             hand.clear();
             hand.extend(batch.trajectories.iter().cloned());
             hand.extend(batch.dropped.iter().cloned());
@@ -262,9 +262,7 @@ impl Actor for LearnerActor {
             .args
             .executor
             .run(move |_| -> Result<_, ActorError> {
-                let mut t = trainer
-                    .lock()
-                    .map_err(|_| ActorError::Other("trainer poisoned".into()))?;
+                let mut t = trainer.lock().map_err(|_| ActorError::Poisoned("trainer"))?;
                 let (stats, outputs) = t.step_with_outputs(&trajectories, version, step)?;
                 let mut store_lost = false;
                 if let Some(store) = store {
@@ -317,7 +315,7 @@ impl Actor for LearnerActor {
                 .snapshot
                 .call(|reply| SnapshotMsg::AdoptLatency { version, reply }, None)
                 .await?
-                .success_or(ActorError::Other("snapshot stopped".into()))?
+                .success_or(ActorError::PeerGone("snapshot stopped".into()))?
         } else {
             None
         };
@@ -362,7 +360,7 @@ impl Actor for LearnerActor {
         st.args
             .in_hand
             .lock()
-            .map_err(|_| ActorError::Other("in-hand lock".into()))?
+            .map_err(|_| ActorError::Poisoned("in-hand lock"))?
             .clear();
         if store_lost {
             let last = st.last_checkpoint.map_or("none".to_string(), |k| format!("step-{k}"));
