@@ -1,6 +1,8 @@
 //! Which failures are the user's: the binary's errors are `anyhow` chains, and the exit status
 //! is decided by the first cause in the chain that is either a [`BadInput`] or a
-//! [`ModelError`] about a file (config, checkpoint, tokenizer) or an argument.
+//! [`ModelError`] about a file (config, checkpoint, tokenizer) or an argument: exit 2 for what
+//! the user can fix in their input (config, arguments, data, a missing or unreadable file), 1
+//! for runtime failures (a device, an actor, a full disk).
 
 use std::fmt;
 
@@ -78,7 +80,12 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<RuntimeError>() {
             // Config, prompts and files named by the user; not actor or tensor failures.
             return match e {
-                RuntimeError::Config { .. } | RuntimeError::Prompts { .. } | RuntimeError::Io { .. } => EXIT_BAD_INPUT,
+                RuntimeError::Config { .. } | RuntimeError::Prompts { .. } | RuntimeError::InvalidArgument(_) => {
+                    EXIT_BAD_INPUT
+                }
+                RuntimeError::Io { source, .. } | RuntimeError::Model(ModelError::Io { source, .. }) => {
+                    io_exit_code(source)
+                }
                 RuntimeError::Model(ModelError::Candle(_)) => EXIT_FAILURE,
                 RuntimeError::Model(_) => EXIT_BAD_INPUT,
                 _ => EXIT_FAILURE,
@@ -88,11 +95,24 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             // Everything but a tensor-library failure is about a file or argument the user gave.
             return match e {
                 ModelError::Candle(_) => EXIT_FAILURE,
+                ModelError::Io { source, .. } => io_exit_code(source),
                 _ => EXIT_BAD_INPUT,
             };
         }
     }
     EXIT_FAILURE
+}
+
+/// A file error is the user's to fix (exit 2) when the file is missing, unreadable, of the
+/// wrong kind or malformed; running out of space or quota, or any other failure of the system,
+/// is a runtime failure (exit 1).
+fn io_exit_code(e: &std::io::Error) -> u8 {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        NotFound | PermissionDenied | AlreadyExists | InvalidInput | InvalidData | NotADirectory | IsADirectory
+        | DirectoryNotEmpty | ReadOnlyFilesystem | InvalidFilename | UnexpectedEof => EXIT_BAD_INPUT,
+        _ => EXIT_FAILURE,
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! status says whose fault it was: 2 for bad input (arguments, model directories, files named on
 //! the command line — the same status clap uses for usage errors), 1 for anything else.
 
+// The allocator sets mimalloc options through its C API (`unsafe` calls with SAFETY comments).
+#[allow(unsafe_code)]
 mod allocator;
 mod bench;
 mod bench_cluster;
@@ -18,6 +20,7 @@ mod eval;
 mod gen_task;
 mod inspect;
 mod node;
+mod progress;
 mod replay;
 mod report;
 mod rerun;

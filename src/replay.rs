@@ -11,7 +11,9 @@
 //!   reward-model or rule score of the response);
 //! - `--export-jsonl FILE`: one JSON object per matching trajectory (with `token_versions`,
 //!   one per response token, next to `policy_version`, its first); its parent directory
-//!   must exist (exit 2 otherwise, as for every output path of the CLI);
+//!   must exist (exit 2 otherwise, as for every output path of the CLI). While it writes, a
+//!   progress line goes to stderr at most once a second and after the last trajectory
+//!   (`exported k/N elapsed … eta …`, see `crate::progress`); `--quiet` turns it off;
 //! - `--skip-corrupt`: read past damaged records instead of refusing the store: every intact
 //!   record is used (exported, shown, summarised) and each skipped byte range is reported on
 //!   stderr with its segment, offset, size and damage;
@@ -42,6 +44,7 @@ use tandem_runtime::store::{read_store, store_dir, ReadMode, Record, SegmentWrit
 use tandem_runtime::{builtin, Config};
 
 use crate::error::bad_input;
+use crate::progress::Progress;
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -83,6 +86,9 @@ pub struct ReplayArgs {
     /// Execute learner step K again from its checkpoint and stored batch; compare with the run.
     #[arg(long, value_name = "K")]
     rerun_step: Option<u64>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
@@ -166,7 +172,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(path) = &args.export_jsonl {
-        export(path, &picked)?;
+        export(path, &picked, Progress::new("exported", picked.len(), args.quiet))?;
     }
     if args.rescore {
         return rescore(&args, &picked);
@@ -285,11 +291,12 @@ fn to_json(t: &StoredTrajectory) -> serde_json::Value {
     })
 }
 
-fn export(path: &Path, picked: &[&StoredTrajectory]) -> anyhow::Result<()> {
+fn export(path: &Path, picked: &[&StoredTrajectory], mut progress: Progress) -> anyhow::Result<()> {
     let f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut w = std::io::BufWriter::new(f);
-    for t in picked {
+    for (i, t) in picked.iter().enumerate() {
         writeln!(w, "{}", to_json(t))?;
+        progress.update(i + 1);
     }
     w.flush().with_context(|| format!("cannot write {}", path.display()))?;
     eprintln!("wrote {} trajectories to {}", picked.len(), path.display());
@@ -302,7 +309,7 @@ fn run_config(run_dir: &Path) -> anyhow::Result<Config> {
 }
 
 /// The policy's tokenizer: the one saved with the final policy, else the config's.
-fn tokenizer(run_dir: &Path) -> anyhow::Result<TextTokenizer> {
+pub(crate) fn tokenizer(run_dir: &Path) -> anyhow::Result<TextTokenizer> {
     let saved = run_dir.join("policy");
     if saved.join("tokenizer.json").is_file() {
         return Ok(TextTokenizer::from_dir(&saved)?);

@@ -5,7 +5,8 @@
 //! step K) over it, takes the trajectories the store recorded as used in step K (in the order
 //! the learner saw them) and runs the same PPO step on the learner's device with its thread
 //! count. Then it compares:
-//! - the step's losses and statistics with line K of `metrics.jsonl`;
+//! - every statistic of the step ([`tandem_actors::ppo_trainer::StepStats`]) with line K of
+//!   `metrics.jsonl`;
 //! - the per-token rewards, advantages and returns with those stored for each trajectory;
 //! - the resulting policy and critic weights with `checkpoints/step-(K+1)`, when it exists.
 //!
@@ -17,8 +18,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Tensor};
-use serde_json::{json, Value};
-use tandem_actors::Executor;
+use serde_json::json;
+use tandem_actors::{Executor, StepReport};
 use tandem_models::{load_tensors, ModelConfig};
 use tandem_runtime::checkpoint;
 use tandem_runtime::pipeline::build_learner;
@@ -26,23 +27,6 @@ use tandem_runtime::store::StoredTrajectory;
 use tandem_runtime::Config;
 
 use crate::error::bad_input;
-
-/// The statistics of a step that are compared with metrics.jsonl.
-const COMPARED: [&str; 13] = [
-    "reward_mean",
-    "reward_std",
-    "score_mean",
-    "kl",
-    "beta",
-    "policy_loss",
-    "value_loss",
-    "entropy",
-    "clip_frac",
-    "approx_kl",
-    "ratio_mean",
-    "explained_var",
-    "skipped_updates",
-];
 
 pub fn rerun_step(run_dir: &Path, step: u64, stored: &[StoredTrajectory]) -> anyhow::Result<()> {
     let ckdir = checkpoint::step_dir(run_dir, step);
@@ -84,18 +68,20 @@ pub fn rerun_step(run_dir: &Path, step: u64, stored: &[StoredTrajectory]) -> any
     let (stats, outputs, policy, critic) = out?;
 
     let mut identical = true;
-    // Through the same text form and parser as the recorded line, so equal numbers compare equal.
-    let rerun: Value = serde_json::from_str(&serde_json::to_string(&stats)?)?;
+    // Every statistic of the step, named as metrics.jsonl names it. The rerun's numbers go
+    // through the same text form and parser as the recorded line, so equal numbers compare equal.
+    let recorded = serde_json::to_value(&recorded.stats)?;
+    let rerun: serde_json::Value = serde_json::from_str(&serde_json::to_string(&stats)?)?;
     let mut losses = serde_json::Map::new();
-    for k in COMPARED {
-        let (a, b) = (&recorded[k], &rerun[k]);
+    for (k, a) in recorded.as_object().into_iter().flatten() {
+        let b = &rerun[k];
         let diff = match (a.as_f64(), b.as_f64()) {
-            (Some(x), Some(y)) if x == y => 0.0,
+            _ if a == b && !a.is_null() => 0.0,
             (Some(x), Some(y)) => (x - y).abs(),
             _ => f64::NAN,
         };
         identical &= diff == 0.0;
-        losses.insert(k.into(), json!({ "recorded": a, "rerun": b, "abs_diff": diff }));
+        losses.insert(k.clone(), json!({ "recorded": a, "rerun": b, "abs_diff": diff }));
     }
     let mut token_diff = 0f32;
     for (t, o) in batch.iter().zip(&outputs) {
@@ -137,13 +123,13 @@ pub fn rerun_step(run_dir: &Path, step: u64, stored: &[StoredTrajectory]) -> any
     Ok(())
 }
 
-fn recorded_line(run_dir: &Path, step: u64) -> anyhow::Result<Value> {
+fn recorded_line(run_dir: &Path, step: u64) -> anyhow::Result<StepReport> {
     let path = run_dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     for (i, line) in text.lines().enumerate() {
-        let v: Value = serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
-        if v["step"].as_u64() == Some(step) {
-            return Ok(v);
+        let r = StepReport::from_line(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+        if r.step == step {
+            return Ok(r);
         }
     }
     bad_input!("{}: no line for step {step}", path.display())

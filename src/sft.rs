@@ -18,7 +18,8 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 use tandem_runtime::sft::{sft, SftConfig, SftOptions};
-use tandem_runtime::RunDirLock;
+
+use crate::run::RunDirArgs;
 
 #[derive(Debug, Args)]
 pub struct SftArgs {
@@ -28,45 +29,25 @@ pub struct SftArgs {
     /// Continue the run in this directory from its latest checkpoint.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "run_dir", "overwrite"])]
     resume: Option<PathBuf>,
-    /// Where the run writes its outputs (overrides the config's `run_dir`).
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Delete the run directory first if it holds an earlier run.
-    #[arg(long)]
-    overwrite: bool,
-    /// Override a config key, e.g. `--set train.epochs=2 --set train.lr=1e-3`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// No progress lines on stderr.
-    #[arg(long, short)]
-    quiet: bool,
+    #[command(flatten)]
+    common: RunDirArgs,
 }
 
 pub fn run(args: SftArgs) -> anyhow::Result<()> {
     let (cfg, run_dir, label) = match (&args.resume, &args.config) {
         (Some(dir), _) => (
-            SftConfig::load(&dir.join("config.toml"), &args.set)?,
+            SftConfig::load(&dir.join("config.toml"), &args.common.set)?,
             dir.clone(),
             dir.clone(),
         ),
         (None, Some(config)) => {
-            let cfg = SftConfig::load(config, &args.set)?;
-            let run_dir = args.run_dir.clone().or_else(|| cfg.run_dir.clone()).unwrap_or_else(|| {
-                let stem = config
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "sft".into());
-                PathBuf::from("runs").join(stem)
-            });
+            let cfg = SftConfig::load(config, &args.common.set)?;
+            let run_dir = args.common.run_dir(config, cfg.run_dir.as_ref(), "sft");
             (cfg, run_dir, config.clone())
         }
         (None, None) => unreachable!("clap requires a config without --resume"),
     };
-    let _lock = if args.overwrite {
-        RunDirLock::acquire_for_overwrite(&run_dir)?
-    } else {
-        RunDirLock::acquire(&run_dir)?
-    };
+    let _lock = args.common.lock(&run_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -76,7 +57,7 @@ pub fn run(args: SftArgs) -> anyhow::Result<()> {
     let opts = SftOptions {
         run_dir: run_dir.clone(),
         resume: args.resume.is_some(),
-        progress: !args.quiet,
+        progress: !args.common.quiet,
     };
     let out = rt.block_on(sft(&cfg, opts));
     rt.shutdown_timeout(Duration::from_secs(5));

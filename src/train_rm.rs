@@ -25,46 +25,27 @@ use clap::Args;
 use serde_json::json;
 use tandem_runtime::run_dir::refuse_earlier_run;
 use tandem_runtime::train_rm::{load_inputs, train_rm_on, RmConfig};
-use tandem_runtime::RunDirLock;
+
+use crate::run::RunDirArgs;
 
 #[derive(Debug, Args)]
 pub struct TrainRmArgs {
     /// The reward-model TOML config.
     config: PathBuf,
-    /// Where the run writes its outputs (overrides the config's `run_dir`).
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Delete the run directory first if it holds an earlier run.
-    #[arg(long)]
-    overwrite: bool,
-    /// Override a config key, e.g. `--set train.epochs=2 --set normalize.kind=gain_bias`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// No progress lines on stderr.
-    #[arg(long, short)]
-    quiet: bool,
+    #[command(flatten)]
+    common: RunDirArgs,
 }
 
 pub fn run(args: TrainRmArgs) -> anyhow::Result<()> {
-    let mut cfg = RmConfig::load(&args.config, &args.set)?;
-    cfg.progress = !args.quiet;
-    let run_dir = args.run_dir.or_else(|| cfg.run_dir.clone()).unwrap_or_else(|| {
-        let stem = args
-            .config
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "rm".into());
-        PathBuf::from("runs").join(stem)
-    });
+    let mut cfg = RmConfig::load(&args.config, &args.common.set)?;
+    cfg.progress = !args.common.quiet;
+    let run_dir = args.common.run_dir(&args.config, cfg.run_dir.as_ref(), "rm");
     // Data errors exit 2 before the directory is locked, cleared or written.
     let inputs = load_inputs(&cfg)?;
-    let _lock = if args.overwrite {
-        RunDirLock::acquire_for_overwrite(&run_dir)?
-    } else {
-        let lock = RunDirLock::acquire(&run_dir)?;
+    let _lock = args.common.lock(&run_dir)?;
+    if !args.common.overwrite {
         refuse_earlier_run(&run_dir)?;
-        lock
-    };
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -471,6 +471,22 @@ fn set_errors_name_the_override_and_counts_that_size_allocations_are_bounded() {
         dir.path().join("b.jsonl").to_str().unwrap(),
     ]);
     assert_exit(&out, 2, &["--best-of must be between 1 and 1024"]);
+    // Every sampler on a worker node: best-of-N has no local device to sample on.
+    let out = tandem(&[
+        "sample",
+        &config("quickstart.toml"),
+        "--best-of",
+        "2",
+        "--out",
+        dir.path().join("c.jsonl").to_str().unwrap(),
+        "--set",
+        "placement.rollout_devices=[]",
+        "--set",
+        "placement.nodes=[{name=\"w1\", rollouts=1}]",
+        "--set",
+        "cluster.listen=\"127.0.0.1:0\"",
+    ]);
+    assert_exit(&out, 2, &["placement.rollout_devices is empty"]);
 }
 
 #[test]

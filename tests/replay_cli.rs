@@ -86,6 +86,18 @@ fn summary_show_filters_and_export() {
     let file = dir.path().join("all.jsonl");
     let out = replay(run, &["--export-jsonl", file.to_str().unwrap()]);
     let stored = last_json(&out)["stored"].as_u64().unwrap();
+    // Progress while exporting (a small store: only the line after the last), none with --quiet.
+    let progress = format!("exported {stored}/{stored} elapsed ");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&progress),
+        "no progress line"
+    );
+    let quiet = replay(run, &["--export-jsonl", file.to_str().unwrap(), "--quiet"]);
+    last_json(&quiet);
+    assert!(
+        !String::from_utf8_lossy(&quiet.stderr).contains("exported "),
+        "progress with --quiet"
+    );
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
         .unwrap()
         .lines()

@@ -1,7 +1,8 @@
 //! `tandem report` from the command line: the page built from a stored run holds every chart with
 //! the expected lines and labelled axes and refers to nothing outside itself; malformed input is
-//! an error naming the file and line (exit 2); and the page renders in headless Chromium where
-//! Chromium is installed.
+//! an error naming the file and line (exit 2); a real resumed run gets a resume marker, an actor
+//! chart whose time runs on across sessions, and sample completions from its store; and the
+//! page renders in headless Chromium where Chromium is installed.
 
 mod common;
 use common::OutputWithin;
@@ -11,18 +12,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use tandem_actors::ppo_trainer::StepStats;
+use tandem_actors::StepReport;
+
 const STEPS: usize = 12;
 const ACTORS: [&str; 3] = ["learner/cpu:1", "reward/cpu:0", "rollout/cpu:0/0"];
 const SAMPLES: usize = 5;
 
-const CHARTS: [&str; 8] = [
+const CHARTS: [&str; 12] = [
     "chart-reward",
+    "chart-true-score",
     "chart-kl",
     "chart-loss",
     "chart-clip",
     "chart-entropy",
     "chart-staleness",
     "chart-phases",
+    "chart-approx-kl",
+    "chart-explained-var",
+    "chart-throughput",
     "chart-actors",
 ];
 
@@ -30,26 +38,59 @@ fn tandem() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tandem"))
 }
 
-/// A deterministic 12-step metrics.jsonl in the format `tandem run` writes, plus (optionally) a
-/// 3-actor × 5-sample actors.jsonl and a config.toml.
+/// A deterministic 12-step metrics.jsonl as `tandem run` writes it (with the mock labeller's
+/// true score), plus (optionally) a 3-actor × 5-sample actors.jsonl and a config.toml.
 fn write_run(dir: &Path, with_actors: bool) {
     let mut lines = String::new();
     for i in 0..STEPS {
         let x = i as f64;
-        let row = serde_json::json!({
-            "step": i, "policy_version": i,
-            "reward_mean": 0.1 + 0.02 * x, "reward_std": 0.05, "score_mean": 0.12 + 0.02 * x,
-            "kl": 0.1 * x, "beta": 0.05 - 0.001 * x,
-            "policy_loss": -0.05 + 0.003 * x, "value_loss": 0.01 / (1.0 + x),
-            "entropy": 4.7 - 0.02 * x, "clip_frac": 0.2 / (1.0 + x), "approx_kl": 0.01,
-            "ratio_mean": 1.0, "explained_var": 0.1, "response_len_mean": 12.0, "skipped_updates": 0,
-            "staleness_mean": if i == 0 { 0.0 } else { 0.75 }, "staleness_max": if i == 0 { 0 } else { 1 },
-            "dropped_stale": i / 4, "tokens_generated": 384,
-            "generate_s": 0.03, "reward_s": 0.015, "value_s": 0.014, "learn_s": 0.5 + 0.01 * x,
-            "weight_sync_s": 0.0002, "adopt_latency_s": if i == 0 { None } else { Some(0.08) },
-            "replay_buffered": 32, "learner_wait_s": 0.01, "wall_s": 0.6 * (x + 1.0),
-        });
-        lines.push_str(&row.to_string());
+        let row = StepReport {
+            step: i as u64,
+            policy_version: i as u64,
+            stats: StepStats {
+                on_policy: false,
+                reward_mean: 0.1 + 0.02 * x,
+                reward_std: 0.05,
+                score_mean: 0.12 + 0.02 * x,
+                kl: 0.1 * x,
+                beta: 0.05 - 0.001 * x,
+                policy_loss: -0.05 + 0.003 * x,
+                value_loss: 0.01 / (1.0 + x),
+                entropy: 4.7 - 0.02 * x,
+                clip_frac: 0.2 / (1.0 + x),
+                approx_kl: 0.01 + 0.001 * x,
+                ratio_mean: 1.0,
+                kl_loss: 0.0,
+                behaviour_weight_mean: 1.0,
+                behaviour_ratio_mean: 1.0,
+                behaviour_ratio_min: 1.0,
+                behaviour_ratio_max: 1.0,
+                behaviour_ratio_trunc_frac: 0.0,
+                behaviour_mismatch_kl: 0.0,
+                ptx_logprob: 0.0,
+                explained_var: 0.1 + 0.05 * x,
+                response_len_mean: 12.0,
+                skipped_updates: 0,
+            },
+            staleness_mean: if i == 0 { 0.0 } else { 0.75 },
+            staleness_max: if i == 0 { 0 } else { 1 },
+            token_staleness: Default::default(),
+            dropped_stale: i as u64 / 4,
+            tokens_generated: 384,
+            generate_s: 0.03,
+            reward_s: 0.015,
+            value_s: 0.014,
+            learn_s: 0.5 + 0.01 * x,
+            weight_sync_s: 0.0002,
+            adopt_latency_s: if i == 0 { None } else { Some(0.08) },
+            replay_buffered: 32,
+            learner_wait_s: 0.01,
+            nonfinite_streak: 0,
+            checkpoint_s: 0.0,
+            wall_s: 0.6 * (x + 1.0),
+            true_score_mean: Some(0.1 + 0.01 * x),
+        };
+        lines.push_str(&serde_json::to_string(&row).unwrap());
         lines.push('\n');
     }
     std::fs::write(dir.join("metrics.jsonl"), lines).unwrap();
@@ -124,8 +165,16 @@ fn report_has_every_chart_with_labelled_axes() {
     assert!(html.contains("7.2 s"), "header: no wall time");
     assert!(html.contains("config.toml</summary>"), "no config block");
 
-    let expected: [(&str, &[&str], &[&str]); 7] = [
+    let expected: [(&str, &[&str], &[&str]); 11] = [
         ("chart-reward", &["reward_mean", "score_mean"], &["reward per response"]),
+        (
+            "chart-true-score",
+            &["true_score_mean", "score_mean"],
+            &["score per response"],
+        ),
+        ("chart-approx-kl", &["approx_kl"], &["approx KL (nats/token)"]),
+        ("chart-explained-var", &["explained_var"], &["explained variance"]),
+        ("chart-throughput", &["tokens_per_s"], &["tokens per second"]),
         (
             "chart-kl",
             &["kl", "beta"],
@@ -189,7 +238,114 @@ fn report_has_every_chart_with_labelled_axes() {
     assert!(actors.contains(">seconds since start</text>"));
     assert!(actors.contains(">busy fraction (0–1)</text>"));
     assert!(actors.contains(r#"class="legend""#));
-    assert_eq!(html.matches("<section").count(), CHARTS.len());
+    // The charts and the completions, which say why there are none here.
+    assert_eq!(html.matches("<section").count(), CHARTS.len() + 1);
+    assert!(section(&html, "completions").contains("no trajectory store"));
+    assert!(
+        !html.contains("resume-marker"),
+        "a run of one session has no resume marker"
+    );
+}
+
+/// `s` as the report escapes text.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The x coordinates of each line's points, in drawing order, by `data-series`.
+fn xs(chart: &str) -> BTreeMap<String, Vec<f64>> {
+    let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for piece in chart.split("<polyline").skip(1) {
+        let tag = &piece[..piece.find('>').unwrap()];
+        let pts = attr(tag, "points").split_whitespace();
+        let x = pts.map(|p| p.split(',').next().unwrap().parse::<f64>().unwrap());
+        out.entry(attr(tag, "data-series").to_string()).or_default().extend(x);
+    }
+    out
+}
+
+#[test]
+fn a_resumed_run_has_a_resume_marker_one_time_axis_and_completions_from_its_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/sync.toml");
+    let settings = [
+        "--set",
+        "metrics.addr=\"127.0.0.1:0\"",
+        "--set",
+        "metrics.sample_interval_s=0.2",
+        "--set",
+        "checkpoint.every=2",
+    ];
+    let out = tandem()
+        .args(["run", config.to_str().unwrap(), "--run-dir", run_s, "--set", "steps=2"])
+        .args(settings)
+        .output_within();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tandem()
+        .args(["run", "--resume", run_s, "--set", "steps=4"])
+        .output_within();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let (_, html) = report(&run, &[]);
+    assert!(html.contains("resumed at steps</th><td>2</td>"), "header: no resume");
+    // One marker, at step 2, on each panel over steps.
+    for id in ["chart-reward", "chart-clip", "chart-approx-kl", "chart-throughput"] {
+        let chart = section(&html, id);
+        assert_eq!(chart.matches(r#"class="resume-marker""#).count(), 1, "{id}");
+        assert!(chart.contains(r#"class="resume-marker" data-x="2""#), "{id}");
+    }
+    assert!(
+        !html.contains("chart-true-score"),
+        "no true score without the mock labeller"
+    );
+    // The new charts hold a finite value for every step.
+    for (id, key) in [
+        ("chart-approx-kl", "approx_kl"),
+        ("chart-explained-var", "explained_var"),
+        ("chart-throughput", "tokens_per_s"),
+    ] {
+        assert_eq!(lines(section(&html, id)).get(key), Some(&4), "{id}");
+    }
+    // The actor chart's time runs on across the two sessions, with a marker where they meet.
+    let actors = section(&html, "chart-actors");
+    assert_eq!(actors.matches(r#"class="resume-marker""#).count(), 1);
+    let xs = xs(actors);
+    assert!(!xs.is_empty(), "no actor lines");
+    for (actor, x) in xs {
+        assert!(
+            x.windows(2).all(|w| w[0] <= w[1]),
+            "{actor}: time goes backwards: {x:?}"
+        );
+    }
+    // Completions: two for each of the four steps, the first of step 0 as `replay --show` has it.
+    let completions = section(&html, "completions");
+    assert_eq!(completions.matches(r#"<tr class="completion">"#).count(), 8);
+    let shown = tandem()
+        .args(["replay", run_s, "--show", "1", "--step", "0"])
+        .output_within();
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    // `replay --show` writes "prompt:   TEXT" and "response: TEXT" (the first line of each).
+    let field = |prefix: &str| {
+        let line = shown
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{shown}"));
+        line[prefix.len()..].to_string()
+    };
+    for (name, class) in [("prompt:   ", "prompt"), ("response: ", "response")] {
+        let text = escape(&field(name));
+        assert!(!text.trim().is_empty(), "{name} is empty: {shown}");
+        assert!(
+            completions.contains(&format!(r#"<td class="{class}">{text}"#)),
+            "{name} {text:?} is not in the report's completions"
+        );
+    }
 }
 
 #[test]

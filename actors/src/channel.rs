@@ -1,5 +1,7 @@
 //! The bounded data plane between stages.
 //!
+//! How this fits the runtime's ordering, blocking, dropping and restart rules: `docs/semantics.md`.
+//!
 //! ractor mailboxes are unbounded, so trajectories never travel in actor messages: they travel
 //! through these channels, whose capacity comes from the config. A producer facing a full
 //! channel waits (back-pressure) and the time it waits is recorded; the depth of every channel

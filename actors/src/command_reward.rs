@@ -69,7 +69,7 @@ impl Running {
         let (prog, args) = spec
             .argv
             .split_first()
-            .ok_or_else(|| ActorError::Other("reward command is empty".into()))?;
+            .ok_or_else(|| ActorError::RewardCommand("reward command is empty".into()))?;
         let mut cmd = Command::new(prog);
         cmd.args(args)
             .stdin(Stdio::piped())
@@ -80,7 +80,7 @@ impl Running {
         }
         let mut child = cmd
             .spawn()
-            .map_err(|e| ActorError::Other(format!("cannot start reward command `{}`: {e}", spec.display())))?;
+            .map_err(|e| ActorError::RewardCommand(format!("cannot start reward command `{}`: {e}", spec.display())))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, lines) = crossbeam_channel::unbounded();
@@ -94,7 +94,7 @@ impl Running {
                     }
                 }
             })
-            .map_err(|e| ActorError::Other(format!("cannot start a reader thread: {e}")))?;
+            .map_err(|e| ActorError::RewardCommand(format!("cannot start a reader thread: {e}")))?;
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let (done_tx, stderr_done) = crossbeam_channel::bounded(1);
         let t = tail.clone();
@@ -114,7 +114,7 @@ impl Running {
                 }
                 let _ = done_tx.send(());
             })
-            .map_err(|e| ActorError::Other(format!("cannot start a reader thread: {e}")))?;
+            .map_err(|e| ActorError::RewardCommand(format!("cannot start a reader thread: {e}")))?;
         Ok(Self {
             stdin: child.stdin.take(),
             child,
@@ -270,7 +270,7 @@ impl RewardSource for CommandReward {
         let mut st = self
             .state
             .lock()
-            .map_err(|_| ActorError::Other("reward command state poisoned".into()))?;
+            .map_err(|_| ActorError::Poisoned("reward command state"))?;
         loop {
             if st.running.is_none() {
                 st.running = Some(Running::start(&self.spec)?);

@@ -36,57 +36,82 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::device::Executor;
 use crate::error::ActorError;
 use crate::faults::Faults;
 use crate::meter::{ActorMeter, ActorState};
+use crate::metrics_line::{nan, nan_if_null};
 use crate::ppo_trainer::{PpoTrainer, StepStats};
 use crate::replay::ReplayMsg;
 use crate::snapshot::SnapshotMsg;
 use crate::trajectory::{StepRecords, Trajectory, WeightsSnapshot};
 
-/// One line of metrics.jsonl.
-#[derive(Debug, Clone, Serialize)]
+/// One line of metrics.jsonl: the file's one schema, written here and read back through
+/// [`StepReport::from_line`] (see [`crate::metrics_line`] for how missing and null fields read).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StepReport {
     pub step: u64,
     /// The version that was trained (the published one is `policy_version + 1`).
+    #[serde(default)]
     pub policy_version: u64,
     #[serde(flatten)]
     pub stats: StepStats,
     /// Staleness of the trajectories (the version of their oldest token).
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub staleness_mean: f64,
+    #[serde(default)]
     pub staleness_max: u64,
     /// Staleness per response token (by the version that sampled it; see
     /// [`Trajectory::token_versions`]).
     #[serde(flatten)]
     pub token_staleness: TokenStaleness,
+    #[serde(default)]
     pub dropped_stale: u64,
+    #[serde(default)]
     pub tokens_generated: usize,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub generate_s: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub reward_s: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub value_s: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub learn_s: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub weight_sync_s: f64,
     /// Worst publish-to-adopt latency of the previous published version.
+    #[serde(default)]
     pub adopt_latency_s: Option<f64>,
+    #[serde(default)]
     pub replay_buffered: usize,
     /// Seconds the learner waited for this step's batch (near 0 when sampling keeps ahead).
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub learner_wait_s: f64,
     /// Steps in a row (this one included) with a non-finite loss or gradient.
+    #[serde(default)]
     pub nonfinite_streak: u64,
     /// Seconds spent writing the checkpoint taken before this step (0 without one).
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub checkpoint_s: f64,
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub wall_s: f64,
+    /// The programmatic score of the mock-labeller experiment, added to the line by its step
+    /// probe (absent otherwise; the learner leaves it `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub true_score_mean: Option<f64>,
 }
 
 /// How many versions behind the trained one the batch's tokens were sampled, token-weighted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenStaleness {
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub token_staleness_mean: f64,
+    #[serde(default)]
     pub token_staleness_max: u64,
     /// Fraction of response tokens sampled by an older version than the trained one.
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub off_policy_token_frac: f64,
 }
 
@@ -234,7 +259,7 @@ impl Actor for LearnerActor {
             .replay
             .call(|reply| ReplayMsg::NextBatch { version, reply }, None)
             .await?;
-        let Some(batch) = batch.success_or(ActorError::Other("replay stopped".into()))? else {
+        let Some(batch) = batch.success_or(ActorError::PeerGone("replay stopped".into()))? else {
             if st.args.stop.load(Ordering::Relaxed) {
                 // Drained to stop: take the final checkpoint at the top of the next step.
                 me.cast(LearnerMsg::Step)?;
@@ -248,7 +273,7 @@ impl Actor for LearnerActor {
                 .args
                 .in_hand
                 .lock()
-                .map_err(|_| ActorError::Other("in-hand lock".into()))?;
+                .map_err(|_| ActorError::Poisoned("in-hand lock"))?;
             hand.clear();
             hand.extend(batch.trajectories.iter().cloned());
             hand.extend(batch.dropped.iter().cloned());
@@ -277,9 +302,7 @@ impl Actor for LearnerActor {
             .args
             .executor
             .run(move |_| -> Result<_, ActorError> {
-                let mut t = trainer
-                    .lock()
-                    .map_err(|_| ActorError::Other("trainer poisoned".into()))?;
+                let mut t = trainer.lock().map_err(|_| ActorError::Poisoned("trainer"))?;
                 let (stats, outputs) = t.step_with_outputs(&trajectories, version, step)?;
                 let mut store_lost = false;
                 if let Some(store) = store {
@@ -332,7 +355,7 @@ impl Actor for LearnerActor {
                 .snapshot
                 .call(|reply| SnapshotMsg::AdoptLatency { version, reply }, None)
                 .await?
-                .success_or(ActorError::Other("snapshot stopped".into()))?
+                .success_or(ActorError::PeerGone("snapshot stopped".into()))?
         } else {
             None
         };
@@ -369,6 +392,7 @@ impl Actor for LearnerActor {
             nonfinite_streak: st.nonfinite_streak,
             checkpoint_s: std::mem::take(&mut st.checkpoint_s),
             wall_s: st.started.elapsed().as_secs_f64(),
+            true_score_mean: None,
             stats,
         };
         st.step += 1;
@@ -385,7 +409,7 @@ impl Actor for LearnerActor {
         st.args
             .in_hand
             .lock()
-            .map_err(|_| ActorError::Other("in-hand lock".into()))?
+            .map_err(|_| ActorError::Poisoned("in-hand lock"))?
             .clear();
         if store_lost {
             let last = st.last_checkpoint.map_or("none".to_string(), |k| format!("step-{k}"));

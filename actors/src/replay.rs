@@ -1,5 +1,7 @@
 //! The replay buffer actor: collects valued trajectories and forms learner batches.
 //!
+//! How this fits the runtime's ordering, blocking, dropping and restart rules: `docs/semantics.md`.
+//!
 //! A forwarding task pulls batches from the bounded channel of the value stage and hands each
 //! one to the actor with a call that is only answered once the batch fits in the buffer of
 //! `capacity` trajectories (a credit of one batch): when the buffer is full the forwarder

@@ -123,7 +123,7 @@ impl Stage for RewardStage {
         if let Some(scoring) = off_device {
             let (scored, scoring_time) = scoring
                 .await
-                .map_err(|e| crate::error::ActorError::Other(format!("reward scoring thread failed: {e}")))?;
+                .map_err(|e| crate::error::ActorError::PeerGone(format!("reward scoring thread failed: {e}")))?;
             scores = scored?;
             stage_time = stage_time.max(scoring_time);
         }

@@ -92,8 +92,9 @@ impl RetokenizedReward {
 
     /// The (prompt, response) ids under the target tokenizer for one pair of policy ids.
     pub fn retokenize(&self, prompt: &[u32], response: &[u32]) -> Result<(Vec<u32>, Vec<u32>), ActorError> {
-        let tok_err =
-            |e: tandem_models::ModelError| ActorError::Other(format!("re-tokenising for the reward model: {e}"));
+        let tok_err = |e: tandem_models::ModelError| {
+            ActorError::InvalidConfig(format!("re-tokenising for the reward model: {e}"))
+        };
         let prompt_text = self.policy.decode(prompt).map_err(tok_err)?;
         let full: Vec<u32> = [prompt, response].concat();
         let full_text = self.policy.decode(&full).map_err(tok_err)?;

@@ -1,6 +1,6 @@
 //! Reward-model training arithmetic: scores comparison groups with a [`ScalarModel`], takes the
 //! configured loss, and steps AdamW on a warm-up + decay schedule. Synchronous; the
-//! [`crate::rm_learner`] actor runs it on a device executor.
+//! [`crate::supervised_learner`] actor runs it on a device executor.
 //!
 //! A training example is a [`Comparison`]: one prompt, `K >= 2` responses and their ranking
 //! (best first). A pairwise record is `K = 2` with ranking `[0, 1]` (chosen, rejected).
@@ -20,15 +20,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
-use tandem_models::adamw::ParamsAdamW;
 use tandem_models::batch::PromptResponseBatch;
-use tandem_models::rl::{best_of_k_loss, clip_grad_norm, ranking_loss, LrSchedule};
-use tandem_models::{snapshot, AdamW, ModelConfig, ScalarModel};
+use tandem_models::rl::{best_of_k_loss, ranking_loss};
+use tandem_models::{ModelConfig, ScalarModel};
 
 use crate::error::ActorError;
+use crate::supervised_trainer::{OptimSettings, Optimizer, StepInfo, SupervisedTrainer};
 
 /// One prompt with `K >= 2` responses ranked best to worst (`ranking` lists response indices).
 #[derive(Debug, Clone, PartialEq)]
@@ -36,14 +36,6 @@ pub struct Comparison {
     pub prompt: Vec<u32>,
     pub responses: Vec<Vec<u32>>,
     pub ranking: Vec<usize>,
-}
-
-/// A training batch from the data loader.
-#[derive(Debug, Clone)]
-pub struct RmBatch {
-    /// 0-based epoch the batch belongs to.
-    pub epoch: usize,
-    pub examples: Vec<Comparison>,
 }
 
 /// Which loss trains the reward model.
@@ -55,16 +47,6 @@ pub enum RmLoss {
     BradleyTerry,
     /// Best-of-K softmax cross-entropy (Ziegler et al. 2019).
     BestOfK,
-}
-
-/// Optimiser settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RmOptim {
-    pub loss: RmLoss,
-    pub schedule: LrSchedule,
-    pub weight_decay: f64,
-    /// Global gradient-norm clip; `<= 0` disables it.
-    pub max_grad_norm: f64,
 }
 
 /// What one training step or one evaluation measured.
@@ -80,42 +62,51 @@ pub struct RmStats {
 
 pub struct RmTrainer {
     model: ScalarModel,
-    vars: VarMap,
-    opt: AdamW,
-    optim: RmOptim,
-    step: usize,
+    optim: Optimizer,
+    loss: RmLoss,
     device: Device,
 }
 
-fn rl(e: tandem_models::rl::RlError) -> ActorError {
-    ActorError::Other(e.to_string())
+/// One line of a reward-model run's metrics.jsonl.
+#[derive(Debug, Clone, Serialize)]
+pub struct RmReport {
+    pub step: usize,
+    pub epoch: usize,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Training batch statistics, before the update.
+    pub loss: f64,
+    pub accuracy: f64,
+    pub top1: f64,
+    pub examples: usize,
+    /// Held-out statistics after this step's update, on evaluation steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_top1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_score_mean: Option<f64>,
+    /// Seconds waiting for the batch, computing the step, and evaluating.
+    pub load_wait_s: f64,
+    pub learn_s: f64,
+    pub eval_s: f64,
+    pub wall_s: f64,
+    /// Weights after this step, at checkpoint steps (not written to metrics).
+    #[serde(skip)]
+    pub weights: Option<HashMap<String, Tensor>>,
 }
 
 impl RmTrainer {
-    pub fn new(model: ScalarModel, vars: VarMap, optim: RmOptim) -> Result<Self, ActorError> {
-        optim.schedule.validate().map_err(rl)?;
-        let opt = AdamW::from_varmap(
-            &vars,
-            ParamsAdamW {
-                lr: optim.schedule.lr_at(0),
-                weight_decay: optim.weight_decay,
-                ..Default::default()
-            },
-        )?;
+    pub fn new(model: ScalarModel, vars: VarMap, loss: RmLoss, settings: OptimSettings) -> Result<Self, ActorError> {
         let device = model.device().clone();
         Ok(Self {
             model,
-            vars,
-            opt,
-            optim,
-            step: 0,
+            optim: Optimizer::new(vars, settings)?,
+            loss,
             device,
         })
-    }
-
-    /// Optimiser steps taken.
-    pub fn steps(&self) -> usize {
-        self.step
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -124,7 +115,7 @@ impl RmTrainer {
 
     /// Copies of the current weights, HF names.
     pub fn weights(&self) -> Result<HashMap<String, Tensor>, ActorError> {
-        Ok(snapshot(&self.vars)?)
+        self.optim.weights()
     }
 
     /// Scores of every response of `examples`, flattened in order (differentiable).
@@ -149,7 +140,7 @@ impl RmTrainer {
         let mut off = 0;
         for (i, e) in examples.iter().enumerate() {
             if e.responses.len() < 2 || e.ranking.len() != e.responses.len() {
-                return Err(ActorError::Other(format!(
+                return Err(ActorError::InvalidBatch(format!(
                     "example {i}: {} responses with a ranking of {}",
                     e.responses.len(),
                     e.ranking.len()
@@ -169,14 +160,14 @@ impl RmTrainer {
                 .collect();
             let idx = Tensor::from_vec(idx, members.len() * k, &self.device)?;
             let r = scores.index_select(&idx, 0)?.reshape((members.len(), *k))?;
-            let l = match self.optim.loss {
+            let l = match self.loss {
                 RmLoss::BradleyTerry => {
                     let ranks: Vec<Vec<usize>> = members.iter().map(|&i| examples[i].ranking.clone()).collect();
-                    ranking_loss(&r, &ranks).map_err(rl)?
+                    ranking_loss(&r, &ranks)?
                 }
                 RmLoss::BestOfK => {
                     let best: Vec<usize> = members.iter().map(|&i| examples[i].ranking[0]).collect();
-                    best_of_k_loss(&r, &best).map_err(rl)?
+                    best_of_k_loss(&r, &best)?
                 }
             };
             let l = (l * (members.len() as f64 / n))?;
@@ -185,7 +176,7 @@ impl RmTrainer {
                 None => l,
             });
         }
-        let loss = total.ok_or_else(|| ActorError::Other("empty reward-model batch".into()))?;
+        let loss = total.ok_or_else(|| ActorError::InvalidBatch("empty reward-model batch".into()))?;
         let host = scores.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let (mut right, mut pairs, mut top) = (0usize, 0usize, 0usize);
         for (e, &o) in examples.iter().zip(&offsets) {
@@ -208,36 +199,29 @@ impl RmTrainer {
         };
         Ok((loss, stats))
     }
+}
 
-    /// One optimiser step on `examples`; returns the batch statistics (before the update), the
-    /// learning rate used and the gradient norm before clipping. A non-finite loss or gradient
-    /// skips the update.
-    pub fn step(&mut self, examples: &[Comparison]) -> Result<(RmStats, f64, f64), ActorError> {
+impl SupervisedTrainer for RmTrainer {
+    type Example = Comparison;
+    type Stats = RmStats;
+    type Checkpoint = HashMap<String, Tensor>;
+    type Report = RmReport;
+    const WHAT: &'static str = "reward-model";
+
+    fn steps(&self) -> usize {
+        self.optim.steps()
+    }
+
+    /// A non-finite loss or gradient skips the update.
+    fn step(&mut self, examples: &[Comparison]) -> Result<(RmStats, f64, f64), ActorError> {
         let scores = self.forward(examples)?;
         let (loss, stats) = self.loss(examples, &scores)?;
-        let lr = self.optim.schedule.lr_at(self.step);
-        self.step += 1;
-        if !stats.loss.is_finite() {
-            tracing::warn!(step = self.step, "non-finite reward-model loss; update skipped");
-            return Ok((stats, lr, f64::NAN));
-        }
-        let mut grads = loss.backward()?;
-        let vars: Vec<Var> = self.vars.all_vars();
-        let max = if self.optim.max_grad_norm > 0.0 {
-            self.optim.max_grad_norm
-        } else {
-            f64::INFINITY
-        };
-        let norm = clip_grad_norm(&vars, &mut grads, max).map_err(rl)?;
-        if norm.is_finite() {
-            self.opt.set_learning_rate(lr);
-            self.opt.step(&grads)?;
-        }
+        let (lr, norm) = self.optim.step(&loss, stats.loss, Self::WHAT)?;
         Ok((stats, lr, norm))
     }
 
     /// Statistics over `examples` in batches of `batch_size`, without updating.
-    pub fn evaluate(&self, examples: &[Comparison], batch_size: usize) -> Result<RmStats, ActorError> {
+    fn evaluate(&self, examples: &[Comparison], batch_size: usize) -> Result<RmStats, ActorError> {
         let mut acc = RmStats::default();
         let (mut pair_w, mut n_rows) = (0.0, 0.0);
         for chunk in examples.chunks(batch_size.max(1)) {
@@ -263,5 +247,47 @@ impl RmTrainer {
         acc.accuracy /= pair_w.max(1.0);
         acc.score_mean /= n_rows.max(1.0);
         Ok(acc)
+    }
+
+    fn checkpoint(&self) -> Result<HashMap<String, Tensor>, ActorError> {
+        self.weights()
+    }
+
+    fn examples(stats: &RmStats) -> usize {
+        stats.examples
+    }
+
+    fn record(stats: &RmStats, eval: Option<&RmStats>) {
+        metrics::gauge!("tandem_rm_loss").set(stats.loss);
+        if let Some(e) = eval {
+            metrics::gauge!("tandem_rm_eval_accuracy").set(e.accuracy);
+        }
+    }
+
+    fn report(
+        i: StepInfo,
+        stats: RmStats,
+        eval: Option<RmStats>,
+        weights: Option<HashMap<String, Tensor>>,
+    ) -> RmReport {
+        RmReport {
+            step: i.step,
+            epoch: i.epoch,
+            lr: i.lr,
+            grad_norm: i.grad_norm,
+            loss: stats.loss,
+            accuracy: stats.accuracy,
+            top1: stats.top1,
+            examples: stats.examples,
+            eval_loss: eval.map(|e| e.loss),
+            eval_accuracy: eval.map(|e| e.accuracy),
+            eval_top1: eval.map(|e| e.top1),
+            eval_score_mean: eval.map(|e| e.score_mean),
+            load_wait_s: i.load_wait_s,
+            learn_s: i.learn_s,
+            eval_s: i.eval_s,
+            wall_s: i.wall_s,
+            weights,
+        }
     }
 }

@@ -69,7 +69,8 @@ pub struct RegexReward {
 impl RegexReward {
     /// An error naming the pattern when it does not compile.
     pub fn new(pattern: &str, text: ResponseText, hit: f32, miss: f32) -> Result<Self, ActorError> {
-        let pattern = Regex::new(pattern).map_err(|e| ActorError::Other(format!("reward regex {pattern:?}: {e}")))?;
+        let pattern =
+            Regex::new(pattern).map_err(|e| ActorError::InvalidConfig(format!("reward regex {pattern:?}: {e}")))?;
         Ok(Self {
             pattern,
             text,
@@ -133,7 +134,7 @@ impl RewardSource for ExactMatchReward {
             .map(|(p, r)| {
                 let Some(answer) = self.answers.get(*p) else {
                     let text = self.text.text(p).unwrap_or_default();
-                    return Err(ActorError::Other(format!(
+                    return Err(ActorError::InvalidConfig(format!(
                         "exact_match reward: no reference answer for prompt {text:?} (add \"answer\" to its line in the prompts file)"
                     )));
                 };

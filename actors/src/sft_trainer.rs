@@ -1,6 +1,6 @@
 //! Supervised fine-tuning arithmetic: next-token cross-entropy of a [`LanguageModel`] on the
 //! completion (or assistant) tokens only, stepped with AdamW on a warm-up + decay schedule.
-//! Synchronous; the [`crate::sft_learner`] actor runs it on a device executor.
+//! Synchronous; the [`crate::supervised_learner`] actor runs it on a device executor.
 //!
 //! An [`SftExample`] is one token sequence with a per-token `target` flag: token `i` counts in
 //! the loss (as the prediction from tokens `..i`) exactly when `target[i]` is set, so prompt,
@@ -14,16 +14,16 @@
 //! zero before the sum, so its derivative is exactly zero (see the tests).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::Serialize;
-use tandem_models::adamw::ParamsAdamW;
 use tandem_models::rl::masked::masked_sum;
-use tandem_models::rl::{clip_grad_norm, LrSchedule};
-use tandem_models::{snapshot, AdamW, LanguageModel, ModelConfig};
+use tandem_models::{LanguageModel, ModelConfig};
 
 use crate::error::ActorError;
+use crate::supervised_trainer::{OptimSettings, Optimizer, StepInfo, SupervisedTrainer, TrainState};
 
 /// One training sequence and which of its tokens are targets.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,23 +41,6 @@ impl SftExample {
     }
 }
 
-/// A training batch from the data loader.
-#[derive(Debug, Clone)]
-pub struct SftBatch {
-    /// 0-based epoch the batch belongs to.
-    pub epoch: usize,
-    pub examples: Vec<SftExample>,
-}
-
-/// Optimiser settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SftOptim {
-    pub schedule: LrSchedule,
-    pub weight_decay: f64,
-    /// Global gradient-norm clip; `<= 0` disables it.
-    pub max_grad_norm: f64,
-}
-
 /// What one step or one evaluation measured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct SftStats {
@@ -72,27 +55,38 @@ pub struct SftStats {
     pub examples: usize,
 }
 
-/// Everything a checkpoint needs to continue training exactly.
-#[derive(Debug)]
-pub struct SftState {
-    pub weights: HashMap<String, Tensor>,
-    /// AdamW moments as `m/NAME`, `v/NAME`.
-    pub optimizer: HashMap<String, Tensor>,
-    pub optimizer_steps: usize,
-    pub step: usize,
-}
-
 pub struct SftTrainer {
     model: LanguageModel,
-    vars: VarMap,
-    opt: AdamW,
-    optim: SftOptim,
-    step: usize,
+    optim: Optimizer,
     device: Device,
 }
 
-fn rl(e: tandem_models::rl::RlError) -> ActorError {
-    ActorError::Other(e.to_string())
+/// One line of an SFT run's metrics.jsonl.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftReport {
+    pub step: usize,
+    pub epoch: usize,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Mean NLL per target token of the training batch, before the update.
+    pub loss: f64,
+    pub tokens: usize,
+    pub examples: usize,
+    /// Real tokens over padded tokens of the batch (1 = no padding).
+    pub fill: f64,
+    /// Held-out loss after this step's update, on evaluation steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_tokens: Option<usize>,
+    /// Seconds waiting for the batch, computing the step, and evaluating.
+    pub load_wait_s: f64,
+    pub learn_s: f64,
+    pub eval_s: f64,
+    pub wall_s: f64,
+    /// Training state after this step, at checkpoint steps (not written to metrics).
+    #[serde(skip)]
+    pub state: Option<Arc<TrainState>>,
 }
 
 /// Padded ids, attention mask and loss mask (b, t - 1) of `examples`.
@@ -107,11 +101,11 @@ pub struct SftInputs {
 /// whether token `j + 1` is a target (matching `token_logprobs(.., start = 0, ..)`).
 pub fn sft_inputs(examples: &[SftExample], pad_id: u32, device: &Device) -> Result<SftInputs, ActorError> {
     if examples.is_empty() {
-        return Err(ActorError::Other("empty SFT batch".into()));
+        return Err(ActorError::InvalidBatch("empty SFT batch".into()));
     }
     let width = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     if width < 2 {
-        return Err(ActorError::Other("SFT rows need at least 2 tokens".into()));
+        return Err(ActorError::InvalidBatch("SFT rows need at least 2 tokens".into()));
     }
     let b = examples.len();
     let (mut ids, mut mask, mut lmask) = (
@@ -126,7 +120,7 @@ pub fn sft_inputs(examples: &[SftExample], pad_id: u32, device: &Device) -> Resu
     };
     for (i, e) in examples.iter().enumerate() {
         if e.ids.len() != e.target.len() {
-            return Err(ActorError::Other(format!(
+            return Err(ActorError::InvalidBatch(format!(
                 "example {i}: {} ids but {} target flags",
                 e.ids.len(),
                 e.target.len()
@@ -142,7 +136,7 @@ pub fn sft_inputs(examples: &[SftExample], pad_id: u32, device: &Device) -> Resu
         stats.real_tokens += n;
     }
     if stats.tokens == 0 {
-        return Err(ActorError::Other("SFT batch has no target tokens".into()));
+        return Err(ActorError::InvalidBatch("SFT batch has no target tokens".into()));
     }
     Ok(SftInputs {
         ids: Tensor::from_vec(ids, (b, width), device)?,
@@ -157,36 +151,19 @@ pub fn sft_inputs(examples: &[SftExample], pad_id: u32, device: &Device) -> Resu
 pub fn sft_loss(token_logp: &Tensor, loss_mask: &Tensor) -> Result<Tensor, ActorError> {
     let n = loss_mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if n <= 0.0 {
-        return Err(ActorError::Other("SFT loss over no target tokens".into()));
+        return Err(ActorError::InvalidBatch("SFT loss over no target tokens".into()));
     }
-    Ok(masked_sum(token_logp, loss_mask).map_err(rl)?.affine(-1.0 / n, 0.0)?)
+    Ok(masked_sum(token_logp, loss_mask)?.affine(-1.0 / n, 0.0)?)
 }
 
 impl SftTrainer {
-    pub fn new(model: LanguageModel, vars: VarMap, optim: SftOptim) -> Result<Self, ActorError> {
-        optim.schedule.validate().map_err(rl)?;
-        let opt = AdamW::from_varmap(
-            &vars,
-            ParamsAdamW {
-                lr: optim.schedule.lr_at(0),
-                weight_decay: optim.weight_decay,
-                ..Default::default()
-            },
-        )?;
+    pub fn new(model: LanguageModel, vars: VarMap, settings: OptimSettings) -> Result<Self, ActorError> {
         let device = model.device().clone();
         Ok(Self {
             model,
-            vars,
-            opt,
-            optim,
-            step: 0,
+            optim: Optimizer::new(vars, settings)?,
             device,
         })
-    }
-
-    /// Optimiser steps taken (including resumed ones).
-    pub fn steps(&self) -> usize {
-        self.step
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -195,18 +172,12 @@ impl SftTrainer {
 
     /// Copies of the current weights, HF names.
     pub fn weights(&self) -> Result<HashMap<String, Tensor>, ActorError> {
-        Ok(snapshot(&self.vars)?)
+        self.optim.weights()
     }
 
     /// The weights, optimiser moments and step counters.
-    pub fn state(&self) -> Result<SftState, ActorError> {
-        let (optimizer_steps, optimizer) = self.opt.state()?;
-        Ok(SftState {
-            weights: self.weights()?,
-            optimizer,
-            optimizer_steps,
-            step: self.step,
-        })
+    pub fn state(&self) -> Result<TrainState, ActorError> {
+        self.optim.state()
     }
 
     /// Restores the optimiser and step counter of a checkpoint (the weights come in through
@@ -217,9 +188,7 @@ impl SftTrainer {
         optimizer_steps: usize,
         step: usize,
     ) -> Result<(), ActorError> {
-        self.opt.load_state(optimizer_steps, optimizer)?;
-        self.step = step;
-        Ok(())
+        self.optim.restore(optimizer, optimizer_steps, step)
     }
 
     /// Loss (a differentiable scalar) and statistics of `examples`.
@@ -231,42 +200,28 @@ impl SftTrainer {
         stats.loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok((loss, stats))
     }
+}
 
-    /// One optimiser step on `examples`; returns the batch statistics (before the update), the
-    /// learning rate and the gradient norm before clipping. A non-finite loss or gradient skips
-    /// the update.
-    pub fn step(&mut self, examples: &[SftExample]) -> Result<(SftStats, f64, f64), ActorError> {
+impl SupervisedTrainer for SftTrainer {
+    type Example = SftExample;
+    type Stats = SftStats;
+    type Checkpoint = Arc<TrainState>;
+    type Report = SftReport;
+    const WHAT: &'static str = "SFT";
+
+    fn steps(&self) -> usize {
+        self.optim.steps()
+    }
+
+    /// A non-finite loss or gradient skips the update.
+    fn step(&mut self, examples: &[SftExample]) -> Result<(SftStats, f64, f64), ActorError> {
         let (loss, stats) = self.loss(examples)?;
-        let lr = self.optim.schedule.lr_at(self.step);
-        self.step += 1;
-        if !stats.loss.is_finite() {
-            tracing::warn!(step = self.step, "non-finite SFT loss; update skipped");
-            return Ok((stats, lr, f64::NAN));
-        }
-        let mut grads = loss.backward()?;
-        // In name order: the gradient norm sums per-tensor norms, and a HashMap's order would
-        // change the rounding from run to run (and break bit-exact resume).
-        let vars: Vec<Var> = {
-            let data = self.vars.data().lock().expect("varmap lock");
-            let mut named: Vec<(&String, &Var)> = data.iter().collect();
-            named.sort_by(|a, b| a.0.cmp(b.0));
-            named.into_iter().map(|(_, v)| v.clone()).collect()
-        };
-        let max = if self.optim.max_grad_norm > 0.0 {
-            self.optim.max_grad_norm
-        } else {
-            f64::INFINITY
-        };
-        let norm = clip_grad_norm(&vars, &mut grads, max).map_err(rl)?;
-        if norm.is_finite() {
-            self.opt.set_learning_rate(lr);
-            self.opt.step(&grads)?;
-        }
+        let (lr, norm) = self.optim.step(&loss, stats.loss, Self::WHAT)?;
         Ok((stats, lr, norm))
     }
 
     /// Token-weighted mean loss over `examples` in batches of `batch_size`, without updating.
-    pub fn evaluate(&self, examples: &[SftExample], batch_size: usize) -> Result<SftStats, ActorError> {
+    fn evaluate(&self, examples: &[SftExample], batch_size: usize) -> Result<SftStats, ActorError> {
         let mut acc = SftStats::default();
         let mut nll = 0.0;
         for chunk in examples.chunks(batch_size.max(1)) {
@@ -280,11 +235,48 @@ impl SftTrainer {
         acc.loss = nll / acc.tokens.max(1) as f64;
         Ok(acc)
     }
+
+    fn checkpoint(&self) -> Result<Arc<TrainState>, ActorError> {
+        Ok(Arc::new(self.state()?))
+    }
+
+    fn examples(stats: &SftStats) -> usize {
+        stats.examples
+    }
+
+    fn record(stats: &SftStats, eval: Option<&SftStats>) {
+        metrics::gauge!("tandem_sft_loss").set(stats.loss);
+        if let Some(e) = eval {
+            metrics::gauge!("tandem_sft_eval_loss").set(e.loss);
+        }
+    }
+
+    fn report(i: StepInfo, stats: SftStats, eval: Option<SftStats>, state: Option<Arc<TrainState>>) -> SftReport {
+        SftReport {
+            step: i.step,
+            epoch: i.epoch,
+            lr: i.lr,
+            grad_norm: i.grad_norm,
+            loss: stats.loss,
+            tokens: stats.tokens,
+            examples: stats.examples,
+            fill: stats.real_tokens as f64 / stats.padded_tokens.max(1) as f64,
+            eval_loss: eval.map(|e| e.loss),
+            eval_tokens: eval.map(|e| e.tokens),
+            load_wait_s: i.load_wait_s,
+            learn_s: i.learn_s,
+            eval_s: i.eval_s,
+            wall_s: i.wall_s,
+            state,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Var;
+    use tandem_models::rl::LrSchedule;
     use tandem_models::WeightInit;
 
     fn trainer() -> SftTrainer {
@@ -300,7 +292,7 @@ mod tests {
         SftTrainer::new(
             model,
             vars,
-            SftOptim {
+            OptimSettings {
                 schedule,
                 weight_decay: 0.0,
                 max_grad_norm: 0.0,
@@ -312,7 +304,7 @@ mod tests {
     fn grads_of(t: &SftTrainer, examples: &[SftExample]) -> Vec<(String, Vec<f32>)> {
         let (loss, _) = t.loss(examples).unwrap();
         let g = loss.backward().unwrap();
-        let data = t.vars.data().lock().unwrap();
+        let data = t.optim.vars().data().lock().unwrap();
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
         names

@@ -136,11 +136,11 @@ pub struct WeightsSnapshot {
 
 pub type SharedWeights = Arc<WeightsSnapshot>;
 
-#[allow(dead_code)]
-fn assert_send_sync() {
-    fn is<T: Send + Sync>() {}
+// Compile-time: what crosses threads is Send + Sync.
+const _: () = {
+    const fn is<T: Send + Sync>() {}
     is::<TrajectoryBatch>();
     is::<WeightsSnapshot>();
     is::<WorkTicket>();
     is::<StepRecords>();
-}
+};

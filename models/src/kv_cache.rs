@@ -17,8 +17,8 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use crate::kernels::attention::{axpy, softmax_row};
-use crate::kernels::multiversion;
+use crate::kernels::attention::decode_row;
+pub use crate::kernels::attention::QkvRows;
 
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
@@ -45,25 +45,6 @@ struct HostLayer {
     len: usize,
     k: Vec<f32>,
     v: Vec<f32>,
-}
-
-/// New tokens' projections as host rows, one row per (batch row, token) in that order: the
-/// queries of head h at `data[row * stride + q + h * head_dim..][..head_dim]`, the keys and
-/// values of key/value head g at offsets `k` and `v` likewise.
-#[derive(Debug, Clone, Copy)]
-pub struct QkvRows<'a> {
-    pub data: &'a [f32],
-    /// Batch rows.
-    pub rows: usize,
-    /// New tokens per batch row.
-    pub tokens: usize,
-    pub stride: usize,
-    pub q: usize,
-    pub k: usize,
-    pub v: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
 }
 
 impl KvCache {
@@ -204,41 +185,6 @@ impl HostLayer {
         self.k = grow(&self.k);
         self.v = grow(&self.v);
         self.cap = cap;
-    }
-}
-
-multiversion! {
-    /// Batch row `r`: writes its new keys and values after the `past` cached positions of `k`,
-    /// `v` (kv_heads, cap, head_dim), then `y (tokens, heads * head_dim)`.
-    fn decode_row(x: QkvRows, r: usize, past: usize, cap: usize, k: &mut [f32], v: &mut [f32], bias: &[f32], scale: f32, y: &mut [f32]) {
-        let (t, hd) = (x.tokens, x.head_dim);
-        let keys = past + t;
-        for tok in 0..t {
-            let row = &x.data[(r * t + tok) * x.stride..][..x.stride];
-            for g in 0..x.kv_heads {
-                let at = (g * cap + past + tok) * hd;
-                k[at..at + hd].copy_from_slice(&row[x.k + g * hd..][..hd]);
-                v[at..at + hd].copy_from_slice(&row[x.v + g * hd..][..hd]);
-            }
-        }
-        let (k, v) = (&*k, &*v);
-        let group = x.heads / x.kv_heads;
-        let mut p = vec![0f32; keys];
-        for tok in 0..t {
-            let row = &x.data[(r * t + tok) * x.stride..][..x.stride];
-            let brow = &bias[tok * keys..][..keys];
-            for h in 0..x.heads {
-                let base = (h / group) * cap * hd;
-                let q = &row[x.q + h * hd..][..hd];
-                softmax_row(q, |j| &k[base + j * hd..][..hd], brow, scale, &mut p);
-                let out = &mut y[(tok * x.heads + h) * hd..][..hd];
-                for (j, &pj) in p.iter().enumerate() {
-                    if pj != 0.0 {
-                        axpy(pj, &v[base + j * hd..][..hd], out);
-                    }
-                }
-            }
-        }
     }
 }
 

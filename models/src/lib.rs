@@ -21,6 +21,7 @@ pub mod layers;
 pub mod llama;
 pub mod model;
 pub mod rl;
+pub mod score_map;
 pub mod tokenizer;
 
 pub use adamw::AdamW;

@@ -128,11 +128,18 @@ pub async fn best_of_n(
     progress: bool,
 ) -> Result<BestOfSummary, RuntimeError> {
     if n == 0 || n > MAX_BEST_OF {
-        return Err(RuntimeError::Other(format!(
+        return Err(RuntimeError::InvalidArgument(format!(
             "--best-of must be between 1 and {MAX_BEST_OF}, not {n}"
         )));
     }
-    let exec = Executor::new(cfg.placement.rollout_devices[0], cfg.placement.threads_per_device)?;
+    let device = *cfg.placement.rollout_devices.first().ok_or_else(|| {
+        RuntimeError::InvalidArgument(
+            "best-of-N samples in this process, but placement.rollout_devices is empty (every sampler is on a worker \
+             node): name a local device in placement.rollout_devices"
+                .into(),
+        )
+    })?;
+    let exec = Executor::new(device, cfg.placement.threads_per_device)?;
     let (model, tokenizer) = policy(cfg, policy_dir, exec.device())?;
     let prompts = load_prompts(
         &cfg.data.prompts,

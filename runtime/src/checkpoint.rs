@@ -1,5 +1,7 @@
 //! Checkpoints: everything needed to continue a run exactly where it was.
 //!
+//! How this fits the runtime's ordering, blocking, dropping and restart rules: `docs/semantics.md`.
+//!
 //! `RUN_DIR/checkpoints/step-K/` holds the state *before* learner step K (after K steps):
 //!
 //! | file | what |

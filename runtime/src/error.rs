@@ -19,8 +19,33 @@ pub enum RuntimeError {
     /// The run stopped because something it must write could not be written (a full disk).
     #[error("{0}")]
     Stopped(String),
+    /// A command-line argument or a combination of settings the user can fix (exit 2).
     #[error("{0}")]
-    Other(String),
+    InvalidArgument(String),
+    /// The supervision tree could not be started or reached.
+    #[error("supervisor: {0}")]
+    Supervisor(String),
+    /// A lock over shared training state was poisoned by a panic while it was held.
+    #[error("{0} poisoned")]
+    Poisoned(&'static str),
+    /// A checkpoint that cannot be restored into this run.
+    #[error("{0}")]
+    Checkpoint(String),
+    /// The trajectory store failed (see [`crate::store`]).
+    #[error("trajectory store: {0}")]
+    Store(String),
+    /// Worker nodes: the cluster's server, TLS, or a node's link to its head.
+    #[error("{0}")]
+    Cluster(String),
+    /// The metrics endpoint could not be served.
+    #[error("{0}")]
+    Metrics(String),
+    /// Ctrl-C / SIGTERM could not be listened for.
+    #[error("{0}")]
+    Signals(String),
+    /// A run that finished but did not reach what it was asked to (the mock labeller's bar).
+    #[error("{0}")]
+    Unmet(String),
 }
 
 impl RuntimeError {

@@ -96,7 +96,14 @@ pub async fn evaluate(cfg: &Config, opts: &EvalOptions) -> Result<EvalSummary, R
             "--samples > 1 needs --temperature > 0 (greedy decoding gives the same response every time)".into(),
         ));
     }
-    let exec = Executor::new(cfg.placement.rollout_devices[0], cfg.placement.threads_per_device)?;
+    let device = *cfg.placement.rollout_devices.first().ok_or_else(|| {
+        bad(
+            "eval samples in this process, but placement.rollout_devices is empty (every sampler is on a worker \
+             node): name a local device in placement.rollout_devices"
+                .into(),
+        )
+    })?;
+    let exec = Executor::new(device, cfg.placement.threads_per_device)?;
     let (model, tokenizer) = policy(cfg, opts.model.as_deref(), exec.device())?;
     let mut prompts = load_prompts(
         &cfg.data.prompts,

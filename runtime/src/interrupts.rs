@@ -47,9 +47,9 @@ impl Interrupts {
         {
             use tokio::signal::unix::{signal, SignalKind};
             let interrupt = signal(SignalKind::interrupt())
-                .map_err(|e| RuntimeError::Other(format!("cannot listen for Ctrl-C: {e}")))?;
+                .map_err(|e| RuntimeError::Signals(format!("cannot listen for Ctrl-C: {e}")))?;
             let terminate = signal(SignalKind::terminate())
-                .map_err(|e| RuntimeError::Other(format!("cannot listen for SIGTERM: {e}")))?;
+                .map_err(|e| RuntimeError::Signals(format!("cannot listen for SIGTERM: {e}")))?;
             Ok(Self { interrupt, terminate })
         }
         #[cfg(not(unix))]

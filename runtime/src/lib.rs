@@ -19,6 +19,8 @@
 //! ([`mock_labeller`], [`best_of`], [`train_rm`], [`sft`], [`eval`]), which the binary
 //! chooses among.
 
+#![forbid(unsafe_code)]
+
 pub mod best_of;
 pub mod chat;
 pub mod checkpoint;
@@ -37,6 +39,7 @@ pub mod run_dir;
 pub mod sft;
 pub mod step_probe;
 pub mod store;
+pub mod supervised;
 pub mod supervisor;
 pub mod tasks;
 pub mod telemetry;

@@ -66,7 +66,7 @@ fn label(
     let mut round = 0u64;
     while pairs.len() < want {
         if drawn >= 50 * want {
-            return Err(ActorError::Other(format!(
+            return Err(ActorError::InvalidConfig(format!(
                 "mock_labeller: only {} of {want} sampled pairs differ in the programmatic score after {drawn} draws",
                 pairs.len()
             )));
@@ -124,7 +124,7 @@ fn text(tok: &TextTokenizer, ids: &[u32]) -> String {
 /// Labels, trains the reward model, then runs PPO against it (see the module docs).
 pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeError> {
     let Some(m) = cfg.mock_labeller.clone() else {
-        return Err(RuntimeError::Other(
+        return Err(RuntimeError::InvalidArgument(
             "the mock labeller needs a [mock_labeller] section".into(),
         ));
     };
@@ -230,7 +230,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     std::fs::write(&path, summary.to_string()).map_err(|e| RuntimeError::io(&path, e))?;
     tracing::info!(eval_accuracy = acc, "mock labeller: reward model trained");
     if acc < m.min_eval_accuracy {
-        return Err(RuntimeError::Other(format!(
+        return Err(RuntimeError::Unmet(format!(
             "mock_labeller: the reward model's held-out accuracy {acc:.3} is below min_eval_accuracy {}",
             m.min_eval_accuracy
         )));

@@ -62,3 +62,15 @@ pub(crate) fn progress_bar(steps: u64, from: u64) -> indicatif::ProgressBar {
     );
     b
 }
+
+#[cfg(test)]
+mod tests {
+    use super::hms;
+
+    #[test]
+    fn times_read_like_the_run_progress_line() {
+        assert_eq!(hms(3.2), "3s");
+        assert_eq!(hms(123.0), "2m03s");
+        assert_eq!(hms(3723.0), "1h02m03s");
+    }
+}

@@ -63,7 +63,7 @@ pub fn reward_source(
                 .unwrap_or_else(|| builtin::POSITIVE_WORDS.iter().map(|s| s.to_string()).collect());
             let ids = builtin::word_token_ids(tokenizer, &words);
             if ids.is_empty() {
-                return Err(RuntimeError::Other(
+                return Err(RuntimeError::InvalidArgument(
                     "reward.words: none of the words is a token of the policy's tokenizer".into(),
                 ));
             }
@@ -172,7 +172,11 @@ pub fn rule_source(cfg: &Config, tokenizer: &TextTokenizer) -> Result<Arc<dyn Re
             };
             Arc::new(CommandReward::new(spec, text)?)
         }
-        k => return Err(RuntimeError::Other(format!("{k:?} is not a rule or command reward"))),
+        k => {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "{k:?} is not a rule or command reward"
+            )))
+        }
     })
 }
 

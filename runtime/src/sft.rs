@@ -2,8 +2,8 @@
 //! pipeline (SFT, reward model, RL), on the same runtime as the rest.
 //!
 //! A data-loader thread cuts every epoch into length-bucketed batches (seeded) and feeds them
-//! through a bounded channel to the [`SftLearnerActor`] on its device executor, under the run
-//! supervisor. This driver writes `RUN_DIR/config.toml`, one `RUN_DIR/metrics.jsonl` line per
+//! through a bounded channel to the supervised learner on its device executor, under the run
+//! supervisor ([`crate::supervised`]). This recipe writes `RUN_DIR/config.toml`, one `RUN_DIR/metrics.jsonl` line per
 //! step (the held-out loss on evaluation steps), checkpoints, and finally the model in HF
 //! causal-LM layout under `RUN_DIR/policy/` (weights in the input checkpoint's dtype, its
 //! tokenizer and its `tokenizer_config.json` / `generation_config.json`, as `tandem run` saves
@@ -79,29 +79,26 @@
 //! bit-identical to an uninterrupted run (see the tests).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use ractor::Actor;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
-use tandem_actors::sft_learner::{SftLearnerActor, SftLearnerArgs, SftReport};
-use tandem_actors::sft_trainer::{SftBatch, SftExample, SftOptim, SftTrainer};
-use tandem_actors::{stage_channel, ActorMeter, DeviceId, Executor, StageSender};
+use tandem_actors::sft_trainer::{SftExample, SftReport, SftTrainer};
+use tandem_actors::supervised_trainer::{OptimSettings, SupervisedTrainer, TrainState};
+use tandem_actors::Executor;
 use tandem_models::rl::{LrDecay, LrSchedule};
-use tandem_models::{load_tensors, save_checkpoint, LanguageModel, ModelConfig, TextTokenizer, WeightInit};
+use tandem_models::{load_tensors, save_checkpoint, HeadKind, LanguageModel, ModelConfig, TextTokenizer, WeightInit};
 
 use crate::chat::{assistant_segments, parse_messages, ChatTemplate};
-use crate::config::builtin;
 use crate::config::ModelSource;
 use crate::error::RuntimeError;
 use crate::prompts::read_jsonl;
-use crate::supervisor::{ChildRole, RunSupervisor, SupervisorArgs, SupervisorMsg};
-
-static NEXT_SFT_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+use crate::supervised::{
+    drive, load_backbone, open_metrics, split_eval, validate_model, validate_sections, CheckpointSection,
+    LearnerChannels, LearnerPlacement, LearnerSetup,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,11 +112,11 @@ pub struct SftConfig {
     #[serde(default)]
     pub train: SftTrain,
     #[serde(default)]
-    pub checkpoints: SftCheckpoints,
+    pub checkpoints: CheckpointSection,
     #[serde(default)]
-    pub placement: SftPlacement,
+    pub placement: LearnerPlacement,
     #[serde(default)]
-    pub channels: SftChannels,
+    pub channels: LearnerChannels,
 }
 
 fn default_seed() -> u64 {
@@ -189,47 +186,6 @@ impl Default for SftTrain {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SftCheckpoints {
-    pub every: usize,
-    pub keep: usize,
-}
-
-impl Default for SftCheckpoints {
-    fn default() -> Self {
-        Self { every: 0, keep: 2 }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SftPlacement {
-    pub device: DeviceId,
-    pub threads: usize,
-}
-
-impl Default for SftPlacement {
-    fn default() -> Self {
-        Self {
-            device: DeviceId::Cpu(0),
-            threads: 1,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SftChannels {
-    pub batches: usize,
-}
-
-impl Default for SftChannels {
-    fn default() -> Self {
-        Self { batches: 2 }
-    }
-}
-
 impl SftConfig {
     /// Reads, overrides (`--set section.key=value`), resolves paths against the file's
     /// directory (to absolute paths, so a run directory's copy reads the same) and validates.
@@ -259,15 +215,7 @@ impl SftConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        let m = &self.model;
-        if m.path.is_some() == m.builtin.is_some() {
-            return Err("model: set exactly one of `path` and `builtin`".into());
-        }
-        if let Some(p) = &m.path {
-            if !p.join("config.json").is_file() {
-                return Err(format!("model.path: no config.json in {}", p.display()));
-            }
-        }
+        validate_model(&self.model)?;
         for (key, p) in [
             ("data.train", Some(&self.data.train)),
             ("data.eval", self.data.eval.as_ref()),
@@ -294,13 +242,7 @@ impl SftConfig {
         if !(t.lr > 0.0 && t.lr.is_finite() && (0.0..=t.lr).contains(&t.min_lr)) {
             return Err("train.lr must be > 0 and train.min_lr in [0, lr]".into());
         }
-        if self.channels.batches == 0 || self.placement.threads == 0 {
-            return Err("channels.batches and placement.threads must be >= 1".into());
-        }
-        if self.checkpoints.every > 0 && self.checkpoints.keep == 0 {
-            return Err("checkpoints.keep must be >= 1".into());
-        }
-        Ok(())
+        validate_sections(&self.placement, &self.channels, &self.checkpoints)
     }
 
     pub fn to_toml(&self) -> String {
@@ -319,26 +261,19 @@ pub struct SftModel {
 
 /// Loads the configured model (a HF causal LM, or the built-in tiny model).
 pub fn load_model(cfg: &SftConfig) -> Result<SftModel, RuntimeError> {
-    if let Some(dir) = &cfg.model.path {
-        let config = ModelConfig::from_dir(dir)?;
-        let tensors = load_tensors(dir, &config, &Device::Cpu)?;
-        Ok(SftModel {
-            config: config.with_head(tandem_models::HeadKind::CausalLm),
-            tokenizer: TextTokenizer::from_dir(dir)?,
-            eos: tandem_models::eos_token_ids(dir)?.first().copied(),
-            init: Some((dir.clone(), tensors)),
-        })
-    } else {
-        let spec = cfg.model.builtin.as_ref().expect("validated: path or builtin");
-        let max_pos = cfg.data.max_tokens.next_power_of_two().max(64);
-        Ok(SftModel {
-            config: builtin::model_config(spec, max_pos),
-            tokenizer: builtin::tokenizer()?,
-            // `<|endoftext|>`: the built-in models' stop token.
-            eos: Some(0),
-            init: None,
-        })
-    }
+    let max_pos = cfg.data.max_tokens.next_power_of_two().max(64);
+    let b = load_backbone(&cfg.model, HeadKind::CausalLm, max_pos)?;
+    let eos = match &cfg.model.path {
+        Some(dir) => tandem_models::eos_token_ids(dir)?.first().copied(),
+        // `<|endoftext|>`: the built-in models' stop token.
+        None => Some(0),
+    };
+    Ok(SftModel {
+        config: b.config,
+        tokenizer: b.tokenizer,
+        eos,
+        init: b.init,
+    })
 }
 
 /// Tokenised SFT records of a JSONL file (see the module docs for the forms).
@@ -437,41 +372,6 @@ pub fn total_steps(n: usize, t: &SftTrain) -> usize {
     t.epochs * n.div_ceil(t.batch_size)
 }
 
-/// Feeds every epoch's batches, skipping the first `skip` (already trained before a resume).
-fn spawn_loader(
-    train: Vec<SftExample>,
-    t: SftTrain,
-    seed: u64,
-    skip: usize,
-    tx: StageSender<SftBatch>,
-) -> std::thread::JoinHandle<usize> {
-    std::thread::Builder::new()
-        .name("sft-loader".into())
-        .spawn(move || {
-            let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
-            let mut sent = 0;
-            let mut index = 0;
-            for epoch in 0..t.epochs {
-                for b in epoch_batches(&lengths, epoch, t.batch_size, t.bucket_batches, seed) {
-                    index += 1;
-                    if index <= skip {
-                        continue;
-                    }
-                    let batch = SftBatch {
-                        epoch,
-                        examples: b.iter().map(|&i| train[i].clone()).collect(),
-                    };
-                    if tx.send_blocking(batch).is_err() {
-                        return sent;
-                    }
-                    sent += 1;
-                }
-            }
-            sent
-        })
-        .expect("spawn the SFT loader thread")
-}
-
 /// `state.json` of an SFT checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SftCheckpointMeta {
@@ -532,7 +432,7 @@ fn write_checkpoint(
     run_dir: &Path,
     cfg: &SftConfig,
     model: &SftModel,
-    state: &tandem_actors::sft_trainer::SftState,
+    state: &TrainState,
     wall_s: f64,
 ) -> Result<(), RuntimeError> {
     crate::checkpoint::write_atomically(run_dir, state.step as u64, cfg.checkpoints.keep, |tmp| {
@@ -572,11 +472,7 @@ pub async fn sft(cfg: &SftConfig, opts: SftOptions) -> Result<SftSummary, Runtim
     let mut train = load_examples(&d.train, &model, d)?;
     let eval = match &d.eval {
         Some(p) => load_examples(p, &model, d)?,
-        None => {
-            train.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0xE7A1));
-            let n = (train.len() as f64 * d.eval_fraction).round() as usize;
-            train.split_off(train.len() - n.min(train.len() - 1))
-        }
+        None => split_eval(&mut train, d.eval_fraction, cfg.seed),
     };
     crate::checkpoint::remove_partial(run_dir)?;
     let resume = if opts.resume {
@@ -614,7 +510,7 @@ pub async fn sft(cfg: &SftConfig, opts: SftOptions) -> Result<SftSummary, Runtim
     };
     let init = WeightInit::loaded_or_random(resumed_tensors.as_ref().or(model.init.as_ref()), cfg.seed);
     let (lm, vars) = LanguageModel::trainable(&model.config, init, exec.device())?;
-    let optim = SftOptim {
+    let optim = OptimSettings {
         schedule: LrSchedule {
             peak_lr: t.lr,
             warmup_steps: t.warmup_steps.min(steps),
@@ -641,123 +537,52 @@ pub async fn sft(cfg: &SftConfig, opts: SftOptions) -> Result<SftSummary, Runtim
 
     // Metrics: a resumed run keeps the lines of the steps its checkpoint covers.
     let metrics_path = run_dir.join("metrics.jsonl");
-    let kept: Vec<String> = if resume.is_some() {
-        std::fs::read_to_string(&metrics_path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("step")?.as_u64())
-                    .is_some_and(|s| (s as usize) < start)
-            })
-            .map(String::from)
-            .collect()
-    } else {
-        vec![]
-    };
-    let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| RuntimeError::io(&metrics_path, e))?;
-    for l in &kept {
-        writeln!(metrics, "{l}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
-    }
-
-    let (tx, rx) = stage_channel::<SftBatch>("sft_batches", cfg.channels.batches);
-    let depth = rx.stats().clone();
-    let meter = Arc::new(
-        ActorMeter::new(
-            "sft_learner",
-            format!("sft_learner/{}", cfg.placement.device),
-            cfg.placement.device.to_string(),
-        )
-        .with_inbound(move || depth.depth(), cfg.channels.batches),
-    );
+    let mut metrics = open_metrics(&metrics_path, resume.as_ref().map(|_| start))?;
     let (train_n, eval_n) = (train.len(), eval.len());
-    let eval = Arc::new(eval);
-    let loader = spawn_loader(train, t.clone(), cfg.seed, start, tx);
-
-    let run_no = NEXT_SFT_RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel();
-    let supervision = SupervisorArgs {
-        config: Default::default(),
-        reissued: Default::default(),
-        failures: fail_tx,
+    let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+    let (batch_size, bucket_batches, seed) = (t.batch_size, t.bucket_batches, cfg.seed);
+    let setup = LearnerSetup {
+        kind: "sft",
+        learner: "sft_learner",
+        channel: "sft_batches",
+        executor: exec.clone(),
+        placement: cfg.placement.clone(),
+        trainer: trainer.clone(),
+        train,
+        eval: Arc::new(eval),
+        eval_batch_size: t.eval_batch_size,
+        eval_every: t.eval_every,
+        checkpoint_every: cfg.checkpoints.every,
+        epochs: t.epochs,
+        total_steps: steps,
+        skip: start,
+        wall_offset_s: wall_offset,
+        channel_capacity: cfg.channels.batches,
     };
-    let (root, root_handle) = Actor::spawn(Some(format!("sft-supervisor#{run_no}")), RunSupervisor, supervision)
-        .await
-        .map_err(|e| RuntimeError::Other(format!("cannot start the supervisor: {e}")))?;
-    let (report_tx, mut report_rx) = tokio::sync::mpsc::channel(16);
-    let (learner, learner_h) = Actor::spawn_linked(
-        Some(format!("sft_learner/{}#{run_no}", cfg.placement.device)),
-        SftLearnerActor,
-        SftLearnerArgs {
-            executor: exec.clone(),
-            trainer: trainer.clone(),
-            input: rx,
-            eval: eval.clone(),
-            eval_batch_size: t.eval_batch_size,
-            eval_every: t.eval_every,
-            checkpoint_every: cfg.checkpoints.every,
-            total_steps: steps,
-            wall_offset_s: wall_offset,
-            reports: report_tx,
-            meter,
-        },
-        root.get_cell(),
-    )
-    .await
-    .map_err(|e| RuntimeError::ActorFailed(e.to_string()))?;
-    root.cast(SupervisorMsg::Watch {
-        name: "sft_learner".into(),
-        role: ChildRole::Learner,
-        cell: learner.get_cell(),
-    })
-    .map_err(|e| RuntimeError::Other(format!("supervisor: {e}")))?;
-
-    let mut reports = Vec::new();
+    let plan = Box::new(move |epoch| epoch_batches(&lengths, epoch, batch_size, bucket_batches, seed));
     let mut checkpoints = 0;
-    let mut failure = None;
-    let mut interrupted = false;
-    let mut interrupts = crate::interrupts::Interrupts::listen()?;
-    loop {
-        tokio::select! {
-            r = report_rx.recv() => match r {
-                Some(mut r) => {
-                    let line = serde_json::to_string(&r).expect("report serialises");
-                    writeln!(metrics, "{line}").map_err(|e| RuntimeError::io(&metrics_path, e))?;
-                    if opts.progress {
-                        let ev = r.eval_loss.map(|e| format!(" eval_loss {e:.4}")).unwrap_or_default();
-                        eprintln!(
-                            "sft step {}/{steps} loss {:.4}{ev} lr {:.2e} fill {:.2} elapsed {:.1}s",
-                            r.step + 1, r.loss, r.lr, r.fill, r.wall_s
-                        );
-                    }
-                    if let Some(s) = r.state.take() {
-                        metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
-                        write_checkpoint(run_dir, cfg, &model, &s, r.wall_s)?;
-                        checkpoints += 1;
-                    }
-                    reports.push(r);
-                }
-                None => break,
-            },
-            f = fail_rx.recv() => { failure = f.map(|f| format!("{}: {}", f.actor, f.error)); break; }
-            _ = interrupts.recv() => { interrupted = true; break; }
+    let driven = drive(setup, plan, (&mut metrics, &metrics_path), |r: &mut SftReport| {
+        if opts.progress {
+            let ev = r.eval_loss.map(|e| format!(" eval_loss {e:.4}")).unwrap_or_default();
+            eprintln!(
+                "sft step {}/{steps} loss {:.4}{ev} lr {:.2e} fill {:.2} elapsed {:.1}s",
+                r.step + 1,
+                r.loss,
+                r.lr,
+                r.fill,
+                r.wall_s
+            );
         }
-    }
-    metrics.flush().map_err(|e| RuntimeError::io(&metrics_path, e))?;
-    learner.kill();
-    let _ = tokio::time::timeout(Duration::from_secs(10), learner_h).await;
-    root.stop(None);
-    let _ = root_handle.await;
-    drop(report_rx);
-    let _ = tokio::task::spawn_blocking(move || loader.join()).await;
-    if let Some(f) = failure {
-        return Err(RuntimeError::ActorFailed(f));
-    }
+        if let Some(s) = r.state.take() {
+            write_checkpoint(run_dir, cfg, &model, &s, r.wall_s)?;
+            checkpoints += 1;
+        }
+        Ok(())
+    })
+    .await?;
+    let (reports, interrupted) = (driven.reports, driven.interrupted);
     let (weights, state) = {
-        let t = trainer
-            .lock()
-            .map_err(|_| RuntimeError::Other("SFT trainer poisoned".into()))?;
+        let t = trainer.lock().map_err(|_| RuntimeError::Poisoned("SFT trainer"))?;
         let state = if interrupted && t.steps() < steps {
             Some(t.state()?)
         } else {

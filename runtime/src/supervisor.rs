@@ -1,5 +1,7 @@
 //! The root of the supervision tree: restarts with back-off, and when to give up.
 //!
+//! How this fits the runtime's ordering, blocking, dropping and restart rules: `docs/semantics.md`.
+//!
 //! Every pipeline actor is linked to the [`RunSupervisor`]. What a failure (an error or a
 //! panic) leads to depends on the actor's [`ChildRole`]:
 //!

@@ -44,10 +44,10 @@ pub async fn serve(
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), RuntimeError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| RuntimeError::Other(format!("metrics.addr {addr}: cannot listen: {e}")))?;
+        .map_err(|e| RuntimeError::Metrics(format!("metrics.addr {addr}: cannot listen: {e}")))?;
     let bound = listener
         .local_addr()
-        .map_err(|e| RuntimeError::Other(format!("metrics.addr {addr}: {e}")))?;
+        .map_err(|e| RuntimeError::Metrics(format!("metrics.addr {addr}: {e}")))?;
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else {

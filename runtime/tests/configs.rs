@@ -74,34 +74,20 @@ async fn every_config_learns() {
         // The run directory: resolved config, one metrics line per step, the trained policy.
         let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
         assert_eq!(lines.lines().count() as u64, cfg.steps);
+        // Every field of the schema is written, and the line reads back as the step's report.
         let first_line: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
-        for key in [
-            "step",
-            "policy_version",
-            "reward_mean",
-            "reward_std",
-            "score_mean",
-            "kl",
-            "beta",
-            "policy_loss",
-            "value_loss",
-            "entropy",
-            "clip_frac",
-            "approx_kl",
-            "explained_var",
-            "staleness_mean",
-            "staleness_max",
-            "dropped_stale",
-            "tokens_generated",
-            "generate_s",
-            "reward_s",
-            "value_s",
-            "learn_s",
-            "weight_sync_s",
-            "wall_s",
-        ] {
+        let schema = serde_json::to_value(tandem_actors::StepReport::default()).unwrap();
+        for key in schema.as_object().unwrap().keys() {
             assert!(first_line.get(key).is_some(), "{name}: metrics.jsonl lacks {key}");
         }
+        // Through the same text form and parser on both sides (serde_json's parser may land one
+        // ulp from the written number).
+        let read = |line: &str| tandem_actors::StepReport::from_line(line).unwrap();
+        let (line, report) = (
+            read(lines.lines().next().unwrap()),
+            read(&serde_json::to_string(&r[0]).unwrap()),
+        );
+        assert_eq!((line.step, &line.stats), (report.step, &report.stats), "{name}");
         assert!(dir.path().join("config.toml").is_file());
         tandem_models::LanguageModel::load(&dir.path().join("policy"), &candle_core::Device::Cpu).unwrap();
     }

@@ -22,15 +22,19 @@ async fn mock_labeller_true_score_rises() {
     let s = tandem_runtime::mock_labeller::run(&cfg, opts).await.unwrap();
     assert_eq!(s.reports.len() as u64, cfg.steps);
     let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let rows: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<tandem_actors::StepReport> = lines
+        .lines()
+        .map(|l| tandem_actors::StepReport::from_line(l).unwrap())
+        .collect();
     assert_eq!(rows.len() as u64, cfg.steps);
-    let field = |k: &str| -> Vec<f64> {
-        rows.iter()
-            .map(|r| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}")))
-            .collect()
-    };
-    let truth = field("true_score_mean");
-    let learned = field("score_mean");
+    let truth: Vec<f64> = rows
+        .iter()
+        .map(|r| {
+            r.true_score_mean
+                .unwrap_or_else(|| panic!("step {}: no true score", r.step))
+        })
+        .collect();
+    let learned: Vec<f64> = rows.iter().map(|r| r.stats.score_mean).collect();
     let q = truth.len() / 4;
     let m = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
     let (t0, t1) = (m(&truth[..q]), m(&truth[truth.len() - q..]));

@@ -5,12 +5,15 @@
 //! per (row, head) for the scores and again for the output, and takes about ten elementwise
 //! passes for scale, mask and softmax, each a tensor of its own; its backward doubles all of
 //! that. Here one kernel reads `qkv (b, t, 3d)` in place and writes `y (b, t, d)` in the
-//! layout the output projection wants. The backward recomputes the probabilities (t x t per
-//! head, cheap next to the projections) and writes `dqkv` in the packed layout. Rows of the
-//! batch run in parallel on the current pool.
+//! layout the output projection wants: per (row, head), the scores `Q Kᵀ` and the output `P V`
+//! are small GEMMs read through strides (the gemm crate's kernels, on the calling thread) with
+//! one softmax pass between them. The backward recomputes the probabilities (t x t per head,
+//! cheap next to the projections) and writes `dqkv` in the packed layout with four more small
+//! GEMMs. Rows of the batch run in parallel on the current pool.
 //!
 //! Every key is scored, masked or not, exactly like the composition: a fully masked query row
-//! (left padding) gets the same uniform weights in both.
+//! (left padding) gets the same uniform weights in both. The decoding kernel of
+//! [`crate::kv_cache`] shares [`softmax_row`], which scores one query with dot products.
 
 #![allow(clippy::too_many_arguments)]
 
@@ -92,17 +95,6 @@ pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// Below this a bias entry masks its key (the masks hold -1e9).
 const MASKED_BELOW: f32 = -1.0e8;
 
-/// Probabilities `p (t, t)` of one head of one batch row: `qkv` is that row, `bias` its
-/// (t, t) mask, `q0`/`k0` the head's offsets in a `qkv` row.
-#[inline(always)]
-fn probs(qkv: &[f32], bias: &[f32], t: usize, w: usize, q0: usize, k0: usize, hd: usize, scale: f32, p: &mut [f32]) {
-    for i in 0..t {
-        let q = &qkv[i * w + q0..][..hd];
-        let key = |j: usize| &qkv[j * w + k0..][..hd];
-        softmax_row(q, key, &bias[i * t..(i + 1) * t], scale, &mut p[i * t..(i + 1) * t]);
-    }
-}
-
 /// `row[j] = softmax_j(q . key(j) * scale + brow[j])` for one query. A masked key gets exactly
 /// the zero the composition gives it (`exp(-1e9 - max)` is 0 in f32) without computing its
 /// score, unless every key of the row is masked, where the composition's uniform weights come
@@ -119,6 +111,100 @@ pub(crate) fn softmax_row<'a>(q: &[f32], key: impl Fn(usize) -> &'a [f32], brow:
         };
         m = m.max(*s);
     }
+    normalise(row, m);
+}
+
+/// A row-major view of a small matrix inside a slice: element (i, j) at `off + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    off: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    fn new(data: &'a [f32], off: usize, rs: usize, cs: usize) -> Self {
+        Self { data, off, rs, cs }
+    }
+
+    /// Whether every element of an (r, c) matrix lies inside the slice.
+    fn covers(&self, r: usize, c: usize) -> bool {
+        r == 0 || c == 0 || self.off + (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst (m, n) = a (m, k) · b (k, n)`, `dst` row-major with row stride `dst_rs` from `dst_off`,
+/// on the calling thread with the gemm crate's kernels (the attention blocks are far too small
+/// to split further; batch rows are what runs in parallel).
+fn small_gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_off: usize, dst_rs: usize, a: Mat, b: Mat) {
+    assert!(Mat::new(dst, dst_off, dst_rs, 1).covers(m, n) && a.covers(m, k) && b.covers(k, n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the assertion above keeps every element the call reads or writes inside its
+    // slice; `dst` is borrowed mutably and so does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(dst_off),
+            1,
+            dst_rs as isize,
+            false,
+            a.data.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Probabilities `p (t, t)` of head `h` of one batch row from its scores `S = Q Kᵀ`, with the
+/// masking of [`softmax_row`].
+fn head_probs(qkv: &[f32], bias: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, p: &mut [f32]) {
+    let w = 3 * d;
+    small_gemm(
+        t,
+        t,
+        hd,
+        p,
+        0,
+        t,
+        Mat::new(qkv, h * hd, w, 1),
+        Mat::new(qkv, d + h * hd, 1, w),
+    );
+    for (row, brow) in p.chunks_exact_mut(t).zip(bias.chunks_exact(t)) {
+        softmax_scores(row, brow, scale);
+    }
+}
+
+multiversion! {
+    /// `row[j] = softmax_j(row[j] * scale + brow[j])` for scores already in `row`, masking as
+    /// [`softmax_row`] does.
+    fn softmax_scores(row: &mut [f32], brow: &[f32], scale: f32) {
+        let all_masked = brow.iter().all(|&b| b < MASKED_BELOW);
+        let mut m = f32::NEG_INFINITY;
+        for (s, &b) in row.iter_mut().zip(brow) {
+            *s = if b < MASKED_BELOW && !all_masked { f32::NEG_INFINITY } else { *s * scale + b };
+            m = m.max(*s);
+        }
+        normalise(row, m);
+    }
+}
+
+/// Exponentiates `row - m` (-inf to exactly 0) and scales it to sum 1.
+#[inline(always)]
+fn normalise(row: &mut [f32], m: f32) {
     for s in row.iter_mut() {
         *s = if *s == f32::NEG_INFINITY {
             0.0
@@ -141,61 +227,51 @@ pub(crate) fn softmax_row<'a>(q: &[f32], key: impl Fn(usize) -> &'a [f32], brow:
     }
 }
 
+/// `y (t, d)` of one batch row: per head, `P = softmax(Q Kᵀ)` and `Y = P V` as small GEMMs.
+fn forward_row(qkv: &[f32], bias: &[f32], t: usize, d: usize, heads: usize, scale: f32, y: &mut [f32]) {
+    let (hd, w) = (d / heads, 3 * d);
+    let mut p = vec![0f32; t * t];
+    for h in 0..heads {
+        head_probs(qkv, bias, t, d, hd, h, scale, &mut p);
+        small_gemm(
+            t,
+            hd,
+            t,
+            y,
+            h * hd,
+            d,
+            Mat::new(&p, 0, t, 1),
+            Mat::new(qkv, 2 * d + h * hd, w, 1),
+        );
+    }
+}
+
 multiversion! {
-    /// `y (t, d)` of one batch row.
-    fn forward_row(qkv: &[f32], bias: &[f32], t: usize, d: usize, heads: usize, scale: f32, y: &mut [f32]) {
-        let (hd, w) = (d / heads, 3 * d);
-        let mut p = vec![0f32; t * t];
-        for h in 0..heads {
-            probs(qkv, bias, t, w, h * hd, d + h * hd, hd, scale, &mut p);
-            let v0 = 2 * d + h * hd;
-            for i in 0..t {
-                let out = &mut y[i * d + h * hd..][..hd];
-                for (j, &pij) in p[i * t..(i + 1) * t].iter().enumerate() {
-                    if pij != 0.0 {
-                        axpy(pij, &qkv[j * w + v0..][..hd], out);
-                    }
-                }
+    /// `dS = P ∘ (dP - rowsum(P ∘ dP)) * scale`, in place of `dp`.
+    fn score_grads(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
+        for (pi, dpi) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+            let r: f32 = pi.iter().zip(dpi.iter()).map(|(a, b)| a * b).sum();
+            for (g, &pij) in dpi.iter_mut().zip(pi) {
+                *g = pij * (*g - r) * scale;
             }
         }
     }
 }
 
-multiversion! {
-    /// `dqkv (t, 3d)` of one batch row from `dy (t, d)`.
-    fn backward_row(qkv: &[f32], bias: &[f32], dy: &[f32], t: usize, d: usize, heads: usize, scale: f32, dqkv: &mut [f32]) {
-        let (hd, w) = (d / heads, 3 * d);
-        let mut p = vec![0f32; t * t];
-        let mut dp = vec![0f32; t];
-        for h in 0..heads {
-            let (q0, k0, v0) = (h * hd, d + h * hd, 2 * d + h * hd);
-            probs(qkv, bias, t, w, q0, k0, hd, scale, &mut p);
-            for i in 0..t {
-                let dyi = &dy[i * d + h * hd..][..hd];
-                let pi = &p[i * t..(i + 1) * t];
-                // dP_ij = dy_i . v_j and dv_j += p_ij dy_i, where p_ij is not 0.
-                let mut r = 0f32;
-                for j in 0..t {
-                    if pi[j] == 0.0 {
-                        dp[j] = 0.0;
-                        continue;
-                    }
-                    dp[j] = dot(dyi, &qkv[j * w + v0..][..hd]);
-                    r += pi[j] * dp[j];
-                    axpy(pi[j], dyi, &mut dqkv[j * w + v0..][..hd]);
-                }
-                // dS_ij = p_ij (dP_ij - sum_j p_ij dP_ij), times the scale for q and k.
-                for j in 0..t {
-                    let ds = pi[j] * (dp[j] - r) * scale;
-                    if ds == 0.0 {
-                        continue;
-                    }
-                    let (kj, qi) = (j * w + k0, i * w + q0);
-                    axpy(ds, &qkv[kj..][..hd], &mut dqkv[qi..][..hd]);
-                    axpy(ds, &qkv[qi..][..hd], &mut dqkv[kj..][..hd]);
-                }
-            }
-        }
+/// `dqkv (t, 3d)` of one batch row from `dy (t, d)`: per head, with `P` recomputed,
+/// `dV = Pᵀ dY`, `dP = dY Vᵀ`, `dS` from [`score_grads`], `dQ = dS K` and `dK = dSᵀ Q`.
+fn backward_row(qkv: &[f32], bias: &[f32], dy: &[f32], t: usize, d: usize, heads: usize, scale: f32, dqkv: &mut [f32]) {
+    let (hd, w) = (d / heads, 3 * d);
+    let (mut p, mut ds) = (vec![0f32; t * t], vec![0f32; t * t]);
+    for h in 0..heads {
+        let (q0, k0, v0) = (h * hd, d + h * hd, 2 * d + h * hd);
+        head_probs(qkv, bias, t, d, hd, h, scale, &mut p);
+        let dyh = Mat::new(dy, h * hd, d, 1);
+        small_gemm(t, hd, t, dqkv, v0, w, Mat::new(&p, 0, 1, t), dyh);
+        small_gemm(t, t, hd, &mut ds, 0, t, dyh, Mat::new(qkv, v0, 1, w));
+        score_grads(&p, &mut ds, t, scale);
+        small_gemm(t, hd, t, dqkv, q0, w, Mat::new(&ds, 0, t, 1), Mat::new(qkv, k0, w, 1));
+        small_gemm(t, hd, t, dqkv, k0, w, Mat::new(&ds, 0, 1, t), Mat::new(qkv, q0, w, 1));
     }
 }
 
@@ -269,6 +345,60 @@ impl CustomOp3 for AttentionBackward {
             backward_row(qkv, bias, dy, t, d, self.0.heads, self.0.scale, dqkv)
         });
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
+}
+
+/// New tokens' projections as host rows, one row per (batch row, token) in that order: the
+/// queries of head h at `data[row * stride + q + h * head_dim..][..head_dim]`, the keys and
+/// values of key/value head g at offsets `k` and `v` likewise.
+#[derive(Debug, Clone, Copy)]
+pub struct QkvRows<'a> {
+    pub data: &'a [f32],
+    /// Batch rows.
+    pub rows: usize,
+    /// New tokens per batch row.
+    pub tokens: usize,
+    pub stride: usize,
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+multiversion! {
+    /// Batch row `r`: writes its new keys and values after the `past` cached positions of `k`,
+    /// `v` (kv_heads, cap, head_dim), then `y (tokens, heads * head_dim)`.
+    pub(crate) fn decode_row(x: QkvRows, r: usize, past: usize, cap: usize, k: &mut [f32], v: &mut [f32], bias: &[f32], scale: f32, y: &mut [f32]) {
+        let (t, hd) = (x.tokens, x.head_dim);
+        let keys = past + t;
+        for tok in 0..t {
+            let row = &x.data[(r * t + tok) * x.stride..][..x.stride];
+            for g in 0..x.kv_heads {
+                let at = (g * cap + past + tok) * hd;
+                k[at..at + hd].copy_from_slice(&row[x.k + g * hd..][..hd]);
+                v[at..at + hd].copy_from_slice(&row[x.v + g * hd..][..hd]);
+            }
+        }
+        let (k, v) = (&*k, &*v);
+        let group = x.heads / x.kv_heads;
+        let mut p = vec![0f32; keys];
+        for tok in 0..t {
+            let row = &x.data[(r * t + tok) * x.stride..][..x.stride];
+            let brow = &bias[tok * keys..][..keys];
+            for h in 0..x.heads {
+                let base = (h / group) * cap * hd;
+                let q = &row[x.q + h * hd..][..hd];
+                softmax_row(q, |j| &k[base + j * hd..][..hd], brow, scale, &mut p);
+                let out = &mut y[(tok * x.heads + h) * hd..][..hd];
+                for (j, &pj) in p.iter().enumerate() {
+                    if pj != 0.0 {
+                        axpy(pj, &v[base + j * hd..][..hd], out);
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -144,13 +144,13 @@ async fn start_server(
     .with_listen_addr(loopback);
     let (server, _) = Actor::spawn(None, server, ())
         .await
-        .map_err(|e| RuntimeError::Other(format!("cluster node server: {e}")))?;
+        .map_err(|e| RuntimeError::Cluster(format!("cluster node server: {e}")))?;
     server
         .cast(NodeServerMessage::SubscribeToEvents {
             id: "tandem".into(),
             subscription: Box::new(events),
         })
-        .map_err(|e| RuntimeError::Other(format!("cluster node server: {e}")))?;
+        .map_err(|e| RuntimeError::Cluster(format!("cluster node server: {e}")))?;
     Ok(server)
 }
 
@@ -206,7 +206,7 @@ pub async fn start_head(cfg: &ClusterConfig, cookie: String, expected: Vec<Strin
     let listen: SocketAddr = cfg
         .listen
         .parse()
-        .map_err(|_| RuntimeError::Other("cluster.listen".into()))?;
+        .map_err(|_| RuntimeError::Cluster("cluster.listen".into()))?;
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => Some(transport::server_tls(cert, key)?),
         _ => None,
@@ -220,7 +220,7 @@ pub async fn start_head(cfg: &ClusterConfig, cookie: String, expected: Vec<Strin
         Ok(bound) => bound,
         Err(e) => {
             server.stop(None);
-            return Err(RuntimeError::Other(format!("cluster listener {listen}: {e}")));
+            return Err(RuntimeError::Cluster(format!("cluster listener {listen}: {e}")));
         }
     };
     tracing::info!(%addr, tls = tls.is_some(), "cluster head listening");

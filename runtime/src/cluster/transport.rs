@@ -289,7 +289,7 @@ impl rustls::server::ResolvesServerCert for NoCertificate {
 pub fn refuse_all_tls() -> Result<TlsAcceptor, RuntimeError> {
     let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| RuntimeError::Other(format!("TLS: {e}")))?
+        .map_err(|e| RuntimeError::Cluster(format!("TLS: {e}")))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(NoCertificate));
     Ok(TlsAcceptor::from(Arc::new(config)))
@@ -305,7 +305,7 @@ pub fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, RuntimeError> 
         })?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| RuntimeError::Other(format!("TLS: {e}")))?
+        .map_err(|e| RuntimeError::Cluster(format!("TLS: {e}")))?
         .with_no_client_auth()
         .with_single_cert(chain, key_der)
         .map_err(|e| RuntimeError::Config {
@@ -346,11 +346,11 @@ impl ClientTls {
         }
         let config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| RuntimeError::Other(format!("TLS: {e}")))?
+            .map_err(|e| RuntimeError::Cluster(format!("TLS: {e}")))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let server_name = ServerName::try_from(server_name.to_string()).map_err(|_| {
-            RuntimeError::Other(format!(
+            RuntimeError::Cluster(format!(
                 "--tls-server-name: {server_name:?} is not a DNS name or IP address"
             ))
         })?;

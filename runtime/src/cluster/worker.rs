@@ -91,7 +91,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
         },
     )
     .await
-    .map_err(|e| RuntimeError::Other(format!("cannot start the node's host actor: {e}")))?;
+    .map_err(|e| RuntimeError::Cluster(format!("cannot start the node's host actor: {e}")))?;
     ractor::pg::join(node_group(&opts.name), vec![host.get_cell()]);
     let patience = Duration::from_secs_f64(opts.reconnect_s);
     let mut joined_once = false;
@@ -105,7 +105,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
                 // for it as for an unreachable one. Before, it is a head without TLS.
                 Err(ConnectError::Tls { why, closed }) if !(closed && joined_once) => {
                     tracing::error!(head = %opts.join, "cannot join the head: {why}");
-                    break 'outer Err(RuntimeError::Other(format!(
+                    break 'outer Err(RuntimeError::Cluster(format!(
                         "cannot join the head at {}: {why}",
                         opts.join
                     )));
@@ -119,7 +119,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
                             ConnectError::Unreachable(e) => e.to_string(),
                             ConnectError::Tls { why, .. } => why,
                         };
-                        Err(RuntimeError::Other(format!(
+                        Err(RuntimeError::Cluster(format!(
                             "cannot reach the head at {}: {e}",
                             opts.join
                         )))
@@ -152,7 +152,7 @@ pub async fn run_node(opts: NodeOptions) -> Result<(), RuntimeError> {
                         None => "authentication failed (is the cookie the head's?)".to_string(),
                     };
                     tracing::error!(head = %opts.join, "the head refused this node: {why}");
-                    break 'outer Err(RuntimeError::Other(format!(
+                    break 'outer Err(RuntimeError::Cluster(format!(
                         "the head at {} refused this node: {why}",
                         opts.join
                     )));

@@ -71,7 +71,7 @@ impl<'a> ActorTree<'a> {
             },
         )
         .await
-        .map_err(|e| RuntimeError::Other(format!("cannot start the supervisor: {e}")))?;
+        .map_err(|e| RuntimeError::Supervisor(format!("cannot start: {e}")))?;
         Ok(Self {
             cfg,
             root,
@@ -122,7 +122,7 @@ impl<'a> ActorTree<'a> {
                 role,
                 cell: r.get_cell(),
             })
-            .map_err(|e| RuntimeError::Other(format!("supervisor: {e}")))?;
+            .map_err(|e| RuntimeError::Supervisor(e.to_string()))?;
         Ok(r)
     }
 
@@ -153,8 +153,8 @@ impl<'a> ActorTree<'a> {
         self.root
             .call(|r| SupervisorMsg::Start(spec, r), None)
             .await
-            .map_err(|e| RuntimeError::Other(format!("supervisor: {e}")))?
-            .success_or(ActorError::Other("supervisor stopped".into()))?
+            .map_err(|e| RuntimeError::Supervisor(e.to_string()))?
+            .success_or(ActorError::PeerGone("supervisor stopped".into()))?
             .map_err(RuntimeError::ActorFailed)
     }
 

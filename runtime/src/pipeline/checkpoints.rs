@@ -29,7 +29,7 @@ pub(super) fn resume_point(run_dir: &Path, resume: bool) -> Result<Option<(u64, 
     let existing = checkpoint::list(run_dir)?;
     match (resume, existing.last()) {
         (true, Some(_)) => latest_intact(run_dir, &existing).map(Some),
-        (true, None) => Err(RuntimeError::Other(format!(
+        (true, None) => Err(RuntimeError::InvalidArgument(format!(
             "{}: no complete checkpoint to resume from",
             checkpoint::checkpoints_dir(run_dir).display()
         ))),
@@ -96,7 +96,7 @@ pub(super) fn restore(
     }
     trainer
         .load_state(&c.trainer)
-        .map_err(|e| RuntimeError::Other(format!("{}: {e}", dir.display())))?;
+        .map_err(|e| RuntimeError::Checkpoint(format!("{}: {e}", dir.display())))?;
     set_aside_metrics(&run_dir.join("metrics.jsonl"), c.meta.step)?;
     if store_dir(run_dir).exists() {
         set_aside_from_step(&store_dir(run_dir), c.meta.step)?;
@@ -159,7 +159,7 @@ impl CheckpointWriter {
             .call(ReplayMsg::Checkpoint, Some(Duration::from_secs(60)))
             .await
             .map_err(|e| format!("replay buffer: {e}"))?
-            .success_or(ActorError::Other("replay buffer did not answer".into()))
+            .success_or(ActorError::PeerGone("replay buffer did not answer".into()))
             .map_err(|e| e.to_string())?;
         let trainer = self.trainer.clone();
         let run_dir = self.run_dir.clone();

@@ -7,12 +7,9 @@
 //! `RUN_DIR/metrics.jsonl` and writing the checkpoints the learner asks for — until the learner
 //! is done, a failure, or Ctrl-C / SIGTERM ([`crate::interrupts`]).
 //!
-//! Stopping on purpose (Ctrl-C or SIGTERM, or the supervisor giving up on failing actors): the run sets
-//! the learner's stop flag and drains the replay buffer, so the learner takes a final
-//! checkpoint at its next step boundary and stops; a second Ctrl-C stops at once. A learner
-//! that fails gets a checkpoint from here when its state is still at a step boundary (the
-//! batch it held goes back with the buffered trajectories). A run that stops for too many
-//! non-finite steps keeps the last checkpoint from before them.
+//! Stopping (Ctrl-C, SIGTERM, the supervisor giving up, a failed learner), what a checkpoint
+//! holds and the shutdown order are described once, in `docs/semantics.md` (§5 to §7). A run
+//! that stops for too many non-finite steps keeps the last checkpoint from before them.
 //!
 //! Failing writes: a failed append to `metrics.jsonl`, a trajectory store whose writer failed
 //! (the learner stops after the step it could not store) and a checkpoint that cannot be
@@ -24,11 +21,7 @@
 //! are set aside (the resumed run redoes those steps), the replay buffer is refilled from the
 //! checkpoint and the feeder issues every ticket the checkpoint does not account for.
 //!
-//! Shutdown: the supervisor kills the actors (in-flight generation is abandoned; everything
-//! the learner reported is on disk), which drops their channel ends; blocked producers and
-//! consumers then see closed channels and finish, and the feeder thread exits. The learner's
-//! sender to the trajectory store goes with it, so the store's writer drains its queue,
-//! flushes and fsyncs (see [`crate::store`]). Finally the trained policy (and critic) are saved
+//! After the shutdown (`docs/semantics.md` §6) the trained policy (and critic) are saved
 //! in HF layout under `RUN_DIR/policy` (`RUN_DIR/critic`).
 //!
 //! The parts: `models` (what a run starts from), `checkpoints` (resume point, restore,
@@ -108,7 +101,7 @@ pub struct RunSummary {
 /// Runs `cfg` to completion (or a stop) and returns the reports.
 pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeError> {
     if cfg.mock_labeller.is_some() {
-        return Err(RuntimeError::Other(
+        return Err(RuntimeError::InvalidArgument(
             "a config with [mock_labeller] runs through crate::mock_labeller::run, which runs PPO after labelling"
                 .into(),
         ));
@@ -343,7 +336,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         Some(w) => Some(
             tokio::task::spawn_blocking(move || w.finish())
                 .await
-                .map_err(|e| RuntimeError::Other(format!("trajectory store: {e}")))?,
+                .map_err(|e| RuntimeError::Store(e.to_string()))?,
         ),
         None => None,
     };
@@ -409,9 +402,7 @@ fn save_models(
     policy_config: &ModelConfig,
 ) -> Result<(), RuntimeError> {
     use crate::config::CriticInit;
-    let t = trainer
-        .lock()
-        .map_err(|_| RuntimeError::Other("trainer poisoned".into()))?;
+    let t = trainer.lock().map_err(|_| RuntimeError::Poisoned("PPO trainer"))?;
     let policy_src = cfg.models.policy.path.as_deref();
     let critic_src = match cfg.models.critic.init {
         CriticInit::RewardModel => cfg.reward.model.as_deref(),

@@ -65,6 +65,6 @@ impl StoreError {
 
 impl From<StoreError> for crate::RuntimeError {
     fn from(e: StoreError) -> Self {
-        crate::RuntimeError::Other(format!("trajectory store: {e}"))
+        crate::RuntimeError::Store(e.to_string())
     }
 }
