@@ -97,11 +97,7 @@ pub fn run(args: &ClusterBench) -> anyhow::Result<()> {
     let params: usize = tensors.values().map(|t| t.elem_count()).sum();
     let blob = wire::weights_to_bytes(&tensors).map_err(anyhow::Error::msg)?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::control_runtime("tandem-control")?;
     let dir = tempfile_dir()?;
     let cluster = rt.block_on(cluster_transfer(args, &config, tensors, &dir.0))?;
     rt.shutdown_timeout(Duration::from_secs(2));

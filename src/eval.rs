@@ -62,11 +62,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         temperature: args.temperature,
         limit: args.limit,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::control_runtime("tandem-control")?;
     let out = rt.block_on(evaluate(&cfg, &opts));
     rt.shutdown_timeout(Duration::from_secs(5));
     let s = out.with_context(|| format!("eval {}", args.config.display()))?;

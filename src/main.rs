@@ -142,6 +142,18 @@ fn install_panic_logger() {
     }));
 }
 
+/// The tokio runtime every command runs its actors and I/O on: two worker threads named
+/// `name`. Compute never runs here; it runs on device executors (`docs/semantics.md`).
+fn control_runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn main() -> ExitCode {
     allocator::keep_freed_memory();
     // Before any thread starts: every compute thread belongs to a device executor.

@@ -113,12 +113,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         reconnect_s: args.reconnect_s,
         tls,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("tandem-node")
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::control_runtime("tandem-node")?;
     let name = opts.name.clone();
     let out = rt.block_on(async {
         tokio::select! {

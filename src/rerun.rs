@@ -55,7 +55,7 @@ pub fn rerun_step(run_dir: &Path, step: u64, stored: &[StoredTrajectory]) -> any
     let trajectories: Vec<_> = batch.iter().map(|t| t.to_trajectory()).collect();
 
     let executor = Executor::new(cfg.placement.learner_device, cfg.placement.threads_per_device)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = crate::control_runtime("tandem-control")?;
     let (out, _) = rt.block_on(executor.run(move |device| -> anyhow::Result<_> {
         let mut built = build_learner(&cfg, device)?;
         let ck = checkpoint::read(&ckdir, device)?;

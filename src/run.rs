@@ -93,12 +93,7 @@ impl RunDirArgs {
 /// the mock-labeller recipe for a config with `[mock_labeller]` (it ends with the PPO
 /// pipeline), else the PPO pipeline.
 pub fn run_config(cfg: &Config, opts: RunOptions) -> anyhow::Result<RunSummary> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("tandem-control")
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::control_runtime("tandem-control")?;
     let out = rt.block_on(async {
         if cfg.mock_labeller.is_some() {
             tandem_runtime::mock_labeller::run(cfg, opts).await

@@ -44,11 +44,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     }
     crate::error::check_output_path(&args.out)?;
     let cfg = Config::load(&args.config, &args.set)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::control_runtime("tandem-control")?;
     let out = rt.block_on(tandem_runtime::best_of::best_of_n(
         &cfg,
         args.policy.as_deref(),

@@ -48,12 +48,7 @@ pub fn run(args: SftArgs) -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires a config without --resume"),
     };
     let _lock = args.common.lock(&run_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("tandem-control")
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::control_runtime("tandem-control")?;
     let opts = SftOptions {
         run_dir: run_dir.clone(),
         resume: args.resume.is_some(),

@@ -46,12 +46,7 @@ pub fn run(args: TrainRmArgs) -> anyhow::Result<()> {
     if !args.common.overwrite {
         refuse_earlier_run(&run_dir)?;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("tandem-control")
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::control_runtime("tandem-control")?;
     let out = rt.block_on(train_rm_on(&cfg, &run_dir, inputs));
     rt.shutdown_timeout(Duration::from_secs(5));
     let s = out.with_context(|| format!("train-rm {}", args.config.display()))?;
