@@ -34,6 +34,24 @@ use crate::supervisor::{ChildRole, RunSupervisor, SupervisorArgs, SupervisorMsg}
 /// ractor's registry is process-wide: names carry the run's number.
 static NEXT_RUN: AtomicU64 = AtomicU64::new(1);
 
+/// Reads a `tandem sft` / `tandem train-rm` config: `path` with `--set section.key=value`
+/// overrides, paths resolved against the file's directory, then validated (an invalid value is
+/// a config error naming the file).
+pub fn load_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    overrides: &[String],
+    resolve_paths: fn(&mut T, &Path),
+    validate: fn(&T) -> Result<(), String>,
+) -> Result<T, RuntimeError> {
+    let mut cfg: T = crate::config::read_toml(path, overrides)?;
+    resolve_paths(&mut cfg, path.parent().unwrap_or(Path::new(".")));
+    validate(&cfg).map_err(|msg| RuntimeError::Config {
+        path: path.to_path_buf(),
+        msg,
+    })?;
+    Ok(cfg)
+}
+
 /// `[checkpoints]`: `RUN_DIR/checkpoints/step-K` every `every` steps (0 = never), the last
 /// `keep` kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -205,13 +205,7 @@ impl RmConfig {
     /// Reads, overrides (`--set section.key=value`), resolves paths against the file's
     /// directory and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RuntimeError> {
-        let mut cfg: RmConfig = crate::config::read_toml(path, overrides)?;
-        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-        cfg.validate().map_err(|msg| RuntimeError::Config {
-            path: path.to_path_buf(),
-            msg,
-        })?;
-        Ok(cfg)
+        crate::supervised::load_config(path, overrides, Self::resolve_paths, Self::validate)
     }
 
     pub fn resolve_paths(&mut self, base: &Path) {
