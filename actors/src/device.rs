@@ -17,6 +17,7 @@
 //! kernels of `tandem_models::kernels` split over the executor's own pool), and GEMM splits
 //! into at most as many tasks as there are cores, which run on the calling executor's pool.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -120,6 +121,12 @@ impl fmt::Debug for Executor {
 impl Executor {
     /// Starts the executor for `id` with `threads` OS threads (CPU) or one driver thread (CUDA).
     pub fn new(id: DeviceId, threads: usize) -> Result<Arc<Self>, ActorError> {
+        Self::start(id, threads, None)
+    }
+
+    /// [`Executor::new`], with thread `i` of the pool pinned to `cores[i % cores.len()]` when
+    /// `cores` is given (see [`core_plan`]).
+    pub fn start(id: DeviceId, threads: usize, cores: Option<Vec<usize>>) -> Result<Arc<Self>, ActorError> {
         init_compute_threads();
         let device = match id {
             DeviceId::Cpu(_) => Device::Cpu,
@@ -133,6 +140,14 @@ impl Executor {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(move |i| format!("tandem-{id}-{i}"))
+            .start_handler(move |i| {
+                if let Some(cores) = cores.as_deref().filter(|c| !c.is_empty()) {
+                    let core = cores[i % cores.len()];
+                    if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                        tracing::warn!(device = %id, core, "could not pin an executor thread");
+                    }
+                }
+            })
             .build()
             .map_err(|e| ActorError::Device(format!("{id}: cannot start thread pool: {e}")))?;
         Ok(Arc::new(Self {
@@ -174,6 +189,39 @@ impl Executor {
             Err(_) => Err(ActorError::Device(format!("{}: executor dropped the task", self.id))),
         }
     }
+}
+
+/// Which cores each CPU device's threads are pinned to when `placement.pin_threads` is on:
+/// the CPU devices in index order take consecutive cores of those this process may use (its
+/// affinity mask), `threads` each, so `cpu:0` and `cpu:1` never share a core and the OS never
+/// moves a device's thread onto another device's core. Control threads stay unpinned. `Err`
+/// says why no plan fits (more executor threads than usable cores); CUDA devices are skipped.
+pub fn core_plan(devices: &[DeviceId], threads: usize) -> Result<BTreeMap<DeviceId, Vec<usize>>, String> {
+    let mut cores: Vec<usize> = core_affinity::get_core_ids()
+        .ok_or("cannot read this process's CPU affinity")?
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    cores.sort_unstable();
+    let cpus: BTreeSet<DeviceId> = devices
+        .iter()
+        .filter(|d| matches!(d, DeviceId::Cpu(_)))
+        .copied()
+        .collect();
+    let needed = cpus.len() * threads.max(1);
+    if needed > cores.len() {
+        return Err(format!(
+            "{} CPU device(s) x {} thread(s) need {needed} cores; this process may use {}",
+            cpus.len(),
+            threads.max(1),
+            cores.len()
+        ));
+    }
+    Ok(cpus
+        .into_iter()
+        .zip(cores.chunks(threads.max(1)))
+        .map(|(d, c)| (d, c.to_vec()))
+        .collect())
 }
 
 pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -245,6 +293,37 @@ mod tests {
         // Two 200 ms jobs on separate devices overlap; on one device they would take 400 ms.
         assert!(wall < Duration::from_millis(380), "took {wall:?}");
         assert!(a.busy_seconds() >= 0.19);
+    }
+
+    #[test]
+    fn pinned_devices_get_disjoint_cores_and_their_threads_stay_there() {
+        let usable = core_affinity::get_core_ids().unwrap().len();
+        let devices = [DeviceId::Cpu(1), DeviceId::Cpu(0), DeviceId::Cpu(1)];
+        if usable < 2 {
+            assert!(core_plan(&devices, 1).is_err());
+            return;
+        }
+        let plan = core_plan(&devices, 1).unwrap();
+        assert_eq!(plan.len(), 2);
+        assert_ne!(plan[&DeviceId::Cpu(0)], plan[&DeviceId::Cpu(1)]);
+        let err = core_plan(&devices, usable).unwrap_err();
+        assert!(err.contains("need"), "{err}");
+
+        let core = plan[&DeviceId::Cpu(1)][0];
+        let exec = Executor::start(DeviceId::Cpu(1), 1, Some(vec![core])).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        exec.pool.spawn(move || {
+            // The thread's allowed CPUs, from the kernel: exactly the planned core.
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string());
+            tx.send(allowed).unwrap();
+        });
+        if let Some(allowed) = rx.recv().unwrap() {
+            assert_eq!(allowed, core.to_string());
+        }
     }
 
     #[tokio::test]

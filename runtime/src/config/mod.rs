@@ -122,6 +122,11 @@
 //! value_device = "cpu:0"
 //! learner_device = "cpu:1"
 //! threads_per_device = 1
+//! pin_threads = false      # pin each CPU device's threads to cores of their own (cpu:0 ->
+//!                          # core 0, cpu:1 -> core 1, ... of the usable cores), so the OS never
+//!                          # runs two devices on one core while another idles; off when they
+//!                          # need more cores than this process may use (a warning says so).
+//!                          # Best on a machine the run has to itself.
 //!
 //! [[placement.nodes]]      # rollout actors on a worker node (`tandem node --name w1 --join ...`);
 //! name = "w1"              # needs [cluster]. The head runs one proxy per rollout (see crate::cluster)

@@ -379,6 +379,8 @@ pub struct PlacementConfig {
     pub value_device: DeviceId,
     pub learner_device: DeviceId,
     pub threads_per_device: usize,
+    /// Pin each CPU device's threads to cores of their own (see `tandem_actors::device::core_plan`).
+    pub pin_threads: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodePlacement>,
 }
@@ -392,6 +394,7 @@ impl Default for PlacementConfig {
             value_device: DeviceId::Cpu(0),
             learner_device: DeviceId::Cpu(1),
             threads_per_device: 1,
+            pin_threads: false,
             nodes: vec![],
         }
     }

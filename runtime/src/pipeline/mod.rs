@@ -126,13 +126,22 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     // Devices.
     let p = &cfg.placement;
     let mut devices: BTreeMap<DeviceId, Arc<Executor>> = BTreeMap::new();
-    for d in p
+    let placed: Vec<DeviceId> = p
         .rollout_devices
         .iter()
         .chain([&p.reward_device, &p.value_device, &p.learner_device])
-    {
+        .copied()
+        .collect();
+    let mut cores = BTreeMap::new();
+    if p.pin_threads {
+        match tandem_actors::device::core_plan(&placed, p.threads_per_device) {
+            Ok(plan) => cores = plan,
+            Err(why) => tracing::warn!("placement.pin_threads: threads left unpinned: {why}"),
+        }
+    }
+    for d in &placed {
         if !devices.contains_key(d) {
-            devices.insert(*d, Executor::new(*d, p.threads_per_device)?);
+            devices.insert(*d, Executor::start(*d, p.threads_per_device, cores.remove(d))?);
         }
     }
     let dev = |d: &DeviceId| devices[d].clone();
