@@ -34,7 +34,7 @@ pub fn rerun_step(run_dir: &Path, step: u64, stored: &[StoredTrajectory]) -> any
         let have: Vec<u64> = checkpoint::list(run_dir)?.into_iter().map(|(k, _)| k).collect();
         return bad_input!(
             "{}: no checkpoint of step {step} (have {have:?}); --rerun-step K needs the checkpoint taken before \
-             step K (set checkpoint.every and checkpoint.keep so it is kept)",
+             step K (set checkpoints.every and checkpoints.keep so it is kept)",
             ckdir.display()
         );
     }

@@ -223,7 +223,7 @@ fn a_full_disk_under_the_trajectory_store_stops_the_run_and_resume_continues_it(
             "--set",
             "faults.disk_full_store_at_step=2",
             "--set",
-            "checkpoint.every=1",
+            "checkpoints.every=1",
         ],
     );
     let err = assert_exit(
@@ -579,7 +579,7 @@ fn overwrite_of_a_directory_that_is_not_a_run_deletes_nothing() {
 fn a_flipped_checkpoint_byte_falls_back_to_the_previous_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
-    assert_exit(&quick_run(&run_dir, 3, &["--set", "checkpoint.every=1"]), 0, &[]);
+    assert_exit(&quick_run(&run_dir, 3, &["--set", "checkpoints.every=1"]), 0, &[]);
     let ckpts = run_dir.join("checkpoints");
     let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&ckpts)
         .unwrap()

@@ -87,7 +87,7 @@ fn head(run_dir: &Path, cookie: &str, extra: &[&str]) -> Proc {
         "--set",
         "cluster.listen=\"127.0.0.1:0\"",
     ])
-    .args(["--set", "checkpoint.every=100"])
+    .args(["--set", "checkpoints.every=100"])
     .env("TANDEM_CLUSTER_COOKIE", cookie);
     for e in extra {
         c.args(["--set", e]);

@@ -294,7 +294,7 @@ fn rerun_step_reproduces_recorded_steps_exactly() {
     let out = tandem()
         .args(["run", config.to_str().unwrap(), "--run-dir", run.to_str().unwrap()])
         .args(["--set", "steps=4", "--set", "metrics.addr=\"127.0.0.1:0\""])
-        .args(["--set", "checkpoint.every=1", "--set", "checkpoint.keep=10"])
+        .args(["--set", "checkpoints.every=1", "--set", "checkpoints.keep=10"])
         .output_within();
     last_json(&out);
 

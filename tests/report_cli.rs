@@ -280,7 +280,7 @@ fn a_resumed_run_has_a_resume_marker_one_time_axis_and_completions_from_its_stor
         "--set",
         "metrics.sample_interval_s=0.2",
         "--set",
-        "checkpoint.every=2",
+        "checkpoints.every=2",
     ];
     let out = tandem()
         .args(["run", config.to_str().unwrap(), "--run-dir", run_s, "--set", "steps=2"])

@@ -19,11 +19,11 @@ const SETTINGS: [&str; 8] = [
     "--set",
     "steps=8",
     "--set",
-    "checkpoint.every=2",
+    "checkpoints.every=2",
     "--set",
     "metrics.addr=\"127.0.0.1:0\"",
     "--set",
-    "checkpoint.keep=2",
+    "checkpoints.keep=2",
 ];
 
 fn start(run_dir: &Path) -> std::process::Child {

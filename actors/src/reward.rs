@@ -62,11 +62,7 @@ impl Stage for RewardStage {
     const DOWNSTREAM_GONE: &'static str = "value stage gone";
 
     fn start(args: RewardArgs, _me: &ActorRef<StageMsg>) -> Result<(Self, StageCore, bool), ActorProcessingErr> {
-        let core = StageCore {
-            out: args.out.clone(),
-            meter: args.meter.clone(),
-            held: args.held.clone(),
-        };
+        let core = StageCore::new(&args.out, &args.meter, &args.held);
         Ok((RewardStage { args }, core, true))
     }
 
@@ -75,10 +71,7 @@ impl Stage for RewardStage {
     }
 
     async fn take(&mut self, _me: &ActorRef<StageMsg>) -> Take<TrajectoryBatch> {
-        match self.args.input.recv().await {
-            Some(b) => Take::Item(b),
-            None => Take::Closed,
-        }
+        self.args.input.recv().await.into()
     }
 
     async fn compute(&mut self, mut batch: TrajectoryBatch) -> Result<TrajectoryBatch, ActorProcessingErr> {
@@ -86,8 +79,7 @@ impl Stage for RewardStage {
         let source = st.source.clone();
         let reference = st.reference.clone();
         let temperature = st.temperature;
-        let prompts: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.prompt_ids.clone()).collect();
-        let responses: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.response_ids.clone()).collect();
+        let (prompts, responses) = batch.prompts_and_responses();
         // A source that does not use the device (a rule, an external verifier) scores on a
         // thread of its own while the reference runs on the device.
         let off_device = (!source.uses_device()).then(|| {

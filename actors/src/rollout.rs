@@ -115,11 +115,7 @@ impl Stage for RolloutStage {
             args.held.clone(),
             args.max_lag,
         );
-        let core = StageCore {
-            out: args.out.clone(),
-            meter: args.meter.clone(),
-            held: args.held.clone(),
-        };
+        let core = StageCore::new(&args.out, &args.meter, &args.held);
         let stage = RolloutStage {
             args,
             model: None,

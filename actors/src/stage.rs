@@ -77,11 +77,32 @@ pub enum Take<T> {
     Closed,
 }
 
+/// A channel's receive: an item, or `None` once it is closed and drained.
+impl<T> From<Option<T>> for Take<T> {
+    fn from(received: Option<T>) -> Self {
+        match received {
+            Some(item) => Take::Item(item),
+            None => Take::Closed,
+        }
+    }
+}
+
 /// The skeleton's parts of a stage: where batches go, its measurements and its tickets.
 pub struct StageCore {
     pub out: StageSender<TrajectoryBatch>,
     pub meter: Arc<ActorMeter>,
     pub held: HeldTickets,
+}
+
+impl StageCore {
+    /// The parts, from the handles a stage's arguments carry.
+    pub fn new(out: &StageSender<TrajectoryBatch>, meter: &Arc<ActorMeter>, held: &HeldTickets) -> Self {
+        Self {
+            out: out.clone(),
+            meter: meter.clone(),
+            held: held.clone(),
+        }
+    }
 }
 
 /// One stage's own part: its inbound side and its compute (see the module docs).

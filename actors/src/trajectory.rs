@@ -126,6 +126,16 @@ pub struct TrajectoryBatch {
     pub tokens_generated: usize,
 }
 
+impl TrajectoryBatch {
+    /// Every row's prompt ids and response ids, owned, for a job on a device executor.
+    pub fn prompts_and_responses(&self) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+        self.trajectories
+            .iter()
+            .map(|t| (t.prompt_ids.clone(), t.response_ids.clone()))
+            .unzip()
+    }
+}
+
 /// Immutable, versioned weights. Receivers share the tensors (no copy per receiver).
 #[derive(Debug)]
 pub struct WeightsSnapshot {

@@ -58,11 +58,7 @@ impl Stage for ValueStage {
         if !take_now {
             args.snapshot.cast(SnapshotMsg::SetCriticReceiver(me.get_derived()))?;
         }
-        let core = StageCore {
-            out: args.out.clone(),
-            meter: args.meter.clone(),
-            held: args.held.clone(),
-        };
+        let core = StageCore::new(&args.out, &args.meter, &args.held);
         Ok((ValueStage { args, model: None }, core, take_now))
     }
 
@@ -71,10 +67,7 @@ impl Stage for ValueStage {
     }
 
     async fn take(&mut self, _me: &ActorRef<StageMsg>) -> Take<TrajectoryBatch> {
-        match self.args.input.recv().await {
-            Some(b) => Take::Item(b),
-            None => Take::Closed,
-        }
+        self.args.input.recv().await.into()
     }
 
     fn ready(&self, batch: &TrajectoryBatch) -> bool {
@@ -119,8 +112,7 @@ impl ValueStage {
         mut batch: TrajectoryBatch,
         model: Arc<ScalarModel>,
     ) -> Result<TrajectoryBatch, ActorProcessingErr> {
-        let prompts: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.prompt_ids.clone()).collect();
-        let responses: Vec<Vec<u32>> = batch.trajectories.iter().map(|t| t.response_ids.clone()).collect();
+        let (prompts, responses) = batch.prompts_and_responses();
         let (values, took) = self
             .args
             .executor

@@ -21,7 +21,7 @@
 //!
 //! Atomicity: a checkpoint is written to `checkpoints/.tmp-step-K`, fsynced and renamed to
 //! `step-K`, so a crash never leaves a half checkpoint under a `step-*` name; leftover `.tmp-*`
-//! directories are removed when a run starts. Only the last `checkpoint.keep` are kept.
+//! directories are removed when a run starts. Only the last `checkpoints.keep` are kept.
 //!
 //! Integrity: `manifest.json` is written last, before the fsync and rename, and [`read`]
 //! checks every file against it, so a flipped bit in the weights or the optimizer state is an

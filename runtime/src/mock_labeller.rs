@@ -44,7 +44,8 @@ use crate::prompts::load_prompts;
 use crate::reward_sources::reward_source;
 use crate::step_probe::StepProbe;
 use crate::train_rm::{
-    train_rm_on, CheckpointSection, NormalizeSection, RmChannels, RmConfig, RmData, RmInputs, RmPlacement, TrainSection,
+    train_rm_on, NormalizeSection, RmChannels, RmConfig, RmData, RmInputs, RmPlacement, SupervisedCheckpoints,
+    TrainSection,
 };
 
 /// Labelled pairs and every sampled (prompt, response).
@@ -189,18 +190,19 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
             response_max_tokens: cfg.sampling.max_new_tokens,
         },
         train: TrainSection {
-            loss: RmLoss::BradleyTerry,
+            loss: Some(RmLoss::BradleyTerry),
             epochs: m.epochs,
             batch_size: m.batch_size,
             lr: m.lr,
             eval_every: 0,
+            eval_batch_size: 64,
             ..Default::default()
         },
         normalize: NormalizeSection {
             kind: m.normalize,
             reference: Some(dir.join("reference.jsonl")),
         },
-        checkpoints: CheckpointSection::default(),
+        checkpoints: SupervisedCheckpoints::default(),
         placement: RmPlacement {
             device,
             threads: cfg.placement.threads_per_device,

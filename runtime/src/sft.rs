@@ -45,7 +45,7 @@
 //! prompt_max_tokens = 128
 //! max_tokens = 256             # whole sequence
 //! append_eos = true            # prompt/completion records end with the model's EOS
-//! [train]
+//! [train]                      # shared with train-rm (crate::supervised::TrainSection)
 //! epochs = 1
 //! batch_size = 16
 //! bucket_batches = 8           # length-bucketing window, in batches (1 = off)
@@ -57,9 +57,9 @@
 //! max_grad_norm = 1.0          # <= 0 disables clipping
 //! eval_every = 10              # steps; 0 = only after the last step (always evaluated)
 //! eval_batch_size = 32
-//! [checkpoints]
+//! [checkpoints]                # as in `tandem run`, with every = 0 by default
 //! every = 0                    # RUN_DIR/checkpoints/step-K every K steps (0 = never)
-//! keep = 2
+//! keep = 3
 //! [placement]
 //! device = "cpu:0"
 //! threads = 1
@@ -86,18 +86,17 @@ use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tandem_actors::sft_trainer::{SftExample, SftReport, SftTrainer};
-use tandem_actors::supervised_trainer::{OptimSettings, SupervisedTrainer, TrainState};
+use tandem_actors::supervised_trainer::{SupervisedTrainer, TrainState};
 use tandem_actors::Executor;
-use tandem_models::rl::{LrDecay, LrSchedule};
 use tandem_models::{load_tensors, save_checkpoint, HeadKind, LanguageModel, ModelConfig, TextTokenizer, WeightInit};
 
 use crate::chat::{assistant_segments, parse_messages, ChatTemplate};
-use crate::config::ModelSource;
+use crate::config::{ModelSource, SupervisedCheckpoints};
 use crate::error::RuntimeError;
 use crate::prompts::read_jsonl;
 use crate::supervised::{
-    drive, load_backbone, open_metrics, split_eval, validate_model, validate_sections, CheckpointSection,
-    LearnerChannels, LearnerPlacement, LearnerSetup,
+    drive, load_backbone, open_metrics, split_eval, validate_model, validate_sections, LearnerChannels,
+    LearnerPlacement, LearnerSetup, Recipe, TrainSection,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,9 +109,9 @@ pub struct SftConfig {
     pub model: ModelSource,
     pub data: SftData,
     #[serde(default)]
-    pub train: SftTrain,
+    pub train: TrainSection,
     #[serde(default)]
-    pub checkpoints: CheckpointSection,
+    pub checkpoints: SupervisedCheckpoints,
     #[serde(default)]
     pub placement: LearnerPlacement,
     #[serde(default)]
@@ -150,40 +149,6 @@ fn default_max_tokens() -> usize {
 }
 fn default_true() -> bool {
     true
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SftTrain {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub bucket_batches: usize,
-    pub lr: f64,
-    pub warmup_steps: usize,
-    pub decay: LrDecay,
-    pub min_lr: f64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    pub eval_every: usize,
-    pub eval_batch_size: usize,
-}
-
-impl Default for SftTrain {
-    fn default() -> Self {
-        Self {
-            epochs: 1,
-            batch_size: 16,
-            bucket_batches: 8,
-            lr: 1e-4,
-            warmup_steps: 0,
-            decay: LrDecay::Cosine,
-            min_lr: 0.0,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            eval_every: 10,
-            eval_batch_size: 32,
-        }
-    }
 }
 
 impl SftConfig {
@@ -227,16 +192,13 @@ impl SftConfig {
         if d.max_tokens < 2 || d.prompt_max_tokens == 0 || d.prompt_max_tokens >= d.max_tokens {
             return Err("data.max_tokens must be >= 2 and data.prompt_max_tokens in [1, max_tokens)".into());
         }
-        let t = &self.train;
-        if t.epochs == 0 || t.batch_size == 0 || t.eval_batch_size == 0 || t.bucket_batches == 0 {
-            return Err(
-                "train.epochs, train.batch_size, train.bucket_batches and train.eval_batch_size must be >= 1".into(),
-            );
-        }
-        if !(t.lr > 0.0 && t.lr.is_finite() && (0.0..=t.lr).contains(&t.min_lr)) {
-            return Err("train.lr must be > 0 and train.min_lr in [0, lr]".into());
-        }
-        validate_sections(&self.placement, &self.channels, &self.checkpoints)
+        validate_sections(
+            Recipe::Sft,
+            &self.train,
+            &self.placement,
+            &self.channels,
+            &self.checkpoints,
+        )
     }
 
     pub fn to_toml(&self) -> String {
@@ -359,11 +321,6 @@ pub fn epoch_batches(
         batches.shuffle(&mut rng);
     }
     batches
-}
-
-/// Steps of a run over `n` examples.
-pub fn total_steps(n: usize, t: &SftTrain) -> usize {
-    t.epochs * n.div_ceil(t.batch_size)
 }
 
 /// `state.json` of an SFT checkpoint.
@@ -493,7 +450,7 @@ pub async fn sft(cfg: &SftConfig, opts: SftOptions) -> Result<SftSummary, Runtim
     std::fs::write(&resolved, cfg.to_toml()).map_err(|e| RuntimeError::io(&resolved, e))?;
 
     let t = &cfg.train;
-    let steps = total_steps(train.len(), t);
+    let steps = t.total_steps(train.len());
     let exec = Executor::new(cfg.placement.device, cfg.placement.threads)?;
     let resumed_tensors = match &resume {
         Some((_, dir)) => Some((
@@ -504,18 +461,7 @@ pub async fn sft(cfg: &SftConfig, opts: SftOptions) -> Result<SftSummary, Runtim
     };
     let init = WeightInit::loaded_or_random(resumed_tensors.as_ref().or(model.init.as_ref()), cfg.seed);
     let (lm, vars) = LanguageModel::trainable(&model.config, init, exec.device())?;
-    let optim = OptimSettings {
-        schedule: LrSchedule {
-            peak_lr: t.lr,
-            warmup_steps: t.warmup_steps.min(steps),
-            total_steps: steps,
-            decay: t.decay,
-            min_lr: t.min_lr,
-        },
-        weight_decay: t.weight_decay,
-        max_grad_norm: t.max_grad_norm,
-    };
-    let mut trainer = SftTrainer::new(lm, vars, optim)?;
+    let mut trainer = SftTrainer::new(lm, vars, t.optim(steps))?;
     let (start, wall_offset) = match &resume {
         Some((meta, dir)) => {
             let path = dir.join("optimizer.safetensors");
@@ -534,7 +480,7 @@ pub async fn sft(cfg: &SftConfig, opts: SftOptions) -> Result<SftSummary, Runtim
     let mut metrics = open_metrics(&metrics_path, resume.as_ref().map(|_| start))?;
     let (train_n, eval_n) = (train.len(), eval.len());
     let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
-    let (batch_size, bucket_batches, seed) = (t.batch_size, t.bucket_batches, cfg.seed);
+    let (batch_size, bucket_batches, seed) = (t.batch_size, t.bucket_batches(), cfg.seed);
     let setup = LearnerSetup {
         kind: "sft",
         learner: "sft_learner",

@@ -21,13 +21,15 @@ use candle_core::{Device, Tensor};
 use ractor::Actor;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
+use tandem_actors::rm_trainer::RmLoss;
 use tandem_actors::supervised_learner::{SupervisedLearnerActor, SupervisedLearnerArgs};
-use tandem_actors::supervised_trainer::{Batch, SupervisedTrainer};
+use tandem_actors::supervised_trainer::{Batch, OptimSettings, SupervisedTrainer};
 use tandem_actors::{stage_channel, ActorMeter, DeviceId, Executor, StageSender};
+use tandem_models::rl::{LrDecay, LrSchedule};
 use tandem_models::{load_tensors, HeadKind, ModelConfig, TextTokenizer};
 
 use crate::config::builtin;
-use crate::config::ModelSource;
+use crate::config::{ModelSource, SupervisedCheckpoints};
 use crate::error::RuntimeError;
 use crate::supervisor::{ChildRole, RunSupervisor, SupervisorArgs, SupervisorMsg};
 
@@ -52,18 +54,108 @@ pub fn load_config<T: serde::de::DeserializeOwned>(
     Ok(cfg)
 }
 
-/// `[checkpoints]`: `RUN_DIR/checkpoints/step-K` every `every` steps (0 = never), the last
-/// `keep` kept.
+/// `[train]` of both recipes: the optimiser, the schedule and the held-out evaluation, plus
+/// one field of each recipe's own (the other recipe refuses it, see [`TrainSection::validate`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct CheckpointSection {
-    pub every: usize,
-    pub keep: usize,
+pub struct TrainSection {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub decay: LrDecay,
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    /// `<= 0` disables clipping.
+    pub max_grad_norm: f64,
+    /// Steps between held-out evaluations; 0 = only after the last step (always evaluated).
+    pub eval_every: usize,
+    pub eval_batch_size: usize,
+    /// `tandem sft` only: the length-bucketing window, in batches (1 = off; default 8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket_batches: Option<usize>,
+    /// `tandem train-rm` only: the ranking loss (default `bradley_terry`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<RmLoss>,
 }
 
-impl Default for CheckpointSection {
+impl Default for TrainSection {
     fn default() -> Self {
-        Self { every: 0, keep: 2 }
+        Self {
+            epochs: 1,
+            batch_size: 16,
+            lr: 1e-4,
+            warmup_steps: 0,
+            decay: LrDecay::Cosine,
+            min_lr: 0.0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            eval_every: 10,
+            eval_batch_size: 32,
+            bucket_batches: None,
+            loss: None,
+        }
+    }
+}
+
+/// Which recipe a config is for: each accepts only its own recipe-specific `[train]` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recipe {
+    Sft,
+    RewardModel,
+}
+
+impl TrainSection {
+    /// The length-bucketing window of `tandem sft`.
+    pub fn bucket_batches(&self) -> usize {
+        self.bucket_batches.unwrap_or(8)
+    }
+
+    /// The ranking loss of `tandem train-rm`.
+    pub fn loss(&self) -> RmLoss {
+        self.loss.unwrap_or(RmLoss::BradleyTerry)
+    }
+
+    /// Steps of a run over `n` examples.
+    pub fn total_steps(&self, n: usize) -> usize {
+        self.epochs * n.div_ceil(self.batch_size)
+    }
+
+    /// The optimiser settings of a run of `total_steps` steps (warm-up capped at the run).
+    pub fn optim(&self, total_steps: usize) -> OptimSettings {
+        OptimSettings {
+            schedule: LrSchedule {
+                peak_lr: self.lr,
+                warmup_steps: self.warmup_steps.min(total_steps),
+                total_steps,
+                decay: self.decay,
+                min_lr: self.min_lr,
+            },
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+        }
+    }
+
+    pub fn validate(&self, recipe: Recipe) -> Result<(), String> {
+        match recipe {
+            Recipe::Sft if self.loss.is_some() => {
+                return Err("train.loss is the reward-model loss of train-rm; sft has none".into())
+            }
+            Recipe::RewardModel if self.bucket_batches.is_some() => {
+                return Err("train.bucket_batches is for sft; train-rm does not bucket by length".into())
+            }
+            _ => {}
+        }
+        if self.epochs == 0 || self.batch_size == 0 || self.eval_batch_size == 0 || self.bucket_batches == Some(0) {
+            return Err(
+                "train.epochs, train.batch_size, train.bucket_batches and train.eval_batch_size must be >= 1".into(),
+            );
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.min_lr)) {
+            return Err("train.lr must be > 0 and train.min_lr in [0, lr]".into());
+        }
+        Ok(())
     }
 }
 
@@ -97,21 +189,22 @@ impl Default for LearnerChannels {
     }
 }
 
-/// The checks on the sections above, shared by both recipes' `validate`.
+/// The checks on the sections both recipes share, for `recipe`'s `validate`.
 pub fn validate_sections(
+    recipe: Recipe,
+    train: &TrainSection,
     placement: &LearnerPlacement,
     channels: &LearnerChannels,
-    checkpoints: &CheckpointSection,
+    checkpoints: &SupervisedCheckpoints,
 ) -> Result<(), String> {
+    train.validate(recipe)?;
+    checkpoints.validate()?;
     placement
         .device
         .check_built()
         .map_err(|e| format!("placement.device: {e}"))?;
     if channels.batches == 0 || placement.threads == 0 {
         return Err("channels.batches and placement.threads must be >= 1".into());
-    }
-    if checkpoints.every > 0 && checkpoints.keep == 0 {
-        return Err("checkpoints.keep must be >= 1".into());
     }
     Ok(())
 }
@@ -208,7 +301,8 @@ pub struct LearnerSetup<T: SupervisedTrainer> {
     pub eval: Arc<Vec<T::Example>>,
     pub eval_batch_size: usize,
     pub eval_every: usize,
-    pub checkpoint_every: usize,
+    /// `checkpoints.every`.
+    pub checkpoint_every: u64,
     pub epochs: usize,
     pub total_steps: usize,
     /// Batches already trained before a resume: the loader skips them.
@@ -267,7 +361,7 @@ where
             eval: setup.eval,
             eval_batch_size: setup.eval_batch_size,
             eval_every: setup.eval_every,
-            checkpoint_every: setup.checkpoint_every,
+            checkpoint_every: usize::try_from(setup.checkpoint_every).unwrap_or(usize::MAX),
             total_steps: setup.total_steps,
             wall_offset_s: setup.wall_offset_s,
             reports: report_tx,
@@ -351,4 +445,46 @@ fn spawn_loader<E: Clone + Send + Sync + 'static>(
             sent
         })
         .expect("spawn the loader thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn train(text: &str) -> TrainSection {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn each_recipe_refuses_the_other_recipes_train_field() {
+        let sft = train("bucket_batches = 4");
+        assert_eq!(sft.bucket_batches(), 4);
+        sft.validate(Recipe::Sft).unwrap();
+        let e = sft.validate(Recipe::RewardModel).unwrap_err();
+        assert!(e.contains("train.bucket_batches"), "{e}");
+
+        let rm = train("loss = \"best_of_k\"");
+        assert_eq!(rm.loss(), RmLoss::BestOfK);
+        rm.validate(Recipe::RewardModel).unwrap();
+        let e = rm.validate(Recipe::Sft).unwrap_err();
+        assert!(e.contains("train.loss"), "{e}");
+
+        // Unset, each recipe's own field takes its default, and both recipes accept it.
+        let plain = train("epochs = 2");
+        assert_eq!((plain.bucket_batches(), plain.loss()), (8, RmLoss::BradleyTerry));
+        plain.validate(Recipe::Sft).unwrap();
+        plain.validate(Recipe::RewardModel).unwrap();
+        assert!(train("bucket_batches = 0").validate(Recipe::Sft).is_err());
+        assert!(toml::from_str::<TrainSection>("nope = 1").is_err());
+    }
+
+    #[test]
+    fn the_schedule_spans_the_run_and_caps_the_warm_up() {
+        let t = train("epochs = 3\nbatch_size = 4\nwarmup_steps = 100\nlr = 0.01");
+        let steps = t.total_steps(10);
+        assert_eq!(steps, 9, "3 epochs of ceil(10 / 4) batches");
+        let o = t.optim(steps);
+        assert_eq!((o.schedule.total_steps, o.schedule.warmup_steps), (9, 9));
+        assert_eq!(o.schedule.peak_lr, 0.01);
+    }
 }

@@ -158,3 +158,18 @@ fn env_references_in_paths_expand_with_defaults_and_fail_clearly_when_unset() {
         "{e}"
     );
 }
+
+#[test]
+fn checkpoints_is_the_section_and_its_older_name_still_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = load(dir.path(), "").unwrap();
+    assert_eq!((d.checkpoints.every, d.checkpoints.keep), (10, 3));
+    let c = load(dir.path(), "[checkpoints]\nevery = 4\nkeep = 2").unwrap();
+    assert_eq!((c.checkpoints.every, c.checkpoints.keep), (4, 2));
+    let old = load(dir.path(), "[checkpoint]\nevery = 4\nkeep = 2").unwrap();
+    assert_eq!(old.checkpoints, c.checkpoints);
+    // The resolved config writes the one name.
+    assert!(old.to_toml().contains("[checkpoints]") && !old.to_toml().contains("[checkpoint]\n"));
+    let e = load(dir.path(), "[checkpoints]\nkeep = 0").unwrap_err();
+    assert!(e.contains("checkpoints.keep"), "{e}");
+}

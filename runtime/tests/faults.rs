@@ -37,7 +37,7 @@ async fn injected_actor_panics_lose_no_prompts() {
         "quickstart.toml",
         &[
             "steps=10",
-            "checkpoint.every=100",
+            "checkpoints.every=100",
             "faults.rollout_panic_every=7",
             "faults.reward_panic_every=9",
             "faults.value_panic_every=11",
@@ -87,7 +87,7 @@ async fn too_many_failures_stop_the_run_with_a_checkpoint() {
         "sync.toml",
         &[
             "steps=10",
-            "checkpoint.every=100",
+            "checkpoints.every=100",
             "faults.rollout_panic_every=1",
             "supervision.max_restarts=2",
             "supervision.backoff_s=0.01",
@@ -107,7 +107,7 @@ async fn too_many_failures_stop_the_run_with_a_checkpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_learner_keeps_its_batch_and_the_resumed_run_matches_an_uninterrupted_one() {
     let whole = tempfile::tempdir().unwrap();
-    let base = ["steps=6", "checkpoint.every=100"];
+    let base = ["steps=6", "checkpoints.every=100"];
     let reference = run_in(&load("sync.toml", &base), whole.path()).await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -156,7 +156,7 @@ async fn non_finite_steps_are_skipped_then_stop_the_run_keeping_the_checkpoint_b
         "sync.toml",
         &[
             "steps=10",
-            "checkpoint.every=2",
+            "checkpoints.every=2",
             "faults.nonfinite_loss_steps=[3, 4, 5]",
         ],
     );

@@ -206,7 +206,7 @@ threads_per_device = {threads}
 [metrics]
 enabled = false
 
-[checkpoint]
+[checkpoints]
 every = 0
 keep = 1
 

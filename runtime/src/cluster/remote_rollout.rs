@@ -75,11 +75,7 @@ impl Stage for RemoteRolloutStage {
             args.held.clone(),
             args.max_lag,
         );
-        let core = StageCore {
-            out: args.out.clone(),
-            meter: args.meter.clone(),
-            held: args.held.clone(),
-        };
+        let core = StageCore::new(&args.out, &args.meter, &args.held);
         Ok((RemoteRolloutStage { args, intake }, core, true))
     }
 

@@ -177,7 +177,8 @@
 //! lr = 1e-3
 //! normalize = "gain_bias"  # none | reference_bias | gain_bias, on the initial policy's samples
 //! min_eval_accuracy = 0.0  # fail before PPO if the reward model is worse than this
-//! [checkpoint]             # RUN_DIR/checkpoints/step-K (see crate::checkpoint)
+//! [checkpoints]            # RUN_DIR/checkpoints/step-K (see crate::checkpoint); the section
+//!                          # of sft and train-rm too. `[checkpoint]`, its older name, still reads
 //! every = 10               # learner steps between checkpoints (0: only at the end and on stop)
 //! keep = 3                 # complete checkpoints kept (oldest removed first)
 //!
@@ -251,8 +252,9 @@ pub struct Config {
     /// The controlled mock-labeller experiment (see [`crate::mock_labeller`]).
     #[serde(default)]
     pub mock_labeller: Option<MockLabellerConfig>,
-    #[serde(default)]
-    pub checkpoint: CheckpointConfig,
+    /// `[checkpoints]`; `[checkpoint]`, its older name, is read as the same section.
+    #[serde(default, alias = "checkpoint")]
+    pub checkpoints: RunCheckpoints,
     #[serde(default)]
     pub supervision: SupervisionConfig,
     #[serde(default, skip_serializing_if = "FaultConfig::is_empty")]

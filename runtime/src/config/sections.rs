@@ -1,6 +1,7 @@
 //! The config's sections: their schema and defaults (the keys are documented in
 //! [`super`]).
 
+use std::marker::PhantomData;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -49,16 +50,60 @@ fn default_node_devices() -> Vec<DeviceId> {
     vec![DeviceId::Cpu(0)]
 }
 
+/// `[checkpoints]`, the one checkpoint section of every command: `RUN_DIR/checkpoints/step-K`
+/// every `every` steps, the last `keep` kept (default 3). Only the default of `every` differs
+/// by command, `D`: 10 learner steps for `tandem run` ([`RunCheckpoints`]), 0 (none until the
+/// end or a stop) for `tandem sft` and `tandem train-rm` ([`SupervisedCheckpoints`]), whose
+/// steps are cheap.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CheckpointConfig {
+#[serde(deny_unknown_fields, default, bound = "")]
+pub struct CheckpointConfig<D: DefaultEvery> {
     pub every: u64,
     pub keep: usize,
+    #[serde(skip)]
+    pub defaults: PhantomData<D>,
 }
 
-impl Default for CheckpointConfig {
+/// A command's default `checkpoints.every`.
+pub trait DefaultEvery {
+    const EVERY: u64;
+}
+
+/// `tandem run`'s default: every 10 learner steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EveryTenSteps;
+
+impl DefaultEvery for EveryTenSteps {
+    const EVERY: u64 = 10;
+}
+
+/// `tandem sft` and `tandem train-rm`'s default: none between the start and the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AtTheEnd;
+
+impl DefaultEvery for AtTheEnd {
+    const EVERY: u64 = 0;
+}
+
+pub type RunCheckpoints = CheckpointConfig<EveryTenSteps>;
+pub type SupervisedCheckpoints = CheckpointConfig<AtTheEnd>;
+
+impl<D: DefaultEvery> Default for CheckpointConfig<D> {
     fn default() -> Self {
-        Self { every: 10, keep: 3 }
+        Self {
+            every: D::EVERY,
+            keep: 3,
+            defaults: PhantomData,
+        }
+    }
+}
+
+impl<D: DefaultEvery> CheckpointConfig<D> {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.keep == 0 {
+            return Err("checkpoints.keep must be >= 1".into());
+        }
+        Ok(())
     }
 }
 

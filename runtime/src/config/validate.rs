@@ -107,9 +107,7 @@ impl Config {
         if self.store.segment_bytes < 1024 || self.store.queue == 0 {
             return Err("store.segment_bytes must be >= 1024 and store.queue >= 1".into());
         }
-        if self.checkpoint.keep == 0 {
-            return Err("checkpoint.keep must be >= 1".into());
-        }
+        self.checkpoints.validate()?;
         let sv = &self.supervision;
         if !(sv.window_s > 0.0 && sv.backoff_s >= 0.0 && sv.backoff_max_s >= sv.backoff_s) {
             return Err("supervision: need window_s > 0 and 0 <= backoff_s <= backoff_max_s".into());

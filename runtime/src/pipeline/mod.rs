@@ -273,7 +273,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         extra_step_delay: opts.learner_delay,
         store: store_tx,
         start,
-        checkpoint_every: cfg.checkpoint.every,
+        checkpoint_every: cfg.checkpoints.every,
         stop: stop.clone(),
         in_hand: in_hand.clone(),
         max_nonfinite_steps: cfg.supervision.max_nonfinite_steps,
@@ -291,7 +291,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         critic_config,
         tokenizer: policy.tokenizer.clone(),
         config_toml,
-        keep: cfg.checkpoint.keep,
+        keep: cfg.checkpoints.keep,
         seed: cfg.seed,
     };
 

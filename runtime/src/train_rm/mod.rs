@@ -45,8 +45,9 @@
 //! eval_fraction = 0.1          # held out of `train` when `eval` is absent
 //! prompt_max_tokens = 64
 //! response_max_tokens = 64
-//! [train]                      # defaults from the papers: one epoch, cosine decay
-//! loss = "bradley_terry"       # bradley_terry (all C(K,2) ranked pairs) | best_of_k
+//! [train]                      # shared with sft (crate::supervised::TrainSection); defaults
+//!                              # from the papers: one epoch, cosine decay
+//! loss = "bradley_terry"       # train-rm only: bradley_terry (all C(K,2) ranked pairs) | best_of_k
 //! epochs = 1
 //! batch_size = 16
 //! lr = 1e-4                    # peak learning rate
@@ -56,13 +57,13 @@
 //! weight_decay = 0.0
 //! max_grad_norm = 1.0          # <= 0 disables clipping
 //! eval_every = 10              # steps; 0 = only after the last step (always evaluated)
-//! eval_batch_size = 64
+//! eval_batch_size = 32
 //! [normalize]
 //! kind = "none"                # none | reference_bias | gain_bias (see below)
 //! reference = "samples.jsonl"  # {"prompt", "response"} lines; default: the held-out responses
-//! [checkpoints]
+//! [checkpoints]                # as in `tandem run`, with every = 0 by default
 //! every = 0                    # save RUN_DIR/checkpoints/step-K every K steps (0 = never)
-//! keep = 2                     # keep the last N
+//! keep = 3                     # keep the last N
 //! [placement]
 //! device = "cpu:0"
 //! threads = 1
@@ -93,20 +94,19 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
-use tandem_actors::rm_trainer::{Comparison, RmLoss, RmReport, RmTrainer};
-use tandem_actors::supervised_trainer::OptimSettings;
+use tandem_actors::rm_trainer::{Comparison, RmReport, RmTrainer};
 use tandem_actors::Executor;
-use tandem_models::rl::{FixedGainBias, LrDecay, LrSchedule};
+use tandem_models::rl::FixedGainBias;
 use tandem_models::score_map::{fold_score_map, score_pairs};
 use tandem_models::{save_checkpoint, HeadKind, ModelConfig, ScalarModel, WeightInit};
 
 use crate::config::ModelSource;
-pub use crate::config::NormalizeKind;
+pub use crate::config::{NormalizeKind, SupervisedCheckpoints};
 use crate::error::RuntimeError;
 use crate::supervised::{
-    drive, load_backbone, open_metrics, split_eval, validate_model, validate_sections, Backbone, LearnerSetup,
+    drive, load_backbone, open_metrics, split_eval, validate_model, validate_sections, Backbone, LearnerSetup, Recipe,
 };
-pub use crate::supervised::{CheckpointSection, LearnerChannels as RmChannels, LearnerPlacement as RmPlacement};
+pub use crate::supervised::{LearnerChannels as RmChannels, LearnerPlacement as RmPlacement, TrainSection};
 
 mod data;
 pub use data::{common_prompt_len, load_comparisons, PromptResponse, MAX_RANKED_RESPONSES};
@@ -125,7 +125,7 @@ pub struct RmConfig {
     #[serde(default)]
     pub normalize: NormalizeSection,
     #[serde(default)]
-    pub checkpoints: CheckpointSection,
+    pub checkpoints: SupervisedCheckpoints,
     #[serde(default)]
     pub placement: RmPlacement,
     #[serde(default)]
@@ -158,40 +158,6 @@ fn default_eval_fraction() -> f64 {
 }
 fn default_max_tokens() -> usize {
     64
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainSection {
-    pub loss: RmLoss,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub warmup_steps: usize,
-    pub decay: LrDecay,
-    pub min_lr: f64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    pub eval_every: usize,
-    pub eval_batch_size: usize,
-}
-
-impl Default for TrainSection {
-    fn default() -> Self {
-        Self {
-            loss: RmLoss::BradleyTerry,
-            epochs: 1,
-            batch_size: 16,
-            lr: 1e-4,
-            warmup_steps: 0,
-            decay: LrDecay::Cosine,
-            min_lr: 0.0,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            eval_every: 10,
-            eval_batch_size: 64,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -243,14 +209,13 @@ impl RmConfig {
         if self.data.eval.is_none() && !(0.0..1.0).contains(&self.data.eval_fraction) {
             return Err("data.eval_fraction must lie in [0, 1)".into());
         }
-        let t = &self.train;
-        if t.epochs == 0 || t.batch_size == 0 || t.eval_batch_size == 0 {
-            return Err("train.epochs, train.batch_size and train.eval_batch_size must be >= 1".into());
-        }
-        if !(t.lr > 0.0 && t.lr.is_finite() && (0.0..=t.lr).contains(&t.min_lr)) {
-            return Err("train.lr must be > 0 and train.min_lr in [0, lr]".into());
-        }
-        validate_sections(&self.placement, &self.channels, &self.checkpoints)
+        validate_sections(
+            Recipe::RewardModel,
+            &self.train,
+            &self.placement,
+            &self.channels,
+            &self.checkpoints,
+        )
     }
 
     pub fn to_toml(&self) -> String {
@@ -349,22 +314,11 @@ pub async fn train_rm_on(cfg: &RmConfig, run_dir: &Path, data: RmInputs) -> Resu
         return Err(RuntimeError::InvalidArgument("no training comparisons".into()));
     }
     let t = &cfg.train;
-    let total_steps = t.epochs * train.len().div_ceil(t.batch_size);
+    let total_steps = t.total_steps(train.len());
     let exec = Executor::new(cfg.placement.device, cfg.placement.threads)?;
     let init = WeightInit::loaded_or_random(backbone.init.as_ref(), cfg.seed);
     let (model, vars) = ScalarModel::trainable(&backbone.config, init, exec.device())?;
-    let optim = OptimSettings {
-        schedule: LrSchedule {
-            peak_lr: t.lr,
-            warmup_steps: t.warmup_steps.min(total_steps),
-            total_steps,
-            decay: t.decay,
-            min_lr: t.min_lr,
-        },
-        weight_decay: t.weight_decay,
-        max_grad_norm: t.max_grad_norm,
-    };
-    let trainer = Arc::new(Mutex::new(RmTrainer::new(model, vars, t.loss, optim)?));
+    let trainer = Arc::new(Mutex::new(RmTrainer::new(model, vars, t.loss(), t.optim(total_steps))?));
     let (train_n, eval_n) = (train.len(), eval.len());
     let eval = Arc::new(eval);
     let setup = LearnerSetup {
