@@ -10,7 +10,8 @@
 //! title, labelled axes (quantity and unit), tick labels and a legend when a panel has more than
 //! one series. Each chart is a `<section>` with a stable id — `chart-reward`, `chart-true-score`
 //! (mock-labeller runs only), `chart-kl`, `chart-loss`, `chart-clip`, `chart-entropy`,
-//! `chart-staleness`, `chart-phases`, `chart-approx-kl`, `chart-explained-var`,
+//! `chart-staleness`, `chart-token-staleness`, `chart-behaviour-ratio`, `chart-mismatch-kl`,
+//! `chart-phases`, `chart-approx-kl`, `chart-explained-var`,
 //! `chart-throughput`, `chart-actors` — and each line is a `<polyline class="series"
 //! data-series=KEY>`. Where a resumed session began, each chart draws a `<line
 //! class="resume-marker" data-x=X>` (X the step, or the time on the actor chart, where the
