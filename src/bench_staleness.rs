@@ -143,13 +143,14 @@ impl Variant {
     fn overrides(&self, args: &StalenessBench, seed: u64) -> Vec<String> {
         let mut sets: Vec<String> = SIZING.iter().map(|s| s.to_string()).collect();
         sets.push(format!("steps={}", args.steps));
-        sets.push(format!("seed={seed}"));
         sets.push(format!("mode.max_staleness={}", self.staleness));
         sets.push(format!("mode.inflight_updates={}", self.inflight));
         if let Some(c) = self.correction {
             sets.extend(c.overrides().iter().map(|s| s.to_string()));
         }
         sets.extend(args.set.iter().cloned());
+        // After --set, which may name the first seed.
+        sets.push(format!("seed={seed}"));
         sets
     }
 }

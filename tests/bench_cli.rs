@@ -356,10 +356,15 @@ fn bench_staleness_prints_a_finite_table_and_a_comparison_report() {
     let reward = &reward[..reward.find("</section>").unwrap()];
     for name in &names {
         assert!(reward.contains(&format!(r#"data-series="{name}""#)), "no {name} line");
-        for seed in ["seed-1", "seed-2"] {
-            let run = out_dir.path().join(name).join(seed);
-            assert!(run.join("report.html").is_file(), "no report for {name} {seed}");
+        for seed in [1, 2] {
+            let run = out_dir.path().join(name).join(format!("seed-{seed}"));
+            assert!(run.join("report.html").is_file(), "no report for {name} seed {seed}");
             assert!(run.join("metrics.jsonl").is_file());
+            let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+            assert!(
+                config.lines().any(|l| l == format!("seed = {seed}")),
+                "{name}: not seed {seed}"
+            );
         }
     }
 }
