@@ -38,6 +38,9 @@ pub enum BenchCommand {
     Generate(GenerateBench),
     /// Sync vs async PPO step time with sampling on cpu:0 and the learner on cpu:1.
     Overlap(crate::bench_overlap::OverlapBench),
+    /// The off-policy correction ablation: sync, and async at staleness k with no correction,
+    /// truncated IS and decoupled PPO, without and with in-flight updates; a comparison report.
+    Staleness(crate::bench_staleness::StalenessBench),
     /// Weight transfer to a worker node over loopback vs a plain TCP copy of the same bytes.
     Cluster(crate::bench_cluster::ClusterBench),
     /// The whole PPO loop on the shared peer workload: episodes/s, learner GFLOP/s and its
@@ -71,6 +74,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Generate(args) => generate_bench(&args),
         BenchCommand::Overlap(args) => crate::bench_overlap::run(&args),
+        BenchCommand::Staleness(args) => crate::bench_staleness::run(&args),
         BenchCommand::Cluster(args) => crate::bench_cluster::run(&args),
         BenchCommand::Ppo(args) => crate::bench_ppo::run(&args),
     }

@@ -1,10 +1,12 @@
 //! `tandem bench overlap`: how much of the ideal overlap of generation and learning async mode
-//! achieves.
+//! achieves, and what in-flight weight updates change.
 //!
 //! One PPO workload (the quickstart config, resized by default so both sides take similar
 //! time) runs with the sampling side — rollout, reward and value — on `cpu:0` and the learner
 //! on `cpu:1`, one thread each: first in sync mode (`max_staleness = 0`: generation of step
-//! k+1 waits for the weights of step k), then in async mode with `max_staleness = 1`.
+//! k+1 waits for the weights of step k), then in async mode with `max_staleness = 1`, then
+//! async with in-flight updates (`mode.inflight_updates = true`: samplers adopt new weights
+//! between decode steps).
 //! Step time is the median of the wall-clock time between consecutive learner steps after
 //! `--warmup` steps. `gen_s` and `learn_s` are the medians of the two sides' per-step busy
 //! times (generate + reward + value seconds; learn + weight-sync seconds) in the sync run, and
@@ -17,6 +19,12 @@
 //! when the overlap works) and `contention` (the learner's busy time per step in async mode
 //! over that in sync mode: above 1 when the two devices slow each other down, e.g. on
 //! virtual CPUs that share a physical core).
+//!
+//! The in-flight column: `inflight_step_s`, `inflight_speedup` (= sync / in-flight step),
+//! `inflight_over_async` (in-flight step over async step), and generation throughput, the
+//! tokens sampled over the seconds spent generating them after the warm-up
+//! (`async_gen_tokens_per_s`, `inflight_gen_tokens_per_s`, and their ratio
+//! `inflight_gen_tokens_ratio`: below 1 when adopting weights mid-batch slows sampling).
 
 use std::path::PathBuf;
 
@@ -70,13 +78,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn run_mode(args: &OverlapBench, staleness: u64) -> anyhow::Result<Vec<StepReport>> {
+fn run_mode(args: &OverlapBench, staleness: u64, inflight: bool) -> anyhow::Result<Vec<StepReport>> {
     let mut sets: Vec<String> = SIZING.iter().map(|s| s.to_string()).collect();
     sets.push(format!("steps={}", args.steps));
     sets.push(format!("mode.max_staleness={staleness}"));
+    sets.push(format!("mode.inflight_updates={inflight}"));
     sets.extend(args.set.iter().cloned());
     let cfg = Config::load(&args.config, &sets)?;
-    let dir = std::env::temp_dir().join(format!("tandem-bench-overlap-{}-{staleness}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "tandem-bench-overlap-{}-{staleness}-{inflight}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let summary = crate::run::run_config(
         &cfg,
@@ -93,12 +105,21 @@ fn step_time(r: &[StepReport], warmup: usize) -> f64 {
     median(r.windows(2).skip(warmup).map(|w| w[1].wall_s - w[0].wall_s).collect())
 }
 
+/// Tokens sampled over the seconds spent generating them, after `warmup` steps.
+fn gen_tokens_per_s(r: &[StepReport], warmup: usize) -> f64 {
+    let (tokens, secs) = r.iter().skip(warmup).fold((0.0, 0.0), |(t, s), x| {
+        (t + x.tokens_generated as f64, s + x.generate_s)
+    });
+    tokens / secs
+}
+
 pub fn run(args: &OverlapBench) -> anyhow::Result<()> {
     if args.steps as usize <= args.warmup + 2 {
         return bad_input!("--steps must exceed --warmup + 2");
     }
-    let sync = run_mode(args, 0)?;
-    let asyn = run_mode(args, 1)?;
+    let sync = run_mode(args, 0, false)?;
+    let asyn = run_mode(args, 1, false)?;
+    let inflight = run_mode(args, 1, true)?;
     let w = args.warmup;
     let gen_s = median(
         sync.iter()
@@ -111,7 +132,12 @@ pub fn run(args: &OverlapBench) -> anyhow::Result<()> {
     let ideal_step_s = gen_s.max(learn_s);
     let async_learn_s = median(asyn.iter().skip(w).map(|r| r.learn_s + r.weight_sync_s).collect());
     let async_learner_wait_s = median(asyn.iter().skip(w).map(|r| r.learner_wait_s).collect());
+    let inflight_step_s = step_time(&inflight, w);
+    let (async_tps, inflight_tps) = (gen_tokens_per_s(&asyn, w), gen_tokens_per_s(&inflight, w));
     println!("sync step {sync_step_s:.3}s, async step {async_step_s:.3}s; generation side {gen_s:.3}s, learner {learn_s:.3}s per step");
+    println!(
+        "in-flight step {inflight_step_s:.3}s; generation {inflight_tps:.0} tokens/s in flight, {async_tps:.0} without"
+    );
     crate::print_json(&json!({
         "sync_step_s": sync_step_s,
         "async_step_s": async_step_s,
@@ -123,5 +149,11 @@ pub fn run(args: &OverlapBench) -> anyhow::Result<()> {
         "ideal_speedup": sync_step_s / ideal_step_s,
         "async_learner_wait_s": async_learner_wait_s,
         "contention": async_learn_s / learn_s,
+        "inflight_step_s": inflight_step_s,
+        "inflight_speedup": sync_step_s / inflight_step_s,
+        "inflight_over_async": inflight_step_s / async_step_s,
+        "async_gen_tokens_per_s": async_tps,
+        "inflight_gen_tokens_per_s": inflight_tps,
+        "inflight_gen_tokens_ratio": inflight_tps / async_tps,
     }))
 }

@@ -14,6 +14,7 @@ mod bench;
 mod bench_cluster;
 mod bench_overlap;
 mod bench_ppo;
+mod bench_staleness;
 mod device;
 mod error;
 mod eval;
@@ -81,7 +82,8 @@ enum Command {
     /// Look at one model's numbers: token log-probs, a generation, a reward score.
     #[command(subcommand)]
     Inspect(inspect::InspectCommand),
-    /// Benchmarks: generation, the PPO loop, sync vs async overlap, weight transfer to nodes.
+    /// Benchmarks: generation, the PPO loop, sync vs async overlap, the staleness ablation,
+    /// weight transfer to nodes.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// A worker node: join a head and host the rollouts it places here.

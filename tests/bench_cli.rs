@@ -88,9 +88,20 @@ fn bench_overlap_reports_the_ratios_and_async_keeps_the_learner_fed() {
         "ideal_step_s",
         "async_over_ideal",
         "speedup",
+        "inflight_step_s",
+        "inflight_speedup",
+        "inflight_over_async",
+        "async_gen_tokens_per_s",
+        "inflight_gen_tokens_per_s",
+        "inflight_gen_tokens_ratio",
     ] {
         assert!(get(k) > 0.0 && get(k).is_finite(), "{k}: {report}");
     }
+    assert!((get("inflight_speedup") - get("sync_step_s") / get("inflight_step_s")).abs() < 1e-9);
+    assert!(
+        (get("inflight_gen_tokens_ratio") - get("inflight_gen_tokens_per_s") / get("async_gen_tokens_per_s")).abs()
+            < 1e-9
+    );
     assert!((get("ideal_step_s") - get("gen_s").max(get("learn_s"))).abs() < 1e-12);
     assert!((get("speedup") - get("sync_step_s") / get("async_step_s")).abs() < 1e-9);
     // The learner is the slower side here, so with samplers one version ahead its batch is
@@ -273,5 +284,87 @@ fn bench_ppo_rejects_bad_arguments_naming_them() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(named), "{args:?} should name {named}: {stderr}");
+    }
+}
+
+/// The staleness ablation at tiny size with two seeds: one row per variant (sync, then each
+/// correction without and with in-flight updates), finite final numbers, the async runs ran
+/// stale, and a comparison page with a line per variant beside each seed's own report.
+#[test]
+fn bench_staleness_prints_a_finite_table_and_a_comparison_report() {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/quickstart.toml");
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["bench", "staleness", "--steps", "4", "--staleness", "2", "--seeds", "2"])
+        .args(["--config", config.to_str().unwrap()])
+        .arg("--out")
+        .arg(out_dir.path())
+        .args([
+            "--set",
+            "data.prompts_per_step=8",
+            "--set",
+            "data.prompts_per_ticket=4",
+            "--set",
+            "sampling.max_new_tokens=6",
+            "--set",
+            "algorithm.ppo_epochs=1",
+        ])
+        .output_within();
+    let report = last_json_line(&out);
+    let runs = report["runs"].as_array().unwrap_or_else(|| panic!("no runs: {report}"));
+    let names: Vec<&str> = runs.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "sync",
+            "k2-none",
+            "k2-none-inflight",
+            "k2-tis",
+            "k2-tis-inflight",
+            "k2-decoupled",
+            "k2-decoupled-inflight"
+        ]
+    );
+    for r in runs {
+        for k in [
+            "final_reward",
+            "final_score",
+            "final_kl",
+            "token_staleness_mean",
+            "wall_s",
+        ] {
+            let v = r[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {r}"));
+            assert!(v.is_finite(), "{k}: {r}");
+        }
+    }
+    assert_eq!(runs[0]["token_staleness_mean"].as_f64(), Some(0.0), "sync is on-policy");
+    assert!(
+        runs[1..]
+            .iter()
+            .any(|r| r["token_staleness_mean"].as_f64().unwrap() > 0.0),
+        "no async run trained on stale tokens: {report}"
+    );
+    // The printed table: a header and one line per run.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let table: Vec<&str> = stdout.lines().filter(|l| !l.starts_with('{')).collect();
+    assert_eq!(table.len(), 1 + names.len(), "{stdout}");
+    assert!(table[0].starts_with("run") && table[0].contains("final reward") && table[0].contains("final KL"));
+
+    let page = std::fs::read_to_string(report["report"].as_str().unwrap()).unwrap();
+    assert_eq!(page.matches(r#"<tr class="run""#).count(), names.len());
+    let reward = &page[page.find(r#"id="chart-reward""#).unwrap()..];
+    let reward = &reward[..reward.find("</section>").unwrap()];
+    for name in &names {
+        assert!(reward.contains(&format!(r#"data-series="{name}""#)), "no {name} line");
+        for seed in [1, 2] {
+            let run = out_dir.path().join(name).join(format!("seed-{seed}"));
+            assert!(run.join("report.html").is_file(), "no report for {name} seed {seed}");
+            assert!(run.join("metrics.jsonl").is_file());
+            let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+            assert!(
+                config.lines().any(|l| l == format!("seed = {seed}")),
+                "{name}: not seed {seed}"
+            );
+        }
     }
 }

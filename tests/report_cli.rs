@@ -13,13 +13,13 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tandem_actors::ppo_trainer::StepStats;
-use tandem_actors::StepReport;
+use tandem_actors::{StepReport, TokenStaleness};
 
 const STEPS: usize = 12;
 const ACTORS: [&str; 3] = ["learner/cpu:1", "reward/cpu:0", "rollout/cpu:0/0"];
 const SAMPLES: usize = 5;
 
-const CHARTS: [&str; 12] = [
+const CHARTS: [&str; 15] = [
     "chart-reward",
     "chart-true-score",
     "chart-kl",
@@ -27,6 +27,9 @@ const CHARTS: [&str; 12] = [
     "chart-clip",
     "chart-entropy",
     "chart-staleness",
+    "chart-token-staleness",
+    "chart-behaviour-ratio",
+    "chart-mismatch-kl",
     "chart-phases",
     "chart-approx-kl",
     "chart-explained-var",
@@ -62,11 +65,11 @@ fn write_run(dir: &Path, with_actors: bool) {
                 ratio_mean: 1.0,
                 kl_loss: 0.0,
                 behaviour_weight_mean: 1.0,
-                behaviour_ratio_mean: 1.0,
-                behaviour_ratio_min: 1.0,
-                behaviour_ratio_max: 1.0,
-                behaviour_ratio_trunc_frac: 0.0,
-                behaviour_mismatch_kl: 0.0,
+                behaviour_ratio_mean: 1.0 + 0.01 * x,
+                behaviour_ratio_min: 0.5,
+                behaviour_ratio_max: 1.5 + 0.1 * x,
+                behaviour_ratio_trunc_frac: 0.01 * x,
+                behaviour_mismatch_kl: 0.002 * x,
                 ptx_logprob: 0.0,
                 explained_var: 0.1 + 0.05 * x,
                 response_len_mean: 12.0,
@@ -74,7 +77,11 @@ fn write_run(dir: &Path, with_actors: bool) {
             },
             staleness_mean: if i == 0 { 0.0 } else { 0.75 },
             staleness_max: if i == 0 { 0 } else { 1 },
-            token_staleness: Default::default(),
+            token_staleness: TokenStaleness {
+                token_staleness_mean: if i == 0 { 0.0 } else { 0.6 },
+                token_staleness_max: if i == 0 { 0 } else { 2 },
+                off_policy_token_frac: if i == 0 { 0.0 } else { 0.4 },
+            },
             dropped_stale: i as u64 / 4,
             tokens_generated: 384,
             generate_s: 0.03,
@@ -165,7 +172,7 @@ fn report_has_every_chart_with_labelled_axes() {
     assert!(html.contains("7.2 s"), "header: no wall time");
     assert!(html.contains("config.toml</summary>"), "no config block");
 
-    let expected: [(&str, &[&str], &[&str]); 11] = [
+    let expected: [(&str, &[&str], &[&str]); 14] = [
         ("chart-reward", &["reward_mean", "score_mean"], &["reward per response"]),
         (
             "chart-true-score",
@@ -195,6 +202,26 @@ fn report_has_every_chart_with_labelled_axes() {
             "chart-staleness",
             &["staleness_mean", "staleness_max", "dropped_stale"],
             &["staleness (versions)", "dropped (samples)"],
+        ),
+        (
+            "chart-token-staleness",
+            &["token_staleness_mean", "token_staleness_max", "off_policy_token_frac"],
+            &["token staleness (versions)", "off-policy tokens (fraction)"],
+        ),
+        (
+            "chart-behaviour-ratio",
+            &[
+                "behaviour_ratio_mean",
+                "behaviour_ratio_min",
+                "behaviour_ratio_max",
+                "behaviour_ratio_trunc_frac",
+            ],
+            &["ratio π_prox / π_behaviour", "truncated (fraction of tokens)"],
+        ),
+        (
+            "chart-mismatch-kl",
+            &["behaviour_mismatch_kl"],
+            &["mismatch KL (nats/token)"],
         ),
         (
             "chart-phases",
@@ -457,15 +484,33 @@ fn headless(chromium: &Path, profile: &Path, args: &[String], url: &str) -> Outp
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Drain both pipes while waiting: a DOM larger than the pipe's buffer would otherwise
+    // block chromium on its write and never let it exit.
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            pipe.read_to_end(&mut bytes).unwrap();
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
     let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
         if start.elapsed() > Duration::from_secs(120) {
             let _ = child.kill();
             panic!("chromium did not finish in 120 s");
         }
         std::thread::sleep(Duration::from_millis(100));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
     }
-    child.wait_with_output().unwrap()
 }
 
 #[test]

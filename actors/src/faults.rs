@@ -5,6 +5,8 @@
 //! ```toml
 //! [faults]
 //! rollout_panic_every = 7        # every 7th generation batch (over all samplers) panics
+//! rollout_stall_every = 5        # every 5th generation batch is handed on only after ...
+//! rollout_stall_s = 1.0          # ... this many seconds: a straggler
 //! reward_panic_every = 0         # the same for reward batches
 //! value_panic_every = 0          # ... and value batches
 //! learner_fail_at_step = 5       # the learner fails once, at the start of step 5
@@ -30,6 +32,8 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct FaultConfig {
     pub rollout_panic_every: u64,
+    pub rollout_stall_every: u64,
+    pub rollout_stall_s: f64,
     pub reward_panic_every: u64,
     pub value_panic_every: u64,
     pub learner_fail_at_step: Option<u64>,
@@ -60,6 +64,7 @@ impl FaultConfig {
 pub struct Faults {
     cfg: FaultConfig,
     rollout: AtomicU64,
+    rollout_stalls: AtomicU64,
     reward: AtomicU64,
     value: AtomicU64,
     learner_failed: AtomicBool,
@@ -86,6 +91,17 @@ impl Faults {
     /// Counts a generation batch; panics when it is one the plan fails.
     pub fn rollout_batch(&self) {
         Self::every(&self.rollout, self.cfg.rollout_panic_every, "rollout");
+    }
+
+    /// Counts a generation batch for the stall plan: how long to hold it before handing it on.
+    pub fn rollout_stall(&self) -> Option<std::time::Duration> {
+        let every = self.cfg.rollout_stall_every;
+        if every == 0 {
+            return None;
+        }
+        let n = self.rollout_stalls.fetch_add(1, Ordering::Relaxed) + 1;
+        n.is_multiple_of(every)
+            .then(|| std::time::Duration::from_secs_f64(self.cfg.rollout_stall_s.max(0.0)))
     }
 
     /// Counts a reward batch; panics when it is one the plan fails.

@@ -181,6 +181,9 @@ impl Stage for RolloutStage {
         args.meter.items(batch.tokens_generated as u64);
         metrics::counter!("tandem_rollout_batches_total", &args.meter.labels()).increment(1);
         args.faults.rollout_batch();
+        if let Some(stall) = args.faults.rollout_stall() {
+            tokio::time::sleep(stall).await;
+        }
         Ok(batch)
     }
 

@@ -80,6 +80,7 @@ mod rl {
             aggregation,
             token_sum_norm: None,
             behaviour_weight_cap: None,
+            off_policy_correction: true,
         }
     }
 
@@ -146,6 +147,11 @@ mod rl {
         let out = ppo_loss(&c, &inputs(&b, Some(&behaviour))).unwrap();
         close(out.policy_loss as f64, -0.025, 1e-6);
         assert_eq!(out.stats.behaviour_weight_trunc_frac, None);
+        // no correction: w = 1 everywhere, the loss of on-policy data (0.275)
+        c.off_policy_correction = false;
+        let out = ppo_loss(&c, &inputs(&b, Some(&behaviour))).unwrap();
+        close(out.policy_loss as f64, 0.275, 1e-6);
+        assert_eq!(out.stats.behaviour_weight_mean, None);
     }
 
     #[test]

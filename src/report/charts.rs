@@ -238,6 +238,113 @@ pub(super) fn figures(d: &RunData) -> Vec<Figure> {
             note: None,
         },
         Figure {
+            id: "chart-token-staleness",
+            title: "Staleness per token",
+            caption: "How many versions behind the learner each trained response token was sampled (a token \
+                      records the version that sampled it, which in-flight updates change within a response), \
+                      and the fraction of tokens sampled by an older version than the one trained."
+                .into(),
+            wide: false,
+            panels: vec![
+                panel(
+                    "token staleness (versions)",
+                    zero(),
+                    vec![
+                        Series::new(
+                            "token_staleness_mean",
+                            "mean",
+                            c[0],
+                            m.series(|r| r.token_staleness.token_staleness_mean),
+                        ),
+                        Series::new(
+                            "token_staleness_max",
+                            "max",
+                            c[3],
+                            m.series(|r| r.token_staleness.token_staleness_max as f64),
+                        )
+                        .dashed(),
+                    ],
+                ),
+                panel(
+                    "off-policy tokens (fraction)",
+                    YRange::Fixed(0.0, 1.0),
+                    vec![Series::new(
+                        "off_policy_token_frac",
+                        "off-policy token fraction",
+                        c[7],
+                        m.series(|r| r.token_staleness.off_policy_token_frac),
+                    )],
+                ),
+            ],
+            note: None,
+        },
+        Figure {
+            id: "chart-behaviour-ratio",
+            title: "Behaviour importance ratio",
+            caption: "π_prox / π_behaviour per response token: the policy at the start of the step over the one \
+                      that sampled the token (1 on-policy), and the fraction of tokens above the weight's cap."
+                .into(),
+            wide: false,
+            panels: vec![
+                panel(
+                    "ratio π_prox / π_behaviour",
+                    auto,
+                    vec![
+                        Series::new(
+                            "behaviour_ratio_mean",
+                            "mean",
+                            c[0],
+                            m.series(|r| r.stats.behaviour_ratio_mean),
+                        ),
+                        Series::new(
+                            "behaviour_ratio_min",
+                            "min",
+                            c[2],
+                            m.series(|r| r.stats.behaviour_ratio_min),
+                        )
+                        .dashed(),
+                        Series::new(
+                            "behaviour_ratio_max",
+                            "max",
+                            c[3],
+                            m.series(|r| r.stats.behaviour_ratio_max),
+                        )
+                        .dashed(),
+                    ],
+                ),
+                panel(
+                    "truncated (fraction of tokens)",
+                    zero(),
+                    vec![Series::new(
+                        "behaviour_ratio_trunc_frac",
+                        "truncated by the cap",
+                        c[4],
+                        m.series(|r| r.stats.behaviour_ratio_trunc_frac),
+                    )],
+                ),
+            ],
+            note: None,
+        },
+        Figure {
+            id: "chart-mismatch-kl",
+            title: "Behaviour–proximal mismatch KL",
+            caption: "KL(π_behaviour ‖ π_prox) per sampled token (k3 estimate): how far the policy that sampled \
+                      the tokens is from the policy at the start of the learner step; 0 on-policy."
+                .into(),
+            wide: false,
+            panels: vec![panel(
+                "mismatch KL (nats/token)",
+                zero(),
+                vec![Series::new(
+                    "behaviour_mismatch_kl",
+                    "mismatch KL",
+                    c[6],
+                    m.series(|r| r.stats.behaviour_mismatch_kl),
+                )],
+            )],
+            note: None,
+        },
+        Figure {
             id: "chart-phases",
             title: "Seconds per step, by phase",
             caption: "Generate, reward and value are summed over the step's batch; in async mode phases overlap, \

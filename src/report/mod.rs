@@ -10,7 +10,8 @@
 //! title, labelled axes (quantity and unit), tick labels and a legend when a panel has more than
 //! one series. Each chart is a `<section>` with a stable id — `chart-reward`, `chart-true-score`
 //! (mock-labeller runs only), `chart-kl`, `chart-loss`, `chart-clip`, `chart-entropy`,
-//! `chart-staleness`, `chart-phases`, `chart-approx-kl`, `chart-explained-var`,
+//! `chart-staleness`, `chart-token-staleness`, `chart-behaviour-ratio`, `chart-mismatch-kl`,
+//! `chart-phases`, `chart-approx-kl`, `chart-explained-var`,
 //! `chart-throughput`, `chart-actors` — and each line is a `<polyline class="series"
 //! data-series=KEY>`. Where a resumed session began, each chart draws a `<line
 //! class="resume-marker" data-x=X>` (X the step, or the time on the actor chart, where the
@@ -29,11 +30,12 @@
 //! charts over the data, and [`page`] assembles the HTML.
 
 mod charts;
+pub(crate) mod comparison;
 mod data;
 mod page;
 mod plot;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde_json::json;
@@ -51,15 +53,21 @@ pub struct ReportArgs {
 }
 
 pub fn run(args: ReportArgs) -> anyhow::Result<()> {
-    if !args.run_dir.is_dir() {
-        return bad_input!("run directory {} does not exist", args.run_dir.display());
-    }
-    let data = RunData::read(&args.run_dir)?;
-    let html = page::render(&args.run_dir, &data);
     let out = args.out.unwrap_or_else(|| args.run_dir.join("report.html"));
-    crate::error::check_output_path(&out)?;
-    if let Err(e) = std::fs::write(&out, html) {
+    write(&args.run_dir, &out)?;
+    crate::print_json(&json!({ "report": out }))
+}
+
+/// Writes the report of `run_dir` to `out`.
+pub(crate) fn write(run_dir: &Path, out: &Path) -> anyhow::Result<()> {
+    if !run_dir.is_dir() {
+        return bad_input!("run directory {} does not exist", run_dir.display());
+    }
+    let data = RunData::read(run_dir)?;
+    let html = page::render(run_dir, &data);
+    crate::error::check_output_path(out)?;
+    if let Err(e) = std::fs::write(out, html) {
         return bad_input!("cannot write {}: {e}", out.display());
     }
-    crate::print_json(&json!({ "report": out }))
+    Ok(())
 }

@@ -33,7 +33,8 @@ fn duration(s: f64) -> String {
     }
 }
 
-const CSS: &str = "
+/// The style of every page the report writes.
+pub(super) const CSS: &str = "
 body{font:14px/1.4 system-ui,-apple-system,'Segoe UI',Roboto,'DejaVu Sans',sans-serif;color:#222;margin:16px;background:#fff}
 h1{font-size:22px;margin:0 0 8px}
 h2{font-size:16px;margin:0 0 2px}

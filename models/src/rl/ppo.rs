@@ -21,7 +21,9 @@
 //! Yao et al. 2025, and IMPALA's truncated weights): one token whose behaviour probability
 //! was tiny cannot dominate a minibatch. `cap = None` (or `inf`) leaves it untruncated; a cap
 //! must be `>= 1`, so that on-policy samples (`behaviour_logp == prox_logp`, hence `w = 1`
-//! exactly) give exactly the standard PPO loss.
+//! exactly) give exactly the standard PPO loss. `off_policy_correction = false` sets `w = 1`
+//! on every token (no correction: stale tokens are trained as if `pi_prox` had sampled them),
+//! the baseline a staleness ablation compares the correction against.
 //!
 //! # KL loss term
 //!
@@ -98,6 +100,10 @@ pub struct PpoLossConfig {
     pub token_sum_norm: Option<f64>,
     /// Truncation `cap >= 1` of the behaviour importance weight; `None` = untruncated (2).
     pub behaviour_weight_cap: Option<f64>,
+    /// Weight stale tokens by the behaviour importance weight (true). False gives every token
+    /// `w = 1`, training stale data as if `pi_prox` had sampled it: no off-policy correction,
+    /// the baseline of the staleness ablation (`tandem bench staleness`).
+    pub off_policy_correction: bool,
 }
 
 /// The default truncation of the behaviour importance weight (see the module docs).
@@ -113,6 +119,7 @@ impl Default for PpoLossConfig {
             aggregation: Aggregation::TokenMean,
             token_sum_norm: None,
             behaviour_weight_cap: Some(DEFAULT_BEHAVIOUR_WEIGHT_CAP),
+            off_policy_correction: true,
         }
     }
 }
@@ -327,7 +334,7 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
     let keep = keep(mask)?;
 
     // Untruncated behaviour weight (for the statistics) and the truncated one (for the loss).
-    let (raw_weight, weight) = match inputs.behaviour_logp {
+    let (raw_weight, weight) = match inputs.behaviour_logp.filter(|_| cfg.off_policy_correction) {
         Some(b) => {
             let raw = behaviour_weight(inputs.prox_logp, b, mask, None)?;
             let w = match cfg.behaviour_weight_cap {

@@ -109,7 +109,8 @@
 //!                          # clip_eps in (0, 1); aggregation: token_mean | seq_mean |
 //!                          # token_sum (Dr. GRPO: each response's token sum / token_sum_norm,
 //!                          # default sampling.max_new_tokens, averaged over responses);
-//!                          # behaviour_weight_cap >= 1 truncates the off-policy weight (inf: off)
+//!                          # behaviour_weight_cap >= 1 truncates the off-policy weight (inf: off);
+//!                          # off_policy_correction = false drops the weight (w = 1: no correction)
 //! reward = { kl_estimator = "k1", normalize = "none" }  # k1 | k2 | k3; normalize: none |
 //!                          # running (mean/std of every score so far); score_clip = c clips
 //! kl = { kind = "adaptive", init_beta = 0.1, target = 6.0, k_beta = 0.1 }  # or { kind = "fixed", beta = 0.1 }
@@ -191,6 +192,8 @@
 //!
 //! [faults]                 # fault injection for tests (see tandem_actors::faults); all off by default
 //! rollout_panic_every = 0
+//! rollout_stall_every = 0  # every Nth generation batch is held rollout_stall_s seconds (a straggler)
+//! rollout_stall_s = 0.0
 //! ```
 //!
 //! A minimal config needs only `steps`, `[models.policy]`, `[reward] kind` and `[data] prompts`.
