@@ -187,6 +187,125 @@ fn the_addition_pipeline_trains_evaluates_and_continues_with_rl() {
     }
 }
 
+/// `[eval]` in a run: every `eval.every` steps and at the end, the published weights are
+/// evaluated greedily on the held-out prompts, into those steps' metrics lines, with the
+/// numbers `tandem eval` gives for the same weights; the run trains exactly as without it.
+#[test]
+fn a_run_evaluates_held_out_prompts_without_changing_what_it_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tmp.path().join("sft");
+    let (d, p) = (sft_dir.to_str().unwrap(), sft_dir.join("policy"));
+    ok_json(&[
+        "sft",
+        "configs/pipeline/sft.toml",
+        "--run-dir",
+        d,
+        "--quiet",
+        "--set",
+        "train.epochs=2",
+    ]);
+    let set_policy = format!("models.policy.path={}", p.display());
+    let run = |dir: &Path, config: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            config,
+            "--run-dir",
+            dir.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            &set_policy,
+            "--set",
+            "steps=5",
+            "--set",
+            "metrics.addr=\"127.0.0.1:0\"",
+        ];
+        args.extend_from_slice(extra);
+        ok_json(&args);
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let with = tmp.path().join("with");
+    let lines = run(
+        &with,
+        "configs/pipeline/grpo.toml",
+        &["--set", "eval.every=2", "--set", "eval.max_prompts=48"],
+    );
+    let keys = [
+        "eval_accuracy",
+        "eval_score_mean",
+        "eval_mean_length",
+        "eval_no_stop_fraction",
+    ];
+    for (k, l) in lines.iter().enumerate() {
+        let due = k == 1 || k == 3 || k == 4;
+        for key in keys {
+            assert_eq!(l.get(key).is_some(), due, "step {k}: {key} in {l}");
+        }
+    }
+    // The last step's measures are `tandem eval`'s for the saved policy.
+    let last = &lines[4];
+    let e = ok_json(&[
+        "eval",
+        "configs/pipeline/grpo.toml",
+        "--model",
+        with.join("policy").to_str().unwrap(),
+        "--prompts",
+        "configs/data/addition_eval.jsonl",
+        "--limit",
+        "48",
+        "--out",
+        tmp.path().join("e.jsonl").to_str().unwrap(),
+    ]);
+    for (key, want) in [
+        ("eval_accuracy", "accuracy"),
+        ("eval_score_mean", "score_mean"),
+        ("eval_mean_length", "mean_length"),
+        ("eval_no_stop_fraction", "no_stop_fraction"),
+    ] {
+        assert_eq!(last[key].as_f64(), e[want].as_f64(), "{key}: {last} vs {e}");
+    }
+
+    // The same run without [eval] trains the same weights, step by step.
+    let text = std::fs::read_to_string(root().join("configs/pipeline/grpo.toml")).unwrap();
+    let (head, tail) = text.split_once("[eval]").unwrap();
+    let tail = &tail[tail.find("\n[").unwrap()..];
+    let dir = root().join("configs/pipeline");
+    let plain = format!("{head}{tail}").replace("\"../", &format!("\"{}/../", dir.display()));
+    let plain_cfg = tmp.path().join("plain.toml");
+    std::fs::write(&plain_cfg, plain).unwrap();
+    let without = tmp.path().join("without");
+    let plain_lines = run(&without, plain_cfg.to_str().unwrap(), &[]);
+    for (a, b) in lines.iter().zip(&plain_lines) {
+        for key in ["policy_loss", "kl", "score_mean", "reward_mean", "entropy"] {
+            assert_eq!(a[key], b[key], "step {}: {key}", a["step"]);
+        }
+        assert!(keys.iter().all(|k| b.get(k).is_none()), "{b}");
+    }
+    let weights = |d: &Path| std::fs::read(d.join("policy/model.safetensors")).unwrap();
+    assert!(weights(&with) == weights(&without), "the trained weights differ");
+
+    // `tandem report` plots the held-out accuracy.
+    let out = tandem(&["report", with.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(with.join("report.html")).unwrap();
+    assert!(html.contains("id=\"chart-eval\""), "no held-out chart");
+    fails_with(
+        &[
+            "run",
+            "configs/pipeline/grpo.toml",
+            "--set",
+            &set_policy,
+            "--set",
+            "eval.every=0",
+        ],
+        2,
+        "eval.every",
+    );
+}
+
 #[test]
 fn sft_refuses_bad_input_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
