@@ -210,6 +210,23 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let feeder = spawn_feeder(prompts.prompts, plan, ticket_tx, restore.arrived.clone());
     let depths = [gen_rx.stats().clone(), rew_rx.stats().clone(), val_rx.stats().clone()];
 
+    // The [eval] held-out set (the evaluator actor is spawned with the others).
+    let held_out = match &cfg.eval {
+        Some(e) => {
+            let exec = dev(&p.rollout_devices[0]);
+            let mut view = cfg.clone();
+            view.data.prompts = e.prompts.clone();
+            let limit = (e.max_prompts > 0).then_some(e.max_prompts);
+            let held_out = Arc::new(HeldOut::load(&view, &policy.tokenizer, exec.device(), limit)?);
+            let schedule = EvalSchedule {
+                every: e.every,
+                steps: cfg.steps,
+            };
+            Some((exec, held_out, schedule))
+        }
+        None => None,
+    };
+
     // Actors.
     let (fail_tx, fail_rx) = tokio::sync::mpsc::unbounded_channel();
     let reissued = ReissueQueue::default();
@@ -257,22 +274,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         restore,
     };
     let replay = tree.replay(replay_args).await?;
-    let eval = match &cfg.eval {
-        Some(e) => {
-            let exec = dev(&p.rollout_devices[0]);
-            let mut view = cfg.clone();
-            view.data.prompts = e.prompts.clone();
-            let limit = (e.max_prompts > 0).then_some(e.max_prompts);
-            let held_out = Arc::new(HeldOut::load(&view, &policy.tokenizer, exec.device(), limit)?);
-            let schedule = EvalSchedule {
-                every: e.every,
-                steps: cfg.steps,
-            };
-            Some(
-                tree.evaluator(exec, policy.config.clone(), held_out, schedule, &snap)
-                    .await?,
-            )
-        }
+    let eval = match held_out {
+        Some((exec, held_out, schedule)) => Some(
+            tree.evaluator(exec, policy.config.clone(), held_out, schedule, &snap)
+                .await?,
+        ),
         None => None,
     };
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(16);
