@@ -3,7 +3,8 @@
 //! responses with the config's reward source (see `tandem_runtime::eval`): exact-match
 //! accuracy, pass@k, mean score, mean length and the no-stop fraction, printed as one JSON line
 //! on stdout; every response goes to the samples JSONL (`--out`, default `eval_samples.jsonl`
-//! beside the model directory). Greedy unless `--temperature` is above 0.
+//! beside the model directory). Greedy unless `--temperature` is above 0. The prompts are
+//! `--prompts`, else the config's `[eval]` prompts, else its `data.prompts`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +22,8 @@ pub struct EvalArgs {
     /// config's policy.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Held-out prompts JSONL (with "answer" for exact match), instead of data.prompts.
+    /// Held-out prompts JSONL (with "answer" for exact match); default: the config's
+    /// `[eval] prompts` (and its `max_prompts`), else its data.prompts.
     #[arg(long)]
     prompts: Option<PathBuf>,
     /// Responses per prompt (pass@k is reported for k = 1, 2, 4, ... up to it).
@@ -54,13 +56,19 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let abs = std::path::absolute(m).with_context(|| format!("--model {}", m.display()))?;
         set.push(format!("models.policy.path={}", abs.display()));
     }
-    let cfg = Config::load(&args.config, &set)?;
+    let mut cfg = Config::load(&args.config, &set)?;
+    // Without --prompts, a config's [eval] section names the held-out prompts.
+    let mut limit = args.limit;
+    if let (None, Some(e)) = (&args.prompts, &cfg.eval) {
+        cfg.data.prompts = e.prompts.clone();
+        limit = limit.or((e.max_prompts > 0).then_some(e.max_prompts));
+    }
     let opts = EvalOptions {
         out: args.out.clone().unwrap_or_else(|| default_out(args.model.as_deref())),
         model: args.model.clone(),
         samples: args.samples,
         temperature: args.temperature,
-        limit: args.limit,
+        limit,
     };
     let rt = crate::control_runtime("tandem-control")?;
     let out = rt.block_on(evaluate(&cfg, &opts));

@@ -1,4 +1,5 @@
-//! `tandem gen-task addition --digits N --count N --seed S --out FILE [--reverse] [--chat]`:
+//! `tandem gen-task addition --digits N --count N --seed S --out FILE [--reverse] [--chat]
+//! [--exclude HELD_OUT.jsonl]`:
 //! writes a verifiable task's data as JSONL (see `tandem_runtime::tasks`): records with a
 //! `prompt` (or chat `messages`), the `completion` SFT trains on, and the `answer` that `tandem
 //! eval` and the exact-match reward compare responses with. Seeded: the same arguments give the
@@ -8,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tandem_runtime::tasks::{write_addition, Addition};
+use tandem_runtime::tasks::{task_prompts, write_addition, Addition};
 
 #[derive(Debug, Subcommand)]
 pub enum GenTaskCommand {
@@ -32,6 +33,10 @@ pub struct AdditionArgs {
     /// `{"messages": [...]}` records instead of prompt/completion.
     #[arg(long)]
     chat: bool,
+    /// Leave out the problems whose prompt is in this task file (e.g. the held-out set), so
+    /// that evaluation prompts are never trained on. Fewer than --count records are then written.
+    #[arg(long)]
+    exclude: Option<PathBuf>,
     /// Output JSONL file.
     #[arg(long)]
     out: PathBuf,
@@ -45,7 +50,11 @@ pub fn run(cmd: GenTaskCommand) -> anyhow::Result<()> {
                 reverse: a.reverse,
                 chat: a.chat,
             };
-            let n = write_addition(task, a.count, a.seed, &a.out)?;
+            let exclude = match &a.exclude {
+                Some(p) => task_prompts(p)?,
+                None => Default::default(),
+            };
+            let n = write_addition(task, a.count, a.seed, &exclude, &a.out)?;
             crate::print_json(
                 &json!({"task": "addition", "digits": a.digits, "reverse": a.reverse, "records": n, "out": a.out}),
             )

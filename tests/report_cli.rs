@@ -13,14 +13,15 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tandem_actors::ppo_trainer::StepStats;
-use tandem_actors::{StepReport, TokenStaleness};
+use tandem_actors::{HeldOutEval, StepReport, TokenStaleness};
 
 const STEPS: usize = 12;
 const ACTORS: [&str; 3] = ["learner/cpu:1", "reward/cpu:0", "rollout/cpu:0/0"];
 const SAMPLES: usize = 5;
 
-const CHARTS: [&str; 15] = [
+const CHARTS: [&str; 16] = [
     "chart-reward",
+    "chart-eval",
     "chart-true-score",
     "chart-kl",
     "chart-loss",
@@ -96,6 +97,10 @@ fn write_run(dir: &Path, with_actors: bool) {
             checkpoint_s: 0.0,
             wall_s: 0.6 * (x + 1.0),
             true_score_mean: Some(0.1 + 0.01 * x),
+            eval: HeldOutEval {
+                eval_accuracy: (i % 4 == 3).then_some(0.1 + 0.03 * x),
+                ..Default::default()
+            },
         };
         lines.push_str(&serde_json::to_string(&row).unwrap());
         lines.push('\n');
@@ -254,6 +259,10 @@ fn report_has_every_chart_with_labelled_axes() {
             "{id}: non-finite coordinates"
         );
     }
+    // The held-out accuracy: one point per evaluated step (3, 7 and 11), joined.
+    let eval = section(&html, "chart-eval");
+    assert_eq!(lines(eval), BTreeMap::from([("eval_accuracy".to_string(), 3)]));
+    assert!(eval.contains(">accuracy (0–1)</text>"), "chart-eval: no y-axis title");
     // Several series on one set of axes get a legend; the reward's band is in it too.
     assert!(section(&html, "chart-reward").contains(r#"class="legend""#));
     assert!(section(&html, "chart-reward").contains("<polygon class=\"band\""));
@@ -331,6 +340,7 @@ fn a_resumed_run_has_a_resume_marker_one_time_axis_and_completions_from_its_stor
         !html.contains("chart-true-score"),
         "no true score without the mock labeller"
     );
+    assert!(!html.contains("chart-eval"), "no held-out chart without [eval]");
     // The new charts hold a finite value for every step.
     for (id, key) in [
         ("chart-approx-kl", "approx_kl"),

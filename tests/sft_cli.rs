@@ -1,7 +1,8 @@
 //! The SFT, evaluation and task-generation CLI on the shipped addition pipeline
 //! (configs/pipeline/sft.toml, then configs/pipeline/grpo.toml from its output): `tandem sft`
 //! trains and saves a causal LM, `tandem eval` measures its held-out exact-match accuracy,
-//! pass@k, mean length and no-stop fraction, and the RL config runs from the SFT model.
+//! pass@k, mean length and no-stop fraction, and GRPO from the SFT model raises its held-out
+//! greedy accuracy by 10 points or more (CI-sized).
 //! Bad input exits 2 naming the file and line; a second run into a run directory is refused;
 //! `--resume` continues from the latest checkpoint.
 
@@ -156,9 +157,41 @@ fn the_addition_pipeline_trains_evaluates_and_continues_with_rl() {
         "--temperature",
     );
 
+    // GRPO from the SFT model, CI-sized (the first 200 of the shipped run's 300 steps): greedy held-out
+    // accuracy, evaluated by the run itself at the end, rises by 10 points or more.
+    let rise = tmp.path().join("rise");
+    let set_policy = format!("models.policy.path={p}");
+    ok_json(&[
+        "run",
+        "configs/pipeline/grpo.toml",
+        "--run-dir",
+        rise.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        &set_policy,
+        "--set",
+        "steps=200",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "metrics.addr=\"127.0.0.1:0\"",
+    ]);
+    let curve: Vec<(u64, f64)> = std::fs::read_to_string(rise.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("eval_accuracy")?.as_f64()?)))
+        .collect();
+    println!("held-out greedy accuracy: SFT {acc}, during GRPO {curve:?}");
+    assert_eq!(curve.iter().map(|c| c.0).collect::<Vec<_>>(), vec![49, 99, 149, 199]);
+    let after = curve[3].1;
+    assert!(
+        after >= acc + 0.10,
+        "GRPO moved held-out greedy accuracy from {acc} to {after}"
+    );
+
     // RL from the SFT model (CI-sized), with the SFT data as the PPO-ptx mix (InstructGPT).
     let grpo = tmp.path().join("grpo");
-    let set_policy = format!("models.policy.path={p}");
     let r = ok_json(&[
         "run",
         "configs/pipeline/grpo.toml",
@@ -185,6 +218,125 @@ fn the_addition_pipeline_trains_evaluates_and_continues_with_rl() {
         let ptx = find_key(&serde_json::from_str(l).unwrap(), "ptx_logprob").expect("ptx_logprob logged");
         assert!(ptx < 0.0 && ptx > -6.0, "{l}");
     }
+}
+
+/// `[eval]` in a run: every `eval.every` steps and at the end, the published weights are
+/// evaluated greedily on the held-out prompts, into those steps' metrics lines, with the
+/// numbers `tandem eval` gives for the same weights; the run trains exactly as without it.
+#[test]
+fn a_run_evaluates_held_out_prompts_without_changing_what_it_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sft_dir = tmp.path().join("sft");
+    let (d, p) = (sft_dir.to_str().unwrap(), sft_dir.join("policy"));
+    ok_json(&[
+        "sft",
+        "configs/pipeline/sft.toml",
+        "--run-dir",
+        d,
+        "--quiet",
+        "--set",
+        "train.epochs=2",
+    ]);
+    let set_policy = format!("models.policy.path={}", p.display());
+    let run = |dir: &Path, config: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            config,
+            "--run-dir",
+            dir.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            &set_policy,
+            "--set",
+            "steps=5",
+            "--set",
+            "metrics.addr=\"127.0.0.1:0\"",
+        ];
+        args.extend_from_slice(extra);
+        ok_json(&args);
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let with = tmp.path().join("with");
+    let lines = run(
+        &with,
+        "configs/pipeline/grpo.toml",
+        &["--set", "eval.every=2", "--set", "eval.max_prompts=48"],
+    );
+    let keys = [
+        "eval_accuracy",
+        "eval_score_mean",
+        "eval_mean_length",
+        "eval_no_stop_fraction",
+    ];
+    for (k, l) in lines.iter().enumerate() {
+        let due = k == 1 || k == 3 || k == 4;
+        for key in keys {
+            assert_eq!(l.get(key).is_some(), due, "step {k}: {key} in {l}");
+        }
+    }
+    // The last step's measures are `tandem eval`'s for the saved policy.
+    let last = &lines[4];
+    let e = ok_json(&[
+        "eval",
+        "configs/pipeline/grpo.toml",
+        "--model",
+        with.join("policy").to_str().unwrap(),
+        "--prompts",
+        "configs/data/addition_eval.jsonl",
+        "--limit",
+        "48",
+        "--out",
+        tmp.path().join("e.jsonl").to_str().unwrap(),
+    ]);
+    for (key, want) in [
+        ("eval_accuracy", "accuracy"),
+        ("eval_score_mean", "score_mean"),
+        ("eval_mean_length", "mean_length"),
+        ("eval_no_stop_fraction", "no_stop_fraction"),
+    ] {
+        assert_eq!(last[key].as_f64(), e[want].as_f64(), "{key}: {last} vs {e}");
+    }
+
+    // The same run without [eval] trains the same weights, step by step.
+    let text = std::fs::read_to_string(root().join("configs/pipeline/grpo.toml")).unwrap();
+    let (head, tail) = text.split_once("[eval]").unwrap();
+    let tail = &tail[tail.find("\n[").unwrap()..];
+    let dir = root().join("configs/pipeline");
+    let plain = format!("{head}{tail}").replace("\"../", &format!("\"{}/../", dir.display()));
+    let plain_cfg = tmp.path().join("plain.toml");
+    std::fs::write(&plain_cfg, plain).unwrap();
+    let without = tmp.path().join("without");
+    let plain_lines = run(&without, plain_cfg.to_str().unwrap(), &[]);
+    for (a, b) in lines.iter().zip(&plain_lines) {
+        for key in ["policy_loss", "kl", "score_mean", "reward_mean", "entropy"] {
+            assert_eq!(a[key], b[key], "step {}: {key}", a["step"]);
+        }
+        assert!(keys.iter().all(|k| b.get(k).is_none()), "{b}");
+    }
+    let weights = |d: &Path| std::fs::read(d.join("policy/model.safetensors")).unwrap();
+    assert!(weights(&with) == weights(&without), "the trained weights differ");
+
+    // `tandem report` plots the held-out accuracy.
+    let out = tandem(&["report", with.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(with.join("report.html")).unwrap();
+    assert!(html.contains("id=\"chart-eval\""), "no held-out chart");
+    fails_with(
+        &[
+            "run",
+            "configs/pipeline/grpo.toml",
+            "--set",
+            &set_policy,
+            "--set",
+            "eval.every=0",
+        ],
+        2,
+        "eval.every",
+    );
 }
 
 #[test]
@@ -257,6 +409,31 @@ fn gen_task_is_seeded_and_checks_its_arguments() {
         let reversed: String = sum.to_string().chars().rev().collect();
         assert_eq!(v["answer"].as_str().unwrap(), reversed);
     }
+    // --exclude leaves out the problems of a held-out file (1-digit addition has 100 problems).
+    let prompts = |n: &str| -> std::collections::HashSet<String> {
+        read(n)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    let (held, rest) = (f("held"), f("rest"));
+    let gen = |count: &str, seed: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "gen-task", "addition", "--digits", "1", "--count", count, "--seed", seed, "--out", out,
+        ];
+        args.extend_from_slice(extra);
+        ok_json(&args)["records"].as_u64().unwrap()
+    };
+    assert_eq!(gen("50", "5", &held, &[]), 50);
+    let kept = gen("300", "6", &rest, &["--exclude", &held]);
+    assert!(kept > 50 && kept < 300, "{kept}");
+    assert!(prompts("rest").is_disjoint(&prompts("held")));
+    assert_eq!(read("rest").lines().count() as u64, kept);
     fails_with(
         &["gen-task", "addition", "--digits", "0", "--out", &f("d")],
         2,

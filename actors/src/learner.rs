@@ -101,6 +101,28 @@ pub struct StepReport {
     /// probe (absent otherwise; the learner leaves it `None`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub true_score_mean: Option<f64>,
+    /// The held-out evaluation of this step's published weights (a run's `[eval]`; absent on
+    /// the steps it does not evaluate; the learner leaves it empty).
+    #[serde(flatten)]
+    pub eval: HeldOutEval,
+}
+
+/// Greedy held-out measures of one policy version, as `tandem eval` reports them (the names
+/// carry an `eval_` prefix in `metrics.jsonl`). Each is absent when not measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeldOutEval {
+    /// Mean reward-source score of the responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_score_mean: Option<f64>,
+    /// Fraction of responses scoring `reward.match_score` (exact-match and regex sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
+    /// Response tokens, the stop token included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_mean_length: Option<f64>,
+    /// Responses that reached `max_new_tokens` without a stop token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_no_stop_fraction: Option<f64>,
 }
 
 /// How many versions behind the trained one the batch's tokens were sampled, token-weighted.
@@ -393,6 +415,7 @@ impl Actor for LearnerActor {
             checkpoint_s: std::mem::take(&mut st.checkpoint_s),
             wall_s: st.started.elapsed().as_secs_f64(),
             true_score_mean: None,
+            eval: HeldOutEval::default(),
             stats,
         };
         st.step += 1;

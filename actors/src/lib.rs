@@ -44,7 +44,7 @@ pub use device::{DeviceId, Executor};
 pub use error::ActorError;
 pub use faults::{FaultConfig, Faults};
 pub use intake::{Next, TicketIntake};
-pub use learner::{LearnerEvent, StepReport, TokenStaleness};
+pub use learner::{HeldOutEval, LearnerEvent, StepReport, TokenStaleness};
 pub use meter::{ActorMeter, ActorState, MeterReading};
 pub use metrics_line::MetricsLineError;
 pub use ppo_trainer::{Advantage, PpoTrainer, TrainerConfig, TrainerState};

@@ -18,16 +18,21 @@
 //! Every response is written to the samples JSONL (`{"prompt", "response", "score",
 //! "correct", "length", "stopped", "sample"}`). Compute runs on the first rollout device's
 //! executor, as for `tandem sample`.
+//!
+//! [`HeldOut`] is the shared core: a run's `[eval]` section evaluates the weights it publishes
+//! through it as well (greedily, see `crate::pipeline`), so both report the same measures.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
 use tandem_actors::reward_source::RewardSource;
-use tandem_actors::Executor;
+use tandem_actors::{ActorError, Executor};
+use tandem_models::{LanguageModel, SamplingConfig, TextTokenizer};
 
-use crate::best_of::{policy, sample_and_score};
+use crate::best_of::{policy, sample_and_score, Scored};
 use crate::config::{Config, RewardKind};
 use crate::error::RuntimeError;
 use crate::prompts::load_prompts;
@@ -48,19 +53,26 @@ pub struct EvalOptions {
     pub limit: Option<usize>,
 }
 
-/// What `tandem eval` reports.
+/// The measures of one evaluation (see the module docs).
 #[derive(Debug, Clone, Serialize)]
-pub struct EvalSummary {
-    pub model: Option<PathBuf>,
+pub struct EvalScores {
     pub prompts: usize,
-    pub samples_per_prompt: usize,
-    pub temperature: f64,
     pub score_mean: f64,
     pub accuracy: Option<f64>,
     /// `[k, pass@k]` pairs.
     pub pass_at: Vec<(usize, f64)>,
     pub mean_length: f64,
     pub no_stop_fraction: f64,
+}
+
+/// What `tandem eval` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalSummary {
+    pub model: Option<PathBuf>,
+    pub samples_per_prompt: usize,
+    pub temperature: f64,
+    #[serde(flatten)]
+    pub scores: EvalScores,
     pub out: PathBuf,
 }
 
@@ -74,6 +86,125 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
     }
     // 1 - prod_{i = n - c + 1}^{n} (1 - k / i), numerically stable.
     1.0 - (n - c + 1..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
+}
+
+/// A held-out set ready to evaluate models on: the config's prompts (tokenised as a run
+/// feeds them), its reward source, and what counts as correct and as a stop. `tandem eval`
+/// and a run's `[eval]` both evaluate through it.
+pub struct HeldOut {
+    prompts: Vec<Vec<u32>>,
+    source: Arc<dyn RewardSource>,
+    /// The score of a correct response, for the sources that have a notion of correct.
+    correct_score: Option<f32>,
+    stops: HashSet<u32>,
+    sampling: SamplingConfig,
+    seed: u64,
+    batch: usize,
+}
+
+impl HeldOut {
+    /// `cfg`'s `data.prompts` (the first `limit`), scored by `cfg`'s reward source on `device`.
+    pub fn load(
+        cfg: &Config,
+        tokenizer: &TextTokenizer,
+        device: &candle_core::Device,
+        limit: Option<usize>,
+    ) -> Result<Self, RuntimeError> {
+        let mut prompts = load_prompts(
+            &cfg.data.prompts,
+            &cfg.data.prompt_key,
+            tokenizer,
+            cfg.data.prompt_max_tokens,
+            cfg.data.on_bad_line,
+        )?
+        .prompts;
+        if let Some(l) = limit {
+            prompts.truncate(l.max(1));
+        }
+        Ok(Self {
+            prompts,
+            source: reward_source(cfg, tokenizer, device)?,
+            correct_score: match cfg.reward.kind {
+                RewardKind::ExactMatch | RewardKind::Regex => Some(cfg.reward.match_score),
+                _ => None,
+            },
+            stops: cfg.sampling.stop_tokens.iter().copied().collect(),
+            sampling: cfg.sampling.clone(),
+            seed: cfg.seed,
+            batch: cfg.data.prompts_per_ticket,
+        })
+    }
+
+    /// `n` responses per prompt from `model` at `temperature` (0: greedy), each scored, and the
+    /// measures over them.
+    pub fn run(
+        &self,
+        model: &LanguageModel,
+        n: usize,
+        temperature: f64,
+    ) -> Result<(Vec<Scored>, EvalScores), ActorError> {
+        let mut sampling = self.sampling.clone();
+        sampling.temperature = temperature;
+        sampling.greedy = temperature == 0.0;
+        let scored = sample_and_score(
+            model,
+            &self.prompts,
+            n,
+            &sampling,
+            self.seed,
+            self.source.as_ref(),
+            self.batch,
+            false,
+        )?;
+        let scores = self.measure(&scored, n);
+        Ok((scored, scores))
+    }
+
+    /// Whether a response ended with a stop token.
+    pub fn stopped(&self, response: &[u32]) -> bool {
+        response.last().is_some_and(|t| self.stops.contains(t))
+    }
+
+    /// Whether a score is a correct response's (`None`: the source has no notion of correct).
+    pub fn correct(&self, score: f32) -> Option<bool> {
+        self.correct_score.map(|m| score == m)
+    }
+
+    fn measure(&self, scored: &[Scored], n: usize) -> EvalScores {
+        let (mut score_sum, mut len_sum, mut no_stop, mut right, mut total) = (0.0, 0usize, 0usize, 0usize, 0usize);
+        let ks: Vec<usize> = std::iter::successors(Some(1usize), |k| Some(k * 2))
+            .take_while(|&k| k <= n)
+            .chain((!n.is_power_of_two()).then_some(n))
+            .collect();
+        let mut pass_sums = vec![0.0; ks.len()];
+        for s in scored {
+            let mut c = 0;
+            for (r, &score) in s.responses.iter().zip(&s.scores) {
+                c += self.correct(score).unwrap_or(false) as usize;
+                score_sum += score as f64;
+                len_sum += r.len();
+                no_stop += (!self.stopped(r)) as usize;
+                total += 1;
+            }
+            right += c;
+            for (p, &k) in pass_sums.iter_mut().zip(&ks) {
+                *p += pass_at_k(n, c, k);
+            }
+        }
+        let np = scored.len().max(1) as f64;
+        let total_f = total.max(1) as f64;
+        EvalScores {
+            prompts: scored.len(),
+            score_mean: score_sum / total_f,
+            accuracy: self.correct_score.map(|_| right as f64 / total_f),
+            pass_at: match self.correct_score {
+                Some(_) => ks.iter().zip(&pass_sums).map(|(&k, &p)| (k, p / np)).collect(),
+                None => vec![],
+            },
+            mean_length: len_sum as f64 / total_f,
+            no_stop_fraction: no_stop as f64 / total_f,
+        }
+    }
 }
 
 /// Evaluates `opts.model` on the config's prompts (see the module docs).
@@ -105,88 +236,40 @@ pub async fn evaluate(cfg: &Config, opts: &EvalOptions) -> Result<EvalSummary, R
     })?;
     let exec = Executor::new(device, cfg.placement.threads_per_device)?;
     let (model, tokenizer) = policy(cfg, opts.model.as_deref(), exec.device())?;
-    let mut prompts = load_prompts(
-        &cfg.data.prompts,
-        &cfg.data.prompt_key,
-        &tokenizer,
-        cfg.data.prompt_max_tokens,
-        cfg.data.on_bad_line,
-    )?
-    .prompts;
-    if let Some(l) = opts.limit {
-        prompts.truncate(l.max(1));
-    }
-    let source: Arc<dyn RewardSource> = reward_source(cfg, &tokenizer, exec.device())?;
-    let correct_score = match cfg.reward.kind {
-        RewardKind::ExactMatch | RewardKind::Regex => Some(cfg.reward.match_score),
-        _ => None,
-    };
-    let mut sampling = cfg.sampling.clone();
-    sampling.temperature = opts.temperature;
-    sampling.greedy = opts.temperature == 0.0;
-    let (n, seed, batch) = (opts.samples, cfg.seed, cfg.data.prompts_per_ticket);
-    let ps = prompts.clone();
-    let (scored, _) = exec
-        .run(move |_| sample_and_score(&model, &ps, n, &sampling, seed, source.as_ref(), batch, false))
-        .await?;
-    let scored = scored?;
-    let stops: std::collections::HashSet<u32> = cfg.sampling.stop_tokens.iter().copied().collect();
+    let held_out = Arc::new(HeldOut::load(cfg, &tokenizer, exec.device(), opts.limit)?);
+    let (n, temperature) = (opts.samples, opts.temperature);
+    let h = held_out.clone();
+    let (out, _) = exec.run(move |_| h.run(&model, n, temperature)).await?;
+    let (scored, scores) = out?;
 
     let out = &opts.out;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| RuntimeError::io(parent, e))?;
     }
     let mut f = std::io::BufWriter::new(std::fs::File::create(out).map_err(|e| RuntimeError::io(out, e))?);
-    let (mut score_sum, mut len_sum, mut no_stop, mut right, mut total) = (0.0, 0usize, 0usize, 0usize, 0usize);
-    let ks: Vec<usize> = std::iter::successors(Some(1usize), |k| Some(k * 2))
-        .take_while(|&k| k <= n)
-        .chain((!n.is_power_of_two()).then_some(n))
-        .collect();
-    let mut pass_sums = vec![0.0; ks.len()];
     for s in &scored {
         let prompt = tokenizer.decode(&s.prompt)?;
-        let mut c = 0;
         for (j, (r, &score)) in s.responses.iter().zip(&s.scores).enumerate() {
-            let stopped = r.last().is_some_and(|t| stops.contains(t));
-            let correct = correct_score.map(|m| score == m);
-            c += correct.unwrap_or(false) as usize;
-            score_sum += score as f64;
-            len_sum += r.len();
-            no_stop += (!stopped) as usize;
-            total += 1;
+            let stopped = held_out.stopped(r);
             let end = if stopped { r.len() - 1 } else { r.len() };
             let line = serde_json::json!({
                 "prompt": prompt,
                 "response": tokenizer.decode(&r[..end])?,
                 "score": score,
-                "correct": correct,
+                "correct": held_out.correct(score),
                 "length": r.len(),
                 "stopped": stopped,
                 "sample": j,
             });
             writeln!(f, "{line}").map_err(|e| RuntimeError::io(out, e))?;
         }
-        right += c;
-        for (p, &k) in pass_sums.iter_mut().zip(&ks) {
-            *p += pass_at_k(n, c, k);
-        }
     }
     f.flush().map_err(|e| RuntimeError::io(out, e))?;
-    let np = scored.len().max(1) as f64;
-    let total_f = total.max(1) as f64;
     Ok(EvalSummary {
         model: opts.model.clone(),
-        prompts: scored.len(),
         samples_per_prompt: n,
         temperature: opts.temperature,
-        score_mean: score_sum / total_f,
-        accuracy: correct_score.map(|_| right as f64 / total_f),
-        pass_at: match correct_score {
-            Some(_) => ks.iter().zip(&pass_sums).map(|(&k, &p)| (k, p / np)).collect(),
-            None => vec![],
-        },
-        mean_length: len_sum as f64 / total_f,
-        no_stop_fraction: no_stop as f64 / total_f,
+        scores,
         out: out.to_path_buf(),
     })
 }

@@ -10,6 +10,7 @@
 //! `tandem eval` read the prompt or the messages minus the last one, and the exact-match reward
 //! compares a response with `answer`.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
 
@@ -45,8 +46,31 @@ impl Addition {
     }
 }
 
-/// Writes `count` seeded addition records to `out`; returns how many were written.
-pub fn write_addition(task: Addition, count: usize, seed: u64, out: &Path) -> Result<usize, RuntimeError> {
+/// The prompts of a task file (`prompt`, or the first message's content), for
+/// [`write_addition`]'s `exclude`.
+pub fn task_prompts(path: &Path) -> Result<HashSet<String>, RuntimeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::io(path, e))?;
+    let mut out = HashSet::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| RuntimeError::Config {
+            path: path.into(),
+            msg: format!("line {}: {e}", i + 1),
+        })?;
+        let prompt = v["prompt"].as_str().or_else(|| v["messages"][0]["content"].as_str());
+        out.insert(prompt.unwrap_or_default().to_string());
+    }
+    Ok(out)
+}
+
+/// Writes `count` seeded addition records to `out`, leaving out those whose prompt is in
+/// `exclude` (a held-out set, say); returns how many were written.
+pub fn write_addition(
+    task: Addition,
+    count: usize,
+    seed: u64,
+    exclude: &HashSet<String>,
+    out: &Path,
+) -> Result<usize, RuntimeError> {
     if !(1..=18).contains(&task.digits) {
         return Err(RuntimeError::Config {
             path: out.into(),
@@ -59,12 +83,17 @@ pub fn write_addition(task: Addition, count: usize, seed: u64, out: &Path) -> Re
     let mut f = std::io::BufWriter::new(std::fs::File::create(out).map_err(|e| RuntimeError::io(out, e))?);
     let mut rng = StdRng::seed_from_u64(seed);
     let max = 10u64.pow(task.digits);
+    let mut written = 0;
     for _ in 0..count {
         let (a, b) = (rng.random_range(0..max), rng.random_range(0..max));
+        if exclude.contains(&task.problem(a, b).0) {
+            continue;
+        }
         writeln!(f, "{}", task.record(a, b)).map_err(|e| RuntimeError::io(out, e))?;
+        written += 1;
     }
     f.flush().map_err(|e| RuntimeError::io(out, e))?;
-    Ok(count)
+    Ok(written)
 }
 
 /// Exact match of a response with an answer, ignoring surrounding whitespace.
@@ -101,9 +130,10 @@ mod tests {
             reverse: false,
             chat: false,
         };
-        write_addition(t, 20, 5, &dir.join("a.jsonl")).unwrap();
-        write_addition(t, 20, 5, &dir.join("b.jsonl")).unwrap();
-        write_addition(t, 20, 6, &dir.join("c.jsonl")).unwrap();
+        let none = HashSet::new();
+        write_addition(t, 20, 5, &none, &dir.join("a.jsonl")).unwrap();
+        write_addition(t, 20, 5, &none, &dir.join("b.jsonl")).unwrap();
+        write_addition(t, 20, 6, &none, &dir.join("c.jsonl")).unwrap();
         let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
         assert_eq!(read("a.jsonl"), read("b.jsonl"));
         assert_ne!(read("a.jsonl"), read("c.jsonl"));

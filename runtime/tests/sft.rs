@@ -22,8 +22,8 @@ fn config(dir: &Path, extra: &str) -> SftConfig {
         reverse: false,
         chat: false,
     };
-    write_addition(task, 192, 1, &dir.join("train.jsonl")).unwrap();
-    write_addition(task, 48, 2, &dir.join("eval.jsonl")).unwrap();
+    write_addition(task, 192, 1, &Default::default(), &dir.join("train.jsonl")).unwrap();
+    write_addition(task, 48, 2, &Default::default(), &dir.join("eval.jsonl")).unwrap();
     let text = format!(
         r#"
 seed = 3

@@ -7,7 +7,8 @@ use super::plot::{panel, Figure, Panel, Series, YRange, PALETTE, SECONDS};
 
 /// The charts of a run, in page order. Charts over steps mark the steps at which a resumed
 /// session began, the actor chart the times; `chart-true-score` is there only when the run
-/// recorded a true score (the mock labeller).
+/// recorded a true score (the mock labeller), `chart-eval` only when it evaluated held-out
+/// prompts (`[eval]`).
 pub(super) fn figures(d: &RunData) -> Vec<Figure> {
     let (m, actors) = (&d.metrics, d.actors.as_ref());
     let c = PALETTE;
@@ -444,6 +445,43 @@ pub(super) fn figures(d: &RunData) -> Vec<Figure> {
                         ),
                     ],
                 )],
+                note: None,
+            },
+        );
+    }
+    // Held-out evaluation: a point per evaluated step, joined (the steps between have none).
+    let evaluated = |f: fn(&tandem_actors::HeldOutEval) -> Option<f64>| -> Vec<(f64, Option<f64>)> {
+        m.rows
+            .iter()
+            .filter_map(|r| f(&r.eval).filter(|v| v.is_finite()).map(|v| (r.step as f64, Some(v))))
+            .collect()
+    };
+    let (accuracy, score) = (evaluated(|e| e.eval_accuracy), evaluated(|e| e.eval_score_mean));
+    // Accuracy where the reward source has a notion of correct, else the mean score.
+    let held_out = if !accuracy.is_empty() {
+        Some((
+            Series::new("eval_accuracy", "held-out accuracy (greedy)", c[3], accuracy),
+            "accuracy (0–1)",
+        ))
+    } else if !score.is_empty() {
+        Some((
+            Series::new("eval_score_mean", "held-out score (greedy)", c[3], score),
+            "score per response",
+        ))
+    } else {
+        None
+    };
+    if let Some((series, y_label)) = held_out {
+        figs.insert(
+            1,
+            Figure {
+                id: "chart-eval",
+                title: "Held-out evaluation",
+                caption: "Greedy responses of the weights published after the step, on the [eval] prompts, \
+                          scored by the run's reward source."
+                    .into(),
+                wide: false,
+                panels: vec![panel(y_label, zero(), vec![series])],
                 note: None,
             },
         );

@@ -178,6 +178,19 @@
 //! lr = 1e-3
 //! normalize = "gain_bias"  # none | reference_bias | gain_bias, on the initial policy's samples
 //! min_eval_accuracy = 0.0  # fail before PPO if the reward model is worse than this
+//! [eval]                   # optional: greedy held-out evaluation during the run
+//! every = 10               # learner steps between evaluations (>= 1, a multiple of
+//!                          # mode.publish_every); the last step is always evaluated
+//! prompts = "data/eval.jsonl"  # held-out prompts, read like data.prompts (data.prompt_key,
+//!                          # data.answer_key, data.prompt_max_tokens)
+//! max_prompts = 0          # evaluate only the first N prompts (0: all)
+//!                          # Each evaluated step's metrics.jsonl line gets eval_score_mean,
+//!                          # eval_accuracy (exact_match / regex), eval_mean_length and
+//!                          # eval_no_stop_fraction: the weights published after that step,
+//!                          # decoded greedily with [sampling]'s limits and stop tokens on the
+//!                          # first rollout device, scored by [reward] as `tandem eval` does.
+//!                          # It reads the published weights only: what the run trains on is
+//!                          # the same with or without it
 //! [checkpoints]            # RUN_DIR/checkpoints/step-K (see crate::checkpoint); the section
 //!                          # of sft and train-rm too. `[checkpoint]`, its older name, still reads
 //! every = 10               # learner steps between checkpoints (0: only at the end and on stop)
@@ -264,6 +277,9 @@ pub struct Config {
     pub faults: FaultConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// Greedy held-out evaluation during the run (see [`crate::pipeline`]'s evaluator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalConfig>,
 }
 
 fn default_seed() -> u64 {
@@ -359,6 +375,9 @@ impl Config {
         fix("data.prompts", &mut self.data.prompts)?;
         if let Some(p) = &mut self.data.pretrain {
             fix("data.pretrain", p)?;
+        }
+        if let Some(e) = &mut self.eval {
+            fix("eval.prompts", &mut e.prompts)?;
         }
         if let Some(p) = &mut self.models.policy.path {
             fix("models.policy.path", p)?;

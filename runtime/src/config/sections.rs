@@ -503,3 +503,16 @@ pub enum NormalizeKind {
     ReferenceBias,
     GainBias,
 }
+
+/// `[eval]`: greedy evaluation on held-out prompts during a run; see `crate::pipeline::evaluator`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Learner steps between evaluations (the last step is always evaluated).
+    pub every: u64,
+    /// Held-out prompts JSONL, read like `data.prompts` (with `data.answer_key` for exact match).
+    pub prompts: PathBuf,
+    /// Evaluate only the first this many prompts (0: all).
+    #[serde(default)]
+    pub max_prompts: usize,
+}

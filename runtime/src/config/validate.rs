@@ -88,6 +88,9 @@ impl Config {
         if let Some(m) = &self.mock_labeller {
             self.validate_mock_labeller(m)?;
         }
+        if let Some(e) = &self.eval {
+            self.validate_eval(e)?;
+        }
         if self.replay_capacity() < self.batch_size() {
             return Err(format!(
                 "channels.replay_capacity ({}) must hold at least one batch ({})",
@@ -289,6 +292,24 @@ impl Config {
         }
         if d.pretrain.is_some() && (d.pretrain_rows == 0 || d.pretrain_max_tokens < 2) {
             return Err("data.pretrain_rows must be >= 1 and data.pretrain_max_tokens >= 2".into());
+        }
+        Ok(())
+    }
+
+    /// `[eval]`: a period the published versions meet, a prompts file, a local device.
+    fn validate_eval(&self, e: &EvalConfig) -> Result<(), String> {
+        let m = self.mode.publish_every.max(1);
+        if e.every == 0 || !e.every.is_multiple_of(m) {
+            return Err(format!(
+                "eval.every ({}) must be a positive multiple of mode.publish_every ({m}): only published weights are evaluated",
+                e.every
+            ));
+        }
+        if !e.prompts.is_file() {
+            return Err(format!("eval.prompts: file not found: {}", e.prompts.display()));
+        }
+        if self.placement.rollout_devices.is_empty() {
+            return Err("[eval] runs on the first of placement.rollout_devices, which is empty".into());
         }
         Ok(())
     }

@@ -1,10 +1,12 @@
 //! Spawning a run's actors under its [`RunSupervisor`], in dependency order: snapshot, value,
-//! reward, local rollouts, the cluster's node links and remote-rollout proxies, replay, learner.
+//! reward, local rollouts, the cluster's node links and remote-rollout proxies, replay, the
+//! `[eval]` evaluator, learner.
 //!
 //! Stage actors (rollout, reward, value, remote rollout) are restartable [`ChildSpec`]s: the
 //! supervisor spawns them and, when one fails, reissues the tickets in its [`HeldTickets`] and
 //! spawns it again. A sampler's spec carries its wake hook ([`ChildSpec::wake_on_reissue`]):
-//! reissued tickets wake the samplers that wait for a newer policy. The snapshot, replay, node-link and learner actors are linked and watched:
+//! reissued tickets wake the samplers that wait for a newer policy. The snapshot, replay,
+//! node-link, evaluator and learner actors are linked and watched:
 //! their failure ends the run. Every actor gets an [`ActorMeter`] (kept in
 //! [`ActorTree::meters`] for `actors.jsonl` and `tandem top`); a stage's meter also watches the
 //! depth of its inbound channel. ractor's registry is process-wide, so registered names carry
@@ -32,6 +34,7 @@ use tandem_models::{LanguageModel, ModelConfig};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::evaluator::{EvalResults, EvalSchedule, EvaluatorActor, EvaluatorArgs};
 use crate::cluster::node_link::{NodeLinkActor, NodeLinkArgs, NodeView};
 use crate::cluster::remote_rollout::{RemoteRolloutActor, RemoteRolloutArgs};
 use crate::cluster::wire::Setup;
@@ -173,6 +176,38 @@ impl<'a> ActorTree<'a> {
         let args = SnapshotArgs { meter, policy, critic };
         self.spawn_watched("snapshot", SnapshotActor, args, ChildRole::Essential)
             .await
+    }
+
+    /// The `[eval]` evaluator on the first rollout device, watched like the snapshot.
+    pub async fn evaluator(
+        &mut self,
+        executor: Arc<Executor>,
+        config: ModelConfig,
+        held_out: Arc<crate::eval::HeldOut>,
+        schedule: EvalSchedule,
+        snapshot: &ActorRef<SnapshotMsg>,
+    ) -> Result<EvalResults, RuntimeError> {
+        let device = self
+            .cfg
+            .placement
+            .rollout_devices
+            .first()
+            .map(|d| d.to_string())
+            .unwrap_or_default();
+        let meter = self.meter("evaluator", "evaluator", device, None);
+        let (results, rx) = mpsc::unbounded_channel();
+        let args = EvaluatorArgs {
+            meter,
+            executor,
+            config,
+            held_out,
+            schedule,
+            snapshot: snapshot.clone(),
+            results,
+        };
+        self.spawn_watched("evaluator", EvaluatorActor, args, ChildRole::Essential)
+            .await?;
+        Ok(EvalResults { schedule, rx })
     }
 
     /// The value stage: critic values and advantages on its device.

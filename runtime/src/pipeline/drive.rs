@@ -1,7 +1,8 @@
 //! Serving a running pipeline: the learner's events, the supervisor's failures, Ctrl-C (or SIGTERM) and
 //! the periodic samplers, until the learner is done or the run stops.
 //!
-//! - Each step report is appended to `RUN_DIR/metrics.jsonl` (flushed), and with
+//! - Each step report is appended to `RUN_DIR/metrics.jsonl` (flushed) — a step that `[eval]`
+//!   evaluates once its held-out measures are in — and with
 //!   `metrics.tensorboard` to a TensorBoard event file in `RUN_DIR/tb/`, and moves the progress
 //!   bar; a checkpoint the learner asks for is written ([`CheckpointWriter`]) before it goes
 //!   on, so every line before a checkpoint is on disk first.
@@ -32,6 +33,7 @@ use tandem_actors::{ActorMeter, LearnerEvent, StepReport, Trajectory};
 use tokio::sync::mpsc;
 
 use super::checkpoints::CheckpointWriter;
+use super::evaluator::EvalResults;
 use crate::config::Config;
 use crate::error::RuntimeError;
 use crate::interrupts::Interrupts;
@@ -55,6 +57,8 @@ pub(super) struct Drive<'a> {
     pub started: Instant,
     pub meters: Vec<Arc<ActorMeter>>,
     pub probe: Option<ProbeResults>,
+    /// The `[eval]` measures, written into the lines of the steps they evaluate.
+    pub eval: Option<EvalResults>,
     pub progress: bool,
     /// Trajectories in the replay buffer.
     pub replay_held: Arc<AtomicUsize>,
@@ -95,6 +99,7 @@ impl Drive<'_> {
             started,
             meters,
             probe: probe_rx,
+            mut eval,
             progress,
             replay_held,
             depths,
@@ -165,7 +170,12 @@ impl Drive<'_> {
         loop {
             tokio::select! {
                 ev = events_rx.recv(), if learner_gone.is_none() => match ev {
-                    Some(LearnerEvent::Report(r)) => {
+                    Some(LearnerEvent::Report(mut r)) => {
+                        if let Some(e) = eval.as_mut() {
+                            if let Some(m) = e.for_step(r.step).await {
+                                r.eval = m;
+                            }
+                        }
                         let line = crate::step_probe::merge(&r, probe_rx.as_ref());
                         let appended = if tandem_actors::faults::disk_full_at(metrics_disk_full_at, r.step) {
                             Err(tandem_actors::faults::disk_full())

@@ -24,12 +24,18 @@
 //! After the shutdown (`docs/semantics.md` §6) the trained policy (and critic) are saved
 //! in HF layout under `RUN_DIR/policy` (`RUN_DIR/critic`).
 //!
+//! With `[eval]`, an evaluator actor evaluates the published weights greedily on held-out
+//! prompts every `eval.every` steps and at the end; the measures join those steps'
+//! `metrics.jsonl` lines (see `evaluator`).
+//!
 //! The parts: `models` (what a run starts from), `checkpoints` (resume point, restore,
-//! writing), `actor_tree` (spawning under the supervisor) and `drive` (the event loop).
+//! writing), `actor_tree` (spawning under the supervisor), `evaluator` (`[eval]`) and `drive`
+//! (the event loop).
 
 mod actor_tree;
 mod checkpoints;
 mod drive;
+mod evaluator;
 mod models;
 
 use std::collections::BTreeMap;
@@ -48,6 +54,7 @@ use tandem_models::{LanguageModel, ModelConfig, TextTokenizer};
 use crate::checkpoint;
 use crate::config::Config;
 use crate::error::RuntimeError;
+use crate::eval::HeldOut;
 use crate::prompts::{load_prompts, spawn_feeder, TicketPlan};
 use crate::reward_sources::reward_source;
 use crate::store::{spawn_writer_with_fault, store_dir, StoreStats};
@@ -55,6 +62,7 @@ use crate::supervisor::SupervisorMsg;
 use actor_tree::ActorTree;
 use checkpoints::CheckpointWriter;
 use drive::{Drive, Outcome};
+use evaluator::EvalSchedule;
 pub(crate) use models::sampling_temperature;
 pub use models::{build_learner, BuiltLearner};
 
@@ -211,6 +219,23 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let feeder = spawn_feeder(prompts.prompts, plan, ticket_tx, restore.arrived.clone());
     let depths = [gen_rx.stats().clone(), rew_rx.stats().clone(), val_rx.stats().clone()];
 
+    // The [eval] held-out set (the evaluator actor is spawned with the others).
+    let held_out = match &cfg.eval {
+        Some(e) => {
+            let exec = dev(&p.rollout_devices[0]);
+            let mut view = cfg.clone();
+            view.data.prompts = e.prompts.clone();
+            let limit = (e.max_prompts > 0).then_some(e.max_prompts);
+            let held_out = Arc::new(HeldOut::load(&view, &policy.tokenizer, exec.device(), limit)?);
+            let schedule = EvalSchedule {
+                every: e.every,
+                steps: cfg.steps,
+            };
+            Some((exec, held_out, schedule))
+        }
+        None => None,
+    };
+
     // Actors.
     let (fail_tx, fail_rx) = tokio::sync::mpsc::unbounded_channel();
     let reissued = ReissueQueue::default();
@@ -258,6 +283,13 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         restore,
     };
     let replay = tree.replay(replay_args).await?;
+    let eval = match held_out {
+        Some((exec, held_out, schedule)) => Some(
+            tree.evaluator(exec, policy.config.clone(), held_out, schedule, &snap)
+                .await?,
+        ),
+        None => None,
+    };
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(16);
     let stop = Arc::new(AtomicBool::new(false));
     let in_hand = Arc::new(Mutex::new(Vec::new()));
@@ -315,6 +347,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         started,
         meters: tree.meters.clone(),
         probe: probe_rx,
+        eval,
         progress: opts.progress,
         replay_held,
         depths,
