@@ -42,7 +42,7 @@ use crate::device::Executor;
 use crate::error::ActorError;
 use crate::faults::Faults;
 use crate::meter::{ActorMeter, ActorState};
-use crate::metrics_line::{nan, nan_if_null};
+use crate::nan_fields::{nan, nan_if_null};
 use crate::ppo_trainer::{PpoTrainer, StepStats};
 use crate::replay::ReplayMsg;
 use crate::snapshot::SnapshotMsg;

@@ -23,6 +23,7 @@ pub mod intake;
 pub mod learner;
 pub mod meter;
 pub mod metrics_line;
+mod nan_fields;
 pub mod ppo_trainer;
 pub mod reissue;
 pub mod replay;

@@ -12,19 +12,9 @@
 //!
 //! A line that does not fit says which field is wrong ([`MetricsLineError::Field`]).
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::learner::StepReport;
-
-/// The default of a measurement missing from a line.
-pub(crate) fn nan() -> f64 {
-    f64::NAN
-}
-
-/// A measurement that may be `null` (a non-finite number as JSON writes it): NaN.
-pub(crate) fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-}
 
 /// Why a line is not a [`StepReport`].
 #[derive(Debug, thiserror::Error)]

@@ -67,7 +67,7 @@ use tandem_models::rl::{
 use tandem_models::{snapshot, AdamW, LanguageModel, ScalarModel};
 
 use crate::error::ActorError;
-use crate::metrics_line::{nan, nan_if_null};
+use crate::nan_fields::{nan, nan_if_null};
 
 mod state;
 mod step;
