@@ -222,8 +222,14 @@ fn sft_output_loads_in_transformers() {
         "checkpoints.every=125",
     ]);
     let text = "12+39=51";
-    for d in ["policy", "checkpoints/step-125/policy"] {
-        let dir = run_dir.join(d);
+    // The final policy and the oldest checkpoint kept (`checkpoints.keep` removes earlier ones).
+    let oldest = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
+        .min()
+        .expect("a kept checkpoint");
+    for d in ["policy".to_string(), format!("checkpoints/step-{oldest}/policy")] {
+        let dir = run_dir.join(&d);
         let theirs = transformers(&py, &dir, text);
         let ours = tandem(&["inspect", "logprobs", "--model", dir.to_str().unwrap(), "--text", text]);
         let a = ours["next_token_logprobs"].as_array().unwrap();
