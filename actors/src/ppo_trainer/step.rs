@@ -50,14 +50,46 @@ impl PpoTrainer {
             scores = norm.normalize(&scores)?;
         }
 
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        let mut rng = StdRng::seed_from_u64(self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mb = self.cfg.minibatch_size.clamp(1, n);
+        order.shuffle(&mut rng); // epoch 0's order
+
         let on_policy = batch.iter().all(|t| t.policy_version == version);
+        // Off-policy data needs pi_prox, the current policy's log-probs before any update. The
+        // first minibatch's own forward (taken with its graph, and reused for its update below)
+        // gives them for its rows; only the other rows need a forward of their own.
+        let mut first_forward = None;
         let prox = if on_policy {
             sampled.clone()
         } else {
-            let out = self
-                .policy
-                .token_logprobs(&layout.ids, &layout.mask, start, self.temperature)?;
-            out.logprobs.narrow(1, 0, width)?.detach()
+            let (head, rest) = order.split_at(mb);
+            let rows = |r: &[u32]| Tensor::from_vec(r.to_vec(), r.len(), &dev);
+            let head_idx = rows(head)?;
+            let out = self.policy.token_logprobs(
+                &layout.ids.index_select(&head_idx, 0)?,
+                &layout.mask.index_select(&head_idx, 0)?,
+                start,
+                self.temperature,
+            )?;
+            let mut parts = vec![out.logprobs.narrow(1, 0, width)?.detach()];
+            if !rest.is_empty() {
+                let rest_idx = rows(rest)?;
+                let others = self.policy.token_logprobs(
+                    &layout.ids.index_select(&rest_idx, 0)?,
+                    &layout.mask.index_select(&rest_idx, 0)?,
+                    start,
+                    self.temperature,
+                )?;
+                parts.push(others.logprobs.narrow(1, 0, width)?.detach());
+            }
+            // Rows in `order`; put them back in batch order.
+            let mut inverse = vec![0u32; n];
+            for (pos, &row) in order.iter().enumerate() {
+                inverse[row as usize] = pos as u32;
+            }
+            first_forward = Some(out);
+            Tensor::cat(&parts, 0)?.index_select(&rows(&inverse)?, 0)?
         };
         let ratio = BehaviourRatio::of(&prox, &sampled, mask, self.cfg.loss.behaviour_weight_cap)?;
         let loss_mask = match self.stale_token_lag {
@@ -115,16 +147,15 @@ impl PpoTrainer {
             })
             .collect();
 
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        let mut rng = StdRng::seed_from_u64(self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mb = self.cfg.minibatch_size.clamp(1, n);
         let minibatches_per_step = self.cfg.ppo_epochs as u64 * n.div_ceil(mb) as u64;
         let mut minibatch = 0u64;
         let (mut sums, mut updates, mut skipped) = (MinibatchSums::default(), 0usize, 0u64);
         let policy_vars = sorted_vars(&self.policy_vars);
         let critic_vars = self.critic.as_ref().map(|(_, v, _)| sorted_vars(v));
-        for _epoch in 0..self.cfg.ppo_epochs {
-            order.shuffle(&mut rng);
+        for epoch in 0..self.cfg.ppo_epochs {
+            if epoch > 0 {
+                order.shuffle(&mut rng);
+            }
             for chunk in order.chunks(mb) {
                 let idx = Tensor::from_vec(chunk.to_vec(), chunk.len(), &dev)?;
                 let pick = |t: &Tensor| t.index_select(&idx, 0);
@@ -135,8 +166,12 @@ impl PpoTrainer {
                     (Some((critic, _, _)), Some(_)) => Some(critic),
                     _ => None,
                 };
+                let reused = first_forward.take();
                 let (out, values) = rayon::join(
-                    || self.policy.token_logprobs(&ids, &full_mask, start, self.temperature),
+                    || match reused {
+                        Some(out) => Ok(out),
+                        None => self.policy.token_logprobs(&ids, &full_mask, start, self.temperature),
+                    },
                     || critic_model.map(|c| c.values(&ids, &full_mask)).transpose(),
                 );
                 let (out, values) = (out?, values?);
