@@ -5,7 +5,9 @@
 //! 1. Lay the batch out as prompt + response rows (responses start at one column).
 //! 2. `pi_prox` = the policy at the start of the step. For on-policy data (every trajectory
 //!    from version k) that is the sampler's recorded untruncated log-prob (`full_logprobs`);
-//!    otherwise one no-grad forward recomputes it and the decoupled-PPO weight
+//!    otherwise the policy recomputes it: epoch 0's first minibatch's forward (kept for that
+//!    minibatch's update, so it is not run twice) gives its rows, one no-grad forward the
+//!    other rows. The decoupled-PPO weight
 //!    `min(pi_prox / pi_behaviour, cap)` corrects the version drift (cap 2 by default, see
 //!    [`tandem_models::rl::ppo`]).
 //! 3. Scores, normalised when `reward.normalize = "running"` ([`RunningMeanStd`], kept in
