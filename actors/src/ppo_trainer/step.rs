@@ -63,25 +63,18 @@ impl PpoTrainer {
         let prox = if on_policy {
             sampled.clone()
         } else {
-            let (head, rest) = order.split_at(mb);
             let rows = |r: &[u32]| Tensor::from_vec(r.to_vec(), r.len(), &dev);
-            let head_idx = rows(head)?;
-            let out = self.policy.token_logprobs(
-                &layout.ids.index_select(&head_idx, 0)?,
-                &layout.mask.index_select(&head_idx, 0)?,
-                start,
-                self.temperature,
-            )?;
+            let forward = |r: &[u32]| -> Result<_, ActorError> {
+                let idx = rows(r)?;
+                let ids = layout.ids.index_select(&idx, 0)?;
+                let mask = layout.mask.index_select(&idx, 0)?;
+                Ok(self.policy.token_logprobs(&ids, &mask, start, self.temperature)?)
+            };
+            let (head, rest) = order.split_at(mb);
+            let out = forward(head)?;
             let mut parts = vec![out.logprobs.narrow(1, 0, width)?.detach()];
             if !rest.is_empty() {
-                let rest_idx = rows(rest)?;
-                let others = self.policy.token_logprobs(
-                    &layout.ids.index_select(&rest_idx, 0)?,
-                    &layout.mask.index_select(&rest_idx, 0)?,
-                    start,
-                    self.temperature,
-                )?;
-                parts.push(others.logprobs.narrow(1, 0, width)?.detach());
+                parts.push(forward(rest)?.logprobs.narrow(1, 0, width)?.detach());
             }
             // Rows in `order`; put them back in batch order.
             let mut inverse = vec![0u32; n];

@@ -118,15 +118,11 @@ impl Actor for EvaluatorActor {
                 })
             })
             .await;
-        let measured = match run {
-            Ok((Ok(m), took)) => {
+        let measured = match run.map_err(|e| e.to_string()).and_then(|(r, took)| Ok((r?, took))) {
+            Ok((m, took)) => {
                 st.args.meter.busy(took);
                 st.args.meter.set_version(version);
                 Some(m)
-            }
-            Ok((Err(e), _)) => {
-                tracing::warn!(step, "held-out evaluation failed: {e}");
-                None
             }
             Err(e) => {
                 tracing::warn!(step, "held-out evaluation failed: {e}");
