@@ -204,11 +204,14 @@ fn measure(args: &GenerateBench) -> anyhow::Result<Timings> {
     Ok(t)
 }
 
-/// Median of a non-empty sample (mean of the middle two for an even count).
-fn median(mut xs: Vec<f64>) -> f64 {
+/// Median of a sample (mean of the middle two for an even count; NaN when empty). The benches
+/// report medians over repeats or steps.
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
-    if n % 2 == 1 {
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
         xs[n / 2]
     } else {
         (xs[n / 2 - 1] + xs[n / 2]) / 2.0
@@ -223,5 +226,6 @@ mod tests {
     fn median_of_odd_and_even_samples() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
     }
 }

@@ -40,6 +40,7 @@ use tandem_runtime::cluster::wire::{self, Setup};
 use tandem_runtime::cluster::{start_head, COOKIE_ENV};
 use tandem_runtime::config::ClusterConfig;
 
+use crate::bench::median;
 use crate::error::bad_input;
 
 #[derive(Debug, Args)]
@@ -62,16 +63,6 @@ pub struct ClusterBench {
     /// The certificate's private key (PEM), as `cluster.tls_key`.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Kills the worker when the bench ends, however it ends.

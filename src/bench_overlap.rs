@@ -33,6 +33,7 @@ use serde_json::json;
 use tandem_actors::StepReport;
 use tandem_runtime::{Config, RunOptions};
 
+use crate::bench::median;
 use crate::error::bad_input;
 
 #[derive(Debug, Args)]
@@ -64,19 +65,6 @@ const SIZING: &[&str] = &[
     "algorithm.ppo_epochs=1",
     "algorithm.minibatch_size=32",
 ];
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
 
 fn run_mode(args: &OverlapBench, staleness: u64, inflight: bool) -> anyhow::Result<Vec<StepReport>> {
     let mut sets: Vec<String> = SIZING.iter().map(|s| s.to_string()).collect();
