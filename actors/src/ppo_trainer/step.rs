@@ -219,32 +219,37 @@ impl PpoTrainer {
                     || out.policy_terms.backward(),
                     || out.value_term.as_ref().map(|v| v.backward()).transpose(),
                 );
-                let mut grads = grads?;
-                if let (Some(value_grads), Some(vars)) = (value_grads?, &critic_vars) {
-                    for var in vars {
-                        if let Some(g) = value_grads.get(var) {
-                            grads.insert(var, g.clone());
-                        }
-                    }
-                }
+                let (mut grads, mut value_grads) = (grads?, value_grads?);
                 let max = if self.cfg.max_grad_norm > 0.0 {
                     self.cfg.max_grad_norm
                 } else {
                     f64::INFINITY
                 };
-                let pn = clip_grad_norm(&policy_vars, &mut grads, max)?;
-                let cn = match &critic_vars {
-                    Some(v) => clip_grad_norm(v, &mut grads, max)?,
-                    None => 0.0,
-                };
+                // Clipping and the optimiser steps also run side by side: each model's norm and
+                // update read only its own gradients.
+                let (pn, cn) = rayon::join(
+                    || clip_grad_norm(&policy_vars, &mut grads, max),
+                    || match (&critic_vars, value_grads.as_mut()) {
+                        (Some(vars), Some(g)) => clip_grad_norm(vars, g, max),
+                        _ => Ok(0.0),
+                    },
+                );
+                let (pn, cn) = (pn?, cn?);
                 if !pn.is_finite() || !cn.is_finite() {
                     skipped += 1;
                     continue;
                 }
-                self.policy_opt.step(&grads)?;
-                if let Some((_, _, opt)) = &mut self.critic {
-                    opt.step(&grads)?;
-                }
+                let policy_opt = &mut self.policy_opt;
+                let critic_opt = self.critic.as_mut().map(|(_, _, opt)| opt);
+                // A critic without a value term still counts the step (its moments' bias
+                // correction follows the update count), with no gradient to apply.
+                let critic_grads = value_grads.as_ref().unwrap_or(&grads);
+                let (p, c) = rayon::join(
+                    || policy_opt.step(&grads),
+                    || critic_opt.map(|opt| opt.step(critic_grads)).transpose(),
+                );
+                p?;
+                c?;
                 if let Some(ema) = &mut self.ema {
                     ema.update()?;
                 }
