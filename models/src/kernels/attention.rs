@@ -7,9 +7,11 @@
 //! that. Here one kernel reads `qkv (b, t, 3d)` in place and writes `y (b, t, d)` in the
 //! layout the output projection wants: per (row, head), the scores `Q Kᵀ` and the output `P V`
 //! are small GEMMs read through strides (the gemm crate's kernels, on the calling thread) with
-//! one softmax pass between them. The backward recomputes the probabilities (t x t per head,
-//! cheap next to the projections) and writes `dqkv` in the packed layout with four more small
-//! GEMMs. Rows of the batch run in parallel on the current pool.
+//! one softmax pass between them. A forward on a graph keeps the probabilities (t x t per head
+//! and row, small next to the activations) for its backward, which writes `dqkv` in the packed
+//! layout with four more small GEMMs. Rows of the batch run in parallel on the current pool.
+//! Keys after a query's last unmasked key (the future, under a causal mask) are not
+//! exponentiated: their weight is exactly 0 as in the composition.
 //!
 //! Every key is scored, masked or not, exactly like the composition: a fully masked query row
 //! (left padding) gets the same uniform weights in both. The decoding kernel of
@@ -17,8 +19,9 @@
 
 #![allow(clippy::too_many_arguments)]
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 use super::{contiguous_f32, fused_applies, multiversion, simd};
 
@@ -39,6 +42,8 @@ pub fn packed_attention(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -
             Attention {
                 heads,
                 scale: scale as f32,
+                keep_probs: qkv.track_op(),
+                probs: OnceLock::new(),
             },
         )
     } else {
@@ -61,10 +66,14 @@ pub fn packed_attention_reference(qkv: &Tensor, bias: &Tensor, heads: usize, sca
     y.transpose(1, 2)?.reshape((b, t, d))
 }
 
-#[derive(Clone, Copy)]
 struct Attention {
     heads: usize,
     scale: f32,
+    /// Whether the forward keeps the probabilities for the backward: `qkv` is on a graph, so
+    /// a backward may follow (without one, the op and its buffer are dropped at once).
+    keep_probs: bool,
+    /// `P (b, heads, t, t)` of the forward when `keep_probs`.
+    probs: OnceLock<Vec<f32>>,
 }
 
 #[inline(always)]
@@ -192,7 +201,14 @@ multiversion! {
     /// `row[j] = softmax_j(row[j] * scale + brow[j])` for scores already in `row`, masking as
     /// [`softmax_row`] does.
     fn softmax_scores(row: &mut [f32], brow: &[f32], scale: f32) {
-        let all_masked = brow.iter().all(|&b| b < MASKED_BELOW);
+        // Keys after the last unmasked one get exactly 0; skipping them halves the work of a
+        // causal mask. With every key masked, all are scored.
+        let (live, all_masked) = match brow.iter().rposition(|&b| b >= MASKED_BELOW) {
+            Some(last) => (last + 1, false),
+            None => (row.len(), true),
+        };
+        let (row, rest) = row.split_at_mut(live);
+        rest.fill(0.0);
         let mut m = f32::NEG_INFINITY;
         for (s, &b) in row.iter_mut().zip(brow) {
             *s = if b < MASKED_BELOW && !all_masked { f32::NEG_INFINITY } else { *s * scale + b };
@@ -228,11 +244,13 @@ fn normalise(row: &mut [f32], m: f32) {
 }
 
 /// `y (t, d)` of one batch row: per head, `P = softmax(Q Kᵀ)` and `Y = P V` as small GEMMs.
-fn forward_row(qkv: &[f32], bias: &[f32], t: usize, d: usize, heads: usize, scale: f32, y: &mut [f32]) {
+/// `probs` receives every head's `P` (heads, t, t), or is one head's (t, t) scratch.
+fn forward_row(qkv: &[f32], bias: &[f32], t: usize, d: usize, heads: usize, scale: f32, y: &mut [f32], probs: &mut [f32]) {
     let (hd, w) = (d / heads, 3 * d);
-    let mut p = vec![0f32; t * t];
+    let keep = probs.len() == heads * t * t;
     for h in 0..heads {
-        head_probs(qkv, bias, t, d, hd, h, scale, &mut p);
+        let p = if keep { &mut probs[h * t * t..][..t * t] } else { &mut *probs };
+        head_probs(qkv, bias, t, d, hd, h, scale, p);
         small_gemm(
             t,
             hd,
@@ -240,7 +258,7 @@ fn forward_row(qkv: &[f32], bias: &[f32], t: usize, d: usize, heads: usize, scal
             y,
             h * hd,
             d,
-            Mat::new(&p, 0, t, 1),
+            Mat::new(p, 0, t, 1),
             Mat::new(qkv, 2 * d + h * hd, w, 1),
         );
     }
@@ -258,31 +276,31 @@ multiversion! {
     }
 }
 
-/// `dqkv (t, 3d)` of one batch row from `dy (t, d)`: per head, with `P` recomputed,
-/// `dV = Pᵀ dY`, `dP = dY Vᵀ`, `dS` from [`score_grads`], `dQ = dS K` and `dK = dSᵀ Q`.
-fn backward_row(qkv: &[f32], bias: &[f32], dy: &[f32], t: usize, d: usize, heads: usize, scale: f32, dqkv: &mut [f32]) {
+/// `dqkv (t, 3d)` of one batch row from `dy (t, d)` and the forward's `probs` (heads, t, t):
+/// per head, `dV = Pᵀ dY`, `dP = dY Vᵀ`, `dS` from [`score_grads`], `dQ = dS K` and
+/// `dK = dSᵀ Q`.
+fn backward_row(qkv: &[f32], dy: &[f32], probs: &[f32], t: usize, d: usize, heads: usize, scale: f32, dqkv: &mut [f32]) {
     let (hd, w) = (d / heads, 3 * d);
-    let (mut p, mut ds) = (vec![0f32; t * t], vec![0f32; t * t]);
+    let mut ds = vec![0f32; t * t];
     for h in 0..heads {
         let (q0, k0, v0) = (h * hd, d + h * hd, 2 * d + h * hd);
-        head_probs(qkv, bias, t, d, hd, h, scale, &mut p);
+        let p = &probs[h * t * t..][..t * t];
         let dyh = Mat::new(dy, h * hd, d, 1);
-        small_gemm(t, hd, t, dqkv, v0, w, Mat::new(&p, 0, 1, t), dyh);
+        small_gemm(t, hd, t, dqkv, v0, w, Mat::new(p, 0, 1, t), dyh);
         small_gemm(t, t, hd, &mut ds, 0, t, dyh, Mat::new(qkv, v0, 1, w));
-        score_grads(&p, &mut ds, t, scale);
+        score_grads(p, &mut ds, t, scale);
         small_gemm(t, hd, t, dqkv, q0, w, Mat::new(&ds, 0, t, 1), Mat::new(qkv, k0, w, 1));
         small_gemm(t, hd, t, dqkv, k0, w, Mat::new(&ds, 0, 1, t), Mat::new(qkv, q0, w, 1));
     }
 }
 
-impl Attention {
-    fn check(&self, l: &Layout) -> Result<(usize, usize, usize)> {
-        let (b, t, three_d) = l.shape().dims3()?;
-        if three_d % 3 != 0 || (three_d / 3) % self.heads != 0 {
-            candle_core::bail!("qkv width {three_d} does not split into 3 x {} heads", self.heads);
-        }
-        Ok((b, t, three_d / 3))
+/// (b, t, d) of a packed `qkv (b, t, 3d)` of `heads` heads.
+fn check(l: &Layout, heads: usize) -> Result<(usize, usize, usize)> {
+    let (b, t, three_d) = l.shape().dims3()?;
+    if three_d % 3 != 0 || (three_d / 3) % heads != 0 {
+        candle_core::bail!("qkv width {three_d} does not split into 3 x {heads} heads");
     }
+    Ok((b, t, three_d / 3))
 }
 
 impl CustomOp2 for Attention {
@@ -291,58 +309,75 @@ impl CustomOp2 for Attention {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, t, d) = self.check(l1)?;
+        let (b, t, d) = check(l1, self.heads)?;
         let qkv = contiguous_f32(s1, l1, "fused-attention")?;
         let bias = contiguous_f32(s2, l2, "fused-attention")?;
-        let mut y = vec![0f32; b * t * d];
-        y.par_chunks_mut(t * d).enumerate().for_each(|(r, y)| {
+        // Every element is written: each head's block of y is a whole GEMM output.
+        let mut y = super::written_output(b * t * d);
+        let per_row = self.heads * t * t;
+        let kernel = |r: usize, y: &mut [f32], probs: &mut [f32]| {
             let (qkv, bias) = (&qkv[r * t * 3 * d..][..t * 3 * d], &bias[r * t * t..][..t * t]);
-            forward_row(qkv, bias, t, d, self.heads, self.scale, y)
-        });
+            forward_row(qkv, bias, t, d, self.heads, self.scale, y, probs)
+        };
+        if self.keep_probs {
+            // Every element is written: head_probs fills each (t, t) block.
+            let mut probs = super::written_output(b * per_row);
+            y.par_chunks_mut(t * d)
+                .zip(probs.par_chunks_mut(per_row))
+                .enumerate()
+                .for_each(|(r, (y, p))| kernel(r, y, p));
+            // A second forward with the same op value does not happen (each call makes one).
+            let _ = self.probs.set(probs);
+        } else {
+            y.par_chunks_mut(t * d)
+                .enumerate()
+                .for_each(|(r, y)| kernel(r, y, &mut vec![0f32; t * t]));
+        }
         Ok((CpuStorage::F32(y), Shape::from((b, t, d))))
     }
 
     fn bwd(
         &self,
         qkv: &Tensor,
-        bias: &Tensor,
+        _bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dqkv = qkv.apply_op3_no_bwd(bias, &grad.contiguous()?, &AttentionBackward(*self))?;
+        let Some(probs) = self.probs.get() else {
+            candle_core::bail!("fused-attention: backward of a forward that kept no probabilities");
+        };
+        let backward = AttentionBackward {
+            heads: self.heads,
+            scale: self.scale,
+            probs,
+        };
+        let dqkv = qkv.apply_op2_no_bwd(&grad.contiguous()?, &backward)?;
         Ok((Some(dqkv), None))
     }
 }
 
-/// (qkv, bias, dy) to dqkv.
-struct AttentionBackward(Attention);
+/// (qkv, dy) to dqkv, with the forward's probabilities (b, heads, t, t).
+struct AttentionBackward<'a> {
+    heads: usize,
+    scale: f32,
+    probs: &'a [f32],
+}
 
-impl CustomOp3 for AttentionBackward {
+impl CustomOp2 for AttentionBackward<'_> {
     fn name(&self) -> &'static str {
         "fused-attention-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (b, t, d) = self.0.check(l1)?;
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, t, d) = check(l1, self.heads)?;
         let qkv = contiguous_f32(s1, l1, self.name())?;
-        let bias = contiguous_f32(s2, l2, self.name())?;
-        let dy = contiguous_f32(s3, l3, self.name())?;
-        let mut dqkv = vec![0f32; b * t * 3 * d];
+        let dy = contiguous_f32(s2, l2, self.name())?;
+        // Every element is written: each head's dQ, dK and dV blocks are whole GEMM outputs.
+        let mut dqkv = super::written_output(b * t * 3 * d);
         dqkv.par_chunks_mut(t * 3 * d).enumerate().for_each(|(r, dqkv)| {
-            let (qkv, bias, dy) = (
-                &qkv[r * t * 3 * d..][..t * 3 * d],
-                &bias[r * t * t..][..t * t],
-                &dy[r * t * d..][..t * d],
-            );
-            backward_row(qkv, bias, dy, t, d, self.0.heads, self.0.scale, dqkv)
+            let (qkv, dy) = (&qkv[r * t * 3 * d..][..t * 3 * d], &dy[r * t * d..][..t * d]);
+            let per_row = self.heads * t * t;
+            backward_row(qkv, dy, &self.probs[r * per_row..][..per_row], t, d, self.heads, self.scale, dqkv)
         });
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
     }
