@@ -3,11 +3,17 @@
 //! The composition of candle ops for one AdamW step allocates about ten tensors the size of
 //! the parameter and then copies three of them back into the variables; the norm for gradient
 //! clipping converts every gradient to f64 before squaring it. Here the moments and the
-//! parameter are updated in place, in three vectorised passes that do the same f32 operations
+//! parameter are updated in place, in one vectorised pass that does the same f32 operations
 //! in the same order as the composition (so results are bit-identical), and the norm
 //! accumulates f64 sums of f32 squares without a copy.
+//!
+//! candle lends one tensor's storage mutably per in-place op, so the pass runs innermost in
+//! three nested ops: the parameter's, then the first moment's, then the second's, each
+//! handing its slice inward.
 
-use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, InplaceOp3, Layout, Result, Shape, Tensor};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor};
 
 use super::{contiguous_f32, multiversion, REFERENCE_ONLY};
 
@@ -38,23 +44,7 @@ pub fn adamw_update(var: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, step: &Ada
     {
         return Ok(false);
     }
-    m.inplace_op2(
-        g,
-        &Moment {
-            beta: step.beta1 as f32,
-            one_minus: (1.0 - step.beta1) as f32,
-            square: false,
-        },
-    )?;
-    v.inplace_op2(
-        g,
-        &Moment {
-            beta: step.beta2 as f32,
-            one_minus: (1.0 - step.beta2) as f32,
-            square: true,
-        },
-    )?;
-    var.inplace_op3(m, v, &Param(*step))?;
+    var.inplace_op2(g, &OnParam { m, v, step: *step })?;
     Ok(true)
 }
 
@@ -77,30 +67,50 @@ fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut 
     }
 }
 
-multiversion! {
-    /// m = m * beta + g * (1 - beta), or with g^2; each product rounded as candle's affine
-    /// op rounds it (`x * a + 0`).
-    fn moment(m: &mut [f32], g: &[f32], beta: f32, one_minus: f32, square: bool) {
-        if square {
-            for (m, &g) in m.iter_mut().zip(g) {
-                *m = (*m * beta + 0.0) + ((g * g) * one_minus + 0.0);
-            }
-        } else {
-            for (m, &g) in m.iter_mut().zip(g) {
-                *m = (*m * beta + 0.0) + (g * one_minus + 0.0);
-            }
+/// The scalars of [`AdamWStep`] in f32, as the kernel uses them.
+#[derive(Clone, Copy)]
+struct Scalars {
+    beta1: f32,
+    one_minus1: f32,
+    beta2: f32,
+    one_minus2: f32,
+    scale_m: f32,
+    scale_v: f32,
+    eps: f32,
+    lr: f32,
+    decay: f32,
+    decays: bool,
+}
+
+impl From<&AdamWStep> for Scalars {
+    fn from(s: &AdamWStep) -> Self {
+        Scalars {
+            beta1: s.beta1 as f32,
+            one_minus1: (1.0 - s.beta1) as f32,
+            beta2: s.beta2 as f32,
+            one_minus2: (1.0 - s.beta2) as f32,
+            scale_m: s.scale_m as f32,
+            scale_v: s.scale_v as f32,
+            eps: s.eps as f32,
+            lr: s.lr as f32,
+            decay: s.decay.unwrap_or(1.0) as f32,
+            decays: s.decay.is_some(),
         }
     }
 }
 
 multiversion! {
-    fn param(p: &mut [f32], m: &[f32], v: &[f32], sm: f32, sv: f32, eps: f32, lr: f32, decay: f32, decays: bool) {
-        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-            let m_hat = m * sm + 0.0;
-            let v_hat = v * sv + 0.0;
-            let update = m_hat / ((v_hat.sqrt()) * 1.0 + eps);
-            let decayed = if decays { *p * decay + 0.0 } else { *p };
-            *p = decayed - (update * lr + 0.0);
+    /// One AdamW step per element, each product rounded as candle's affine op rounds it
+    /// (`x * a + 0`): m = m b1 + g (1 - b1), v = v b2 + g² (1 - b2), then the parameter.
+    fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: Scalars) {
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            *m = (*m * s.beta1 + 0.0) + (g * s.one_minus1 + 0.0);
+            *v = (*v * s.beta2 + 0.0) + ((g * g) * s.one_minus2 + 0.0);
+            let m_hat = *m * s.scale_m + 0.0;
+            let v_hat = *v * s.scale_v + 0.0;
+            let update = m_hat / ((v_hat.sqrt()) * 1.0 + s.eps);
+            let decayed = if s.decays { *p * s.decay + 0.0 } else { *p };
+            *p = decayed - (update * s.lr + 0.0);
         }
     }
 }
@@ -120,56 +130,66 @@ multiversion! {
     }
 }
 
-struct Moment {
-    beta: f32,
-    one_minus: f32,
-    square: bool,
+/// Outermost: the parameter's storage, with the gradient.
+struct OnParam<'a> {
+    m: &'a Tensor,
+    v: &'a Tensor,
+    step: AdamWStep,
 }
 
-impl InplaceOp2 for Moment {
+impl InplaceOp2 for OnParam<'_> {
     fn name(&self) -> &'static str {
-        "fused-adamw-moment"
+        "fused-adamw"
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let g = contiguous_f32(s2, l2, "fused-adamw-moment")?;
-        let m = slice_mut(s1, l1, "fused-adamw-moment")?;
-        moment(m, g, self.beta, self.one_minus, self.square);
-        Ok(())
+        let p = RefCell::new(slice_mut(s1, l1, self.name())?);
+        let g = contiguous_f32(s2, l2, self.name())?;
+        self.m.inplace_op1(&OnFirstMoment { p: &p, g, v: self.v, step: &self.step })
     }
 }
 
-struct Param(AdamWStep);
+/// Then the first moment's storage.
+struct OnFirstMoment<'a, 'b> {
+    p: &'a RefCell<&'b mut [f32]>,
+    g: &'a [f32],
+    v: &'a Tensor,
+    step: &'a AdamWStep,
+}
 
-impl InplaceOp3 for Param {
+impl InplaceOp1 for OnFirstMoment<'_, '_> {
     fn name(&self) -> &'static str {
-        "fused-adamw-param"
+        "fused-adamw"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<()> {
-        let m = contiguous_f32(s2, l2, "fused-adamw-param")?;
-        let v = contiguous_f32(s3, l3, "fused-adamw-param")?;
-        let p = slice_mut(s1, l1, "fused-adamw-param")?;
-        let s = &self.0;
-        param(
-            p,
-            m,
-            v,
-            s.scale_m as f32,
-            s.scale_v as f32,
-            s.eps as f32,
-            s.lr as f32,
-            s.decay.unwrap_or(1.0) as f32,
-            s.decay.is_some(),
-        );
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let m = RefCell::new(slice_mut(s, l, self.name())?);
+        self.v.inplace_op1(&OnSecondMoment {
+            p: self.p,
+            m: &m,
+            g: self.g,
+            step: self.step,
+        })
+    }
+}
+
+/// Innermost: the second moment's storage; runs the pass.
+struct OnSecondMoment<'a, 'p, 'm> {
+    p: &'a RefCell<&'p mut [f32]>,
+    m: &'a RefCell<&'m mut [f32]>,
+    g: &'a [f32],
+    step: &'a AdamWStep,
+}
+
+impl InplaceOp1 for OnSecondMoment<'_, '_, '_> {
+    fn name(&self) -> &'static str {
+        "fused-adamw"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let v = slice_mut(s, l, self.name())?;
+        let (mut p, mut m) = (self.p.borrow_mut(), self.m.borrow_mut());
+        adamw(&mut p, &mut m, v, self.g, Scalars::from(self.step));
         Ok(())
     }
 }
