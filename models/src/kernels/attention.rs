@@ -209,11 +209,10 @@ multiversion! {
         };
         let (row, rest) = row.split_at_mut(live);
         rest.fill(0.0);
-        let mut m = f32::NEG_INFINITY;
         for (s, &b) in row.iter_mut().zip(brow) {
             *s = if b < MASKED_BELOW && !all_masked { f32::NEG_INFINITY } else { *s * scale + b };
-            m = m.max(*s);
         }
+        let m = simd::max(row);
         normalise(row, m);
     }
 }
@@ -268,7 +267,7 @@ multiversion! {
     /// `dS = P ∘ (dP - rowsum(P ∘ dP)) * scale`, in place of `dp`.
     fn score_grads(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
         for (pi, dpi) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
-            let r: f32 = pi.iter().zip(dpi.iter()).map(|(a, b)| a * b).sum();
+            let r = simd::sum2_map3(pi, dpi, pi, |a, b, _| (a * b, 0.0)).0;
             for (g, &pij) in dpi.iter_mut().zip(pi) {
                 *g = pij * (*g - r) * scale;
             }

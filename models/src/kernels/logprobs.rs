@@ -65,7 +65,7 @@ struct LogProbs {
 multiversion! {
     /// (lse, sum_v p_v z_v) of one row of logits scaled by `a`.
     fn row_stats(l: &[f32], a: f32, out: &mut (f32, f32)) {
-        let m = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * a;
+        let m = simd::max(l) * a;
         let (mut s, mut sz) = ([0f32; 8], [0f32; 8]);
         let chunks = l.chunks_exact(8);
         let rest = chunks.remainder();

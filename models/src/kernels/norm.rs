@@ -18,7 +18,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, fused_applies, multiversion, PARALLEL_MIN};
+use super::{contiguous_f32, fused_applies, multiversion, simd, PARALLEL_MIN};
 
 /// Layer norm of `x` over its last dimension with gain `w` and bias `b`; fused on the CPU for
 /// f32, [`layer_norm_reference`] elsewhere.
@@ -77,8 +77,8 @@ multiversion! {
     /// (mean, rstd) of one row; the mean is 0 for RMS norm.
     fn row_stats(x: &[f32], eps: f32, centred: bool, out: &mut (f32, f32)) {
         let d = x.len() as f32;
-        let mean = if centred { x.iter().sum::<f32>() / d } else { 0.0 };
-        let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d;
+        let mean = if centred { simd::sum_map(x, |v| v) / d } else { 0.0 };
+        let var = simd::sum_map(x, |v| (v - mean) * (v - mean)) / d;
         *out = (mean, 1.0 / (var + eps).sqrt());
     }
 }
@@ -115,13 +115,10 @@ multiversion! {
             let mut s = (0.0, 0.0);
             row_stats(x, eps, centred, &mut s);
             let (mean, rstd) = s;
-            let (mut g_sum, mut gx_sum) = (0f32, 0f32);
-            for ((&x, &dy), &w) in x.iter().zip(dy).zip(w) {
-                let xhat = (x - mean) * rstd;
+            let (g_sum, gx_sum) = simd::sum2_map3(x, dy, w, |x, dy, w| {
                 let g = dy * w;
-                g_sum += g;
-                gx_sum += g * xhat;
-            }
+                (g, g * ((x - mean) * rstd))
+            });
             let g_mean = if centred { g_sum / d as f32 } else { 0.0 };
             let gx_mean = gx_sum / d as f32;
             for ((((dx, &x), &dy), &w), dw) in dx.iter_mut().zip(x).zip(dy).zip(w).zip(dw.iter_mut()) {

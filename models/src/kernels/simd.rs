@@ -68,6 +68,70 @@ pub fn ln(x: f32) -> f32 {
     e as f32 * std::f32::consts::LN_2 + series
 }
 
+/// Independent accumulators of the lane reductions below: a serial f32 sum or max is one
+/// dependency chain that cannot vectorise (f32 addition is not associative), so these keep
+/// `LANES` partial results and combine them at the end.
+const LANES: usize = 16;
+
+/// `sum_i f(x[i])`, summed in [`LANES`] lanes.
+#[inline(always)]
+pub fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let mut s = chunks.remainder().iter().map(|&v| f(v)).sum::<f32>();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += f(c[k]);
+        }
+    }
+    s += acc.iter().sum::<f32>();
+    s
+}
+
+/// The two sums `sum_i f(a[i], b[i], c[i])`, summed in [`LANES`] lanes.
+#[inline(always)]
+pub fn sum2_map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> (f32, f32)) -> (f32, f32) {
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let (mut acc0, mut acc1) = ([0f32; LANES], [0f32; LANES]);
+    let whole = n / LANES * LANES;
+    for ((a, b), c) in a[..whole]
+        .chunks_exact(LANES)
+        .zip(b[..whole].chunks_exact(LANES))
+        .zip(c[..whole].chunks_exact(LANES))
+    {
+        for k in 0..LANES {
+            let (x, y) = f(a[k], b[k], c[k]);
+            acc0[k] += x;
+            acc1[k] += y;
+        }
+    }
+    let (mut s0, mut s1) = (0f32, 0f32);
+    for i in whole..n {
+        let (x, y) = f(a[i], b[i], c[i]);
+        s0 += x;
+        s1 += y;
+    }
+    (s0 + acc0.iter().sum::<f32>(), s1 + acc1.iter().sum::<f32>())
+}
+
+/// `max_i x[i]` (`-inf` for an empty slice), in [`LANES`] lanes.
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let mut m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    for a in acc {
+        m = m.max(a);
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +155,19 @@ mod tests {
         assert!(worst.2 < 4e-7, "ln error {}", worst.2);
         assert!((0.0..1e-37).contains(&exp(-200.0)));
         assert!(exp(200.0).is_finite() && exp(200.0) > 1e38);
+    }
+
+    #[test]
+    fn lane_reductions_match_serial_ones() {
+        for n in [0usize, 1, 15, 16, 17, 48, 256, 1000] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 3.0).collect();
+            let serial: f32 = a.iter().map(|v| v * v).sum();
+            assert!((sum_map(&a, |v| v * v) - serial).abs() <= 1e-5 * serial.max(1.0), "{n}");
+            let (s0, s1) = sum2_map3(&a, &b, &a, |x, y, z| (x * y, y + z));
+            let (r0, r1): (f32, f32) = (a.iter().zip(&b).map(|(x, y)| x * y).sum(), b.iter().zip(&a).map(|(y, z)| y + z).sum());
+            assert!((s0 - r0).abs() <= 1e-4 * r0.abs().max(1.0) && (s1 - r1).abs() <= 1e-4 * r1.abs().max(1.0), "{n}");
+            assert_eq!(max(&a), a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)), "{n}");
+        }
     }
 }
