@@ -62,14 +62,16 @@ fn bench_unary(
     g.finish();
 }
 
-/// GELU (tanh form, GPT-2's `gelu_new`) on the MLP activation shape.
+/// GELU (tanh form, GPT-2's `gelu_new`) of the MLP projection plus its bias, on the MLP
+/// activation shape.
 fn gelu(c: &mut Criterion) {
+    let b = input(1, COLS, 0.5).squeeze(0).unwrap();
     bench_unary(
         c,
         "gelu",
         &input(ROWS, COLS, 4.0),
-        &kernels::gelu,
-        &kernels::gelu_reference,
+        &|x| kernels::bias_gelu(x, &b),
+        &|x| kernels::bias_gelu_reference(x, &b),
     );
 }
 

@@ -118,11 +118,10 @@ impl Gpt2 {
             };
             h = (h + blk.attn_proj.forward(&y)?)?;
             let x = blk.ln_2.forward(&h)?;
-            let x = blk.c_fc.forward(&x)?;
             let x = if blk.exact_gelu {
-                x.gelu_erf()?
+                blk.c_fc.forward(&x)?.gelu_erf()?
             } else {
-                crate::kernels::gelu(&x)?
+                blk.c_fc.forward_with(&x, crate::kernels::bias_gelu)?
             };
             h = (h + blk.mlp_proj.forward(&x)?)?;
         }

@@ -71,11 +71,19 @@ impl Conv1D {
     }
 }
 
+impl Conv1D {
+    /// `bias_op(x W, b)`: the product with the bias applied by `bias_op`, e.g. a bias add
+    /// fused with the activation that follows.
+    pub fn forward_with(&self, x: &Tensor, bias_op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let y = bias_op(&x.reshape((b * t, d))?.matmul(&self.weight)?, &self.bias)?;
+        y.reshape((b, t, ()))
+    }
+}
+
 impl Module for Conv1D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let y = crate::kernels::add_bias(&x.reshape((b * t, d))?.matmul(&self.weight)?, &self.bias)?;
-        y.reshape((b, t, ()))
+        self.forward_with(x, crate::kernels::add_bias)
     }
 }
 

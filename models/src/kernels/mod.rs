@@ -32,7 +32,7 @@ pub mod swiglu;
 
 pub use attention::{packed_attention, packed_attention_reference};
 pub use bias::{add_bias, add_bias_reference};
-pub use gelu::{gelu, gelu_reference};
+pub use gelu::{bias_gelu, bias_gelu_reference};
 pub use logprobs::{token_logprobs_entropy, token_logprobs_entropy_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 pub use optim::{adamw_update, sum_squares, AdamWStep};
@@ -79,21 +79,29 @@ pub(crate) fn written_output(n: usize) -> Vec<f32> {
     v
 }
 
+/// Elements per parallel chunk of `len` elements in rows of `row`: whole rows, a few chunks per
+/// thread of the current rayon pool; all of `len` (one chunk, on the calling thread) when it
+/// is small or the pool has one thread.
+pub(crate) fn chunk_len(len: usize, row: usize) -> usize {
+    let row = row.max(1);
+    let threads = rayon::current_num_threads();
+    if len < PARALLEL_MIN || threads <= 1 {
+        return len.max(1);
+    }
+    (len / row).div_ceil(threads * 4).max(1) * row
+}
+
 /// Calls `f(offset, out_chunk)` for chunks of `out` that are whole multiples of `row` elements,
-/// in parallel on the current rayon pool when `out` is large.
+/// in parallel on the current rayon pool when `out` is large ([`chunk_len`]).
 pub(crate) fn for_each_chunk<F>(out: &mut [f32], row: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
 {
-    let row = row.max(1);
-    let threads = rayon::current_num_threads();
-    if out.len() < PARALLEL_MIN || threads <= 1 {
+    let chunk = chunk_len(out.len(), row);
+    if chunk >= out.len() {
         f(0, out);
         return;
     }
-    let rows = out.len() / row;
-    let rows_per_chunk = rows.div_ceil(threads * 4).max(1);
-    let chunk = rows_per_chunk * row;
     out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
 }
 
