@@ -244,11 +244,24 @@ fn normalise(row: &mut [f32], m: f32) {
 
 /// `y (t, d)` of one batch row: per head, `P = softmax(Q Kᵀ)` and `Y = P V` as small GEMMs.
 /// `probs` receives every head's `P` (heads, t, t), or is one head's (t, t) scratch.
-fn forward_row(qkv: &[f32], bias: &[f32], t: usize, d: usize, heads: usize, scale: f32, y: &mut [f32], probs: &mut [f32]) {
+fn forward_row(
+    qkv: &[f32],
+    bias: &[f32],
+    t: usize,
+    d: usize,
+    heads: usize,
+    scale: f32,
+    y: &mut [f32],
+    probs: &mut [f32],
+) {
     let (hd, w) = (d / heads, 3 * d);
     let keep = probs.len() == heads * t * t;
     for h in 0..heads {
-        let p = if keep { &mut probs[h * t * t..][..t * t] } else { &mut *probs };
+        let p = if keep {
+            &mut probs[h * t * t..][..t * t]
+        } else {
+            &mut *probs
+        };
         head_probs(qkv, bias, t, d, hd, h, scale, p);
         small_gemm(
             t,
@@ -278,7 +291,16 @@ multiversion! {
 /// `dqkv (t, 3d)` of one batch row from `dy (t, d)` and the forward's `probs` (heads, t, t):
 /// per head, `dV = Pᵀ dY`, `dP = dY Vᵀ`, `dS` from [`score_grads`], `dQ = dS K` and
 /// `dK = dSᵀ Q`.
-fn backward_row(qkv: &[f32], dy: &[f32], probs: &[f32], t: usize, d: usize, heads: usize, scale: f32, dqkv: &mut [f32]) {
+fn backward_row(
+    qkv: &[f32],
+    dy: &[f32],
+    probs: &[f32],
+    t: usize,
+    d: usize,
+    heads: usize,
+    scale: f32,
+    dqkv: &mut [f32],
+) {
     let (hd, w) = (d / heads, 3 * d);
     let mut ds = vec![0f32; t * t];
     for h in 0..heads {
@@ -376,7 +398,16 @@ impl CustomOp2 for AttentionBackward<'_> {
         dqkv.par_chunks_mut(t * 3 * d).enumerate().for_each(|(r, dqkv)| {
             let (qkv, dy) = (&qkv[r * t * 3 * d..][..t * 3 * d], &dy[r * t * d..][..t * d]);
             let per_row = self.heads * t * t;
-            backward_row(qkv, dy, &self.probs[r * per_row..][..per_row], t, d, self.heads, self.scale, dqkv)
+            backward_row(
+                qkv,
+                dy,
+                &self.probs[r * per_row..][..per_row],
+                t,
+                d,
+                self.heads,
+                self.scale,
+                dqkv,
+            )
         });
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
     }

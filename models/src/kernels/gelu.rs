@@ -98,7 +98,11 @@ impl CustomOp2 for BiasGelu {
         let b = contiguous_f32(s2, l2, self.name())?;
         let n = b.len();
         if n == 0 || x.len() % n != 0 {
-            candle_core::bail!("{}: bias of {n} entries for an input of shape {:?}", self.name(), l1.shape());
+            candle_core::bail!(
+                "{}: bias of {n} entries for an input of shape {:?}",
+                self.name(),
+                l1.shape()
+            );
         }
         // forward assigns every element of y, and of slope when it is kept.
         let mut y = super::written_output(x.len());
@@ -148,7 +152,11 @@ impl CustomOp1 for BiasGeluBackward<'_> {
         let g = contiguous_f32(s, l, self.name())?;
         let (n, len) = (self.n, g.len());
         if len != self.slope.len() {
-            candle_core::bail!("{}: gradient of {len} elements for a slope of {}", self.name(), self.slope.len());
+            candle_core::bail!(
+                "{}: gradient of {len} elements for a slope of {}",
+                self.name(),
+                self.slope.len()
+            );
         }
         let mut out = super::written_output(len + n); // du below, db zeroed and summed into
         let (du, db) = out.split_at_mut(len);
@@ -195,7 +203,11 @@ mod tests {
             let gr = (reference * &w).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, var) in [("x", &x), ("bias", &b)] {
                 let (gf, gr) = (gf.get(var).unwrap(), gr.get(var).unwrap());
-                assert!(rel_err(gf, gr) < 1e-5, "{shape:?} {name} gradients: {}", rel_err(gf, gr));
+                assert!(
+                    rel_err(gf, gr) < 1e-5,
+                    "{shape:?} {name} gradients: {}",
+                    rel_err(gf, gr)
+                );
             }
         }
     }

@@ -145,7 +145,12 @@ impl InplaceOp2 for OnParam<'_> {
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         let p = RefCell::new(slice_mut(s1, l1, self.name())?);
         let g = contiguous_f32(s2, l2, self.name())?;
-        self.m.inplace_op1(&OnFirstMoment { p: &p, g, v: self.v, step: &self.step })
+        self.m.inplace_op1(&OnFirstMoment {
+            p: &p,
+            g,
+            v: self.v,
+            step: &self.step,
+        })
     }
 }
 

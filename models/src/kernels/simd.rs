@@ -165,8 +165,14 @@ mod tests {
             let serial: f32 = a.iter().map(|v| v * v).sum();
             assert!((sum_map(&a, |v| v * v) - serial).abs() <= 1e-5 * serial.max(1.0), "{n}");
             let (s0, s1) = sum2_map3(&a, &b, &a, |x, y, z| (x * y, y + z));
-            let (r0, r1): (f32, f32) = (a.iter().zip(&b).map(|(x, y)| x * y).sum(), b.iter().zip(&a).map(|(y, z)| y + z).sum());
-            assert!((s0 - r0).abs() <= 1e-4 * r0.abs().max(1.0) && (s1 - r1).abs() <= 1e-4 * r1.abs().max(1.0), "{n}");
+            let (r0, r1): (f32, f32) = (
+                a.iter().zip(&b).map(|(x, y)| x * y).sum(),
+                b.iter().zip(&a).map(|(y, z)| y + z).sum(),
+            );
+            assert!(
+                (s0 - r0).abs() <= 1e-4 * r0.abs().max(1.0) && (s1 - r1).abs() <= 1e-4 * r1.abs().max(1.0),
+                "{n}"
+            );
             assert_eq!(max(&a), a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)), "{n}");
         }
     }
