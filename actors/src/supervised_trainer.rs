@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use tandem_models::adamw::ParamsAdamW;
-use tandem_models::rl::{clip_grad_norm, LrSchedule};
+use tandem_models::rl::{clip_scale, global_grad_norm, LrSchedule};
 use tandem_models::{snapshot, AdamW};
 
 use crate::error::ActorError;
@@ -117,7 +117,7 @@ impl Optimizer {
             tracing::warn!(step = self.step, "non-finite {what} loss; update skipped");
             return Ok((lr, f64::NAN));
         }
-        let mut grads = loss.backward()?;
+        let grads = loss.backward()?;
         // In name order: the gradient norm sums per-tensor norms, and a HashMap's order would
         // change the rounding from run to run (and break bit-exact resume).
         let vars: Vec<Var> = {
@@ -131,10 +131,10 @@ impl Optimizer {
         } else {
             f64::INFINITY
         };
-        let norm = clip_grad_norm(&vars, &mut grads, max)?;
+        let norm = global_grad_norm(&vars, &grads)?;
         if norm.is_finite() {
             self.opt.set_learning_rate(lr);
-            self.opt.step(&grads)?;
+            self.opt.step_scaled(&grads, clip_scale(norm, max)?)?;
         }
         Ok((lr, norm))
     }

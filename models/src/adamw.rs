@@ -95,6 +95,13 @@ impl AdamW {
 
     /// One update with the gradients in `grads` (parameters without a gradient are left alone).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// One update with the gradients in `grads` multiplied by `grad_scale` (a clipping factor,
+    /// [`crate::rl::clip_scale`]): the same arithmetic as scaling them with `g * grad_scale`
+    /// first and calling [`Self::step`], without writing the scaled copies.
+    pub fn step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
         self.step_t += 1;
         let p = &self.params;
         let scale_m = 1.0 / (1.0 - p.beta1.powi(self.step_t as i32));
@@ -112,10 +119,18 @@ impl AdamW {
                 scale_m,
                 scale_v,
                 decay: decays.then_some(1.0 - p.lr * p.weight_decay),
+                grad_scale,
             };
             if crate::kernels::adamw_update(s.var.as_tensor(), s.m.as_tensor(), s.v.as_tensor(), g, &fused)? {
                 continue;
             }
+            let scaled;
+            let g = if grad_scale == 1.0 {
+                g
+            } else {
+                scaled = (g * grad_scale)?;
+                &scaled
+            };
             let next_m = ((s.m.as_tensor() * p.beta1)? + (g * (1.0 - p.beta1))?)?;
             let next_v = ((s.v.as_tensor() * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let m_hat = (&next_m * scale_m)?;

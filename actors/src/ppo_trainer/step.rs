@@ -5,8 +5,8 @@ use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use tandem_models::batch::{PadSide, PaddedBatch, PromptResponseBatch};
 use tandem_models::rl::{
-    clip_grad_norm, gae, grpo_advantages, masked_whiten, ppo_loss, rloo_advantages, with_ptx, KlLossInputs, PpoInputs,
-    ValueInputs,
+    clip_scale, gae, global_grad_norm, grpo_advantages, masked_whiten, ppo_loss, rloo_advantages, with_ptx,
+    KlLossInputs, PpoInputs, ValueInputs,
 };
 
 use super::{sorted_vars, Advantage, KlPenalty, PpoTrainer, StepStats};
@@ -219,18 +219,18 @@ impl PpoTrainer {
                     || out.policy_terms.backward(),
                     || out.value_term.as_ref().map(|v| v.backward()).transpose(),
                 );
-                let (mut grads, mut value_grads) = (grads?, value_grads?);
+                let (grads, value_grads) = (grads?, value_grads?);
                 let max = if self.cfg.max_grad_norm > 0.0 {
                     self.cfg.max_grad_norm
                 } else {
                     f64::INFINITY
                 };
-                // Clipping and the optimiser steps also run side by side: each model's norm and
-                // update read only its own gradients.
+                // The norms and the optimiser steps also run side by side: each model's norm and
+                // update read only its own gradients. Clipping is a factor the update applies.
                 let (pn, cn) = rayon::join(
-                    || clip_grad_norm(&policy_vars, &mut grads, max),
-                    || match (&critic_vars, value_grads.as_mut()) {
-                        (Some(vars), Some(g)) => clip_grad_norm(vars, g, max),
+                    || global_grad_norm(&policy_vars, &grads),
+                    || match (&critic_vars, &value_grads) {
+                        (Some(vars), Some(g)) => global_grad_norm(vars, g),
                         _ => Ok(0.0),
                     },
                 );
@@ -244,9 +244,10 @@ impl PpoTrainer {
                 // A critic without a value term still counts the step (its moments' bias
                 // correction follows the update count), with no gradient to apply.
                 let critic_grads = value_grads.as_ref().unwrap_or(&grads);
+                let (p_scale, c_scale) = (clip_scale(pn, max)?, clip_scale(cn, max)?);
                 let (p, c) = rayon::join(
-                    || policy_opt.step(&grads),
-                    || critic_opt.map(|opt| opt.step(critic_grads)).transpose(),
+                    || policy_opt.step_scaled(&grads, p_scale),
+                    || critic_opt.map(|opt| opt.step_scaled(critic_grads, c_scale)).transpose(),
                 );
                 p?;
                 c?;

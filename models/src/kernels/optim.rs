@@ -29,6 +29,9 @@ pub struct AdamWStep {
     pub scale_v: f64,
     /// `1 - lr * weight_decay`, or `None` where the parameter is not decayed.
     pub decay: Option<f64>,
+    /// The gradient is used as `g * grad_scale` (rounded as candle's affine op rounds it);
+    /// 1 leaves it as it is.
+    pub grad_scale: f64,
 }
 
 /// Updates `m`, `v` and `var` in place with gradient `g`; `false` (nothing done) where the
@@ -80,6 +83,8 @@ struct Scalars {
     lr: f32,
     decay: f32,
     decays: bool,
+    grad_scale: f32,
+    scales: bool,
 }
 
 impl From<&AdamWStep> for Scalars {
@@ -95,6 +100,8 @@ impl From<&AdamWStep> for Scalars {
             lr: s.lr as f32,
             decay: s.decay.unwrap_or(1.0) as f32,
             decays: s.decay.is_some(),
+            grad_scale: s.grad_scale as f32,
+            scales: s.grad_scale != 1.0,
         }
     }
 }
@@ -104,6 +111,7 @@ multiversion! {
     /// (`x * a + 0`): m = m b1 + g (1 - b1), v = v b2 + g² (1 - b2), then the parameter.
     fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: Scalars) {
         for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = if s.scales { g * s.grad_scale + 0.0 } else { g };
             *m = (*m * s.beta1 + 0.0) + (g * s.one_minus1 + 0.0);
             *v = (*v * s.beta2 + 0.0) + ((g * g) * s.one_minus2 + 0.0);
             let m_hat = *m * s.scale_m + 0.0;
@@ -240,8 +248,12 @@ mod tests {
     }
 
     #[test]
-    fn the_update_is_bit_identical_to_the_composition_with_and_without_decay() {
-        for decay in [None, Some(1.0 - 1e-3 * 0.1)] {
+    fn the_update_is_bit_identical_to_the_composition_with_and_without_decay_and_clipping() {
+        for (decay, grad_scale) in [
+            (None, 1.0),
+            (Some(1.0 - 1e-3 * 0.1), 1.0),
+            (Some(1.0 - 1e-3 * 0.1), 0.37),
+        ] {
             let (p, m, v, g) = (
                 random(&[33, 17], 1.0, 1),
                 random(&[33, 17], 0.1, 2),
@@ -256,6 +268,14 @@ mod tests {
                 scale_m: 1.0 / (1.0 - 0.9f64.powi(3)),
                 scale_v: 1.0 / (1.0 - 0.999f64.powi(3)),
                 decay,
+                grad_scale,
+            };
+            // The composition: clip_grad_norm's scaled copy, then the AdamW ops.
+            let raw = g.clone();
+            let g = if grad_scale == 1.0 {
+                g
+            } else {
+                (&g * grad_scale).unwrap()
             };
             let next_m = ((&m * step.beta1).unwrap() + (&g * (1.0 - step.beta1)).unwrap()).unwrap();
             let next_v = ((&v * step.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - step.beta2)).unwrap()).unwrap();
@@ -268,7 +288,7 @@ mod tests {
             };
             let expected = (decayed - (update * step.lr).unwrap()).unwrap();
             let (p2, m2, v2) = (p.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
-            assert!(adamw_update(&p2, &m2, &v2, &g, &step).unwrap());
+            assert!(adamw_update(&p2, &m2, &v2, &raw, &step).unwrap());
             assert_eq!(p2.to_vec2::<f32>().unwrap(), expected.to_vec2::<f32>().unwrap());
             assert_eq!(m2.to_vec2::<f32>().unwrap(), next_m.to_vec2::<f32>().unwrap());
             assert_eq!(v2.to_vec2::<f32>().unwrap(), next_v.to_vec2::<f32>().unwrap());

@@ -52,7 +52,7 @@ pub use kl::{kl_per_token, sequence_kl, KlEstimator};
 pub use kl_controller::{KlController, KlControllerConfig};
 pub use logprob::{entropy_from_logits, token_logprobs};
 pub use masked::{aggregate, masked_mean, masked_var, row_lengths, Aggregation};
-pub use optim::{clip_grad_norm, global_grad_norm, Ema, GradAccumulator, LrDecay, LrSchedule};
+pub use optim::{clip_grad_norm, clip_scale, global_grad_norm, Ema, GradAccumulator, LrDecay, LrSchedule};
 pub use ppo::{
     ppo_loss, KlLossInputs, PpoInputs, PpoLossConfig, PpoLossOutput, PpoStats, ValueInputs,
     DEFAULT_BEHAVIOUR_WEIGHT_CAP,

@@ -34,15 +34,27 @@ pub fn global_grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
     Ok(sq.sqrt())
 }
 
-/// Rescales the gradients of `vars` so their global norm is at most `max_norm`; returns the
-/// norm before clipping (see the module docs).
-pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
+/// The factor global-norm clipping applies to gradients of global norm `norm`:
+/// `max_norm / (norm + 1e-6)` above `max_norm`, else (or for a non-finite norm) 1.
+pub fn clip_scale(norm: f64, max_norm: f64) -> Result<f64> {
     if max_norm.is_nan() || max_norm <= 0.0 {
         invalid!("max_norm must be > 0, got {max_norm}");
     }
+    Ok(if norm.is_finite() && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    })
+}
+
+/// Rescales the gradients of `vars` so their global norm is at most `max_norm`; returns the
+/// norm before clipping (see the module docs). An optimiser that can apply the factor as it
+/// reads the gradients takes [`clip_scale`] instead (e.g. [`crate::AdamW::step_scaled`]),
+/// which saves writing scaled copies.
+pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
     let norm = global_grad_norm(vars, grads)?;
-    if norm.is_finite() && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    let scale = clip_scale(norm, max_norm)?;
+    if scale != 1.0 {
         for v in vars {
             if let Some(g) = grads.get(v) {
                 let scaled = (g * scale)?;
