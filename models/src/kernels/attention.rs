@@ -243,7 +243,8 @@ fn normalise(row: &mut [f32], m: f32) {
 }
 
 /// `y (t, d)` of one batch row: per head, `P = softmax(Q Kᵀ)` and `Y = P V` as small GEMMs.
-/// `probs` receives every head's `P` (heads, t, t), or is one head's (t, t) scratch.
+/// Head h's `P` is written at `probs[h * probs_stride..][..t * t]`: stride `t * t` keeps every
+/// head's (heads, t, t), stride 0 reuses one (t, t) scratch.
 fn forward_row(
     qkv: &[f32],
     bias: &[f32],
@@ -253,15 +254,11 @@ fn forward_row(
     scale: f32,
     y: &mut [f32],
     probs: &mut [f32],
+    probs_stride: usize,
 ) {
     let (hd, w) = (d / heads, 3 * d);
-    let keep = probs.len() == heads * t * t;
     for h in 0..heads {
-        let p = if keep {
-            &mut probs[h * t * t..][..t * t]
-        } else {
-            &mut *probs
-        };
+        let p = &mut probs[h * probs_stride..][..t * t];
         head_probs(qkv, bias, t, d, hd, h, scale, p);
         small_gemm(
             t,
@@ -280,7 +277,7 @@ multiversion! {
     /// `dS = P ∘ (dP - rowsum(P ∘ dP)) * scale`, in place of `dp`.
     fn score_grads(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
         for (pi, dpi) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
-            let r = simd::sum2_map3(pi, dpi, pi, |a, b, _| (a * b, 0.0)).0;
+            let r = dot(pi, dpi);
             for (g, &pij) in dpi.iter_mut().zip(pi) {
                 *g = pij * (*g - r) * scale;
             }
@@ -336,9 +333,9 @@ impl CustomOp2 for Attention {
         // Every element is written: each head's block of y is a whole GEMM output.
         let mut y = super::written_output(b * t * d);
         let per_row = self.heads * t * t;
-        let kernel = |r: usize, y: &mut [f32], probs: &mut [f32]| {
+        let kernel = |r: usize, y: &mut [f32], probs: &mut [f32], stride: usize| {
             let (qkv, bias) = (&qkv[r * t * 3 * d..][..t * 3 * d], &bias[r * t * t..][..t * t]);
-            forward_row(qkv, bias, t, d, self.heads, self.scale, y, probs)
+            forward_row(qkv, bias, t, d, self.heads, self.scale, y, probs, stride)
         };
         if self.keep_probs {
             // Every element is written: head_probs fills each (t, t) block.
@@ -346,13 +343,13 @@ impl CustomOp2 for Attention {
             y.par_chunks_mut(t * d)
                 .zip(probs.par_chunks_mut(per_row))
                 .enumerate()
-                .for_each(|(r, (y, p))| kernel(r, y, p));
+                .for_each(|(r, (y, p))| kernel(r, y, p, t * t));
             // A second forward with the same op value does not happen (each call makes one).
             let _ = self.probs.set(probs);
         } else {
             y.par_chunks_mut(t * d)
                 .enumerate()
-                .for_each(|(r, y)| kernel(r, y, &mut vec![0f32; t * t]));
+                .for_each(|(r, y)| kernel(r, y, &mut vec![0f32; t * t], 0));
         }
         Ok((CpuStorage::F32(y), Shape::from((b, t, d))))
     }

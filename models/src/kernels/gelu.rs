@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{chunk_len, contiguous_f32, fused_applies, multiversion, simd};
+use super::{chunk_len, contiguous_f32, for_each_chunk, fused_applies, multiversion, simd};
 
 const C: f32 = 0.797_884_56; // sqrt(2 / pi)
 const A: f32 = 0.044_715;
@@ -107,17 +107,15 @@ impl CustomOp2 for BiasGelu {
         // forward assigns every element of y, and of slope when it is kept.
         let mut y = super::written_output(x.len());
         let mut slope = super::written_output(if self.keep_slope { x.len() } else { 0 });
-        let chunk = chunk_len(x.len(), n);
         if self.keep_slope {
+            let chunk = chunk_len(x.len(), n);
             y.par_chunks_mut(chunk)
                 .zip(slope.par_chunks_mut(chunk))
                 .enumerate()
                 .for_each(|(i, (y, s))| forward(&x[i * chunk..][..y.len()], b, y, s));
             let _ = self.slope.set(slope);
         } else {
-            y.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(i, y)| forward(&x[i * chunk..][..y.len()], b, y, &mut []));
+            for_each_chunk(&mut y, n, |off, y| forward(&x[off..][..y.len()], b, y, &mut []));
         }
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -136,8 +134,8 @@ impl CustomOp2 for BiasGelu {
     }
 }
 
-/// dy to `[du (rows * n), db (n)]` in one buffer, rows split over the current pool with one
-/// partial `db` per chunk.
+/// dy to `[du (rows * n), db (n)]` in one buffer, rows split over the current pool
+/// ([`super::for_each_chunk_summing`]).
 struct BiasGeluBackward<'a> {
     slope: &'a [f32],
     n: usize,
@@ -161,22 +159,10 @@ impl CustomOp1 for BiasGeluBackward<'_> {
         let mut out = super::written_output(len + n); // du below, db zeroed and summed into
         let (du, db) = out.split_at_mut(len);
         db.fill(0.0);
-        let chunk = chunk_len(len, n);
-        let partials: Vec<Vec<f32>> = du
-            .par_chunks_mut(chunk)
-            .enumerate()
-            .map(|(i, du)| {
-                let r = i * chunk..i * chunk + du.len();
-                let mut part = vec![0f32; n];
-                backward(&self.slope[r.clone()], &g[r], du, &mut part);
-                part
-            })
-            .collect();
-        for p in partials {
-            for (a, b) in db.iter_mut().zip(p) {
-                *a += b;
-            }
-        }
+        super::for_each_chunk_summing(du, n, db, |off, du, db| {
+            let r = off..off + du.len();
+            backward(&self.slope[r.clone()], &g[r], du, db)
+        });
         Ok((CpuStorage::F32(out), Shape::from(len + n)))
     }
 }

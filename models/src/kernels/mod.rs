@@ -105,6 +105,37 @@ where
     out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
 }
 
+/// [`for_each_chunk`] for kernels that also sum over rows: `f(offset, out_chunk, partial)`
+/// adds its chunk's sums into `partial` (`sums.len()` entries, zeroed). With one chunk (small
+/// `out` or a one-thread pool) `partial` is `sums` itself; otherwise there is one chunk per
+/// thread, and the partials are added into `sums` in chunk order.
+pub(crate) fn for_each_chunk_summing<F>(out: &mut [f32], row: usize, sums: &mut [f32], f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+{
+    let threads = rayon::current_num_threads();
+    if out.len() < PARALLEL_MIN || threads <= 1 {
+        f(0, out, sums);
+        return;
+    }
+    let row = row.max(1);
+    let chunk = (out.len() / row).div_ceil(threads) * row;
+    let partials: Vec<Vec<f32>> = out
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .map(|(i, c)| {
+            let mut partial = vec![0f32; sums.len()];
+            f(i * chunk, c, &mut partial);
+            partial
+        })
+        .collect();
+    for p in partials {
+        for (a, b) in sums.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+}
+
 /// Defines `fn NAME(args)` whose body is compiled twice, for the baseline target and for
 /// AVX2+FMA; the AVX2 copy runs when the CPU supports it. Helpers the body calls must be
 /// `#[inline(always)]` so that they are compiled into each copy.

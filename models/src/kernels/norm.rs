@@ -16,9 +16,8 @@
 //! packed into one buffer that is then split with views.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
-use super::{contiguous_f32, fused_applies, multiversion, simd, PARALLEL_MIN};
+use super::{contiguous_f32, fused_applies, multiversion, simd};
 
 /// Layer norm of `x` over its last dimension with gain `w` and bias `b`; fused on the CPU for
 /// f32, [`layer_norm_reference`] elsewhere.
@@ -161,31 +160,13 @@ impl Norm {
     /// dw/db per chunk.
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32]) -> Vec<f32> {
         let d = w.len();
-        let rows = x.len() / d;
         let mut out = vec![0f32; x.len() + 2 * d];
         let (dx, dwb) = out.split_at_mut(x.len());
         let (eps, centred) = (self.eps, self.centred);
-        let threads = rayon::current_num_threads();
-        if x.len() < PARALLEL_MIN || threads <= 1 {
-            backward_rows(x, w, dy, eps, centred, dx, dwb);
-            return out;
-        }
-        let chunk = rows.div_ceil(threads) * d;
-        let partials: Vec<Vec<f32>> = dx
-            .par_chunks_mut(chunk)
-            .enumerate()
-            .map(|(i, dx)| {
-                let r = i * chunk..i * chunk + dx.len();
-                let mut dwb = vec![0f32; 2 * d];
-                backward_rows(&x[r.clone()], w, &dy[r], eps, centred, dx, &mut dwb);
-                dwb
-            })
-            .collect();
-        for p in partials {
-            for (a, b) in dwb.iter_mut().zip(p) {
-                *a += b;
-            }
-        }
+        super::for_each_chunk_summing(dx, d, dwb, |off, dx, dwb| {
+            let r = off..off + dx.len();
+            backward_rows(&x[r.clone()], w, &dy[r], eps, centred, dx, dwb)
+        });
         out
     }
 
