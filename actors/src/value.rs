@@ -120,8 +120,8 @@ impl ValueStage {
                 let p: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
                 let r: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
                 let b = PromptResponseBatch::new(&p, &r, model.config().pad_id(), dev)?;
-                let v = model.values(&b.ids, &b.mask)?;
-                Ok(v.narrow(1, b.prompt_width - 1, b.response_width)?.to_vec2::<f32>()?)
+                let v = model.values_at(&b.ids, &b.mask, b.prompt_width - 1, b.response_width)?;
+                Ok(v.to_vec2::<f32>()?)
             })
             .await?;
         let values = values?;

@@ -5,6 +5,8 @@
 //! pool of `TANDEM_BENCH_THREADS` threads (default 1: figures that do not depend on the core
 //! count or on other load, and the shape of one `cpu:N` executor), after the same thread setup
 //! as the binary (`init_compute_threads`: no candle barrier pool spinning beside the pool).
+//! They also use the binary's allocator (`src/allocator.rs`: mimalloc, keeping freed memory), so
+//! that a measurement pays for page faults only where the binary would.
 
 #![allow(dead_code)] // each bench binary uses a different part
 
@@ -12,8 +14,14 @@ use std::time::Duration;
 
 use criterion::Criterion;
 
+// Its unit test module compiles here too, without its test; hence `unused_imports`.
+#[allow(unsafe_code, unused_imports)]
+#[path = "../../src/allocator.rs"]
+mod allocator;
+
 /// The pool every measurement runs in.
 pub fn pool() -> rayon::ThreadPool {
+    allocator::keep_freed_memory();
     tandem_actors::device::init_compute_threads();
     let threads = std::env::var("TANDEM_BENCH_THREADS")
         .ok()

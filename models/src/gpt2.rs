@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use crate::config::Gpt2Config;
 use crate::kernels::packed_attention;
 use crate::kv_cache::{KvCache, QkvRows};
-use crate::layers::{attention, embed, AttentionInputs, Conv1D, LayerNorm};
+use crate::layers::{attention, embed, AttentionInputs, Conv1D, LayerNorm, Positions};
 
 #[derive(Debug, Clone)]
 struct Block {
@@ -73,8 +73,14 @@ impl Gpt2 {
         &self.wte
     }
 
-    /// Final hidden states (b, t, d) for `ids` (b, t).
-    pub fn forward(&self, ids: &Tensor, attn: &AttentionInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// Final hidden states for `ids` (b, t) at the positions `out` selects.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attn: &AttentionInputs,
+        mut cache: Option<&mut KvCache>,
+        out: Positions,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mut h = (embed(&self.wte, ids)? + embed(&self.wpe, &attn.positions)?)?;
         for (i, blk) in self.blocks.iter().enumerate() {
@@ -116,7 +122,13 @@ impl Gpt2 {
                         .reshape((b, t, d))?
                 }
             };
-            h = (h + blk.attn_proj.forward(&y)?)?;
+            // The last block goes on only at the positions the caller reads.
+            let (h_in, y) = if i + 1 == self.blocks.len() {
+                (out.select(&h)?, out.select(&y)?)
+            } else {
+                (h, y)
+            };
+            h = (h_in + blk.attn_proj.forward(&y)?)?;
             let x = blk.ln_2.forward(&h)?;
             let x = if blk.exact_gelu {
                 blk.c_fc.forward(&x)?.gelu_erf()?
@@ -124,6 +136,9 @@ impl Gpt2 {
                 blk.c_fc.forward_with(&x, crate::kernels::bias_gelu)?
             };
             h = (h + blk.mlp_proj.forward(&x)?)?;
+        }
+        if self.blocks.is_empty() {
+            h = out.select(&h)?;
         }
         self.ln_f.forward(&h)
     }

@@ -55,6 +55,44 @@ impl Module for RmsNorm {
     }
 }
 
+/// Which positions' final hidden states a backbone forward returns.
+///
+/// Every block but the last runs on all positions, since later blocks attend to them. The last
+/// block's attention still reads every key, but its output projection, MLP and the final norm
+/// run only on the positions returned: a PPO forward needs the response positions, a reward
+/// model the last real token of each row, a sampler the last position.
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    /// Every position: (b, t, d).
+    All,
+    /// Positions `start .. start + len` of every row: (b, len, d).
+    Span { start: usize, len: usize },
+    /// One position per row, `at[row]`: (b, 1, d).
+    PerRow(&'a [u32]),
+}
+
+impl Positions<'_> {
+    /// Selects the positions from `x` (b, t, d). Differentiable.
+    pub fn select(&self, x: &Tensor) -> Result<Tensor> {
+        match *self {
+            Positions::All => Ok(x.clone()),
+            Positions::Span { start, len } => x.narrow(1, start, len),
+            Positions::PerRow(at) => {
+                let (b, t, d) = x.dims3()?;
+                if at.len() != b {
+                    candle_core::bail!("{} positions for a batch of {b} rows", at.len());
+                }
+                if let Some(&p) = at.iter().find(|&&p| p as usize >= t) {
+                    candle_core::bail!("position {p} is past the sequence length {t}");
+                }
+                let flat: Vec<u32> = at.iter().enumerate().map(|(r, &p)| (r * t) as u32 + p).collect();
+                let idx = Tensor::from_vec(flat, b, x.device())?;
+                x.reshape((b * t, d))?.index_select(&idx, 0)?.reshape((b, 1, d))
+            }
+        }
+    }
+}
+
 /// GPT-2's `Conv1D`: a linear layer whose weight is stored as (in, out), y = x W + b.
 #[derive(Debug, Clone)]
 pub struct Conv1D {

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::LlamaConfig;
 use crate::kv_cache::{KvCache, QkvRows};
-use crate::layers::{attention, embed, repeat_kv, AttentionInputs, RmsNorm, Rotary};
+use crate::layers::{attention, embed, repeat_kv, AttentionInputs, Positions, RmsNorm, Rotary};
 
 /// `x W^T (+ b)` with the weight stored (out, in), as in `nn.Linear`; the bias add is the fused
 /// kernel, whose backward sums rows in one pass.
@@ -101,8 +101,14 @@ impl Llama {
         &self.embed_tokens
     }
 
-    /// Final hidden states (b, t, d) for `ids` (b, t).
-    pub fn forward(&self, ids: &Tensor, attn: &AttentionInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// Final hidden states for `ids` (b, t) at the positions `out` selects.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attn: &AttentionInputs,
+        mut cache: Option<&mut KvCache>,
+        out: Positions,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let hd = self.head_dim;
         let mut h = embed(&self.embed_tokens, ids)?;
@@ -145,10 +151,19 @@ impl Llama {
                     y.transpose(1, 2)?.reshape((b, t, self.heads * hd))?
                 }
             };
-            h = (h + l.o_proj.forward(&y)?)?;
+            // The last layer goes on only at the positions the caller reads.
+            let (h_in, y) = if i + 1 == self.layers.len() {
+                (out.select(&h)?, out.select(&y)?)
+            } else {
+                (h, y)
+            };
+            h = (h_in + l.o_proj.forward(&y)?)?;
             let x = l.post_attention_layernorm.forward(&h)?;
             let m = crate::kernels::swiglu(&l.gate_proj.forward(&x)?, &l.up_proj.forward(&x)?)?;
             h = (h + l.down_proj.forward(&m)?)?;
+        }
+        if self.layers.is_empty() {
+            h = out.select(&h)?;
         }
         self.norm.forward(&h)
     }

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -32,7 +32,7 @@ use crate::config::{Architecture, HeadKind, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::gpt2::Gpt2;
 use crate::kv_cache::KvCache;
-use crate::layers::AttentionInputs;
+use crate::layers::{AttentionInputs, Positions};
 use crate::llama::Llama;
 
 /// The transformer trunk of either family.
@@ -50,16 +50,17 @@ impl Backbone {
         })
     }
 
-    /// Final hidden states (b, t, d).
+    /// Final hidden states at the positions `out` selects (see [`Positions`]).
     pub fn forward(
         &self,
         ids: &Tensor,
         attn: &AttentionInputs,
         cache: Option<&mut KvCache>,
+        out: Positions,
     ) -> candle_core::Result<Tensor> {
         match self {
-            Backbone::Gpt2(m) => m.forward(ids, attn, cache),
-            Backbone::Llama(m) => m.forward(ids, attn, cache),
+            Backbone::Gpt2(m) => m.forward(ids, attn, cache, out),
+            Backbone::Llama(m) => m.forward(ids, attn, cache, out),
         }
     }
 
@@ -271,7 +272,7 @@ impl LanguageModel {
     /// Next-token logits (b, q, V) for the new tokens `ids` (b, q). `key_mask` covers the cached
     /// positions and the new ones; with `cache = None` it covers just `ids`.
     pub fn forward(&self, ids: &Tensor, key_mask: &[Vec<f32>], cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let h = self.hidden(ids, key_mask, cache)?;
+        let h = self.hidden(ids, key_mask, cache, Positions::All)?;
         Ok(self.head(&h)?)
     }
 
@@ -282,16 +283,22 @@ impl LanguageModel {
         key_mask: &[Vec<f32>],
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let h = self.hidden(ids, key_mask, cache)?;
-        let t = h.dim(1)?;
-        Ok(self.head(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+        let t = ids.dim(1)?;
+        let h = self.hidden(ids, key_mask, cache, Positions::Span { start: t - 1, len: 1 })?;
+        Ok(self.head(&h)?.squeeze(1)?)
     }
 
-    fn hidden(&self, ids: &Tensor, key_mask: &[Vec<f32>], cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        key_mask: &[Vec<f32>],
+        cache: Option<&mut KvCache>,
+        out: Positions,
+    ) -> Result<Tensor> {
         let (_, q) = ids.dims2()?;
         let attn = AttentionInputs::new(key_mask, q, &self.device)?;
         self.check_positions(&attn)?;
-        Ok(self.backbone.forward(ids, &attn, cache)?)
+        Ok(self.backbone.forward(ids, &attn, cache, out)?)
     }
 
     fn head(&self, h: &Tensor) -> candle_core::Result<Tensor> {
@@ -325,9 +332,11 @@ impl LanguageModel {
         let mask_rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let attn = AttentionInputs::new(&mask_rows, t, &self.device)?;
         self.check_positions(&attn)?;
-        let h = self.backbone.forward(ids, &attn, None)?;
         let n = t - 1 - start;
-        let logits = self.head(&h.narrow(1, start, n)?)?;
+        let h = self
+            .backbone
+            .forward(ids, &attn, None, Positions::Span { start, len: n })?;
+        let logits = self.head(&h)?;
         let targets = ids.narrow(1, start + 1, n)?;
         let (logprobs, entropy) = crate::kernels::token_logprobs_entropy(&logits, &targets, temperature)?;
         Ok(TokenOutputs { logprobs, entropy })
@@ -383,12 +392,31 @@ impl ScalarModel {
 
     /// Per-token values (b, t). Differentiable.
     pub fn values(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
         let mask_rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let attn = AttentionInputs::new(&mask_rows, t, &self.device)?;
-        let h = self.backbone.forward(ids, &attn, None)?;
-        let d = h.dim(D::Minus1)?;
-        Ok(h.reshape((b * t, d))?.matmul(&self.score.t()?)?.reshape((b, t))?)
+        self.project(ids, &mask_rows, Positions::All)
+    }
+
+    /// Values at positions `start .. start + len` of every row (b, len): the columns of
+    /// [`Self::values`], with the last block computed only there. Differentiable.
+    pub fn values_at(&self, ids: &Tensor, mask: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        if start + len > t {
+            return Err(ModelError::InvalidArgument(format!(
+                "values at {start}..{} of a sequence of {t}",
+                start + len
+            )));
+        }
+        let mask_rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        self.project(ids, &mask_rows, Positions::Span { start, len })
+    }
+
+    /// The score projection of the final hidden states at `out`: (b, positions).
+    fn project(&self, ids: &Tensor, mask_rows: &[Vec<f32>], out: Positions) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let attn = AttentionInputs::new(mask_rows, t, &self.device)?;
+        let h = self.backbone.forward(ids, &attn, None, out)?;
+        let (b, n, d) = h.dims3()?;
+        Ok(h.reshape((b * n, d))?.matmul(&self.score.t()?)?.reshape((b, n))?)
     }
 
     /// One score per row (b,), read at the row's last real token. Differentiable.
@@ -404,8 +432,6 @@ impl ScalarModel {
                     .ok_or_else(|| ModelError::InvalidArgument(format!("row {i} of the batch has no real token")))
             })
             .collect::<Result<_>>()?;
-        let values = self.values(ids, mask)?;
-        let idx = Tensor::from_vec(last, (mask_rows.len(), 1), &self.device)?;
-        Ok(values.gather(&idx, 1)?.squeeze(1)?)
+        Ok(self.project(ids, &mask_rows, Positions::PerRow(&last))?.squeeze(1)?)
     }
 }

@@ -65,3 +65,34 @@ fn a_single_consumer_gradient_is_the_upstream_gradient_itself() {
     assert!(g.is_contiguous());
     assert_eq!(g.to_vec2::<f32>().unwrap(), vec![vec![1., 100.], vec![10., 1000.]]);
 }
+
+/// The matmul copies an operand read down its columns, with columns 4 KiB apart, to a padded
+/// stride first (`vendor/README.md`): the products equal those of contiguous copies, for lhs,
+/// rhs, both, and a batch.
+#[test]
+fn products_of_operands_with_4kib_column_strides_match_contiguous_ones() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (40, 1024), &dev).unwrap();
+    let y = Tensor::randn(0f32, 1.0, (40, 24), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (24, 1024), &dev).unwrap();
+    // lhs (1024, 40) with row stride 1 and column stride 1024.
+    let xt = x.t().unwrap();
+    close(&xt.matmul(&y).unwrap(), &xt.contiguous().unwrap().matmul(&y).unwrap());
+    // rhs (1024, 24) likewise.
+    let wt = w.t().unwrap();
+    close(&x.matmul(&wt).unwrap(), &x.matmul(&wt.contiguous().unwrap()).unwrap());
+    // Both at once: (1024, 40) x (40, 1024)^T^T.
+    let a = Tensor::randn(0f32, 1.0, (40, 1024), &dev).unwrap().t().unwrap();
+    let b = Tensor::randn(0f32, 1.0, (1024, 40), &dev).unwrap().t().unwrap();
+    close(
+        &b.matmul(&a).unwrap(),
+        &b.contiguous().unwrap().matmul(&a.contiguous().unwrap()).unwrap(),
+    );
+    // A batch of transposed lhs blocks.
+    let xb = Tensor::randn(0f32, 1.0, (3, 40, 1024), &dev)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    let yb = Tensor::randn(0f32, 1.0, (3, 40, 24), &dev).unwrap();
+    close(&xb.matmul(&yb).unwrap(), &xb.contiguous().unwrap().matmul(&yb).unwrap());
+}

@@ -165,7 +165,11 @@ impl PpoTrainer {
                         Some(out) => Ok(out),
                         None => self.policy.token_logprobs(&ids, &full_mask, start, self.temperature),
                     },
-                    || critic_model.map(|c| c.values(&ids, &full_mask)).transpose(),
+                    || {
+                        critic_model
+                            .map(|c| c.values_at(&ids, &full_mask, start, width))
+                            .transpose()
+                    },
                 );
                 let (out, values) = (out?, values?);
                 let logp = out.logprobs.narrow(1, 0, width)?;
@@ -174,7 +178,7 @@ impl PpoTrainer {
                 let behaviour_mb = if on_policy { None } else { Some(pick(&sampled)?) };
                 let ref_mb = pick(&ref_logp)?;
                 let value_parts = match (values, &returns) {
-                    (Some(v), Some(ret)) => Some((v.narrow(1, start, width)?, pick(&old_values)?, pick(ret)?)),
+                    (Some(v), Some(ret)) => Some((v, pick(&old_values)?, pick(ret)?)),
                     _ => None,
                 };
                 let inputs = PpoInputs {

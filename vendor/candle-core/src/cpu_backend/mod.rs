@@ -1439,6 +1439,31 @@ impl MatMul {
     }
 }
 
+/// tandem patch (see the matmul below): for a (rows, cols) operand with row stride `rs` and
+/// column stride `cs`, the padded column stride to copy it to when its columns are contiguous
+/// and a multiple of 4 KiB apart, else `None`.
+fn aliasing_columns<T>(rs: usize, cs: usize, rows: usize, cols: usize) -> Option<usize> {
+    let size = std::mem::size_of::<T>();
+    let aliasing = rs == 1 && cs >= rows && cols >= 16 && rows >= 16 && (cs * size) % 4096 == 0;
+    aliasing.then(|| rows + 64 / size)
+}
+
+/// tandem patch: copies `cols` contiguous columns of `rows` elements, `cs` apart in `src`, to
+/// `ld` apart in `buf`, and returns the copy.
+fn copy_columns<'a, T: Copy>(src: &[T], cs: usize, rows: usize, cols: usize, ld: usize, buf: &'a mut Vec<T>) -> &'a [T] {
+    buf.clear();
+    buf.reserve(ld * cols);
+    for j in 0..cols {
+        let col = &src[j * cs..j * cs + rows];
+        buf.extend_from_slice(col);
+        if j + 1 < cols {
+            // Padding between columns, never read.
+            buf.resize(buf.len() + ld - rows, col[0]);
+        }
+    }
+    buf
+}
+
 impl Map2 for MatMul {
     const OP: &'static str = "mat_mul";
 
@@ -1508,10 +1533,24 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
+        // tandem patch: an operand read down its columns (row stride 1) whose columns lie a
+        // multiple of 4 KiB apart is copied into columns a cache line further apart first.
+        // Packing reads such columns side by side, and at that spacing they all map to the
+        // same L1 sets: gradients through a (.., 1024)-wide f32 activation or weight ran
+        // 15-20% slower than the same product at any other width.
+        let (mut lhs_pad, mut rhs_pad) = (Vec::new(), Vec::new());
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
             let dst_p = &mut dst[step * c_skip..];
+            let (lhs_p, lhs_cs) = match aliasing_columns::<T>(lhs_rs, lhs_cs, m, k) {
+                Some(ld) => (copy_columns(lhs_p, lhs_cs, m, k, ld, &mut lhs_pad), ld),
+                None => (lhs_p, lhs_cs),
+            };
+            let (rhs_p, rhs_cs) = match aliasing_columns::<T>(rhs_rs, rhs_cs, k, n) {
+                Some(ld) => (copy_columns(rhs_p, rhs_cs, k, n, ld, &mut rhs_pad), ld),
+                None => (rhs_p, rhs_cs),
+            };
             unsafe {
                 gemm(
                     /* m: usize = */ m,
