@@ -136,9 +136,11 @@ where
     }
 }
 
-/// Defines `fn NAME(args)` whose body is compiled twice, for the baseline target and for
-/// AVX2+FMA; the AVX2 copy runs when the CPU supports it. Helpers the body calls must be
-/// `#[inline(always)]` so that they are compiled into each copy.
+/// Defines `fn NAME(args)` whose body is compiled three times, for the baseline target, for
+/// AVX2+FMA and for AVX-512; the widest copy the CPU supports runs. Helpers the body calls must
+/// be `#[inline(always)]` so that they are compiled into each copy. The copies compute the same
+/// operations in the same order (Rust does not contract or reassociate f32 arithmetic), so
+/// they give the same bits; the wider ones do it in fewer instructions.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
@@ -147,6 +149,14 @@ macro_rules! multiversion {
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if $crate::kernels::simd::has_avx512() {
+                    // SAFETY: the CPU supports the features `avx512` was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
                     body($($arg),*)
