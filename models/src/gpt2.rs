@@ -128,14 +128,14 @@ impl Gpt2 {
             } else {
                 (h, y)
             };
-            h = (h_in + blk.attn_proj.forward(&y)?)?;
+            h = blk.attn_proj.forward_residual(&y, &h_in)?;
             let x = blk.ln_2.forward(&h)?;
             let x = if blk.exact_gelu {
                 blk.c_fc.forward(&x)?.gelu_erf()?
             } else {
                 blk.c_fc.forward_with(&x, crate::kernels::bias_gelu)?
             };
-            h = (h + blk.mlp_proj.forward(&x)?)?;
+            h = blk.mlp_proj.forward_residual(&x, &h)?;
         }
         if self.blocks.is_empty() {
             h = out.select(&h)?;

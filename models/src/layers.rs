@@ -117,6 +117,14 @@ impl Conv1D {
         let y = bias_op(&x.reshape((b * t, d))?.matmul(&self.weight)?, &self.bias)?;
         y.reshape((b, t, ()))
     }
+
+    /// `residual + (x W + b)`: the projection joining the residual stream, bias and residual
+    /// added in one pass.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = residual.dims3()?;
+        let r = residual.reshape((b * t, ()))?;
+        self.forward_with(x, |y, bias| crate::kernels::add_bias_residual(y, bias, &r))
+    }
 }
 
 impl Module for Conv1D {

@@ -31,7 +31,7 @@ pub(crate) mod simd;
 pub mod swiglu;
 
 pub use attention::{packed_attention, packed_attention_reference};
-pub use bias::{add_bias, add_bias_reference};
+pub use bias::{add_bias, add_bias_reference, add_bias_residual, add_bias_residual_reference};
 pub use gelu::{bias_gelu, bias_gelu_reference};
 pub use logprobs::{token_logprobs_entropy, token_logprobs_entropy_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
