@@ -7,10 +7,14 @@
 //! k+1 waits for the weights of step k), then in async mode with `max_staleness = 1`, then
 //! async with in-flight updates (`mode.inflight_updates = true`: samplers adopt new weights
 //! between decode steps).
-//! Step time is the median of the wall-clock time between consecutive learner steps after
-//! `--warmup` steps. `gen_s` and `learn_s` are the medians of the two sides' per-step busy
+//! The three runs repeat for `--rounds` rounds (default 3). Within a round, step time is the
+//! median of the wall-clock time between consecutive learner steps after `--warmup` steps. `gen_s` and `learn_s` are the medians of the two sides' per-step busy
 //! times (generate + reward + value seconds; learn + weight-sync seconds) in the sync run, and
 //! `ideal_step_s = max(gen_s, learn_s)` is the step time of perfect overlap.
+//!
+//! Every figure is computed per round, and the report gives the median over the rounds of each
+//! (so a ratio is the median of the rounds' ratios, each measured side by side), with the
+//! rounds' own figures under `per_round`: a slow spell of a shared machine moves one round.
 //!
 //! The last line of stdout is one JSON object: sync_step_s, async_step_s, gen_s, learn_s,
 //! ideal_step_s, async_over_ideal, speedup (= sync / async), ideal_speedup (= sync / ideal).
@@ -47,6 +51,9 @@ pub struct OverlapBench {
     /// Steps left out of the timing at the start of each run.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Rounds of the three runs (sync, async, in-flight); each figure is the median over rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Extra config overrides, applied after the bench's own sizing.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -101,14 +108,13 @@ fn gen_tokens_per_s(r: &[StepReport], warmup: usize) -> f64 {
     tokens / secs
 }
 
-pub fn run(args: &OverlapBench) -> anyhow::Result<()> {
-    if args.steps as usize <= args.warmup + 2 {
-        return bad_input!("--steps must exceed --warmup + 2");
-    }
-    let sync = run_mode(args, 0, false)?;
-    let asyn = run_mode(args, 1, false)?;
-    let inflight = run_mode(args, 1, true)?;
-    let w = args.warmup;
+/// One round's figures, in the order they are printed.
+fn round_figures(
+    sync: &[StepReport],
+    asyn: &[StepReport],
+    inflight: &[StepReport],
+    w: usize,
+) -> Vec<(&'static str, f64)> {
     let gen_s = median(
         sync.iter()
             .skip(w)
@@ -116,32 +122,78 @@ pub fn run(args: &OverlapBench) -> anyhow::Result<()> {
             .collect(),
     );
     let learn_s = median(sync.iter().skip(w).map(|r| r.learn_s + r.weight_sync_s).collect());
-    let (sync_step_s, async_step_s) = (step_time(&sync, w), step_time(&asyn, w));
+    let (sync_step_s, async_step_s) = (step_time(sync, w), step_time(asyn, w));
     let ideal_step_s = gen_s.max(learn_s);
     let async_learn_s = median(asyn.iter().skip(w).map(|r| r.learn_s + r.weight_sync_s).collect());
     let async_learner_wait_s = median(asyn.iter().skip(w).map(|r| r.learner_wait_s).collect());
-    let inflight_step_s = step_time(&inflight, w);
-    let (async_tps, inflight_tps) = (gen_tokens_per_s(&asyn, w), gen_tokens_per_s(&inflight, w));
-    println!("sync step {sync_step_s:.3}s, async step {async_step_s:.3}s; generation side {gen_s:.3}s, learner {learn_s:.3}s per step");
+    let inflight_step_s = step_time(inflight, w);
+    let (async_tps, inflight_tps) = (gen_tokens_per_s(asyn, w), gen_tokens_per_s(inflight, w));
+    vec![
+        ("sync_step_s", sync_step_s),
+        ("async_step_s", async_step_s),
+        ("gen_s", gen_s),
+        ("learn_s", learn_s),
+        ("ideal_step_s", ideal_step_s),
+        ("async_over_ideal", async_step_s / ideal_step_s),
+        ("speedup", sync_step_s / async_step_s),
+        ("ideal_speedup", sync_step_s / ideal_step_s),
+        ("async_learner_wait_s", async_learner_wait_s),
+        ("contention", async_learn_s / learn_s),
+        ("inflight_step_s", inflight_step_s),
+        ("inflight_speedup", sync_step_s / inflight_step_s),
+        ("inflight_over_async", inflight_step_s / async_step_s),
+        ("async_gen_tokens_per_s", async_tps),
+        ("inflight_gen_tokens_per_s", inflight_tps),
+        ("inflight_gen_tokens_ratio", inflight_tps / async_tps),
+    ]
+}
+
+pub fn run(args: &OverlapBench) -> anyhow::Result<()> {
+    if args.steps as usize <= args.warmup + 2 {
+        return bad_input!("--steps must exceed --warmup + 2");
+    }
+    if args.rounds == 0 {
+        return bad_input!("--rounds must be at least 1");
+    }
+    let mut rounds = vec![];
+    for _ in 0..args.rounds {
+        let sync = run_mode(args, 0, false)?;
+        let asyn = run_mode(args, 1, false)?;
+        let inflight = run_mode(args, 1, true)?;
+        rounds.push(round_figures(&sync, &asyn, &inflight, args.warmup));
+    }
+    // Every figure is the median of its per-round values: a round measures its modes minutes
+    // apart at most, so a slow spell of a shared machine moves one round, not the result.
+    let figures: Vec<(&str, f64)> = rounds[0]
+        .iter()
+        .enumerate()
+        .map(|(i, &(k, _))| (k, median(rounds.iter().map(|r| r[i].1).collect())))
+        .collect();
+    let get = |k: &str| figures.iter().find(|(n, _)| *n == k).map_or(f64::NAN, |(_, v)| *v);
     println!(
-        "in-flight step {inflight_step_s:.3}s; generation {inflight_tps:.0} tokens/s in flight, {async_tps:.0} without"
+        "sync step {:.3}s, async step {:.3}s; generation side {:.3}s, learner {:.3}s per step (medians of {} round(s))",
+        get("sync_step_s"),
+        get("async_step_s"),
+        get("gen_s"),
+        get("learn_s"),
+        rounds.len()
     );
-    crate::print_json(&json!({
-        "sync_step_s": sync_step_s,
-        "async_step_s": async_step_s,
-        "gen_s": gen_s,
-        "learn_s": learn_s,
-        "ideal_step_s": ideal_step_s,
-        "async_over_ideal": async_step_s / ideal_step_s,
-        "speedup": sync_step_s / async_step_s,
-        "ideal_speedup": sync_step_s / ideal_step_s,
-        "async_learner_wait_s": async_learner_wait_s,
-        "contention": async_learn_s / learn_s,
-        "inflight_step_s": inflight_step_s,
-        "inflight_speedup": sync_step_s / inflight_step_s,
-        "inflight_over_async": inflight_step_s / async_step_s,
-        "async_gen_tokens_per_s": async_tps,
-        "inflight_gen_tokens_per_s": inflight_tps,
-        "inflight_gen_tokens_ratio": inflight_tps / async_tps,
-    }))
+    println!(
+        "async over ideal {:.3}, contention {:.3}; in-flight step {:.3}s; generation {:.0} tokens/s in flight, {:.0} without",
+        get("async_over_ideal"),
+        get("contention"),
+        get("inflight_step_s"),
+        get("inflight_gen_tokens_per_s"),
+        get("async_gen_tokens_per_s")
+    );
+    let object = |f: &[(&str, f64)]| -> serde_json::Map<String, serde_json::Value> {
+        f.iter().map(|(k, v)| (k.to_string(), json!(v))).collect()
+    };
+    let mut report = object(&figures);
+    report.insert("rounds".into(), json!(rounds.len()));
+    report.insert(
+        "per_round".into(),
+        json!(rounds.iter().map(|r| object(r)).collect::<Vec<_>>()),
+    );
+    crate::print_json(&serde_json::Value::Object(report))
 }
