@@ -331,7 +331,10 @@ mod tests {
     #[test]
     fn tokens_after_the_completion_that_are_not_targets_change_no_gradient() {
         // Causal attention: a token after the last target is seen by no target position, and as
-        // a non-target it is not predicted either; so the gradients must be bit-identical.
+        // a non-target it is not predicted either; so the gradients must be the same. Not to the
+        // bit: the products run over more rows (the extra ones contribute exact zeros), and the
+        // GEMM's kernels for a different row count may add in a different order, so they agree
+        // to f32 rounding (about 1e-7 relative here), far below any real leak through the mask.
         let t = trainer();
         let base = SftExample {
             ids: vec![3, 4, 5, 6, 7],
@@ -342,11 +345,24 @@ mod tests {
         extended.target.extend([false, false, false]);
         let a = grads_of(&t, std::slice::from_ref(&base));
         let b = grads_of(&t, std::slice::from_ref(&extended));
-        assert_eq!(a, b);
+        // The largest difference of each parameter's gradient, relative to its largest entry.
+        let rel_diff = |a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]| -> f32 {
+            a.iter()
+                .zip(b)
+                .map(|((na, x), (nb, y))| {
+                    assert_eq!(na, nb);
+                    let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+                    x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max) / scale
+                })
+                .fold(0f32, f32::max)
+        };
+        let same = rel_diff(&a, &b);
+        assert!(same < 1e-5, "gradients differ by {same:e} (relative)");
         // Making the prompt's last token a target does change the gradient (the test can fail).
         let mut more = base.clone();
         more.target[2] = true;
-        assert_ne!(a, grads_of(&t, &[more]));
+        let changed = rel_diff(&a, &grads_of(&t, &[more]));
+        assert!(changed > 1e-2, "a new target changed the gradients by only {changed:e}");
     }
 
     #[test]
