@@ -123,12 +123,8 @@ impl Gpt2 {
                 }
             };
             // The last block goes on only at the positions the caller reads.
-            let (h_in, y) = if i + 1 == self.blocks.len() {
-                (out.select(&h)?, out.select(&y)?)
-            } else {
-                (h, y)
-            };
-            h = blk.attn_proj.forward_residual(&y, &h_in)?;
+            let at = out.after_attention(i, self.blocks.len());
+            h = blk.attn_proj.forward_residual(&at.select(&y)?, &at.select(&h)?)?;
             let x = blk.ln_2.forward(&h)?;
             let x = if blk.exact_gelu {
                 blk.c_fc.forward(&x)?.gelu_erf()?

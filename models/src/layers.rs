@@ -71,7 +71,17 @@ pub enum Positions<'a> {
     PerRow(&'a [u32]),
 }
 
-impl Positions<'_> {
+impl<'a> Positions<'a> {
+    /// What layer `layer` of `layers` goes on with after its attention: `self` for the last
+    /// layer, [`Positions::All`] for the others.
+    pub fn after_attention(self, layer: usize, layers: usize) -> Positions<'a> {
+        if layer + 1 == layers {
+            self
+        } else {
+            Positions::All
+        }
+    }
+
     /// Selects the positions from `x` (b, t, d). Differentiable.
     pub fn select(&self, x: &Tensor) -> Result<Tensor> {
         match *self {

@@ -152,12 +152,8 @@ impl Llama {
                 }
             };
             // The last layer goes on only at the positions the caller reads.
-            let (h_in, y) = if i + 1 == self.layers.len() {
-                (out.select(&h)?, out.select(&y)?)
-            } else {
-                (h, y)
-            };
-            h = (h_in + l.o_proj.forward(&y)?)?;
+            let at = out.after_attention(i, self.layers.len());
+            h = (at.select(&h)? + l.o_proj.forward(&at.select(&y)?)?)?;
             let x = l.post_attention_layernorm.forward(&h)?;
             let m = crate::kernels::swiglu(&l.gate_proj.forward(&x)?, &l.up_proj.forward(&x)?)?;
             h = (h + l.down_proj.forward(&m)?)?;

@@ -33,21 +33,10 @@ fn assert_all_vars_have_grad(what: &str, varmap: &VarMap, grads: &GradStore) {
     }
 }
 
-fn fixture(kind: &str, head: HeadKind) -> std::path::PathBuf {
-    checkpoints()
-        .into_iter()
-        .find(|d| {
-            let c = ModelConfig::from_dir(d).unwrap();
-            c.head == head && c.hf_class().to_lowercase().starts_with(kind)
-        })
-        .unwrap_or_else(|| panic!("no {kind} {head:?} fixture"))
-}
-
 #[test]
 fn language_model_gradients_reach_every_parameter() {
     for kind in ["gpt2", "qwen2"] {
-        let dir = fixture(kind, HeadKind::CausalLm);
-        let cfg = ModelConfig::from_dir(&dir).unwrap();
+        let (dir, cfg) = fixture(kind, HeadKind::CausalLm);
         let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
         let (model, varmap) = LanguageModel::trainable(
             &cfg,
@@ -72,8 +61,7 @@ fn language_model_gradients_reach_every_parameter() {
 #[test]
 fn scalar_heads_gradients_reach_every_parameter() {
     for kind in ["gpt2", "qwen2"] {
-        let dir = fixture(kind, HeadKind::Scalar);
-        let cfg = ModelConfig::from_dir(&dir).unwrap();
+        let (dir, cfg) = fixture(kind, HeadKind::Scalar);
         let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
         let init = WeightInit::Checkpoint {
             tensors: &tensors,
@@ -99,8 +87,7 @@ fn scalar_heads_gradients_reach_every_parameter() {
 
 #[test]
 fn critic_from_policy_checkpoint_gets_a_fresh_score_head() {
-    let dir = fixture("gpt2", HeadKind::CausalLm);
-    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let (dir, cfg) = fixture("gpt2", HeadKind::CausalLm);
     let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
     let (model, varmap) = ScalarModel::trainable(
         &cfg,

@@ -21,17 +21,6 @@ fn batch(cfg: &ModelConfig) -> (Tensor, Tensor) {
     (b.ids, mask)
 }
 
-fn fixture(kind: &str, head: HeadKind) -> (std::path::PathBuf, ModelConfig) {
-    checkpoints()
-        .into_iter()
-        .map(|d| {
-            let c = ModelConfig::from_dir(&d).unwrap();
-            (d, c)
-        })
-        .find(|(_, c)| c.head == head && c.hf_class().to_lowercase().starts_with(kind))
-        .unwrap_or_else(|| panic!("no {kind} {head:?} fixture"))
-}
-
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
     let (g, w) = (
         got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

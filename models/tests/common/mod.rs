@@ -31,6 +31,19 @@ pub fn checkpoints() -> Vec<PathBuf> {
     dirs
 }
 
+/// The first fixture checkpoint whose transformers class starts with `kind` (lower case,
+/// e.g. "gpt2", "qwen2") and whose head is `head`, with its config.
+pub fn fixture(kind: &str, head: tandem_models::HeadKind) -> (PathBuf, tandem_models::ModelConfig) {
+    checkpoints()
+        .into_iter()
+        .map(|d| {
+            let c = tandem_models::ModelConfig::from_dir(&d).unwrap();
+            (d, c)
+        })
+        .find(|(_, c)| c.head == head && c.hf_class().to_lowercase().starts_with(kind))
+        .unwrap_or_else(|| panic!("no {kind} {head:?} fixture"))
+}
+
 pub fn read_json(path: &std::path::Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
