@@ -186,6 +186,9 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> (
     let greedy = cfg.is_greedy();
     let t = if greedy { 1.0 } else { cfg.temperature as f32 };
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !greedy && cfg.top_p >= 1.0 && (cfg.top_k == 0 || cfg.top_k >= logits.len()) {
+        return sample_untruncated(logits, t, max, rng);
+    }
     // log-sum-exp in f64 for a stable normaliser.
     let lse = max as f64 + logits.iter().map(|&l| (((l - max) / t) as f64).exp()).sum::<f64>().ln();
     let full_lp = |i: usize| ((logits[i] / t) as f64 - (max / t) as f64 - (lse - max as f64)) as f32;
@@ -232,6 +235,29 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> (
     let tok = order[pick];
     let lp = full_lp(tok);
     (tok as u32, (lp as f64 - z.ln()) as f32, lp)
+}
+
+/// [`sample_token`] from the whole distribution (no top-k or top-p): no candidate order is
+/// needed, so one vectorised pass of `e^((l - max) / t)` gives both the normaliser and the
+/// weights, and the draw walks them in id order. Sampling order does not change the
+/// distribution; `q` is the full distribution, so both log-probs are the same.
+fn sample_untruncated(logits: &[f32], t: f32, max: f32, rng: &mut StdRng) -> (u32, f32, f32) {
+    let inv_t = 1.0 / t;
+    let mut weights = vec![0f32; logits.len()];
+    crate::kernels::logprobs::exp_shifted(logits, max, inv_t, &mut weights);
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
+    let u = rng.random::<f64>() * total;
+    let mut cum = 0.0;
+    let mut pick = logits.len() - 1;
+    for (i, &w) in weights.iter().enumerate() {
+        cum += w as f64;
+        if u < cum {
+            pick = i;
+            break;
+        }
+    }
+    let lp = (((logits[pick] - max) * inv_t) as f64 - total.ln()) as f32;
+    (pick as u32, lp, lp)
 }
 
 /// What happens to the KV cache when a policy is adopted in flight (see the module docs).

@@ -265,6 +265,36 @@ fn truncation_raises_behaviour_logprobs_and_greedy_is_a_point_mass() {
 }
 
 #[test]
+fn untruncated_sampling_draws_tokens_at_their_probabilities() {
+    // Without top-k or top-p the sampler walks the weights in id order; the frequencies must
+    // still be softmax(l / T), with the returned log-probs exact.
+    let logits: Vec<f32> = vec![2.0, 1.0, 0.5, 0.0, -1.0, 1.5];
+    for temperature in [1.0, 0.7] {
+        let cfg = SamplingConfig {
+            temperature,
+            ..SamplingConfig::default()
+        };
+        let z: f64 = logits.iter().map(|&l| (l as f64 / temperature).exp()).sum();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut counts = vec![0usize; logits.len()];
+        let draws = 40_000;
+        for _ in 0..draws {
+            let (tok, lp, full) = sample_token(&logits, &cfg, &mut rng);
+            let want = logits[tok as usize] as f64 / temperature - z.ln();
+            assert!((full as f64 - want).abs() < 1e-5 && lp == full, "{lp} {full} vs {want}");
+            counts[tok as usize] += 1;
+        }
+        for (i, &c) in counts.iter().enumerate() {
+            let p = (logits[i] as f64 / temperature).exp() / z;
+            let freq = c as f64 / draws as f64;
+            // 5 standard errors of a binomial proportion.
+            let tol = 5.0 * (p * (1.0 - p) / draws as f64).sqrt();
+            assert!((freq - p).abs() < tol, "token {i} at T={temperature}: {freq} vs {p}");
+        }
+    }
+}
+
+#[test]
 fn too_long_requests_are_refused() {
     let model = &lm_fixtures()[0];
     let max = model.config().dims().max_positions;
