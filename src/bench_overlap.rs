@@ -60,7 +60,8 @@ pub struct OverlapBench {
 }
 
 /// The bench's placement and sizing: sampling side on cpu:0, learner on cpu:1, one thread
-/// each, and a workload where generating a step's data costs about as much as learning on it.
+/// each, and a workload where generating a step's data and learning on it take similar time
+/// (about 10 and 14 ms here).
 const SIZING: &[&str] = &[
     "placement.rollout_devices=[\"cpu:0\"]",
     "placement.rollouts_per_device=1",
