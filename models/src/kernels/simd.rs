@@ -34,14 +34,18 @@ const ROUND: f32 = 12_582_912.0;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // y holds n = round(x log2 e) in its low mantissa bits.
+    let y = x * LOG2E + ROUND;
+    let n = y - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     // Taylor series of e^r on |r| <= ln2/2, degree 7.
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from the bits of y (n in [-126, 127] after the clamp): integer operations only, as a
+    // float-to-int cast saturates and would take several instructions a lane.
+    let scale = f32::from_bits(y.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     p * scale
 }
 
