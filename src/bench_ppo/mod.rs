@@ -60,8 +60,11 @@
 //!   (×3: the backward pass costs two forwards). d = hidden, L = layers, H = heads, K = key/value
 //!   heads, h_d = head dim, f = MLP width, V = vocabulary. Norms, activations, softmax, the
 //!   loss and the optimiser are not counted, nor any extra forward pass the learner makes
-//!   (e.g. recomputing log-probs at the start of the step): the figure is the useful work, so a
-//!   faster learner for the same shapes always shows a higher figure.
+//!   (e.g. recomputing log-probs at the start of the step), so a faster learner for the same
+//!   shapes always shows a higher figure. Every position counts through every weight (the
+//!   usual per-token convention), although the learner runs the last block after attention
+//!   and the LM head only at the response positions it reads (`layers::Positions`): about 7%
+//!   of the counted FLOPs at the peer shape.
 //! - `matmul_gflops`: the machine's f32 GEMM rate at the learner's dominant shapes, measured in
 //!   the same process after the run, with candle's `Tensor::matmul` inside a rayon pool of the
 //!   learner's thread count (the same way a device executor runs it): (mb·T, d)×(d, qkv),
