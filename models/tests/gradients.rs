@@ -6,16 +6,15 @@ mod common;
 use candle_core::{backprop::GradStore, Device, Tensor};
 use candle_nn::VarMap;
 use common::*;
-use tandem_models::batch::{PadSide, PaddedBatch};
-use tandem_models::{load_tensors, HeadKind, LanguageModel, ModelConfig, ScalarModel, WeightInit};
+use tandem_models::{HeadKind, LanguageModel, ModelConfig, ScalarModel};
 
 fn batch(cfg: &ModelConfig) -> (Tensor, Tensor) {
     let v = cfg.dims().vocab_size as u32;
     // Left padding on the first row so padded positions are exercised too.
-    let seqs = vec![vec![5 % v, 17 % v, 42 % v], vec![7 % v, 3 % v, 99 % v, 11 % v, 250 % v]];
-    let b = PaddedBatch::new(&seqs, cfg.pad_id(), PadSide::Left, &Device::Cpu).unwrap();
-    let mask = b.mask_tensor(&Device::Cpu).unwrap();
-    (b.ids, mask)
+    left_padded(
+        cfg,
+        &[vec![5 % v, 17 % v, 42 % v], vec![7 % v, 3 % v, 99 % v, 11 % v, 250 % v]],
+    )
 }
 
 fn assert_all_vars_have_grad(what: &str, varmap: &VarMap, grads: &GradStore) {
@@ -36,19 +35,9 @@ fn assert_all_vars_have_grad(what: &str, varmap: &VarMap, grads: &GradStore) {
 #[test]
 fn language_model_gradients_reach_every_parameter() {
     for kind in ["gpt2", "qwen2"] {
-        let (dir, cfg) = fixture(kind, HeadKind::CausalLm);
-        let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
-        let (model, varmap) = LanguageModel::trainable(
-            &cfg,
-            WeightInit::Checkpoint {
-                tensors: &tensors,
-                dir: &dir,
-                seed: 0,
-            },
-            &Device::Cpu,
-        )
-        .unwrap();
-        let (ids, mask) = batch(&cfg);
+        let w = FixtureWeights::load(kind, HeadKind::CausalLm);
+        let (model, varmap) = LanguageModel::trainable(&w.cfg, w.init(0), &Device::Cpu).unwrap();
+        let (ids, mask) = batch(&w.cfg);
         let out = model.token_logprobs(&ids, &mask, 0, 0.7).unwrap();
         let target_mask = mask.narrow(1, 1, mask.dim(1).unwrap() - 1).unwrap();
         let loss = ((out.logprobs * &target_mask).unwrap().sum_all().unwrap()
@@ -61,20 +50,14 @@ fn language_model_gradients_reach_every_parameter() {
 #[test]
 fn scalar_heads_gradients_reach_every_parameter() {
     for kind in ["gpt2", "qwen2"] {
-        let (dir, cfg) = fixture(kind, HeadKind::Scalar);
-        let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
-        let init = WeightInit::Checkpoint {
-            tensors: &tensors,
-            dir: &dir,
-            seed: 0,
-        };
-        let (ids, mask) = batch(&cfg);
+        let w = FixtureWeights::load(kind, HeadKind::Scalar);
+        let (ids, mask) = batch(&w.cfg);
         // Reward head: score at the last real token.
-        let (model, varmap) = ScalarModel::trainable(&cfg, init, &Device::Cpu).unwrap();
+        let (model, varmap) = ScalarModel::trainable(&w.cfg, w.init(0), &Device::Cpu).unwrap();
         let loss = model.scores(&ids, &mask).unwrap().sum_all().unwrap();
         assert_all_vars_have_grad(&format!("{kind} score"), &varmap, &loss.backward().unwrap());
         // Value head: every real token.
-        let (model, varmap) = ScalarModel::trainable(&cfg, init, &Device::Cpu).unwrap();
+        let (model, varmap) = ScalarModel::trainable(&w.cfg, w.init(0), &Device::Cpu).unwrap();
         let loss = (model.values(&ids, &mask).unwrap() * &mask)
             .unwrap()
             .sqr()
@@ -87,20 +70,10 @@ fn scalar_heads_gradients_reach_every_parameter() {
 
 #[test]
 fn critic_from_policy_checkpoint_gets_a_fresh_score_head() {
-    let (dir, cfg) = fixture("gpt2", HeadKind::CausalLm);
-    let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
-    let (model, varmap) = ScalarModel::trainable(
-        &cfg,
-        WeightInit::Checkpoint {
-            tensors: &tensors,
-            dir: &dir,
-            seed: 3,
-        },
-        &Device::Cpu,
-    )
-    .unwrap();
+    let w = FixtureWeights::load("gpt2", HeadKind::CausalLm);
+    let (model, varmap) = ScalarModel::trainable(&w.cfg, w.init(3), &Device::Cpu).unwrap();
     assert!(varmap.data().lock().unwrap().contains_key("score.weight"));
-    let (ids, mask) = batch(&cfg);
+    let (ids, mask) = batch(&w.cfg);
     let loss = model.values(&ids, &mask).unwrap().sum_all().unwrap();
     assert_all_vars_have_grad("critic from policy", &varmap, &loss.backward().unwrap());
 }

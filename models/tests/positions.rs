@@ -6,19 +6,18 @@ mod common;
 use candle_core::{backprop::GradStore, Device, Tensor, D};
 use candle_nn::VarMap;
 use common::*;
-use tandem_models::batch::{PadSide, PaddedBatch};
-use tandem_models::{load_tensors, HeadKind, LanguageModel, ModelConfig, ScalarModel, WeightInit};
+use tandem_models::{HeadKind, LanguageModel, ModelConfig, ScalarModel};
 
 /// Two rows, the first left-padded, seven columns.
 fn batch(cfg: &ModelConfig) -> (Tensor, Tensor) {
     let v = cfg.dims().vocab_size as u32;
-    let seqs = vec![
-        vec![5 % v, 17 % v, 42 % v, 8 % v, 61 % v],
-        vec![7 % v, 3 % v, 99 % v, 11 % v, 250 % v, 31 % v, 4 % v],
-    ];
-    let b = PaddedBatch::new(&seqs, cfg.pad_id(), PadSide::Left, &Device::Cpu).unwrap();
-    let mask = b.mask_tensor(&Device::Cpu).unwrap();
-    (b.ids, mask)
+    left_padded(
+        cfg,
+        &[
+            vec![5 % v, 17 % v, 42 % v, 8 % v, 61 % v],
+            vec![7 % v, 3 % v, 99 % v, 11 % v, 250 % v, 31 % v, 4 % v],
+        ],
+    )
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
@@ -58,15 +57,9 @@ fn weights(rows: usize, cols: usize) -> Tensor {
 #[test]
 fn values_at_and_scores_match_the_full_forward() {
     for kind in ["gpt2", "qwen2"] {
-        let (dir, cfg) = fixture(kind, HeadKind::Scalar);
-        let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
-        let init = WeightInit::Checkpoint {
-            tensors: &tensors,
-            dir: &dir,
-            seed: 0,
-        };
-        let (model, varmap) = ScalarModel::trainable(&cfg, init, &Device::Cpu).unwrap();
-        let (ids, mask) = batch(&cfg);
+        let w = FixtureWeights::load(kind, HeadKind::Scalar);
+        let (model, varmap) = ScalarModel::trainable(&w.cfg, w.init(0), &Device::Cpu).unwrap();
+        let (ids, mask) = batch(&w.cfg);
         let (start, len) = (2, 4);
         let w = weights(2, len);
 
@@ -97,15 +90,9 @@ fn values_at_and_scores_match_the_full_forward() {
 #[test]
 fn token_logprobs_match_the_full_logits() {
     for kind in ["gpt2", "qwen2"] {
-        let (dir, cfg) = fixture(kind, HeadKind::CausalLm);
-        let tensors = load_tensors(&dir, &cfg, &Device::Cpu).unwrap();
-        let init = WeightInit::Checkpoint {
-            tensors: &tensors,
-            dir: &dir,
-            seed: 0,
-        };
-        let (model, varmap) = LanguageModel::trainable(&cfg, init, &Device::Cpu).unwrap();
-        let (ids, mask) = batch(&cfg);
+        let w = FixtureWeights::load(kind, HeadKind::CausalLm);
+        let (model, varmap) = LanguageModel::trainable(&w.cfg, w.init(0), &Device::Cpu).unwrap();
+        let (ids, mask) = batch(&w.cfg);
         let t = ids.dim(1).unwrap();
         let start = 2;
         let n = t - 1 - start;

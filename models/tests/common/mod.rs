@@ -44,6 +44,40 @@ pub fn fixture(kind: &str, head: tandem_models::HeadKind) -> (PathBuf, tandem_mo
         .unwrap_or_else(|| panic!("no {kind} {head:?} fixture"))
 }
 
+/// A fixture checkpoint's directory, config and loaded tensors, to initialise trainable models
+/// from (`fixture` picks the checkpoint).
+pub struct FixtureWeights {
+    pub dir: PathBuf,
+    pub cfg: tandem_models::ModelConfig,
+    tensors: std::collections::HashMap<String, candle_core::Tensor>,
+}
+
+impl FixtureWeights {
+    pub fn load(kind: &str, head: tandem_models::HeadKind) -> Self {
+        let (dir, cfg) = fixture(kind, head);
+        let tensors = tandem_models::load_tensors(&dir, &cfg, &candle_core::Device::Cpu).unwrap();
+        Self { dir, cfg, tensors }
+    }
+
+    /// Initialisation from these tensors; `seed` draws any head the checkpoint lacks.
+    pub fn init(&self, seed: u64) -> tandem_models::WeightInit<'_> {
+        tandem_models::WeightInit::Checkpoint {
+            tensors: &self.tensors,
+            dir: &self.dir,
+            seed,
+        }
+    }
+}
+
+/// `seqs` left-padded into (ids, mask) with the config's pad id, on the CPU.
+pub fn left_padded(cfg: &tandem_models::ModelConfig, seqs: &[Vec<u32>]) -> (candle_core::Tensor, candle_core::Tensor) {
+    use tandem_models::batch::{PadSide, PaddedBatch};
+    let dev = candle_core::Device::Cpu;
+    let b = PaddedBatch::new(seqs, cfg.pad_id(), PadSide::Left, &dev).unwrap();
+    let mask = b.mask_tensor(&dev).unwrap();
+    (b.ids, mask)
+}
+
 pub fn read_json(path: &std::path::Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
