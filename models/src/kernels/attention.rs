@@ -5,13 +5,18 @@
 //! per (row, head) for the scores and again for the output, and takes about ten elementwise
 //! passes for scale, mask and softmax, each a tensor of its own; its backward doubles all of
 //! that. Here one kernel reads `qkv (b, t, 3d)` in place and writes `y (b, t, d)` in the
-//! layout the output projection wants: per (row, head), the scores `Q Kᵀ` and the output `P V`
-//! are small GEMMs read through strides (the gemm crate's kernels, on the calling thread) with
-//! one softmax pass between them. A forward on a graph keeps the probabilities (t x t per head
-//! and row, small next to the activations) for its backward, which writes `dqkv` in the packed
-//! layout with four more small GEMMs. Rows of the batch run in parallel on the current pool.
-//! Keys after a query's last unmasked key (the future, under a causal mask) are not
-//! exponentiated: their weight is exactly 0 as in the composition.
+//! layout the output projection wants. Per (row, head) and block of 16 queries, the scores
+//! `Q Kᵀ` and the output `P V` are small products over the keys the block weighs only (the
+//! keys up to its last live one: a third fewer products under a causal mask at t = 48), with
+//! one vectorised softmax pass between them. The products run in a register-blocked AVX-512
+//! kernel on the calling thread where the CPU has it (the gemm crate's elsewhere), reading
+//! `K`, `V`, `Q` and `dY` rows in place and `Kᵀ`, `Vᵀ` from one transposed copy per head.
+//! A forward on a graph keeps the probabilities (t x t per head and row, small next to the
+//! activations) and each query's live keys for its backward, which writes `dqkv` in the
+//! packed layout with four more blocked products (`dV` and `dK` per block of keys, over the
+//! queries that weigh them). Rows of the batch run in parallel on the current pool. Keys
+//! after a query's last unmasked key (the future, under a causal mask) are not exponentiated:
+//! their weight is exactly 0 as in the composition.
 //!
 //! Every key is scored, masked or not, exactly like the composition: a fully masked query row
 //! (left padding) gets the same uniform weights in both. The decoding kernel of
@@ -43,7 +48,7 @@ pub fn packed_attention(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -
                 heads,
                 scale: scale as f32,
                 keep_probs: qkv.track_op(),
-                probs: OnceLock::new(),
+                saved: OnceLock::new(),
             },
         )
     } else {
@@ -72,8 +77,14 @@ struct Attention {
     /// Whether the forward keeps the probabilities for the backward: `qkv` is on a graph, so
     /// a backward may follow (without one, the op and its buffer are dropped at once).
     keep_probs: bool,
-    /// `P (b, heads, t, t)` of the forward when `keep_probs`.
-    probs: OnceLock<Vec<f32>>,
+    /// What the forward keeps for the backward when `keep_probs`.
+    saved: OnceLock<Saved>,
+}
+
+/// The forward's probabilities `P (b, heads, t, t)` and each batch row's [`RowKeys`].
+struct Saved {
+    probs: Vec<f32>,
+    keys: Vec<Vec<RowKeys>>,
 }
 
 #[inline(always)]
@@ -178,42 +189,337 @@ fn small_gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_off: usize, dst
     }
 }
 
-/// Probabilities `p (t, t)` of head `h` of one batch row from its scores `S = Q Kᵀ`, with the
-/// masking of [`softmax_row`].
-fn head_probs(qkv: &[f32], bias: &[f32], t: usize, d: usize, hd: usize, h: usize, scale: f32, p: &mut [f32]) {
-    let w = 3 * d;
-    small_gemm(
-        t,
-        t,
-        hd,
-        p,
-        0,
-        t,
-        Mat::new(qkv, h * hd, w, 1),
-        Mat::new(qkv, d + h * hd, 1, w),
-    );
-    for (row, brow) in p.chunks_exact_mut(t).zip(bias.chunks_exact(t)) {
-        softmax_scores(row, brow, scale);
+/// A GEMM right-hand operand `b (k, n)` as rows `ld` floats apart from `off`, where the first
+/// `16 ⌈n / 16⌉` floats of every row may be read (lanes past n feed only columns that are not
+/// stored): the layout the AVX-512 product streams. `K`, `V`, `Q` and `dY` rows are read in
+/// place; `Kᵀ` and `Vᵀ` are packed once per head (see [`Rows::of`]).
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    off: usize,
+    ld: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// `b (k, n)` in place when its rows are contiguous and every 16-lane read stays inside
+    /// the slice, else packed into `scratch` (rows of `n` rounded up to 16, zero-padded).
+    fn of(b: Mat<'a>, k: usize, n: usize, scratch: &'a mut Vec<f32>) -> Self {
+        assert!(b.covers(k, n));
+        let lanes = n.div_ceil(16) * 16;
+        if b.cs == 1 && (k == 0 || b.off + (k - 1) * b.rs + lanes <= b.data.len()) {
+            return Self {
+                data: b.data,
+                off: b.off,
+                ld: b.rs,
+            };
+        }
+        scratch.clear();
+        scratch.resize(k * lanes, 0.0);
+        transpose_into(b, k, n, scratch, lanes);
+        Self {
+            data: scratch,
+            off: 0,
+            ld: lanes,
+        }
     }
 }
 
-multiversion! {
-    /// `row[j] = softmax_j(row[j] * scale + brow[j])` for scores already in `row`, masking as
-    /// [`softmax_row`] does.
-    fn softmax_scores(row: &mut [f32], brow: &[f32], scale: f32) {
-        // Keys after the last unmasked one get exactly 0; skipping them halves the work of a
-        // causal mask. With every key masked, all are scored.
-        let (live, all_masked) = match brow.iter().rposition(|&b| b >= MASKED_BELOW) {
-            Some(last) => (last + 1, false),
-            None => (row.len(), true),
-        };
-        let (row, rest) = row.split_at_mut(live);
-        rest.fill(0.0);
-        for (s, &b) in row.iter_mut().zip(brow) {
-            *s = if b < MASKED_BELOW && !all_masked { f32::NEG_INFINITY } else { *s * scale + b };
+/// `dst[i * ld + j] = b(i, j)` for `b (k, n)` with row stride 1 (a transposed view): 16 x 16
+/// blocks with AVX-512 shuffles where the CPU has them, element by element elsewhere.
+fn transpose_into(b: Mat, k: usize, n: usize, dst: &mut [f32], ld: usize) {
+    let (mut i0, mut j0) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx512() && b.rs == 1 {
+        (i0, j0) = (k / 16 * 16, n / 16 * 16);
+        for i in (0..i0).step_by(16) {
+            for j in (0..j0).step_by(16) {
+                // The block's source rows are b's columns j..j + 16, 16 floats from row i.
+                assert!(b.off + i + (j + 15) * b.cs + 16 <= b.data.len() && (i + 15) * ld + j + 16 <= dst.len());
+                // SAFETY: the CPU has AVX-512F; the assertion keeps the 16 loads of 16 floats
+                // and the 16 stores of 16 floats inside their slices.
+                unsafe {
+                    avx512_gemm::transpose16(
+                        b.data.as_ptr().add(b.off + i + j * b.cs),
+                        b.cs,
+                        dst.as_mut_ptr().add(i * ld + j),
+                        ld,
+                    )
+                };
+            }
         }
-        let m = simd::max(row);
-        normalise(row, m);
+    }
+    for i in 0..k {
+        let cols = if i < i0 { j0..n } else { 0..n };
+        for j in cols {
+            dst[i * ld + j] = b.data[b.off + i * b.rs + j * b.cs];
+        }
+    }
+}
+
+/// `dst (m, n) = a (m, k) · b[row0..row0 + k, ..n]`: the AVX-512 kernel where the CPU has
+/// it, else the gemm crate's.
+fn block_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_off: usize,
+    dst_rs: usize,
+    a: Mat,
+    b: Rows,
+    row0: usize,
+) {
+    let b = Rows {
+        off: b.off + row0 * b.ld,
+        ..b
+    };
+    assert!(n <= b.ld && (k == 0 || b.off + (k - 1) * b.ld + n.div_ceil(16) * 16 <= b.data.len()));
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx512() && m > 0 && n > 0 {
+        assert!(Mat::new(dst, dst_off, dst_rs, 1).covers(m, n) && a.covers(m, k));
+        // SAFETY: the CPU has AVX-512F; the assertions keep every read of `a` and `b` and
+        // every write of `dst` inside its slice (the kernel writes only columns below n).
+        unsafe { avx512_gemm::product(m, n, k, dst, dst_off, dst_rs, a, &b.data[b.off..], b.ld) };
+        return;
+    }
+    small_gemm(m, n, k, dst, dst_off, dst_rs, a, Mat::new(b.data, b.off, b.ld, 1));
+}
+
+/// A register-blocked product for the attention blocks: 4 rows of `a` times a panel of up to
+/// 64 columns of a packed `b`, 16 zmm accumulators, one FMA per lane and term.
+#[cfg(target_arch = "x86_64")]
+mod avx512_gemm {
+    use super::Mat;
+    use std::arch::x86_64::*;
+
+    /// See [`super::block_gemm`]: `b` rows of `ld` floats from its first row, `ld` a multiple
+    /// of 16 covering `n`; the caller checks the bounds of `a`, `b` and `dst`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn product(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        dst_off: usize,
+        dst_rs: usize,
+        a: Mat,
+        b: &[f32],
+        ld: usize,
+    ) {
+        for j0 in (0..n).step_by(64) {
+            let cols = (n - j0).min(64);
+            let mut i0 = 0;
+            while i0 < m {
+                let rows = (m - i0).min(4);
+                let at = |r: usize| dst_off + (i0 + r) * dst_rs + j0;
+                let (a0, b0) = (a.off + i0 * a.rs, &b[j0..]);
+                macro_rules! go {
+                    ($r:literal, $c:literal) => {
+                        block::<$r, $c>(k, a.data, a0, a.rs, a.cs, b0, ld, dst, at, cols)
+                    };
+                }
+                match (rows, cols.div_ceil(16)) {
+                    (4, 4) => go!(4, 4),
+                    (4, 3) => go!(4, 3),
+                    (4, 2) => go!(4, 2),
+                    (4, _) => go!(4, 1),
+                    (_, 4) => go!(1, 4),
+                    (_, 3) => go!(1, 3),
+                    (_, 2) => go!(1, 2),
+                    _ => go!(1, 1),
+                }
+                i0 += if rows == 4 { 4 } else { 1 };
+            }
+        }
+    }
+
+    /// Transposes the 16 x 16 block whose rows are 16 floats `ss` apart from `src` into rows
+    /// `ds` apart from `dst`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+        let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * ss)));
+        // Pairs of rows interleaved by 32, then by 64 bits.
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let base = i & !3;
+            let (a, b) = (
+                _mm512_castps_pd(t[base + (i & 2) / 2]),
+                _mm512_castps_pd(t[base + (i & 2) / 2 + 2]),
+            );
+            _mm512_castpd_ps(if i % 2 == 0 {
+                _mm512_unpacklo_pd(a, b)
+            } else {
+                _mm512_unpackhi_pd(a, b)
+            })
+        });
+        // 128-bit lanes: rows 4 apart, then 8 apart.
+        let v: [__m512; 16] = std::array::from_fn(|i| {
+            let base = (i / 8) * 8 + i % 4;
+            if i % 8 < 4 {
+                _mm512_shuffle_f32x4::<0x88>(u[base], u[base + 4])
+            } else {
+                _mm512_shuffle_f32x4::<0xdd>(u[base], u[base + 4])
+            }
+        });
+        for i in 0..16 {
+            let (a, b) = (v[i % 8], v[i % 8 + 8]);
+            let o = if i < 8 {
+                _mm512_shuffle_f32x4::<0x88>(a, b)
+            } else {
+                _mm512_shuffle_f32x4::<0xdd>(a, b)
+            };
+            _mm512_storeu_ps(dst.add(i * ds), o);
+        }
+    }
+
+    /// `R` rows (from `a0`) by `C` 16-lane chunks of columns (from `b[0]`); `cols` of the
+    /// `16 C` are written at `dst[at(r)..]`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn block<const R: usize, const C: usize>(
+        k: usize,
+        a: &[f32],
+        a0: usize,
+        a_rs: usize,
+        a_cs: usize,
+        b: &[f32],
+        ld: usize,
+        dst: &mut [f32],
+        at: impl Fn(usize) -> usize,
+        cols: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        for kk in 0..k {
+            let brow = b.as_ptr().add(kk * ld);
+            let bv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(brow.add(16 * c)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.get_unchecked(a0 + r * a_rs + kk * a_cs));
+                for c in 0..C {
+                    acc[c] = _mm512_fmadd_ps(av, bv[c], acc[c]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let out = dst.as_mut_ptr().add(at(r));
+            for (c, &v) in acc.iter().enumerate() {
+                let left = cols.saturating_sub(16 * c).min(16);
+                if left == 16 {
+                    _mm512_storeu_ps(out.add(16 * c), v);
+                } else if left > 0 {
+                    _mm512_mask_storeu_ps(out.add(16 * c), ((1u32 << left) - 1) as __mmask16, v);
+                }
+            }
+        }
+    }
+}
+
+/// Query rows per block. A block's scores and outputs run over the keys up to the block's
+/// last live key only: under a causal mask, two thirds of the products at t = 48.
+const QUERY_BLOCK: usize = 16;
+
+/// The keys one query row weighs: `live` keys from the first (every key after the last
+/// unmasked one has weight exactly 0), and whether every key is masked (then all `t` are live
+/// and scored, as the composition scores them).
+#[derive(Clone, Copy)]
+struct RowKeys {
+    live: usize,
+    all_masked: bool,
+}
+
+/// [`RowKeys`] of each query row of one batch row's bias `(t, t)`; the same for every head.
+fn row_keys(bias: &[f32], t: usize) -> Vec<RowKeys> {
+    bias.chunks_exact(t)
+        .map(|brow| match brow.iter().rposition(|&b| b >= MASKED_BELOW) {
+            Some(last) => RowKeys {
+                live: last + 1,
+                all_masked: false,
+            },
+            None => RowKeys {
+                live: t,
+                all_masked: true,
+            },
+        })
+        .collect()
+}
+
+/// Query blocks `(first row, end row, keys)`: the block's rows and the keys any of them weighs.
+fn query_blocks(keys: &[RowKeys]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    (0..keys.len()).step_by(QUERY_BLOCK).map(|i0| {
+        let i1 = (i0 + QUERY_BLOCK).min(keys.len());
+        (i0, i1, keys[i0..i1].iter().map(|k| k.live).max().unwrap_or(0))
+    })
+}
+
+/// Key blocks `(first key, end key, first query)` on the query blocks' grid: the first query
+/// row that weighs any key of the block (no earlier row does, so the sums over queries in
+/// `dV` and `dK` start there), `t` when no row does.
+fn key_blocks(keys: &[RowKeys]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let t = keys.len();
+    (0..t).step_by(QUERY_BLOCK).map(move |j0| {
+        let first = keys.iter().position(|k| k.live > j0).unwrap_or(t);
+        (j0, (j0 + QUERY_BLOCK).min(t), first)
+    })
+}
+
+multiversion! {
+    /// Rows `p (n, t)` holding scores `Q Kᵀ` in their first `keys` columns become
+    /// `softmax(s * scale + bias)`, masking as [`softmax_row`] does; every column from a row's
+    /// live keys on is set to exactly 0. Rows run in 16-lane chunks whose lanes past the live
+    /// keys take -inf, so no row length leaves a scalar tail (except where t is not a multiple
+    /// of 16).
+    fn softmax_rows(p: &mut [f32], bias: &[f32], t: usize, keys: &[RowKeys], scale: f32) {
+        const L: usize = 16;
+        for ((row, brow), k) in p.chunks_exact_mut(t).zip(bias.chunks_exact(t)).zip(keys) {
+            let (live, all) = (k.live, k.all_masked);
+            let span = live.div_ceil(L).saturating_mul(L).min(t);
+            let (row, rest) = row.split_at_mut(span);
+            rest.fill(0.0);
+            let score = |j: usize, s: f32, b: f32| {
+                if j >= live || (b < MASKED_BELOW && !all) { f32::NEG_INFINITY } else { s * scale + b }
+            };
+            let mut mx = [f32::NEG_INFINITY; L];
+            let mut chunks = row.chunks_exact_mut(L);
+            for (c, s) in (&mut chunks).enumerate() {
+                let b = &brow[c * L..][..L];
+                for l in 0..L {
+                    s[l] = score(c * L + l, s[l], b[l]);
+                    mx[l] = mx[l].max(s[l]);
+                }
+            }
+            let tail = chunks.into_remainder();
+            let base = span - tail.len();
+            let mut m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            for (l, s) in tail.iter_mut().enumerate() {
+                *s = score(base + l, *s, brow[base + l]);
+                m = m.max(*s);
+            }
+            let weight = |s: f32| if s == f32::NEG_INFINITY { 0.0 } else { simd::exp(s - m) };
+            let mut sums = [0f32; L];
+            let mut chunks = row.chunks_exact_mut(L);
+            for s in &mut chunks {
+                for l in 0..L {
+                    s[l] = weight(s[l]);
+                    sums[l] += s[l];
+                }
+            }
+            let tail = chunks.into_remainder();
+            let mut sum = sums.iter().sum::<f32>();
+            for s in tail.iter_mut() {
+                *s = weight(*s);
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for s in row.iter_mut() {
+                *s *= inv;
+            }
+        }
     }
 }
 
@@ -242,13 +548,14 @@ fn normalise(row: &mut [f32], m: f32) {
     }
 }
 
-/// `y (t, d)` of one batch row: per head, `P = softmax(Q Kᵀ)` and `Y = P V` as small GEMMs.
-/// Head h's `P` is written at `probs[h * probs_stride..][..t * t]`: stride `t * t` keeps every
-/// head's (heads, t, t), stride 0 reuses one (t, t) scratch.
+/// `y (t, d)` of one batch row: per head and query block, `P = softmax(Q Kᵀ)` and `Y = P V`
+/// as small GEMMs over the block's keys. Head h's `P` is written at
+/// `probs[h * probs_stride..][..t * t]`: stride `t * t` keeps every head's (heads, t, t),
+/// stride 0 reuses one (t, t) scratch.
 fn forward_row(
     qkv: &[f32],
     bias: &[f32],
-    t: usize,
+    keys: &[RowKeys],
     d: usize,
     heads: usize,
     scale: f32,
@@ -256,59 +563,106 @@ fn forward_row(
     probs: &mut [f32],
     probs_stride: usize,
 ) {
-    let (hd, w) = (d / heads, 3 * d);
+    let (t, hd, w) = (keys.len(), d / heads, 3 * d);
+    let (mut kt, mut vs) = (Vec::new(), Vec::new());
     for h in 0..heads {
         let p = &mut probs[h * probs_stride..][..t * t];
-        head_probs(qkv, bias, t, d, hd, h, scale, p);
-        small_gemm(
-            t,
-            hd,
-            t,
-            y,
-            h * hd,
-            d,
-            Mat::new(p, 0, t, 1),
-            Mat::new(qkv, 2 * d + h * hd, w, 1),
-        );
+        let kt = Rows::of(Mat::new(qkv, d + h * hd, 1, w), hd, t, &mut kt);
+        let v = Rows::of(Mat::new(qkv, 2 * d + h * hd, w, 1), t, hd, &mut vs);
+        for (i0, i1, n) in query_blocks(keys) {
+            let q = Mat::new(qkv, i0 * w + h * hd, w, 1);
+            block_gemm(i1 - i0, n, hd, p, i0 * t, t, q, kt, 0);
+            softmax_rows(&mut p[i0 * t..i1 * t], &bias[i0 * t..i1 * t], t, &keys[i0..i1], scale);
+            block_gemm(i1 - i0, hd, n, y, i0 * d + h * hd, d, Mat::new(p, i0 * t, t, 1), v, 0);
+        }
     }
 }
 
 multiversion! {
-    /// `dS = P ∘ (dP - rowsum(P ∘ dP)) * scale`, in place of `dp`.
-    fn score_grads(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
+    /// `dS = P ∘ (dP - rowsum(P ∘ dP)) * scale` over the first `n` columns of rows of `t`, in
+    /// place of `dp`; the rest of each row of `dp` is set to 0 (P is 0 there).
+    fn score_grads(p: &[f32], dp: &mut [f32], t: usize, n: usize, scale: f32) {
         for (pi, dpi) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
-            let r = dot(pi, dpi);
+            let (dpi, rest) = dpi.split_at_mut(n);
+            let r = dot(&pi[..n], dpi);
             for (g, &pij) in dpi.iter_mut().zip(pi) {
                 *g = pij * (*g - r) * scale;
             }
+            rest.fill(0.0);
         }
     }
 }
 
 /// `dqkv (t, 3d)` of one batch row from `dy (t, d)` and the forward's `probs` (heads, t, t):
-/// per head, `dV = Pᵀ dY`, `dP = dY Vᵀ`, `dS` from [`score_grads`], `dQ = dS K` and
-/// `dK = dSᵀ Q`.
+/// per head, `dV = Pᵀ dY` and `dK = dSᵀ Q` per key block over the queries that weigh it,
+/// `dP = dY Vᵀ`, `dS` from [`score_grads`] and `dQ = dS K` per query block over its keys.
+/// `P` and `dS` are 0 outside those ranges, so the blocked sums are the full ones.
 fn backward_row(
     qkv: &[f32],
     dy: &[f32],
     probs: &[f32],
-    t: usize,
+    keys: &[RowKeys],
     d: usize,
     heads: usize,
     scale: f32,
     dqkv: &mut [f32],
 ) {
-    let (hd, w) = (d / heads, 3 * d);
+    let (t, hd, w) = (keys.len(), d / heads, 3 * d);
     let mut ds = vec![0f32; t * t];
+    let mut scratch = Vec::new();
     for h in 0..heads {
         let (q0, k0, v0) = (h * hd, d + h * hd, 2 * d + h * hd);
         let p = &probs[h * t * t..][..t * t];
-        let dyh = Mat::new(dy, h * hd, d, 1);
-        small_gemm(t, hd, t, dqkv, v0, w, Mat::new(p, 0, 1, t), dyh);
-        small_gemm(t, t, hd, &mut ds, 0, t, dyh, Mat::new(qkv, v0, 1, w));
-        score_grads(p, &mut ds, t, scale);
-        small_gemm(t, hd, t, dqkv, q0, w, Mat::new(&ds, 0, t, 1), Mat::new(qkv, k0, w, 1));
-        small_gemm(t, hd, t, dqkv, k0, w, Mat::new(&ds, 0, 1, t), Mat::new(qkv, q0, w, 1));
+        let b = Rows::of(Mat::new(dy, h * hd, d, 1), t, hd, &mut scratch);
+        for (j0, j1, i0) in key_blocks(keys) {
+            if i0 == t {
+                for j in j0..j1 {
+                    dqkv[j * w + v0..][..hd].fill(0.0);
+                }
+                continue;
+            }
+            block_gemm(
+                j1 - j0,
+                hd,
+                t - i0,
+                dqkv,
+                j0 * w + v0,
+                w,
+                Mat::new(p, i0 * t + j0, 1, t),
+                b,
+                i0,
+            );
+        }
+        let vt = Rows::of(Mat::new(qkv, v0, 1, w), hd, t, &mut scratch);
+        for (i0, i1, n) in query_blocks(keys) {
+            let dyi = Mat::new(dy, i0 * d + h * hd, d, 1);
+            block_gemm(i1 - i0, n, hd, &mut ds, i0 * t, t, dyi, vt, 0);
+            score_grads(&p[i0 * t..i1 * t], &mut ds[i0 * t..i1 * t], t, n, scale);
+        }
+        let k = Rows::of(Mat::new(qkv, k0, w, 1), t, hd, &mut scratch);
+        for (i0, i1, n) in query_blocks(keys) {
+            block_gemm(i1 - i0, hd, n, dqkv, i0 * w + q0, w, Mat::new(&ds, i0 * t, t, 1), k, 0);
+        }
+        let q = Rows::of(Mat::new(qkv, q0, w, 1), t, hd, &mut scratch);
+        for (j0, j1, i0) in key_blocks(keys) {
+            if i0 == t {
+                for j in j0..j1 {
+                    dqkv[j * w + k0..][..hd].fill(0.0);
+                }
+                continue;
+            }
+            block_gemm(
+                j1 - j0,
+                hd,
+                t - i0,
+                dqkv,
+                j0 * w + k0,
+                w,
+                Mat::new(&ds, i0 * t + j0, 1, t),
+                q,
+                i0,
+            );
+        }
     }
 }
 
@@ -335,21 +689,25 @@ impl CustomOp2 for Attention {
         let per_row = self.heads * t * t;
         let kernel = |r: usize, y: &mut [f32], probs: &mut [f32], stride: usize| {
             let (qkv, bias) = (&qkv[r * t * 3 * d..][..t * 3 * d], &bias[r * t * t..][..t * t]);
-            forward_row(qkv, bias, t, d, self.heads, self.scale, y, probs, stride)
+            let keys = row_keys(bias, t);
+            forward_row(qkv, bias, &keys, d, self.heads, self.scale, y, probs, stride);
+            keys
         };
         if self.keep_probs {
-            // Every element is written: head_probs fills each (t, t) block.
+            // Every element is written: softmax_rows fills each row of each (t, t) block.
             let mut probs = super::written_output(b * per_row);
-            y.par_chunks_mut(t * d)
+            let keys = y
+                .par_chunks_mut(t * d)
                 .zip(probs.par_chunks_mut(per_row))
                 .enumerate()
-                .for_each(|(r, (y, p))| kernel(r, y, p, t * t));
+                .map(|(r, (y, p))| kernel(r, y, p, t * t))
+                .collect();
             // A second forward with the same op value does not happen (each call makes one).
-            let _ = self.probs.set(probs);
+            let _ = self.saved.set(Saved { probs, keys });
         } else {
-            y.par_chunks_mut(t * d)
-                .enumerate()
-                .for_each(|(r, y)| kernel(r, y, &mut vec![0f32; t * t], 0));
+            y.par_chunks_mut(t * d).enumerate().for_each(|(r, y)| {
+                kernel(r, y, &mut vec![0f32; t * t], 0);
+            });
         }
         Ok((CpuStorage::F32(y), Shape::from((b, t, d))))
     }
@@ -361,24 +719,24 @@ impl CustomOp2 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some(probs) = self.probs.get() else {
+        let Some(saved) = self.saved.get() else {
             candle_core::bail!("fused-attention: backward of a forward that kept no probabilities");
         };
         let backward = AttentionBackward {
             heads: self.heads,
             scale: self.scale,
-            probs,
+            saved,
         };
         let dqkv = qkv.apply_op2_no_bwd(&grad.contiguous()?, &backward)?;
         Ok((Some(dqkv), None))
     }
 }
 
-/// (qkv, dy) to dqkv, with the forward's probabilities (b, heads, t, t).
+/// (qkv, dy) to dqkv, with what the forward kept.
 struct AttentionBackward<'a> {
     heads: usize,
     scale: f32,
-    probs: &'a [f32],
+    saved: &'a Saved,
 }
 
 impl CustomOp2 for AttentionBackward<'_> {
@@ -390,7 +748,8 @@ impl CustomOp2 for AttentionBackward<'_> {
         let (b, t, d) = check(l1, self.heads)?;
         let qkv = contiguous_f32(s1, l1, self.name())?;
         let dy = contiguous_f32(s2, l2, self.name())?;
-        // Every element is written: each head's dQ, dK and dV blocks are whole GEMM outputs.
+        // Every element is written: each head's dQ, dK and dV blocks are GEMM outputs or, for
+        // keys no query weighs, zero-filled.
         let mut dqkv = super::written_output(b * t * 3 * d);
         dqkv.par_chunks_mut(t * 3 * d).enumerate().for_each(|(r, dqkv)| {
             let (qkv, dy) = (&qkv[r * t * 3 * d..][..t * 3 * d], &dy[r * t * d..][..t * d]);
@@ -398,8 +757,8 @@ impl CustomOp2 for AttentionBackward<'_> {
             backward_row(
                 qkv,
                 dy,
-                &self.probs[r * per_row..][..per_row],
-                t,
+                &self.saved.probs[r * per_row..][..per_row],
+                &self.saved.keys[r],
                 d,
                 self.heads,
                 self.scale,
@@ -473,13 +832,24 @@ mod tests {
 
     #[test]
     fn values_and_gradients_match_the_reference() {
-        // (batch, len, heads, head dim), with left padding in some rows.
-        for (i, (b, t, heads, hd)) in [(1, 1, 1, 4), (2, 5, 2, 3), (3, 17, 4, 16), (4, 48, 4, 64)]
-            .into_iter()
-            .enumerate()
-        {
+        // (batch, len, heads, head dim), with left padding in some rows and, from t = 40,
+        // right padding in others: keys no query weighs, whole query blocks of them at t = 40.
+        let shapes = [
+            (1, 1, 1, 4),
+            (2, 5, 2, 3),
+            (3, 17, 4, 16),
+            (4, 48, 4, 64),
+            (4, 40, 2, 8),
+        ];
+        for (i, (b, t, heads, hd)) in shapes.into_iter().enumerate() {
             let mask: Vec<Vec<f32>> = (0..b)
-                .map(|r| (0..t).map(|j| if j < r.min(t - 1) { 0.0 } else { 1.0 }).collect())
+                .map(|r| {
+                    let (left, right) = match t >= 40 && r % 2 == 1 {
+                        true => (0, 10 + r),
+                        false => (r.min(t - 1), t),
+                    };
+                    (0..t).map(|j| if j < left || j >= right { 0.0 } else { 1.0 }).collect()
+                })
                 .collect();
             let bias = AttentionInputs::new(&mask, t, &Device::Cpu).unwrap().bias;
             let qkv = Var::from_tensor(&random(&[b, t, 3 * heads * hd], 2.0, i as u64)).unwrap();
