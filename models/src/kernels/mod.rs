@@ -6,9 +6,11 @@
 //! Each kernel here is a candle `CustomOp` whose forward and backward are one pass over the
 //! data:
 //!
-//! - vectorised: the row loops are compiled twice, for the baseline target and for AVX2+FMA,
-//!   and the AVX2 copy is chosen at run time when the CPU has it ([`multiversion!`]);
-//!   transcendental functions are polynomial approximations that vectorise ([`simd`]);
+//! - vectorised: the row loops are compiled three times, for the baseline target, AVX2+FMA and
+//!   AVX-512, and the widest copy the CPU has runs ([`multiversion!`]);
+//!   transcendental functions are polynomial approximations that vectorise ([`simd`]); the
+//!   attention kernel's small matrix products are written with AVX-512 intrinsics instead
+//!   (autovectorised arrays did not stay in registers), with the gemm crate as the fallback;
 //! - parallel within the device: large inputs are split over the threads of the rayon pool
 //!   the kernel is called from, which is the calling device executor's pool, so a kernel never
 //!   uses a thread outside its device ([`for_each_chunk`]).
@@ -139,8 +141,9 @@ where
 /// Defines `fn NAME(args)` whose body is compiled three times, for the baseline target, for
 /// AVX2+FMA and for AVX-512; the widest copy the CPU supports runs. Helpers the body calls must
 /// be `#[inline(always)]` so that they are compiled into each copy. The copies compute the same
-/// operations in the same order (Rust does not contract or reassociate f32 arithmetic), so
-/// they give the same bits; the wider ones do it in fewer instructions.
+/// operations in the same order (Rust does not contract or reassociate f32 arithmetic, and an
+/// explicit `mul_add` is one rounding everywhere), so they give the same bits; the wider ones
+/// do it in fewer instructions.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*

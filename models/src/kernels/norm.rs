@@ -160,8 +160,10 @@ impl Norm {
     /// dw/db per chunk.
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32]) -> Vec<f32> {
         let d = w.len();
-        let mut out = vec![0f32; x.len() + 2 * d];
+        // backward_rows assigns every element of dx; only the dw/db sums start from zero.
+        let mut out = super::written_output(x.len() + 2 * d);
         let (dx, dwb) = out.split_at_mut(x.len());
+        dwb.fill(0.0);
         let (eps, centred) = (self.eps, self.centred);
         super::for_each_chunk_summing(dx, d, dwb, |off, dx, dwb| {
             let r = off..off + dx.len();
