@@ -285,8 +285,9 @@ fn block_gemm(
     small_gemm(m, n, k, dst, dst_off, dst_rs, a, Mat::new(b.data, b.off, b.ld, 1));
 }
 
-/// A register-blocked product for the attention blocks: 4 rows of `a` times a panel of up to
-/// 64 columns of a packed `b`, 16 zmm accumulators, one FMA per lane and term.
+/// The attention blocks' AVX-512 code: a register-blocked product (4 rows of `a` times a panel
+/// of up to 64 columns of `b` rows, 16 zmm accumulators, one FMA per lane and term) and the
+/// 16 x 16 transpose that lays out `Kᵀ` and `Vᵀ`.
 #[cfg(target_arch = "x86_64")]
 mod avx512_gemm {
     use super::Mat;
