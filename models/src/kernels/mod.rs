@@ -9,8 +9,8 @@
 //! - vectorised: the row loops are compiled three times, for the baseline target, AVX2+FMA and
 //!   AVX-512, and the widest copy the CPU has runs ([`multiversion!`]);
 //!   transcendental functions are polynomial approximations that vectorise ([`simd`]); the
-//!   attention kernel's small matrix products are written with AVX-512 intrinsics instead
-//!   (autovectorised arrays did not stay in registers), with the gemm crate as the fallback;
+//!   attention kernel's small matrix products are written with AVX-512 intrinsics instead,
+//!   with the gemm crate as the fallback;
 //! - parallel within the device: large inputs are split over the threads of the rayon pool
 //!   the kernel is called from, which is the calling device executor's pool, so a kernel never
 //!   uses a thread outside its device ([`for_each_chunk`]).
