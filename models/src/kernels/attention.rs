@@ -594,6 +594,25 @@ multiversion! {
     }
 }
 
+/// `dV` or `dK` of one head: for each key block, `wᵀ · rows` over the queries that weigh it,
+/// with `w (t, t)` the probabilities or score gradients (0 outside those queries) and `rows`
+/// the head's `dY` or `Q`, into columns `col..col + hd` of `dqkv`'s key rows; zeros for keys
+/// no query weighs.
+fn key_block_grads(keys: &[RowKeys], w: &[f32], rows: Rows, dqkv: &mut [f32], col: usize, hd: usize) {
+    let t = keys.len();
+    let stride = dqkv.len() / t;
+    for (j0, j1, i0) in key_blocks(keys) {
+        if i0 == t {
+            for j in j0..j1 {
+                dqkv[j * stride + col..][..hd].fill(0.0);
+            }
+            continue;
+        }
+        let wt = Mat::new(w, i0 * t + j0, 1, t);
+        block_gemm(j1 - j0, hd, t - i0, dqkv, j0 * stride + col, stride, wt, rows, i0);
+    }
+}
+
 /// `dqkv (t, 3d)` of one batch row from `dy (t, d)` and the forward's `probs` (heads, t, t):
 /// per head, `dV = Pᵀ dY` and `dK = dSᵀ Q` per key block over the queries that weigh it,
 /// `dP = dY Vᵀ`, `dS` from [`score_grads`] and `dQ = dS K` per query block over its keys.
@@ -614,26 +633,8 @@ fn backward_row(
     for h in 0..heads {
         let (q0, k0, v0) = (h * hd, d + h * hd, 2 * d + h * hd);
         let p = &probs[h * t * t..][..t * t];
-        let b = Rows::of(Mat::new(dy, h * hd, d, 1), t, hd, &mut scratch);
-        for (j0, j1, i0) in key_blocks(keys) {
-            if i0 == t {
-                for j in j0..j1 {
-                    dqkv[j * w + v0..][..hd].fill(0.0);
-                }
-                continue;
-            }
-            block_gemm(
-                j1 - j0,
-                hd,
-                t - i0,
-                dqkv,
-                j0 * w + v0,
-                w,
-                Mat::new(p, i0 * t + j0, 1, t),
-                b,
-                i0,
-            );
-        }
+        let dyh = Rows::of(Mat::new(dy, h * hd, d, 1), t, hd, &mut scratch);
+        key_block_grads(keys, p, dyh, dqkv, v0, hd);
         let vt = Rows::of(Mat::new(qkv, v0, 1, w), hd, t, &mut scratch);
         for (i0, i1, n) in query_blocks(keys) {
             let dyi = Mat::new(dy, i0 * d + h * hd, d, 1);
@@ -645,25 +646,7 @@ fn backward_row(
             block_gemm(i1 - i0, hd, n, dqkv, i0 * w + q0, w, Mat::new(&ds, i0 * t, t, 1), k, 0);
         }
         let q = Rows::of(Mat::new(qkv, q0, w, 1), t, hd, &mut scratch);
-        for (j0, j1, i0) in key_blocks(keys) {
-            if i0 == t {
-                for j in j0..j1 {
-                    dqkv[j * w + k0..][..hd].fill(0.0);
-                }
-                continue;
-            }
-            block_gemm(
-                j1 - j0,
-                hd,
-                t - i0,
-                dqkv,
-                j0 * w + k0,
-                w,
-                Mat::new(&ds, i0 * t + j0, 1, t),
-                q,
-                i0,
-            );
-        }
+        key_block_grads(keys, &ds, q, dqkv, k0, hd);
     }
 }
 
