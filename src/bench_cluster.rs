@@ -200,6 +200,7 @@ async fn cluster_transfer(
             policy: version(0),
             critic: None,
             meter: Arc::new(ActorMeter::new("snapshot", "snapshot", "-")),
+            latency: Default::default(),
         },
     )
     .await?;

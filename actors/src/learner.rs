@@ -45,7 +45,7 @@ use crate::meter::{ActorMeter, ActorState};
 use crate::nan_fields::{nan, nan_if_null};
 use crate::ppo_trainer::{PpoTrainer, StepStats};
 use crate::replay::ReplayMsg;
-use crate::snapshot::SnapshotMsg;
+use crate::snapshot::{AdoptLatencies, SnapshotMsg};
 use crate::trajectory::{StepRecords, Trajectory, WeightsSnapshot};
 
 /// One line of metrics.jsonl: the file's one schema, written here and read back through
@@ -197,6 +197,8 @@ pub struct LearnerArgs {
     pub trainer: Arc<Mutex<PpoTrainer>>,
     pub replay: ActorRef<ReplayMsg>,
     pub snapshot: ActorRef<SnapshotMsg>,
+    /// The snapshot's record of adoption latencies, read into each step's report.
+    pub adopt_latency: AdoptLatencies,
     pub steps: u64,
     pub publish_every: u64,
     /// Reports and checkpoint requests, in order. The learner stops when the receiver is gone.
@@ -372,15 +374,7 @@ impl Actor for LearnerActor {
                 critic: critic.map(wrap),
             })?;
         }
-        let adopt_latency_s = if version > 0 {
-            st.args
-                .snapshot
-                .call(|reply| SnapshotMsg::AdoptLatency { version, reply }, None)
-                .await?
-                .success_or(ActorError::PeerGone("snapshot stopped".into()))?
-        } else {
-            None
-        };
+        let adopt_latency_s = (version > 0).then(|| st.args.adopt_latency.worst(version)).flatten();
         metrics::counter!("tandem_learner_steps").increment(1);
         metrics::gauge!("tandem_learner_kl").set(stats.kl);
         metrics::gauge!("tandem_learner_beta").set(stats.beta);

@@ -6,14 +6,18 @@
 //! the tensors, nothing is copied per receiver. Receivers register a [`WeightsPort`]: a ractor
 //! [`DerivedActorRef`] that accepts weights, so the snapshot never names their message types.
 //! Receivers report back when they adopt a version ([`adopt`]); the publish-to-adopt latency
-//! of each version is recorded as a histogram and kept for the learner's metrics line.
+//! of each version is recorded as a histogram and kept in [`AdoptLatencies`] for the learner's
+//! metrics line. The learner reads that record directly rather than asking this actor: a
+//! round trip through the mailbox between two learner steps waits for a control thread to be
+//! scheduled, which on a machine whose cores all run compute took 1–2.6 ms in some steps
+//! (a tenth of a `tandem bench overlap` step).
 //!
 //! Receivers in other processes (worker nodes) [`SnapshotMsg::Subscribe`] instead: they get a
 //! `watch` receiver that always holds the latest version, so a slow link skips intermediate
 //! versions rather than queueing them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::Tensor;
@@ -44,11 +48,28 @@ pub enum SnapshotMsg {
     SetCriticReceiver(WeightsPort),
     /// A watch on the latest policy (for receivers that copy weights elsewhere).
     Subscribe(RpcReplyPort<tokio::sync::watch::Receiver<SharedWeights>>),
-    /// The worst publish-to-adopt latency of `version` seen so far, in seconds.
-    AdoptLatency {
-        version: u64,
-        reply: RpcReplyPort<Option<f64>>,
-    },
+}
+
+/// The worst publish-to-adopt latency of each recent version (the last 1024), in seconds:
+/// written by the snapshot actor as receivers report, read by the learner.
+#[derive(Clone, Default)]
+pub struct AdoptLatencies(Arc<Mutex<BTreeMap<u64, f64>>>);
+
+impl AdoptLatencies {
+    fn record(&self, version: u64, latency: Duration) {
+        // A panic elsewhere cannot leave the map half-written: every write is one statement.
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(version).or_insert(0.0);
+        *e = e.max(latency.as_secs_f64());
+        while m.len() > 1024 {
+            m.pop_first();
+        }
+    }
+
+    /// The worst latency reported so far for `version`; `None` before any receiver adopted it.
+    pub fn worst(&self, version: u64) -> Option<f64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&version).copied()
+    }
 }
 
 // Local only: never sent to another node.
@@ -62,7 +83,7 @@ pub struct SnapshotState {
     meter: Arc<ActorMeter>,
     policy_receivers: Vec<WeightsPort>,
     critic_receiver: Option<WeightsPort>,
-    latency: BTreeMap<u64, f64>,
+    latency: AdoptLatencies,
     watch: tokio::sync::watch::Sender<SharedWeights>,
 }
 
@@ -71,6 +92,8 @@ pub struct SnapshotArgs {
     pub critic: Option<SharedWeights>,
     /// This actor's measurements.
     pub meter: Arc<ActorMeter>,
+    /// Where adoption latencies are recorded (the learner holds a clone).
+    pub latency: AdoptLatencies,
 }
 
 impl Actor for SnapshotActor {
@@ -90,7 +113,7 @@ impl Actor for SnapshotActor {
             meter: args.meter,
             policy_receivers: vec![],
             critic_receiver: None,
-            latency: BTreeMap::new(),
+            latency: args.latency,
         })
     }
 
@@ -118,10 +141,6 @@ impl Actor for SnapshotActor {
                 if critic.is_some() {
                     st.critic = critic;
                 }
-                // Keep a bounded history.
-                while st.latency.len() > 1024 {
-                    st.latency.pop_first();
-                }
             }
             SnapshotMsg::Adopted {
                 receiver,
@@ -130,8 +149,7 @@ impl Actor for SnapshotActor {
             } => {
                 metrics::histogram!("tandem_weight_adopt_seconds", "receiver" => receiver)
                     .record(latency.as_secs_f64());
-                let e = st.latency.entry(version).or_insert(0.0);
-                *e = e.max(latency.as_secs_f64());
+                st.latency.record(version, latency);
             }
             SnapshotMsg::AddPolicyReceiver(r) => {
                 let _ = r.send_message(st.policy.clone());
@@ -145,9 +163,6 @@ impl Actor for SnapshotActor {
             }
             SnapshotMsg::Subscribe(reply) => {
                 let _ = reply.send(st.watch.subscribe());
-            }
-            SnapshotMsg::AdoptLatency { version, reply } => {
-                let _ = reply.send(st.latency.get(&version).copied());
             }
         }
         Ok(())

@@ -24,7 +24,7 @@ use tandem_actors::replay::{ReplayActor, ReplayArgs, ReplayMsg};
 use tandem_actors::reward::{RewardActor, RewardArgs};
 use tandem_actors::reward_source::RewardSource;
 use tandem_actors::rollout::{RolloutActor, RolloutArgs};
-use tandem_actors::snapshot::{SnapshotActor, SnapshotArgs, SnapshotMsg};
+use tandem_actors::snapshot::{AdoptLatencies, SnapshotActor, SnapshotArgs, SnapshotMsg};
 use tandem_actors::value::{ValueActor, ValueArgs};
 use tandem_actors::{
     ActorError, ActorMeter, DeviceId, Executor, Faults, HeldTickets, ReissueQueue, StageMsg, StageReceiver,
@@ -161,11 +161,13 @@ impl<'a> ActorTree<'a> {
             .map_err(RuntimeError::ActorFailed)
     }
 
-    /// The snapshot actor, holding the first published weights.
+    /// The snapshot actor, holding the first published weights and recording adoption
+    /// latencies into `latency`.
     pub async fn snapshot(
         &mut self,
         policy: Arc<WeightsSnapshot>,
         critic: Option<Arc<WeightsSnapshot>>,
+        latency: AdoptLatencies,
     ) -> Result<ActorRef<SnapshotMsg>, RuntimeError> {
         let meter = self.meter(
             "snapshot",
@@ -173,7 +175,12 @@ impl<'a> ActorTree<'a> {
             self.cfg.placement.learner_device.to_string(),
             None,
         );
-        let args = SnapshotArgs { meter, policy, critic };
+        let args = SnapshotArgs {
+            meter,
+            policy,
+            critic,
+            latency,
+        };
         self.spawn_watched("snapshot", SnapshotActor, args, ChildRole::Essential)
             .await
     }

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use tandem_actors::learner::{LearnerArgs, LearnerStart};
 use tandem_actors::replay::{ReplayArgs, ReplayCheckpoint};
+use tandem_actors::snapshot::AdoptLatencies;
 use tandem_actors::{
     stage_channel, DeviceId, Executor, Faults, PpoTrainer, ReissueQueue, StepReport, TrajectoryBatch, WeightsSnapshot,
 };
@@ -242,7 +243,8 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
     let faults = Arc::new(Faults::new(cfg.faults.clone()));
     let started = Instant::now();
     let mut tree = ActorTree::start(cfg, reissued.clone(), fail_tx).await?;
-    let snap = tree.snapshot(first_policy, first_critic).await?;
+    let adopt_latency = AdoptLatencies::default();
+    let snap = tree.snapshot(first_policy, first_critic, adopt_latency.clone()).await?;
     tree.value(
         dev(&p.value_device),
         critic_config.clone(),
@@ -299,6 +301,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RuntimeEr
         trainer: trainer.clone(),
         replay: replay.clone(),
         snapshot: snap.clone(),
+        adopt_latency,
         steps: cfg.steps,
         publish_every: cfg.mode.publish_every,
         events: events_tx,
