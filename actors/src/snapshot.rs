@@ -191,3 +191,53 @@ pub fn adopt<M>(
     })?;
     Ok(Some(first))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    use crate::trajectory::WeightsSnapshot;
+
+    #[tokio::test]
+    async fn the_learner_reads_the_worst_adoption_of_each_version_without_a_message() {
+        let weights = |version| {
+            Arc::new(WeightsSnapshot {
+                version,
+                tensors: HashMap::new(),
+                published_at: Instant::now(),
+            })
+        };
+        let latency = AdoptLatencies::default();
+        let args = SnapshotArgs {
+            policy: weights(0),
+            critic: None,
+            meter: Arc::new(ActorMeter::new("snapshot", "snapshot", "-")),
+            latency: latency.clone(),
+        };
+        let (snap, handle) = Actor::spawn(None, SnapshotActor, args).await.unwrap();
+        for (receiver, ms) in [("rollout/0", 5), ("rollout/1", 9), ("value", 2)] {
+            let latency = Duration::from_millis(ms);
+            let receiver = receiver.to_string();
+            snap.cast(SnapshotMsg::Adopted {
+                receiver,
+                version: 3,
+                latency,
+            })
+            .unwrap();
+        }
+        // Messages are handled in order: once a later call is answered, the casts are recorded.
+        ractor::call!(snap, SnapshotMsg::Subscribe).unwrap();
+        assert_eq!(latency.worst(3), Some(0.009));
+        assert_eq!(latency.worst(4), None);
+        snap.stop(None);
+        handle.await.unwrap();
+
+        // The record keeps the last 1024 versions.
+        for v in 0..1100 {
+            latency.record(v, Duration::from_millis(1));
+        }
+        assert_eq!(latency.worst(1100 - 1024 - 1), None);
+        assert_eq!(latency.worst(1100 - 1024), Some(0.001));
+    }
+}
