@@ -100,7 +100,7 @@ impl KvCache {
     /// current pool.
     pub fn attend(&mut self, i: usize, x: QkvRows, bias: &Tensor, scale: f32) -> Result<Tensor> {
         let (b, t, hd) = (x.rows, x.tokens, x.head_dim);
-        if x.heads == 0 || x.kv_heads == 0 || x.heads % x.kv_heads != 0 {
+        if x.heads == 0 || x.kv_heads == 0 || !x.heads.is_multiple_of(x.kv_heads) {
             candle_core::bail!(
                 "{} query heads do not group over {} key/value heads",
                 x.heads,

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::{chunk_len, contiguous_f32, for_each_chunk, fused_applies, multiversion, simd};
 
-const C: f32 = 0.797_884_56; // sqrt(2 / pi)
+const C: f32 = 0.797_884_6; // sqrt(2 / pi)
 const A: f32 = 0.044_715;
 
 /// `gelu(x + bias)` with `bias` broadcast over every dimension of `x` but the last; fused on the

@@ -73,6 +73,9 @@ pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Res
 /// An output buffer of `n` elements that the kernel writes in full before anything reads it,
 /// so it is not zero-filled first (a zero-fill is a full extra pass, and for fresh pages a
 /// page fault per 4 KiB). Only for kernels that assign, never accumulate, every element.
+// clippy's `uninit_vec` rejects the pattern itself; what makes it sound here is that no
+// element is read before the kernel has written it.
+#[allow(clippy::uninit_vec)]
 pub(crate) fn written_output(n: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(n);
     // SAFETY: f32 has no invalid bit patterns, and the caller overwrites every element before

@@ -145,7 +145,7 @@ impl Norm {
 
     fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, shape: &Shape) -> Result<(CpuStorage, Shape)> {
         let d = w.len();
-        if d == 0 || x.len() % d != 0 || b.is_some_and(|b| b.len() != d) {
+        if d == 0 || !x.len().is_multiple_of(d) || b.is_some_and(|b| b.len() != d) {
             candle_core::bail!("{}: gain of {d} entries for an input of shape {shape:?}", self.name());
         }
         let mut y = super::written_output(x.len()); // forward_rows assigns every element
