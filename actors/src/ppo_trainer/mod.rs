@@ -18,8 +18,8 @@
 //!    sequence rewards broadcast to tokens (GRPO / RLOO); whitened over the mask for PPO.
 //!    GRPO's advantage is `(s - mean) / (std + eps)` over the prompt's group (DeepSeekMath
 //!    eq. 3), or `s - mean` with `grpo.scale_by_std = false` (Dr. GRPO).
-//! 5. `epochs` passes over shuffled minibatches: clipped surrogate + value loss (clipped)
-//!    + `beta * k3(pi_theta, pi_ref)` with `kl_penalty = "loss"` − entropy bonus
+//! 5. `epochs` passes over shuffled minibatches: clipped surrogate + value loss (clipped) +
+//!    `beta * k3(pi_theta, pi_ref)` with `kl_penalty = "loss"` − entropy bonus
 //!    (+ the PPO-ptx term `-gamma * mean log pi(pretraining text)` when `ptx_coef > 0`),
 //!    global-norm clipping per network, AdamW (decay on matrices only). Policy and critic share
 //!    no parameters, so their forwards, and the backward passes of the policy terms and of the

@@ -254,13 +254,13 @@ impl Config {
         if !l.entropy_coef.is_finite() {
             return bad("algorithm.loss.entropy_coef", "finite", &l.entropy_coef);
         }
-        if let Some(c) = l.behaviour_weight_cap.filter(|c| !(*c >= 1.0)) {
+        if let Some(c) = l.behaviour_weight_cap.filter(|c| c.is_nan() || *c < 1.0) {
             return bad("algorithm.loss.behaviour_weight_cap", ">= 1 (inf: untruncated)", &c);
         }
         if let Some(n) = l.token_sum_norm.filter(|n| !(*n > 0.0 && n.is_finite())) {
             return bad("algorithm.loss.token_sum_norm", "a finite number > 0", &n);
         }
-        if let Some(c) = a.reward.score_clip.filter(|c| !(*c > 0.0)) {
+        if let Some(c) = a.reward.score_clip.filter(|c| c.is_nan() || *c <= 0.0) {
             return bad("algorithm.reward.score_clip", "> 0", &c);
         }
         if let Some(e) = a.ema_decay.filter(|e| !(0.0..1.0).contains(e)) {
