@@ -57,7 +57,8 @@ pub struct AdoptLatencies(Arc<Mutex<BTreeMap<u64, f64>>>);
 
 impl AdoptLatencies {
     fn record(&self, version: u64, latency: Duration) {
-        // A panic elsewhere cannot leave the map half-written: every write is one statement.
+        // Only this and `worst` take the lock, and neither panics while holding it, so a
+        // poisoned lock (a panic elsewhere in that thread) still guards a whole map.
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let e = m.entry(version).or_insert(0.0);
         *e = e.max(latency.as_secs_f64());
