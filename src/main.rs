@@ -144,12 +144,20 @@ fn install_panic_logger() {
     }));
 }
 
-/// The tokio runtime every command runs its actors and I/O on: two worker threads named
+/// The tokio runtime every command runs its actors and I/O on: one worker thread named
 /// `name`. Compute never runs here; it runs on device executors (`docs/semantics.md`).
+///
+/// One worker, because actors hand messages to each other far more often than any of them
+/// computes: a message to another actor then runs on the thread that is already awake, after
+/// the sender yields. With two workers, tokio woke the parked one to take it, and while every
+/// core ran compute that thread waited for the OS scheduler: in `bench overlap`'s async mode
+/// the learner's request for its next batch reached the replay actor about 2 ms late in a
+/// third of the steps, with the batch ready. With one worker the learner waits 0.05 ms a step
+/// at the median, and the async step is 1.02× the learner's busy time instead of 1.05–1.14×.
 fn control_runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
     use anyhow::Context;
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .thread_name(name)
         .build()
