@@ -501,48 +501,30 @@ multiversion! {
                 *s = score(base + l, *s, brow[base + l]);
                 m = m.max(*s);
             }
-            let weight = |s: f32| if s == f32::NEG_INFINITY { 0.0 } else { simd::exp(s - m) };
-            let mut sums = [0f32; L];
-            let mut chunks = row.chunks_exact_mut(L);
-            for s in &mut chunks {
-                for l in 0..L {
-                    s[l] = weight(s[l]);
-                    sums[l] += s[l];
-                }
-            }
-            let tail = chunks.into_remainder();
-            let mut sum = sums.iter().sum::<f32>();
-            for s in tail.iter_mut() {
-                *s = weight(*s);
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            for s in row.iter_mut() {
-                *s *= inv;
-            }
+            normalise(row, m);
         }
     }
 }
 
-/// Exponentiates `row - m` (-inf to exactly 0) and scales it to sum 1.
+/// Exponentiates `row - m` (-inf to exactly 0) and scales it to sum 1: one pass that
+/// exponentiates and sums in 16 lanes, then one that scales.
 #[inline(always)]
 fn normalise(row: &mut [f32], m: f32) {
-    for s in row.iter_mut() {
-        *s = if *s == f32::NEG_INFINITY {
-            0.0
-        } else {
-            simd::exp(*s - m)
-        };
-    }
-    let mut acc = [0f32; 8];
-    let chunks = row.chunks_exact(8);
-    let mut sum = chunks.remainder().iter().sum::<f32>();
-    for c in chunks {
-        for k in 0..8 {
-            acc[k] += c[k];
+    const L: usize = 16;
+    let weight = |s: f32| if s == f32::NEG_INFINITY { 0.0 } else { simd::exp(s - m) };
+    let mut sums = [0f32; L];
+    let mut chunks = row.chunks_exact_mut(L);
+    for s in &mut chunks {
+        for l in 0..L {
+            s[l] = weight(s[l]);
+            sums[l] += s[l];
         }
     }
-    sum += acc.iter().sum::<f32>();
+    let mut sum = sums.iter().sum::<f32>();
+    for s in chunks.into_remainder() {
+        *s = weight(*s);
+        sum += *s;
+    }
     let inv = 1.0 / sum;
     for s in row.iter_mut() {
         *s *= inv;
