@@ -217,7 +217,7 @@ fn bench_ppo_reports_consistent_figures() {
             "--threads",
             "1",
             "--steps",
-            "2",
+            "4",
             "--matmul-secs",
             "0.05",
         ])
@@ -263,12 +263,36 @@ fn bench_ppo_reports_consistent_figures() {
         ("ppo_epochs", 2),
         ("minibatch_size", 4),
         ("threads", 1),
-        ("timed_steps", 1),
+        ("timed_steps", 3),
     ] {
         assert_eq!(r[key], want, "{key}: {r}");
     }
     assert_eq!(r["workload"], "builtin");
-    assert_eq!(r["matmul_shapes"].as_array().map(Vec::len), Some(3), "{r}");
+    // Each figure is a median: the learner's over its timed steps, each GEMM shape's over its
+    // three rounds before the run and three after it.
+    let floats = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("not a list: {v}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        let n = xs.len();
+        (xs[(n - 1) / 2] + xs[n / 2]) / 2.0
+    };
+    let steps = floats(&r["learner_s_steps"]);
+    assert_eq!(steps.len(), 3, "{r}");
+    assert!(close(num("learner_s_per_step"), median(steps)));
+    let shapes = r["matmul_shapes"].as_array().unwrap();
+    assert_eq!(shapes.len(), 3, "{r}");
+    for shape in shapes {
+        let rounds = floats(&shape["rounds"]);
+        assert_eq!(rounds.len(), 6, "{shape}");
+        assert!(rounds.iter().all(|g| g.is_finite() && *g > 0.0), "{shape}");
+        assert!(close(shape["gflops"].as_f64().unwrap(), median(rounds)), "{shape}");
+    }
 }
 
 #[test]

@@ -32,13 +32,14 @@
 //! # What is measured
 //!
 //! `--steps` learner steps run (default 5); the first `--warmup` (default 1) are left out,
-//! since the first step also pays for start-up (loading, first-touch allocations). Over the
-//! remaining steps:
+//! since the first step also pays for start-up (loading, first-touch allocations). Every
+//! per-step figure is the median over the remaining steps, so one step slowed by other load on
+//! the machine does not move it:
 //!
-//! - `step_s`: mean wall-clock time between consecutive learner steps (sync mode: generation,
+//! - `step_s`: wall-clock time between consecutive learner steps (sync mode: generation,
 //!   reward, value and learning of one step, back to back);
 //! - `episodes_per_s` = prompts_per_step × samples_per_prompt / `step_s`;
-//! - `learner_s_per_step`: mean time of the learner's PPO step (`StepReport::learn_s`: all
+//! - `learner_s_per_step`: time of the learner's PPO step (`StepReport::learn_s`: all
 //!   epochs and minibatches, optimiser steps included; the weight publication after it is
 //!   `weight_sync_s`, reported apart);
 //! - `learner_tokens_per_s` = ppo_epochs × B × T / `learner_s_per_step`: token positions pushed
@@ -66,13 +67,16 @@
 //!   and the LM head only at the response positions it reads (`layers::Positions`): about 7%
 //!   of the counted FLOPs at the peer shape.
 //! - `matmul_gflops`: the machine's f32 GEMM rate at the learner's dominant shapes, measured in
-//!   the same process after the run, with candle's `Tensor::matmul` inside a rayon pool of the
-//!   learner's thread count (the same way a device executor runs it): (mb·T, d)×(d, qkv),
-//!   (mb·T, d)×(d, f) and (mb·T, f)×(f, d), mb = minibatch size, T as above. After one untimed
-//!   product per shape, three rounds over the shapes each repeat a shape for a third of
-//!   `--matmul-secs`; a shape's rate is its best round (so other load on the machine lowers
-//!   the reference as little as possible, and the fraction errs low), and `matmul_gflops` is
-//!   the rate of one product of each shape: their FLOPs over their summed best times.
+//!   the same process, with candle's `Tensor::matmul` inside a rayon pool of the learner's
+//!   thread count (the same way a device executor runs it): (mb·T, d)×(d, qkv), (mb·T, d)×(d, f)
+//!   and (mb·T, f)×(f, d), mb = minibatch size, T as above. After one untimed product per
+//!   shape, three rounds over the shapes run just before the run and three just after it, each
+//!   repeating a shape for a third of `--matmul-secs`. A shape's rate is its median round, and
+//!   `matmul_gflops` is the rate of one product of each shape: their FLOPs over their summed
+//!   median times. Both sides of the ratio are medians over repeats taken across the same
+//!   stretch of time, so a slow spell of this shared machine enters both (a best round against
+//!   a mean step, as this bench first took, put the machine's noise into the ratio: within one
+//!   run learner steps ranged over 1.40–2.13 s, reference rounds over 300–420 GFLOP/s).
 //!   `learner_fraction_of_matmul` = `learner_gflops` / `matmul_gflops`.
 //! - `peak_rss_mb`: the process's peak resident set (`VmHWM` in `/proc/self/status`), in MiB.
 //!
@@ -158,7 +162,8 @@ pub struct PpoBench {
 mod rates;
 mod workload;
 
-use rates::{mean, measure_gemm, peak_rss_mb, Shape};
+use crate::bench::median;
+use rates::{mean, peak_rss_mb, GemmReference, Shape, GEMM_ROUNDS};
 use workload::{canonical, config_text, validate, write_builtin};
 
 /// Built-in defaults: the peer's GPT-2.
@@ -257,6 +262,20 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
         cfg.sampling.max_new_tokens,
     );
 
+    // The GEMM reference, at the policy's shapes for one minibatch, on the learner's threads.
+    let rows = minibatch * t;
+    let shapes = [
+        ("qkv", rows, policy.hidden, policy.qkv()),
+        ("mlp_up", rows, policy.hidden, policy.mlp_hidden),
+        ("mlp_down", rows, policy.mlp_hidden, policy.hidden),
+    ];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building the GEMM reference's thread pool")?;
+    let mut reference = GemmReference::new(&shapes);
+    pool.install(|| reference.rounds(args.matmul_secs))?;
+
     let summary = crate::run::run_config(
         &cfg,
         RunOptions {
@@ -276,17 +295,19 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
     }
     let timed = &reports[warmup..];
     // Step k's time is the wall clock from the end of step k-1 to the end of step k.
-    let step_s = mean(
+    let step_s = median(
         reports
             .windows(2)
             .skip(warmup.saturating_sub(1))
-            .map(|w| w[1].wall_s - w[0].wall_s),
+            .map(|w| w[1].wall_s - w[0].wall_s)
+            .collect(),
     );
-    let learner_s = mean(timed.iter().map(|r| r.learn_s));
-    let generate_s = mean(timed.iter().map(|r| r.generate_s));
-    let reward_s = mean(timed.iter().map(|r| r.reward_s));
-    let value_s = mean(timed.iter().map(|r| r.value_s));
-    let weight_sync_s = mean(timed.iter().map(|r| r.weight_sync_s));
+    let per_step = |f: fn(&StepReport) -> f64| median(timed.iter().map(f).collect());
+    let learner_s = per_step(|r| r.learn_s);
+    let generate_s = per_step(|r| r.generate_s);
+    let reward_s = per_step(|r| r.reward_s);
+    let value_s = per_step(|r| r.value_s);
+    let weight_sync_s = per_step(|r| r.weight_sync_s);
 
     let tokens_per_step = (epochs * episodes * t) as f64;
     let flops_per_token = 3.0
@@ -297,18 +318,9 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
     let learner_tokens_per_s = tokens_per_step / learner_s;
     let episodes_per_s = episodes as f64 / step_s;
 
-    // The GEMM reference, at the policy's shapes for one minibatch, on the learner's threads.
-    let rows = minibatch * t;
-    let shapes = [
-        ("qkv", rows, policy.hidden, policy.qkv()),
-        ("mlp_up", rows, policy.hidden, policy.mlp_hidden),
-        ("mlp_down", rows, policy.mlp_hidden, policy.hidden),
-    ];
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the GEMM reference's thread pool")?;
-    let gemm = pool.install(|| measure_gemm(&shapes, args.matmul_secs))?;
+    // The GEMM reference's rounds after the run; with those before it, they bracket the run.
+    pool.install(|| reference.rounds(args.matmul_secs))?;
+    let gemm = reference.medians();
     // The rate of the three products done once each: their FLOPs over their summed times.
     let gemm_flops: Vec<f64> = gemm.iter().map(|g| 2.0 * (g.m * g.k * g.n) as f64).collect();
     let matmul_gflops =
@@ -321,6 +333,9 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
         "step {step_s:.3}s over {n} step(s) after {warmup} warm-up: {episodes_per_s:.2} episodes/s; \
          generate {generate_s:.3}s, reward {reward_s:.3}s, value {value_s:.3}s, learner {learner_s:.3}s, weight sync {weight_sync_s:.3}s"
     );
+    let learner_steps: Vec<f64> = timed.iter().map(|r| r.learn_s).collect();
+    let shown: Vec<String> = learner_steps.iter().map(|s| format!("{s:.3}")).collect();
+    println!("learner per step (s): {}", shown.join(" "));
     println!(
         "learner: {:.1} GFLOP a step (policy + critic, fwd + bwd), {learner_tokens_per_s:.0} tokens/s, {learner_gflops:.1} GFLOP/s",
         learner_flop_per_step / 1e9
@@ -332,13 +347,15 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
         );
     }
     println!(
-        "learner at {:.0}% of the GEMM rate ({matmul_gflops:.1} GFLOP/s on {threads} thread(s)); peak RSS {}",
+        "learner at {:.0}% of the GEMM rate ({matmul_gflops:.1} GFLOP/s on {threads} thread(s), medians of {} rounds \
+         before and after the run); peak RSS {}",
         100.0 * fraction,
+        2 * GEMM_ROUNDS,
         rss.map_or("unknown".into(), |r| format!("{r:.0} MiB"))
     );
     let gemm_json: Vec<_> = gemm
         .iter()
-        .map(|g| json!({"name": g.name, "m": g.m, "k": g.k, "n": g.n, "gflops": g.gflops}))
+        .map(|g| json!({"name": g.name, "m": g.m, "k": g.k, "n": g.n, "gflops": g.gflops, "rounds": g.rounds}))
         .collect();
     crate::print_json(&json!({
         "episodes_per_s": episodes_per_s,
@@ -349,6 +366,7 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
         "peak_rss_mb": rss,
         "step_s": step_s,
         "learner_s_per_step": learner_s,
+        "learner_s_steps": learner_steps,
         "generate_s": generate_s,
         "reward_s": reward_s,
         "value_s": value_s,

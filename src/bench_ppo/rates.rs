@@ -2,6 +2,7 @@
 //! machine's f32 GEMM rate, and the peak resident memory.
 
 use super::*;
+use crate::bench::median;
 
 /// Matmul parameters and attention width of one model, for the FLOP count.
 #[derive(Debug, Clone, Copy)]
@@ -55,48 +56,77 @@ impl Shape {
     }
 }
 
-/// One GEMM shape, (m, k) × (k, n), and its best round.
+/// One GEMM shape, (m, k) × (k, n), its rate in each round and their median, GFLOP/s.
 pub(super) struct GemmRate {
     pub(super) name: &'static str,
     pub(super) m: usize,
     pub(super) k: usize,
     pub(super) n: usize,
     pub(super) gflops: f64,
+    pub(super) rounds: Vec<f64>,
 }
 
-/// Timed rounds per GEMM shape; each shape's figure is its best round.
-const GEMM_ROUNDS: usize = 3;
+/// Timed rounds per GEMM shape on each side of the run.
+pub(super) const GEMM_ROUNDS: usize = 3;
 
-/// f32 GEMM with candle at each shape, in the current rayon pool: [`GEMM_ROUNDS`] rounds over
-/// all shapes, `secs / GEMM_ROUNDS` seconds (and at least 3 products) per shape and round, after
-/// one untimed product per shape.
-pub(super) fn measure_gemm(shapes: &[(&'static str, usize, usize, usize)], secs: f64) -> anyhow::Result<Vec<GemmRate>> {
-    let dev = Device::Cpu;
-    let mut operands = vec![];
-    for &(_, m, k, n) in shapes {
-        let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-        let b = Tensor::randn(0f32, 0.05, (k, n), &dev)?;
-        a.matmul(&b)?; // untimed: first touch of the output and packing buffers
-        operands.push((a, b));
-    }
-    let mut best = vec![0f64; shapes.len()];
-    for _ in 0..GEMM_ROUNDS {
-        for (i, (a, b)) in operands.iter().enumerate() {
-            let (mut reps, start) = (0usize, Instant::now());
-            while reps < 3 || start.elapsed().as_secs_f64() < secs / GEMM_ROUNDS as f64 {
-                drop(a.matmul(b)?);
-                reps += 1;
-            }
-            let (_, m, k, n) = shapes[i];
-            let rate = 2.0 * (m * k * n * reps) as f64 / start.elapsed().as_secs_f64() / 1e9;
-            best[i] = best[i].max(rate);
+/// f32 GEMM with candle at fixed shapes, in the rayon pool it is called from: each call to
+/// [`GemmReference::rounds`] adds [`GEMM_ROUNDS`] rounds over all shapes, `secs /
+/// GEMM_ROUNDS` seconds (and at least 3 products) per shape and round.
+pub(super) struct GemmReference {
+    shapes: Vec<(&'static str, usize, usize, usize)>,
+    /// Each shape's rate in every round so far, GFLOP/s.
+    rates: Vec<Vec<f64>>,
+}
+
+impl GemmReference {
+    pub(super) fn new(shapes: &[(&'static str, usize, usize, usize)]) -> Self {
+        Self {
+            shapes: shapes.to_vec(),
+            rates: vec![vec![]; shapes.len()],
         }
     }
-    Ok(shapes
-        .iter()
-        .zip(best)
-        .map(|(&(name, m, k, n), gflops)| GemmRate { name, m, k, n, gflops })
-        .collect())
+
+    /// One set of rounds, on operands made for it (and freed after it, so they take no memory
+    /// from the run in between) after one untimed product per shape: first touch of the output
+    /// and packing buffers.
+    pub(super) fn rounds(&mut self, secs: f64) -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let mut operands = vec![];
+        for &(_, m, k, n) in &self.shapes {
+            let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let b = Tensor::randn(0f32, 0.05, (k, n), &dev)?;
+            a.matmul(&b)?;
+            operands.push((a, b));
+        }
+        for _ in 0..GEMM_ROUNDS {
+            for (i, (a, b)) in operands.iter().enumerate() {
+                let (mut reps, start) = (0usize, Instant::now());
+                while reps < 3 || start.elapsed().as_secs_f64() < secs / GEMM_ROUNDS as f64 {
+                    drop(a.matmul(b)?);
+                    reps += 1;
+                }
+                let (_, m, k, n) = self.shapes[i];
+                self.rates[i].push(2.0 * (m * k * n * reps) as f64 / start.elapsed().as_secs_f64() / 1e9);
+            }
+        }
+        Ok(())
+    }
+
+    /// Each shape's median rate over all rounds.
+    pub(super) fn medians(&self) -> Vec<GemmRate> {
+        self.shapes
+            .iter()
+            .zip(&self.rates)
+            .map(|(&(name, m, k, n), rates)| GemmRate {
+                name,
+                m,
+                k,
+                n,
+                gflops: median(rates.clone()),
+                rounds: rates.clone(),
+            })
+            .collect()
+    }
 }
 
 /// Peak resident set size in MiB (`VmHWM`), if the platform reports it.
