@@ -31,7 +31,7 @@
 //!
 //! # What is measured
 //!
-//! `--steps` learner steps run (default 5); the first `--warmup` (default 1) are left out,
+//! `--steps` learner steps run (default 7); the first `--warmup` (default 1) are left out,
 //! since the first step also pays for start-up (loading, first-touch allocations). Every
 //! per-step figure is the median over the remaining steps, so one step slowed by other load on
 //! the machine does not move it:
@@ -113,7 +113,7 @@ pub struct PpoBench {
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
     /// Learner steps to run.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     steps: u64,
     /// Steps left out of the figures at the start.
     #[arg(long, default_value_t = 1)]
