@@ -293,6 +293,24 @@ fn bench_ppo_reports_consistent_figures() {
         assert!(rounds.iter().all(|g| g.is_finite() && *g > 0.0), "{shape}");
         assert!(close(shape["gflops"].as_f64().unwrap(), median(rounds)), "{shape}");
     }
+    // The rates over all rounds and over the rounds on either side of the run: one product of
+    // each shape, FLOPs over summed times at the shape's median rate.
+    let combined = |rounds: &dyn Fn(Vec<f64>) -> Vec<f64>| {
+        let (mut flops, mut secs) = (0.0, 0.0);
+        for shape in shapes {
+            let f = 2.0
+                * ["m", "k", "n"]
+                    .iter()
+                    .map(|d| shape[*d].as_f64().unwrap())
+                    .product::<f64>();
+            flops += f;
+            secs += f / median(rounds(floats(&shape["rounds"])));
+        }
+        flops / secs
+    };
+    assert!(close(num("matmul_gflops"), combined(&|r| r)));
+    assert!(close(num("matmul_gflops_before"), combined(&|r| r[..3].to_vec())));
+    assert!(close(num("matmul_gflops_after"), combined(&|r| r[3..].to_vec())));
 }
 
 #[test]

@@ -78,6 +78,9 @@
 //!   a mean step, as this bench first took, put the machine's noise into the ratio: within one
 //!   run learner steps ranged over 1.40–2.13 s, reference rounds over 300–420 GFLOP/s).
 //!   `learner_fraction_of_matmul` = `learner_gflops` / `matmul_gflops`.
+//! - `matmul_gflops_before`, `matmul_gflops_after`: the same rate from the rounds on each side
+//!   of the run alone. When they differ by more than a tenth, the machine's load changed while
+//!   the bench ran, and it prints a warning that the run's fraction is unreliable.
 //! - `peak_rss_mb`: the process's peak resident set (`VmHWM` in `/proc/self/status`), in MiB.
 //!
 //! Human-readable lines come first; the last line of stdout is one JSON object.
@@ -163,7 +166,7 @@ mod rates;
 mod workload;
 
 use crate::bench::median;
-use rates::{mean, peak_rss_mb, GemmReference, Shape, GEMM_ROUNDS};
+use rates::{mean, peak_rss_mb, GemmRate, GemmReference, Shape, GEMM_ROUNDS};
 use workload::{canonical, config_text, validate, write_builtin};
 
 /// Built-in defaults: the peer's GPT-2.
@@ -171,6 +174,9 @@ const LAYERS: usize = 4;
 const HIDDEN: usize = 256;
 const HEADS: usize = 4;
 const VOCAB: usize = 512;
+/// A change of the GEMM rate across the run, as a fraction, above which the bench warns that
+/// the machine's load changed while it ran.
+const DRIFT_WARNING: f64 = 0.1;
 /// Position table of the built-in models (the peer's `n_positions`).
 const POSITIONS: usize = 256;
 
@@ -321,10 +327,15 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
     // The GEMM reference's rounds after the run; with those before it, they bracket the run.
     pool.install(|| reference.rounds(args.matmul_secs))?;
     let gemm = reference.medians();
-    // The rate of the three products done once each: their FLOPs over their summed times.
+    // The rate of the three products done once each, at a per-shape rate `rate`: their FLOPs
+    // over their summed times.
     let gemm_flops: Vec<f64> = gemm.iter().map(|g| 2.0 * (g.m * g.k * g.n) as f64).collect();
-    let matmul_gflops =
-        gemm_flops.iter().sum::<f64>() / gemm.iter().zip(&gemm_flops).map(|(g, f)| f / g.gflops).sum::<f64>();
+    let combined = |rate: &dyn Fn(&GemmRate) -> f64| {
+        gemm_flops.iter().sum::<f64>() / gemm.iter().zip(&gemm_flops).map(|(g, f)| f / rate(g)).sum::<f64>()
+    };
+    let matmul_gflops = combined(&|g| g.gflops);
+    let matmul_before = combined(&|g| median(g.rounds[..GEMM_ROUNDS].to_vec()));
+    let matmul_after = combined(&|g| median(g.rounds[GEMM_ROUNDS..].to_vec()));
     let fraction = learner_gflops / matmul_gflops;
     let rss = peak_rss_mb();
 
@@ -346,6 +357,15 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
             g.name, g.m, g.k, g.k, g.n, g.gflops
         );
     }
+    println!("gemm before the run {matmul_before:.1} GFLOP/s, after it {matmul_after:.1}");
+    let drift = matmul_after / matmul_before - 1.0;
+    if drift.abs() > DRIFT_WARNING {
+        println!(
+            "warning: the GEMM rate moved by {:+.0}% across the run, so other load on the machine changed while \
+             it ran and this run's fraction is unreliable; rerun it",
+            100.0 * drift
+        );
+    }
     println!(
         "learner at {:.0}% of the GEMM rate ({matmul_gflops:.1} GFLOP/s on {threads} thread(s), medians of {} rounds \
          before and after the run); peak RSS {}",
@@ -362,6 +382,8 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
         "learner_tokens_per_s": learner_tokens_per_s,
         "learner_gflops": learner_gflops,
         "matmul_gflops": matmul_gflops,
+        "matmul_gflops_before": matmul_before,
+        "matmul_gflops_after": matmul_after,
         "learner_fraction_of_matmul": fraction,
         "peak_rss_mb": rss,
         "step_s": step_s,
