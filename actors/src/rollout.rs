@@ -90,8 +90,11 @@ pub struct InflightSource {
     /// Told of each adoption (publish-to-adopt latency), as adopting between batches does.
     pub snapshot: Option<ActorRef<SnapshotMsg>>,
     /// The newest policy adopted in flight, for the sampler to keep after the batch.
-    pub adopted: Arc<Mutex<Option<(u64, Arc<LanguageModel>)>>>,
+    pub adopted: Arc<Mutex<Option<AdoptedPolicy>>>,
 }
+
+/// A policy version and the model built over its weights.
+pub type AdoptedPolicy = (u64, Arc<LanguageModel>);
 
 /// A ticket to sample, with the policy (and its version) it is sampled with.
 pub struct Assigned {

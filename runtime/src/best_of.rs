@@ -47,18 +47,31 @@ pub struct Scored {
     pub scores: Vec<f32>,
 }
 
-/// Samples `n` responses per prompt (batches of `batch` prompts, fewer when `batch × n` exceeds
-/// [`MAX_ROWS_PER_BATCH`]; seeded by `seed` and the batch index) and scores them with `source`.
+/// How [`sample_and_score`] samples: `n` responses per prompt with `sampling`, in batches of
+/// `batch` prompts (fewer when `batch × n` exceeds [`MAX_ROWS_PER_BATCH`]), each batch seeded
+/// by `seed` and its index.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleSpec<'a> {
+    pub n: usize,
+    pub sampling: &'a SamplingConfig,
+    pub seed: u64,
+    pub batch: usize,
+}
+
+/// Samples responses to every prompt as `spec` says and scores them with `source`.
 pub fn sample_and_score(
     model: &LanguageModel,
     prompts: &[Vec<u32>],
-    n: usize,
-    sampling: &SamplingConfig,
-    seed: u64,
+    spec: SampleSpec<'_>,
     source: &dyn RewardSource,
-    batch: usize,
     progress: bool,
 ) -> Result<Vec<Scored>, ActorError> {
+    let SampleSpec {
+        n,
+        sampling,
+        seed,
+        batch,
+    } = spec;
     let mut out = Vec::with_capacity(prompts.len());
     let started = std::time::Instant::now();
     let per_batch = batch.max(1).min((MAX_ROWS_PER_BATCH / n.max(1)).max(1));
@@ -153,7 +166,15 @@ pub async fn best_of_n(
     let (sampling, seed, batch) = (cfg.sampling.clone(), cfg.seed, cfg.data.prompts_per_ticket);
     let ps = prompts.clone();
     let (scored, _) = exec
-        .run(move |_| sample_and_score(&model, &ps, n, &sampling, seed, source.as_ref(), batch, progress))
+        .run(move |_| {
+            let spec = SampleSpec {
+                n,
+                sampling: &sampling,
+                seed,
+                batch,
+            };
+            sample_and_score(&model, &ps, spec, source.as_ref(), progress)
+        })
         .await?;
     let scored = scored?;
     let mut f = std::io::BufWriter::new(std::fs::File::create(out).map_err(|e| RuntimeError::io(out, e))?);

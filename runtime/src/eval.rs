@@ -32,7 +32,7 @@ use tandem_actors::reward_source::RewardSource;
 use tandem_actors::{ActorError, Executor};
 use tandem_models::{LanguageModel, SamplingConfig, TextTokenizer};
 
-use crate::best_of::{policy, sample_and_score, Scored};
+use crate::best_of::{policy, sample_and_score, SampleSpec, Scored};
 use crate::config::{Config, RewardKind};
 use crate::error::RuntimeError;
 use crate::prompts::load_prompts;
@@ -146,16 +146,13 @@ impl HeldOut {
         let mut sampling = self.sampling.clone();
         sampling.temperature = temperature;
         sampling.greedy = temperature == 0.0;
-        let scored = sample_and_score(
-            model,
-            &self.prompts,
+        let spec = SampleSpec {
             n,
-            &sampling,
-            self.seed,
-            self.source.as_ref(),
-            self.batch,
-            false,
-        )?;
+            sampling: &sampling,
+            seed: self.seed,
+            batch: self.batch,
+        };
+        let scored = sample_and_score(model, &self.prompts, spec, self.source.as_ref(), false)?;
         let scores = self.measure(&scored, n);
         Ok((scored, scores))
     }

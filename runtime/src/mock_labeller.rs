@@ -35,7 +35,7 @@ use tandem_actors::rm_trainer::{Comparison, RmLoss};
 use tandem_actors::{ActorError, Executor};
 use tandem_models::{TextTokenizer, WeightInit};
 
-use crate::best_of::sample_and_score;
+use crate::best_of::{sample_and_score, SampleSpec};
 use crate::config::{Config, RewardKind, RewardSourceConfig};
 use crate::error::RuntimeError;
 use crate::pipeline::{RunOptions, RunSummary};
@@ -76,16 +76,13 @@ fn label(
         order.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0x1abe1 ^ round));
         let need = (want - pairs.len()) * 2;
         order.truncate(need.min(order.len()));
-        let scored = sample_and_score(
-            &model,
-            &order,
-            2,
-            &cfg.sampling,
-            cfg.seed ^ 0x5a_4d_70 ^ (round << 20),
-            truth,
-            cfg.data.prompts_per_ticket,
-            false,
-        )?;
+        let spec = SampleSpec {
+            n: 2,
+            sampling: &cfg.sampling,
+            seed: cfg.seed ^ 0x5a_4d_70 ^ (round << 20),
+            batch: cfg.data.prompts_per_ticket,
+        };
+        let scored = sample_and_score(&model, &order, spec, truth, false)?;
         for s in scored {
             drawn += 1;
             for r in &s.responses {
