@@ -73,10 +73,11 @@
 //!   shape, three rounds over the shapes run just before the run and three just after it, each
 //!   repeating a shape for a third of `--matmul-secs`. A shape's rate is its median round, and
 //!   `matmul_gflops` is the rate of one product of each shape: their FLOPs over their summed
-//!   median times. Both sides of the ratio are medians over repeats taken across the same
-//!   stretch of time, so a slow spell of this shared machine enters both (a best round against
-//!   a mean step, as this bench first took, put the machine's noise into the ratio: within one
-//!   run learner steps ranged over 1.40–2.13 s, reference rounds over 300–420 GFLOP/s).
+//!   median times. Both sides of the ratio are medians over repeats, the reference's rounds
+//!   bracketing the learner's steps, so a slow spell of this shared machine enters both (a
+//!   best round against a mean step, as this bench first took, put the machine's noise into
+//!   the ratio: within one run learner steps ranged over 1.40–2.13 s, reference rounds over
+//!   300–420 GFLOP/s).
 //!   `learner_fraction_of_matmul` = `learner_gflops` / `matmul_gflops`.
 //! - `matmul_gflops_before`, `matmul_gflops_after`: the same rate from the rounds on each side
 //!   of the run alone. When they differ by more than a tenth, the machine's load changed while
@@ -151,7 +152,7 @@ pub struct PpoBench {
     /// Built-in models: vocabulary size (word-level tokenizer).
     #[arg(long)]
     vocab: Option<usize>,
-    /// Seconds of timed GEMM per reference shape.
+    /// Seconds of timed GEMM per reference shape, on each side of the run.
     #[arg(long, default_value_t = 0.5)]
     matmul_secs: f64,
     /// Seed for the run (and the built-in weights and prompts).
