@@ -309,12 +309,13 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
             .map(|w| w[1].wall_s - w[0].wall_s)
             .collect(),
     );
-    let per_step = |f: fn(&StepReport) -> f64| median(timed.iter().map(f).collect());
-    let learner_s = per_step(|r| r.learn_s);
-    let generate_s = per_step(|r| r.generate_s);
-    let reward_s = per_step(|r| r.reward_s);
-    let value_s = per_step(|r| r.value_s);
-    let weight_sync_s = per_step(|r| r.weight_sync_s);
+    let per_step = |f: fn(&StepReport) -> f64| timed.iter().map(f).collect::<Vec<f64>>();
+    let learner_steps = per_step(|r| r.learn_s);
+    let learner_s = median(learner_steps.clone());
+    let generate_s = median(per_step(|r| r.generate_s));
+    let reward_s = median(per_step(|r| r.reward_s));
+    let value_s = median(per_step(|r| r.value_s));
+    let weight_sync_s = median(per_step(|r| r.weight_sync_s));
 
     let tokens_per_step = (epochs * episodes * t) as f64;
     let flops_per_token = 3.0
@@ -327,14 +328,14 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
 
     // The GEMM reference's rounds after the run; with those before it, they bracket the run.
     pool.install(|| reference.rounds(args.matmul_secs))?;
-    let gemm = reference.medians();
+    let gemm = &reference.shapes;
     // The rate of the three products done once each, at a per-shape rate `rate`: their FLOPs
     // over their summed times.
     let gemm_flops: Vec<f64> = gemm.iter().map(|g| 2.0 * (g.m * g.k * g.n) as f64).collect();
     let combined = |rate: &dyn Fn(&GemmRate) -> f64| {
         gemm_flops.iter().sum::<f64>() / gemm.iter().zip(&gemm_flops).map(|(g, f)| f / rate(g)).sum::<f64>()
     };
-    let matmul_gflops = combined(&|g| g.gflops);
+    let matmul_gflops = combined(&GemmRate::gflops);
     let matmul_before = combined(&|g| median(g.rounds[..GEMM_ROUNDS].to_vec()));
     let matmul_after = combined(&|g| median(g.rounds[GEMM_ROUNDS..].to_vec()));
     let fraction = learner_gflops / matmul_gflops;
@@ -345,17 +346,21 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
         "step {step_s:.3}s over {n} step(s) after {warmup} warm-up: {episodes_per_s:.2} episodes/s; \
          generate {generate_s:.3}s, reward {reward_s:.3}s, value {value_s:.3}s, learner {learner_s:.3}s, weight sync {weight_sync_s:.3}s"
     );
-    let learner_steps: Vec<f64> = timed.iter().map(|r| r.learn_s).collect();
     let shown: Vec<String> = learner_steps.iter().map(|s| format!("{s:.3}")).collect();
     println!("learner per step (s): {}", shown.join(" "));
     println!(
         "learner: {:.1} GFLOP a step (policy + critic, fwd + bwd), {learner_tokens_per_s:.0} tokens/s, {learner_gflops:.1} GFLOP/s",
         learner_flop_per_step / 1e9
     );
-    for g in &gemm {
+    for g in gemm {
         println!(
             "gemm {:<8} ({}x{})x({}x{}): {:.1} GFLOP/s",
-            g.name, g.m, g.k, g.k, g.n, g.gflops
+            g.name,
+            g.m,
+            g.k,
+            g.k,
+            g.n,
+            g.gflops()
         );
     }
     println!("gemm before the run {matmul_before:.1} GFLOP/s, after it {matmul_after:.1}");
@@ -376,7 +381,7 @@ fn run_in(args: &PpoBench, dir: &Path) -> anyhow::Result<()> {
     );
     let gemm_json: Vec<_> = gemm
         .iter()
-        .map(|g| json!({"name": g.name, "m": g.m, "k": g.k, "n": g.n, "gflops": g.gflops, "rounds": g.rounds}))
+        .map(|g| json!({"name": g.name, "m": g.m, "k": g.k, "n": g.n, "gflops": g.gflops(), "rounds": g.rounds}))
         .collect();
     crate::print_json(&json!({
         "episodes_per_s": episodes_per_s,

@@ -2,7 +2,6 @@
 //! machine's f32 GEMM rate, and the peak resident memory.
 
 use super::*;
-use crate::bench::median;
 
 /// Matmul parameters and attention width of one model, for the FLOP count.
 #[derive(Debug, Clone, Copy)]
@@ -56,14 +55,20 @@ impl Shape {
     }
 }
 
-/// One GEMM shape, (m, k) × (k, n), its rate in each round and their median, GFLOP/s.
+/// One GEMM shape, (m, k) × (k, n), and its rate in each round so far, GFLOP/s.
 pub(super) struct GemmRate {
     pub(super) name: &'static str,
     pub(super) m: usize,
     pub(super) k: usize,
     pub(super) n: usize,
-    pub(super) gflops: f64,
     pub(super) rounds: Vec<f64>,
+}
+
+impl GemmRate {
+    /// The median over every round.
+    pub(super) fn gflops(&self) -> f64 {
+        median(self.rounds.clone())
+    }
 }
 
 /// Timed rounds per GEMM shape on each side of the run.
@@ -73,17 +78,22 @@ pub(super) const GEMM_ROUNDS: usize = 3;
 /// [`GemmReference::rounds`] adds [`GEMM_ROUNDS`] rounds over all shapes, `secs /
 /// GEMM_ROUNDS` seconds (and at least 3 products) per shape and round.
 pub(super) struct GemmReference {
-    shapes: Vec<(&'static str, usize, usize, usize)>,
-    /// Each shape's rate in every round so far, GFLOP/s.
-    rates: Vec<Vec<f64>>,
+    pub(super) shapes: Vec<GemmRate>,
 }
 
 impl GemmReference {
     pub(super) fn new(shapes: &[(&'static str, usize, usize, usize)]) -> Self {
-        Self {
-            shapes: shapes.to_vec(),
-            rates: vec![vec![]; shapes.len()],
-        }
+        let shapes = shapes
+            .iter()
+            .map(|&(name, m, k, n)| GemmRate {
+                name,
+                m,
+                k,
+                n,
+                rounds: vec![],
+            })
+            .collect();
+        Self { shapes }
     }
 
     /// One set of rounds, on operands made for it (and freed after it, so they take no memory
@@ -92,40 +102,24 @@ impl GemmReference {
     pub(super) fn rounds(&mut self, secs: f64) -> anyhow::Result<()> {
         let dev = Device::Cpu;
         let mut operands = vec![];
-        for &(_, m, k, n) in &self.shapes {
-            let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-            let b = Tensor::randn(0f32, 0.05, (k, n), &dev)?;
+        for g in &self.shapes {
+            let a = Tensor::randn(0f32, 1.0, (g.m, g.k), &dev)?;
+            let b = Tensor::randn(0f32, 0.05, (g.k, g.n), &dev)?;
             a.matmul(&b)?;
             operands.push((a, b));
         }
         for _ in 0..GEMM_ROUNDS {
-            for (i, (a, b)) in operands.iter().enumerate() {
+            for (g, (a, b)) in self.shapes.iter_mut().zip(&operands) {
                 let (mut reps, start) = (0usize, Instant::now());
                 while reps < 3 || start.elapsed().as_secs_f64() < secs / GEMM_ROUNDS as f64 {
                     drop(a.matmul(b)?);
                     reps += 1;
                 }
-                let (_, m, k, n) = self.shapes[i];
-                self.rates[i].push(2.0 * (m * k * n * reps) as f64 / start.elapsed().as_secs_f64() / 1e9);
+                g.rounds
+                    .push(2.0 * (g.m * g.k * g.n * reps) as f64 / start.elapsed().as_secs_f64() / 1e9);
             }
         }
         Ok(())
-    }
-
-    /// Each shape's median rate over all rounds.
-    pub(super) fn medians(&self) -> Vec<GemmRate> {
-        self.shapes
-            .iter()
-            .zip(&self.rates)
-            .map(|(&(name, m, k, n), rates)| GemmRate {
-                name,
-                m,
-                k,
-                n,
-                gflops: median(rates.clone()),
-                rounds: rates.clone(),
-            })
-            .collect()
     }
 }
 
