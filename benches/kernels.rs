@@ -114,8 +114,8 @@ fn attention(c: &mut Criterion) {
         c,
         "attention",
         &qkv,
-        &|x| kernels::packed_attention(x, &bias, 4, 0.125),
-        &|x| kernels::packed_attention_reference(x, &bias, 4, 0.125),
+        &|x| kernels::packed_attention(x, &bias, 4, 4, 0.125),
+        &|x| kernels::packed_attention_reference(x, &bias, 4, 4, 0.125),
     );
 }
 

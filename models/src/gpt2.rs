@@ -89,7 +89,7 @@ impl Gpt2 {
             let d = qkv.dim(D::Minus1)? / 3;
             let y = match cache.as_deref_mut() {
                 // Training and scoring forwards: one fused kernel reads the packed qkv.
-                None => packed_attention(&qkv, &attn.bias, self.heads, self.scale)?,
+                None => packed_attention(&qkv, &attn.bias, self.heads, self.heads, self.scale)?,
                 Some(c) if c.host_applies(&qkv) => {
                     let qkv = qkv.contiguous()?;
                     let data = qkv.flatten_all()?.to_vec1::<f32>()?;

@@ -263,6 +263,18 @@ impl Rotary {
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
     }
+
+    /// Rotates the query and key heads of a packed `qkv (b, t, (heads + 2 kv_heads) * d)` by
+    /// the per-row positions (b, t), as [`Rotary::apply`] rotates each head; the value heads
+    /// pass through ([`crate::kernels::rotary_packed`]).
+    pub fn apply_packed(&self, qkv: &Tensor, positions: &Tensor, heads: usize, kv_heads: usize) -> Result<Tensor> {
+        crate::kernels::rotary_packed(qkv, &self.cos, &self.sin, positions, heads, kv_heads)
+    }
+
+    /// The cos and sin tables, (max positions, d).
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
 }
 
 /// Embedding lookup (index_select has a backward pass: index_add).

@@ -7,6 +7,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::LlamaConfig;
+use crate::kernels::packed_attention;
 use crate::kv_cache::{KvCache, QkvRows};
 use crate::layers::{attention, embed, repeat_kv, AttentionInputs, Positions, RmsNorm, Rotary};
 
@@ -47,6 +48,30 @@ struct Layer {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+}
+
+impl Layer {
+    /// The q, k and v projections as one product, `(b, t, (heads + 2 kv_heads) * head_dim)`:
+    /// the three weights (and biases) concatenated, which autograd splits again.
+    fn qkv(&self, x: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = (&self.q_proj, &self.k_proj, &self.v_proj);
+        let weight = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
+        let bias = match (&q.bias, &k.bias, &v.bias) {
+            (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?),
+            _ => None,
+        };
+        Linear { weight, bias }.forward(x)
+    }
+
+    /// The residual stream after the attention output `y (b, t, heads * head_dim)` joins `h`,
+    /// then the MLP block; at the positions `at` selects (the last layer goes on only at the
+    /// positions the caller reads).
+    fn mlp_after_attention(&self, h: Tensor, y: &Tensor, at: Positions) -> Result<Tensor> {
+        let h = (at.select(&h)? + self.o_proj.forward(&at.select(y)?)?)?;
+        let x = self.post_attention_layernorm.forward(&h)?;
+        let m = crate::kernels::swiglu(&self.gate_proj.forward(&x)?, &self.up_proj.forward(&x)?)?;
+        h + self.down_proj.forward(&m)?
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +140,16 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         for (i, l) in self.layers.iter().enumerate() {
             let x = l.input_layernorm.forward(&h)?;
+            let Some(c) = cache.as_deref_mut() else {
+                // Without a cache (training and scoring): one packed projection, rotated in
+                // place, into the fused attention.
+                let qkv = self
+                    .rotary
+                    .apply_packed(&l.qkv(&x)?, &attn.positions, self.heads, self.kv_heads)?;
+                let y = packed_attention(&qkv, &attn.bias, self.heads, self.kv_heads, scale)?;
+                h = l.mlp_after_attention(h, &y, out.after_attention(i, self.layers.len()))?;
+                continue;
+            };
             let heads = |p: &Linear, n: usize| -> Result<Tensor> {
                 p.forward(&x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
             };
@@ -122,8 +157,8 @@ impl Llama {
             let k = self.rotary.apply(&heads(&l.k_proj, self.kv_heads)?, &attn.positions)?;
             let v = heads(&l.v_proj, self.kv_heads)?;
             let n_rep = self.heads / self.kv_heads;
-            let y = match cache.as_deref_mut() {
-                Some(c) if c.host_applies(&k) => {
+            let y = match c {
+                c if c.host_applies(&k) => {
                     // Token rows [q | k | v] of (b, t, heads + 2 kv_heads, hd).
                     let qkv = Tensor::cat(&[&q, &k, &v], 1)?.transpose(1, 2)?.contiguous()?;
                     let data = qkv.flatten_all()?.to_vec1::<f32>()?;
@@ -142,21 +177,13 @@ impl Llama {
                     };
                     c.attend(i, rows, &attn.bias, scale as f32)?
                 }
-                cache => {
-                    let (k, v) = match cache {
-                        Some(c) => c.append(i, k, v)?,
-                        None => (k, v),
-                    };
+                c => {
+                    let (k, v) = c.append(i, k, v)?;
                     let y = attention(&q, &repeat_kv(k, n_rep)?, &repeat_kv(v, n_rep)?, &attn.bias, scale)?;
                     y.transpose(1, 2)?.reshape((b, t, self.heads * hd))?
                 }
             };
-            // The last layer goes on only at the positions the caller reads.
-            let at = out.after_attention(i, self.layers.len());
-            h = (at.select(&h)? + l.o_proj.forward(&at.select(&y)?)?)?;
-            let x = l.post_attention_layernorm.forward(&h)?;
-            let m = crate::kernels::swiglu(&l.gate_proj.forward(&x)?, &l.up_proj.forward(&x)?)?;
-            h = (h + l.down_proj.forward(&m)?)?;
+            h = l.mlp_after_attention(h, &y, out.after_attention(i, self.layers.len()))?;
         }
         if self.layers.is_empty() {
             h = out.select(&h)?;

@@ -30,10 +30,11 @@ use std::sync::OnceLock;
 
 use super::{contiguous_f32, fused_applies, multiversion, simd};
 
-/// Attention over `qkv (b, t, 3 * heads * hd)` (q, k, v concatenated on the last dimension)
-/// with additive `bias (b, 1, t, t)`: `(b, t, heads * hd)`. Fused on the CPU for f32,
-/// [`packed_attention_reference`] elsewhere.
-pub fn packed_attention(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+/// Attention over `qkv (b, t, (heads + 2 kv_heads) * hd)` (q, k, v concatenated on the last
+/// dimension; query head h reads key/value head `h / (heads / kv_heads)`, grouped-query
+/// attention when `kv_heads < heads`) with additive `bias (b, 1, t, t)`: `(b, t, heads * hd)`.
+/// Fused on the CPU for f32, [`packed_attention_reference`] elsewhere.
+pub fn packed_attention(qkv: &Tensor, bias: &Tensor, heads: usize, kv_heads: usize, scale: f64) -> Result<Tensor> {
     if fused_applies(qkv) && fused_applies(bias) {
         let (b, t, _) = qkv.dims3()?;
         if bias.dims() != [b, 1, t, t] {
@@ -46,33 +47,96 @@ pub fn packed_attention(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -
             &bias.contiguous()?,
             Attention {
                 heads,
+                kv_heads,
                 scale: scale as f32,
                 keep_probs: qkv.track_op(),
                 saved: OnceLock::new(),
             },
         )
     } else {
-        packed_attention_reference(qkv, bias, heads, scale)
+        packed_attention_reference(qkv, bias, heads, kv_heads, scale)
     }
 }
 
-/// Split into heads, `softmax(q k^T * scale + bias) v`, merge the heads.
-pub fn packed_attention_reference(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    let (b, t, three_d) = qkv.dims3()?;
-    let d = three_d / 3;
-    let hd = d / heads;
-    let split = |j: usize| -> Result<Tensor> {
-        qkv.narrow(2, j * d, d)?
-            .reshape((b, t, heads, hd))?
+/// Split into heads, repeat the key/value heads over their groups, `softmax(q k^T * scale +
+/// bias) v`, merge the heads.
+pub fn packed_attention_reference(
+    qkv: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, _) = qkv.dims3()?;
+    let pk = Packing::of(qkv.layout(), heads, kv_heads)?.2;
+    let split = |from: usize, n: usize| -> Result<Tensor> {
+        qkv.narrow(2, from * pk.hd, n * pk.hd)?
+            .reshape((b, t, n, pk.hd))?
             .transpose(1, 2)?
             .contiguous()
     };
-    let y = crate::layers::attention(&split(0)?, &split(1)?, &split(2)?, bias, scale)?;
-    y.transpose(1, 2)?.reshape((b, t, d))
+    let group = pk.group();
+    let k = crate::layers::repeat_kv(split(heads, kv_heads)?, group)?;
+    let v = crate::layers::repeat_kv(split(heads + kv_heads, kv_heads)?, group)?;
+    let y = crate::layers::attention(&split(0, heads)?, &k, &v, bias, scale)?;
+    y.transpose(1, 2)?.reshape((b, t, pk.out()))
+}
+
+/// Where each head lies in a packed `qkv` row: `heads` query heads, then `kv_heads` key heads,
+/// then `kv_heads` value heads, each `hd` wide.
+#[derive(Clone, Copy)]
+struct Packing {
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+}
+
+impl Packing {
+    /// (b, t, packing) of a `qkv (b, t, (heads + 2 kv_heads) * hd)` layout.
+    fn of(l: &Layout, heads: usize, kv_heads: usize) -> Result<(usize, usize, Self)> {
+        let (b, t, w) = l.shape().dims3()?;
+        let slots = heads + 2 * kv_heads;
+        if kv_heads == 0 || heads % kv_heads != 0 || w % slots != 0 {
+            candle_core::bail!(
+                "qkv width {w} does not split into {heads} query heads and 2 x {kv_heads} key/value heads"
+            );
+        }
+        Ok((
+            b,
+            t,
+            Self {
+                heads,
+                kv_heads,
+                hd: w / slots,
+            },
+        ))
+    }
+    /// Floats in one token's `qkv` row.
+    fn width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.hd
+    }
+    /// Floats in one token's output row.
+    fn out(&self) -> usize {
+        self.heads * self.hd
+    }
+    /// Query heads per key/value head.
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    fn q(&self, h: usize) -> usize {
+        h * self.hd
+    }
+    fn k(&self, g: usize) -> usize {
+        (self.heads + g) * self.hd
+    }
+    fn v(&self, g: usize) -> usize {
+        (self.heads + self.kv_heads + g) * self.hd
+    }
 }
 
 struct Attention {
     heads: usize,
+    kv_heads: usize,
     scale: f32,
     /// Whether the forward keeps the probabilities for the backward: `qkv` is on a graph, so
     /// a backward may follow (without one, the op and its buffer are dropped at once).
@@ -539,24 +603,26 @@ fn forward_row(
     qkv: &[f32],
     bias: &[f32],
     keys: &[RowKeys],
-    d: usize,
-    heads: usize,
+    pk: Packing,
     scale: f32,
     y: &mut [f32],
     probs: &mut [f32],
     probs_stride: usize,
 ) {
-    let (t, hd, w) = (keys.len(), d / heads, 3 * d);
+    let (t, hd, w, d) = (keys.len(), pk.hd, pk.width(), pk.out());
     let (mut kt, mut vs) = (Vec::new(), Vec::new());
-    for h in 0..heads {
-        let p = &mut probs[h * probs_stride..][..t * t];
-        let kt = Rows::of(Mat::new(qkv, d + h * hd, 1, w), hd, t, &mut kt);
-        let v = Rows::of(Mat::new(qkv, 2 * d + h * hd, w, 1), t, hd, &mut vs);
-        for (i0, i1, n) in query_blocks(keys) {
-            let q = Mat::new(qkv, i0 * w + h * hd, w, 1);
-            block_gemm(i1 - i0, n, hd, p, i0 * t, t, q, kt, 0);
-            softmax_rows(&mut p[i0 * t..i1 * t], &bias[i0 * t..i1 * t], t, &keys[i0..i1], scale);
-            block_gemm(i1 - i0, hd, n, y, i0 * d + h * hd, d, Mat::new(p, i0 * t, t, 1), v, 0);
+    for g in 0..pk.kv_heads {
+        // `Kᵀ` and `V` of a key/value head serve every query head of its group.
+        let kt = Rows::of(Mat::new(qkv, pk.k(g), 1, w), hd, t, &mut kt);
+        let v = Rows::of(Mat::new(qkv, pk.v(g), w, 1), t, hd, &mut vs);
+        for h in g * pk.group()..(g + 1) * pk.group() {
+            let p = &mut probs[h * probs_stride..][..t * t];
+            for (i0, i1, n) in query_blocks(keys) {
+                let q = Mat::new(qkv, i0 * w + pk.q(h), w, 1);
+                block_gemm(i1 - i0, n, hd, p, i0 * t, t, q, kt, 0);
+                softmax_rows(&mut p[i0 * t..i1 * t], &bias[i0 * t..i1 * t], t, &keys[i0..i1], scale);
+                block_gemm(i1 - i0, hd, n, y, i0 * d + h * hd, d, Mat::new(p, i0 * t, t, 1), v, 0);
+            }
         }
     }
 }
@@ -595,28 +661,35 @@ fn key_block_grads(keys: &[RowKeys], w: &[f32], rows: Rows, dqkv: &mut [f32], co
     }
 }
 
-/// `dqkv (t, 3d)` of one batch row from `dy (t, d)` and the forward's `probs` (heads, t, t):
-/// per head, `dV = Pᵀ dY` and `dK = dSᵀ Q` per key block over the queries that weigh it,
-/// `dP = dY Vᵀ`, `dS` from [`score_grads`] and `dQ = dS K` per query block over its keys.
-/// `P` and `dS` are 0 outside those ranges, so the blocked sums are the full ones.
-fn backward_row(
-    qkv: &[f32],
-    dy: &[f32],
-    probs: &[f32],
-    keys: &[RowKeys],
-    d: usize,
-    heads: usize,
-    scale: f32,
-    dqkv: &mut [f32],
-) {
-    let (t, hd, w) = (keys.len(), d / heads, 3 * d);
+/// `dqkv (t, width)` of one batch row from `dy (t, heads * hd)` and the forward's `probs`
+/// (heads, t, t): per head, `dV = Pᵀ dY` and `dK = dSᵀ Q` per key block over the queries that
+/// weigh it, `dP = dY Vᵀ`, `dS` from [`score_grads`] and `dQ = dS K` per query block over its
+/// keys. `P` and `dS` are 0 outside those ranges, so the blocked sums are the full ones. Under
+/// grouped-query attention a key/value head's `dK` and `dV` are the sums over its group.
+fn backward_row(qkv: &[f32], dy: &[f32], probs: &[f32], keys: &[RowKeys], pk: Packing, scale: f32, dqkv: &mut [f32]) {
+    let (t, hd, w, d) = (keys.len(), pk.hd, pk.width(), pk.out());
     let mut ds = vec![0f32; t * t];
     let mut scratch = Vec::new();
-    for h in 0..heads {
-        let (q0, k0, v0) = (h * hd, d + h * hd, 2 * d + h * hd);
+    // A group's heads after its first add their dK and dV through this buffer.
+    let mut part = vec![0f32; if pk.group() > 1 { t * hd } else { 0 }];
+    let mut key_grads = |w: &[f32], rows: Rows, col: usize, first: bool, dqkv: &mut [f32]| {
+        if first {
+            key_block_grads(keys, w, rows, dqkv, col, hd);
+        } else {
+            key_block_grads(keys, w, rows, &mut part, 0, hd);
+            for (dst, src) in dqkv.chunks_exact_mut(pk.width()).zip(part.chunks_exact(hd)) {
+                for (a, b) in dst[col..][..hd].iter_mut().zip(src) {
+                    *a += b;
+                }
+            }
+        }
+    };
+    for h in 0..pk.heads {
+        let (g, first) = (h / pk.group(), h % pk.group() == 0);
+        let (q0, k0, v0) = (pk.q(h), pk.k(g), pk.v(g));
         let p = &probs[h * t * t..][..t * t];
         let dyh = Rows::of(Mat::new(dy, h * hd, d, 1), t, hd, &mut scratch);
-        key_block_grads(keys, p, dyh, dqkv, v0, hd);
+        key_grads(p, dyh, v0, first, dqkv);
         let vt = Rows::of(Mat::new(qkv, v0, 1, w), hd, t, &mut scratch);
         for (i0, i1, n) in query_blocks(keys) {
             let dyi = Mat::new(dy, i0 * d + h * hd, d, 1);
@@ -628,17 +701,8 @@ fn backward_row(
             block_gemm(i1 - i0, hd, n, dqkv, i0 * w + q0, w, Mat::new(&ds, i0 * t, t, 1), k, 0);
         }
         let q = Rows::of(Mat::new(qkv, q0, w, 1), t, hd, &mut scratch);
-        key_block_grads(keys, &ds, q, dqkv, k0, hd);
+        key_grads(&ds, q, k0, first, dqkv);
     }
-}
-
-/// (b, t, d) of a packed `qkv (b, t, 3d)` of `heads` heads.
-fn check(l: &Layout, heads: usize) -> Result<(usize, usize, usize)> {
-    let (b, t, three_d) = l.shape().dims3()?;
-    if three_d % 3 != 0 || (three_d / 3) % heads != 0 {
-        candle_core::bail!("qkv width {three_d} does not split into 3 x {heads} heads");
-    }
-    Ok((b, t, three_d / 3))
 }
 
 impl CustomOp2 for Attention {
@@ -647,16 +711,17 @@ impl CustomOp2 for Attention {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, t, d) = check(l1, self.heads)?;
+        let (b, t, pk) = Packing::of(l1, self.heads, self.kv_heads)?;
+        let (d, w) = (pk.out(), pk.width());
         let qkv = contiguous_f32(s1, l1, "fused-attention")?;
         let bias = contiguous_f32(s2, l2, "fused-attention")?;
         // Every element is written: each head's block of y is a whole GEMM output.
         let mut y = super::written_output(b * t * d);
         let per_row = self.heads * t * t;
         let kernel = |r: usize, y: &mut [f32], probs: &mut [f32], stride: usize| {
-            let (qkv, bias) = (&qkv[r * t * 3 * d..][..t * 3 * d], &bias[r * t * t..][..t * t]);
+            let (qkv, bias) = (&qkv[r * t * w..][..t * w], &bias[r * t * t..][..t * t]);
             let keys = row_keys(bias, t);
-            forward_row(qkv, bias, &keys, d, self.heads, self.scale, y, probs, stride);
+            forward_row(qkv, bias, &keys, pk, self.scale, y, probs, stride);
             keys
         };
         if self.keep_probs {
@@ -690,6 +755,7 @@ impl CustomOp2 for Attention {
         };
         let backward = AttentionBackward {
             heads: self.heads,
+            kv_heads: self.kv_heads,
             scale: self.scale,
             saved,
         };
@@ -701,6 +767,7 @@ impl CustomOp2 for Attention {
 /// (qkv, dy) to dqkv, with what the forward kept.
 struct AttentionBackward<'a> {
     heads: usize,
+    kv_heads: usize,
     scale: f32,
     saved: &'a Saved,
 }
@@ -711,22 +778,22 @@ impl CustomOp2 for AttentionBackward<'_> {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, t, d) = check(l1, self.heads)?;
+        let (b, t, pk) = Packing::of(l1, self.heads, self.kv_heads)?;
+        let (d, w) = (pk.out(), pk.width());
         let qkv = contiguous_f32(s1, l1, self.name())?;
         let dy = contiguous_f32(s2, l2, self.name())?;
-        // Every element is written: each head's dQ, dK and dV blocks are GEMM outputs or, for
-        // keys no query weighs, zero-filled.
-        let mut dqkv = super::written_output(b * t * 3 * d);
-        dqkv.par_chunks_mut(t * 3 * d).enumerate().for_each(|(r, dqkv)| {
-            let (qkv, dy) = (&qkv[r * t * 3 * d..][..t * 3 * d], &dy[r * t * d..][..t * d]);
+        // Every element is written: each head's dQ blocks and its group's first dK and dV
+        // blocks are GEMM outputs or, for keys no query weighs, zero-filled.
+        let mut dqkv = super::written_output(b * t * w);
+        dqkv.par_chunks_mut(t * w).enumerate().for_each(|(r, dqkv)| {
+            let (qkv, dy) = (&qkv[r * t * w..][..t * w], &dy[r * t * d..][..t * d]);
             let per_row = self.heads * t * t;
             backward_row(
                 qkv,
                 dy,
                 &self.saved.probs[r * per_row..][..per_row],
                 &self.saved.keys[r],
-                d,
-                self.heads,
+                pk,
                 self.scale,
                 dqkv,
             )
@@ -798,16 +865,20 @@ mod tests {
 
     #[test]
     fn values_and_gradients_match_the_reference() {
-        // (batch, len, heads, head dim), with left padding in some rows and, from t = 40,
-        // right padding in others: keys no query weighs, whole query blocks of them at t = 40.
+        // (batch, len, heads, key/value heads, head dim), with left padding in some rows and,
+        // from t = 40, right padding in others: keys no query weighs, whole query blocks of
+        // them at t = 40. The last three group query heads over fewer key/value heads.
         let shapes = [
-            (1, 1, 1, 4),
-            (2, 5, 2, 3),
-            (3, 17, 4, 16),
-            (4, 48, 4, 64),
-            (4, 40, 2, 8),
+            (1, 1, 1, 1, 4),
+            (2, 5, 2, 2, 3),
+            (3, 17, 4, 4, 16),
+            (4, 48, 4, 4, 64),
+            (4, 40, 2, 2, 8),
+            (2, 33, 4, 2, 16),
+            (3, 48, 8, 2, 32),
+            (2, 21, 3, 1, 10),
         ];
-        for (i, (b, t, heads, hd)) in shapes.into_iter().enumerate() {
+        for (i, (b, t, heads, kv_heads, hd)) in shapes.into_iter().enumerate() {
             let mask: Vec<Vec<f32>> = (0..b)
                 .map(|r| {
                     let (left, right) = match t >= 40 && r % 2 == 1 {
@@ -818,16 +889,18 @@ mod tests {
                 })
                 .collect();
             let bias = AttentionInputs::new(&mask, t, &Device::Cpu).unwrap().bias;
-            let qkv = Var::from_tensor(&random(&[b, t, 3 * heads * hd], 2.0, i as u64)).unwrap();
+            let width = (heads + 2 * kv_heads) * hd;
+            let qkv = Var::from_tensor(&random(&[b, t, width], 2.0, i as u64)).unwrap();
             let up = random(&[b, t, heads * hd], 1.0, 10 + i as u64);
             let scale = 1.0 / (hd as f64).sqrt();
-            let fused = packed_attention(qkv.as_tensor(), &bias, heads, scale).unwrap();
-            let reference = packed_attention_reference(qkv.as_tensor(), &bias, heads, scale).unwrap();
-            assert!(rel_err(&fused, &reference) < 1e-5, "{b} {t} {heads} {hd}");
+            let fused = packed_attention(qkv.as_tensor(), &bias, heads, kv_heads, scale).unwrap();
+            let reference = packed_attention_reference(qkv.as_tensor(), &bias, heads, kv_heads, scale).unwrap();
+            let shape = format!("{b} {t} {heads}/{kv_heads} {hd}");
+            assert!(rel_err(&fused, &reference) < 1e-5, "{shape}");
             let gf = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let gr = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let e = rel_err(gf.get(&qkv).unwrap(), gr.get(&qkv).unwrap());
-            assert!(e < 1e-5, "{b} {t} {heads} {hd}: {e}");
+            assert!(e < 1e-5, "{shape}: {e}");
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Fused CPU kernels with a backward pass.
 //!
-//! candle composes attention, GELU, SwiGLU, layer norm and log-softmax from many elementwise ops; each op
-//! allocates a tensor and walks memory once, and candle's backward of GELU alone is a dozen of
-//! them (two `powf`, a `tanh`, ...). candle's own fused kernels have no backward (DESIGN.md).
-//! Each kernel here is a candle `CustomOp` whose forward and backward are one pass over the
-//! data:
+//! candle composes attention, rotary embeddings, GELU, SwiGLU, layer norm and log-softmax from
+//! many elementwise ops; each op allocates a tensor and walks memory once, and candle's backward
+//! of GELU alone is a dozen of them (two `powf`, a `tanh`, ...). candle's own fused kernels
+//! have no backward (DESIGN.md). Each kernel here is a candle `CustomOp` whose forward and
+//! backward are one pass over the data:
 //!
 //! - vectorised: the row loops are compiled three times, for the baseline target, AVX2+FMA and
 //!   AVX-512, and the widest copy the CPU has runs ([`multiversion!`]);
@@ -29,6 +29,7 @@ pub mod gelu;
 pub mod logprobs;
 pub mod norm;
 pub mod optim;
+pub mod rotary;
 pub(crate) mod simd;
 pub mod swiglu;
 
@@ -38,6 +39,7 @@ pub use gelu::{bias_gelu, bias_gelu_reference};
 pub use logprobs::{token_logprobs_entropy, token_logprobs_entropy_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 pub use optim::{adamw_update, sum_squares, AdamWStep};
+pub use rotary::{rotary_packed, rotary_packed_reference};
 pub use swiglu::{swiglu, swiglu_reference};
 
 use candle_core::{CpuStorage, Layout, Result};
