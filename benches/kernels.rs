@@ -119,6 +119,46 @@ fn attention(c: &mut Criterion) {
     );
 }
 
+/// Grouped-query attention from a packed qkv: 16 rows of 48 tokens, 8 query heads of 32 over
+/// 2 key/value heads (a Qwen2-style 4 × 256 model), causal mask.
+fn grouped_attention(c: &mut Criterion) {
+    let (b, t, w) = (16, 48, (8 + 2 * 2) * 32);
+    let mask = vec![vec![1f32; t]; b];
+    let bias = tandem_models::layers::AttentionInputs::new(&mask, t, &candle_core::Device::Cpu)
+        .unwrap()
+        .bias;
+    let qkv = input(b * t, w, 2.0).reshape((b, t, w)).unwrap();
+    let scale = 1.0 / 32f64.sqrt();
+    bench_unary(
+        c,
+        "grouped_attention",
+        &qkv,
+        &|x| kernels::packed_attention(x, &bias, 8, 2, scale),
+        &|x| kernels::packed_attention_reference(x, &bias, 8, 2, scale),
+    );
+}
+
+/// Rotary embedding of the query and key heads of the same packed qkv, positions 0..48.
+fn rotary(c: &mut Criterion) {
+    let (b, t, w) = (16, 48, (8 + 2 * 2) * 32);
+    let dev = candle_core::Device::Cpu;
+    let rotary = tandem_models::layers::Rotary::new(32, 128, 10000.0, &dev).unwrap();
+    let (cos, sin) = rotary.tables();
+    let positions = Tensor::arange(0u32, t as u32, &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((b, 1))
+        .unwrap();
+    bench_unary(
+        c,
+        "rotary",
+        &input(b * t, w, 2.0).reshape((b, t, w)).unwrap(),
+        &|x| kernels::rotary_packed(x, cos, sin, &positions, 8, 2),
+        &|x| kernels::rotary_packed_reference(x, cos, sin, &positions, 8, 2),
+    );
+}
+
 /// Token log-probs + entropy over a vocabulary of 512 for 16 x 32 response tokens.
 fn token_logprobs(c: &mut Criterion) {
     let targets = Tensor::from_vec(
@@ -140,6 +180,6 @@ fn token_logprobs(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = common::quick(3);
-    targets = gelu, layer_norm, add_bias, attention, token_logprobs
+    targets = gelu, layer_norm, add_bias, attention, grouped_attention, rotary, token_logprobs
 }
 criterion_main!(benches);

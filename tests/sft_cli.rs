@@ -157,8 +157,10 @@ fn the_addition_pipeline_trains_evaluates_and_continues_with_rl() {
         "--temperature",
     );
 
-    // GRPO from the SFT model, CI-sized (the first 200 of the shipped run's 300 steps): greedy held-out
-    // accuracy, evaluated by the run itself at the end, rises by 10 points or more.
+    // GRPO from the SFT model, the shipped run's 300 steps: greedy held-out accuracy,
+    // evaluated by the run itself every 50 steps and at the end, rises by 15 points or more.
+    // (Runs measured 20.5–28.5 points. A 200-step cut measured 7–10.5: too close to any bound
+    // for a process that a change of rounding in the model sends down another path.)
     let rise = tmp.path().join("rise");
     let set_policy = format!("models.policy.path={p}");
     ok_json(&[
@@ -169,8 +171,6 @@ fn the_addition_pipeline_trains_evaluates_and_continues_with_rl() {
         "--quiet",
         "--set",
         &set_policy,
-        "--set",
-        "steps=200",
         "--set",
         "checkpoint.every=0",
         "--set",
@@ -183,10 +183,13 @@ fn the_addition_pipeline_trains_evaluates_and_continues_with_rl() {
         .filter_map(|v| Some((v["step"].as_u64()?, v.get("eval_accuracy")?.as_f64()?)))
         .collect();
     println!("held-out greedy accuracy: SFT {acc}, during GRPO {curve:?}");
-    assert_eq!(curve.iter().map(|c| c.0).collect::<Vec<_>>(), vec![49, 99, 149, 199]);
-    let after = curve[3].1;
+    assert_eq!(
+        curve.iter().map(|c| c.0).collect::<Vec<_>>(),
+        vec![49, 99, 149, 199, 249, 299]
+    );
+    let after = curve[5].1;
     assert!(
-        after >= acc + 0.10,
+        after >= acc + 0.15,
         "GRPO moved held-out greedy accuracy from {acc} to {after}"
     );
 
