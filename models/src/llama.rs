@@ -2,6 +2,10 @@
 //! rotary position embeddings (rotate-half convention), grouped-query attention, SwiGLU MLP
 //! (down(silu(gate(x)) * up(x))), q/k/v biases for Qwen2. Weights live under `model.`; the LM
 //! head is `lm_head.weight` unless `tie_word_embeddings`, in which case it is `embed_tokens`.
+//!
+//! Without a KV cache (training, scoring) a layer runs one product for q, k and v, the fused
+//! rotary kernel over the query and key heads and the fused attention, all on the packed
+//! token-major `qkv`; with a cache (decoding) it projects and rotates each head for the cache.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -63,10 +67,10 @@ impl Layer {
         Linear { weight, bias }.forward(x)
     }
 
-    /// The residual stream after the attention output `y (b, t, heads * head_dim)` joins `h`,
-    /// then the MLP block; at the positions `at` selects (the last layer goes on only at the
-    /// positions the caller reads).
-    fn mlp_after_attention(&self, h: Tensor, y: &Tensor, at: Positions) -> Result<Tensor> {
+    /// The rest of the layer after attention: the output projection of `y (b, t, heads *
+    /// head_dim)` joins the residual stream `h`, then the MLP block; at the positions `at`
+    /// selects (the last layer goes on only at the positions the caller reads).
+    fn after_attention(&self, h: Tensor, y: &Tensor, at: Positions) -> Result<Tensor> {
         let h = (at.select(&h)? + self.o_proj.forward(&at.select(y)?)?)?;
         let x = self.post_attention_layernorm.forward(&h)?;
         let m = crate::kernels::swiglu(&self.gate_proj.forward(&x)?, &self.up_proj.forward(&x)?)?;
@@ -147,7 +151,7 @@ impl Llama {
                     .rotary
                     .apply_packed(&l.qkv(&x)?, &attn.positions, self.heads, self.kv_heads)?;
                 let y = packed_attention(&qkv, &attn.bias, self.heads, self.kv_heads, scale)?;
-                h = l.mlp_after_attention(h, &y, out.after_attention(i, self.layers.len()))?;
+                h = l.after_attention(h, &y, out.after_attention(i, self.layers.len()))?;
                 continue;
             };
             let heads = |p: &Linear, n: usize| -> Result<Tensor> {
@@ -183,7 +187,7 @@ impl Llama {
                     y.transpose(1, 2)?.reshape((b, t, self.heads * hd))?
                 }
             };
-            h = l.mlp_after_attention(h, &y, out.after_attention(i, self.layers.len()))?;
+            h = l.after_attention(h, &y, out.after_attention(i, self.layers.len()))?;
         }
         if self.layers.is_empty() {
             h = out.select(&h)?;
