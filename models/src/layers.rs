@@ -258,10 +258,7 @@ impl Rotary {
         let flat = positions.flatten_all()?;
         let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, t, d))?;
         let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, t, d))?;
-        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        rotate(x, &cos, &sin)
     }
 
     /// Rotates the query and key heads of a packed `qkv (b, t, (heads + 2 kv_heads) * d)` by
@@ -275,6 +272,16 @@ impl Rotary {
     pub fn tables(&self) -> (&Tensor, &Tensor) {
         (&self.cos, &self.sin)
     }
+}
+
+/// `x cos + rotate_half(x) sin` over the last dimension, `rotate_half(x) = [-x2, x1]`, with
+/// `cos` and `sin` broadcast to `x`: the composition both rotary layouts share.
+pub(crate) fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 /// Embedding lookup (index_select has a backward pass: index_add).

@@ -96,7 +96,7 @@ impl Packing {
     fn of(l: &Layout, heads: usize, kv_heads: usize) -> Result<(usize, usize, Self)> {
         let (b, t, w) = l.shape().dims3()?;
         let slots = heads + 2 * kv_heads;
-        if kv_heads == 0 || heads % kv_heads != 0 || w % slots != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !w.is_multiple_of(slots) {
             candle_core::bail!(
                 "qkv width {w} does not split into {heads} query heads and 2 x {kv_heads} key/value heads"
             );

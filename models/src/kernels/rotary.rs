@@ -9,7 +9,9 @@
 //! once. The rotation is orthogonal, so the backward is the same pass with the angles negated
 //! (`-sin`).
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+#![allow(clippy::too_many_arguments)]
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{contiguous_f32, for_each_chunk, fused_applies, multiversion};
 
@@ -31,7 +33,7 @@ pub fn rotary_packed(
     let (b, t, w) = qkv.dims3()?;
     let slots = heads + 2 * kv_heads;
     let d = w / slots;
-    if w % slots != 0 || d % 2 != 0 || cos.dims2()?.1 != d || sin.dims() != cos.dims() {
+    if !w.is_multiple_of(slots) || !d.is_multiple_of(2) || cos.dims2()?.1 != d || sin.dims() != cos.dims() {
         candle_core::bail!(
             "rotary: qkv width {w} does not split into {slots} heads of an even width matching the tables {:?}",
             cos.dims()
@@ -73,10 +75,7 @@ pub fn rotary_packed_reference(
     let flat = positions.flatten_all()?;
     let cos = cos.index_select(&flat, 0)?.reshape((b, t, 1, d))?;
     let sin = sin.index_select(&flat, 0)?.reshape((b, t, 1, d))?;
-    let x1 = qk.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = qk.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let qk = (qk.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
+    let qk = crate::layers::rotate(&qk, &cos, &sin)?;
     Tensor::cat(&[&qk, &x.narrow(2, heads + kv_heads, kv_heads)?], 2)?.reshape((b, t, w))
 }
 
