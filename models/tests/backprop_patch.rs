@@ -1,6 +1,7 @@
 //! The vendored candle-core's backward pass (`vendor/README.md`) accumulates gradients without
-//! a zero-filled buffer. These graphs give tensors several consumers, transposed and
-//! broadcast uses, and check every gradient against one worked out by hand.
+//! a zero-filled buffer, and passes a transposed matmul operand's gradient straight to the
+//! transposed tensor. These graphs give tensors several consumers, transposed and broadcast
+//! uses, and check every gradient against one worked out by hand.
 
 use candle_core::{Device, Tensor, Var};
 
@@ -95,4 +96,51 @@ fn products_of_operands_with_4kib_column_strides_match_contiguous_ones() {
         .unwrap();
     let yb = Tensor::randn(0f32, 1.0, (3, 40, 24), &dev).unwrap();
     close(&xb.matmul(&yb).unwrap(), &xb.contiguous().unwrap().matmul(&yb).unwrap());
+}
+
+/// A matmul operand that is `a.t()` passes its gradient to `a` directly, computed in `a`'s
+/// layout (`vendor/README.md`): the gradients equal `lhs^T grad` / `grad rhs^T` transposed,
+/// arrive contiguous, and add up with those of the transpose's other consumers. Covers a
+/// transposed rhs (`nn.Linear`), a transposed lhs, a transpose used twice, and a batch.
+#[test]
+fn gradients_through_transposed_matmul_operands_land_on_the_transposed_tensor() {
+    let dev = Device::Cpu;
+    let vals = |n: usize, f: f32| (0..n).map(|i| ((i as f32) * f).sin()).collect::<Vec<f32>>();
+    // loss = sum(g * (x @ w^T)) + sum(h * (w^T @ y)) + sum(v^T @ z) with fixed weights g, h.
+    let x = Var::from_vec(vals(15, 0.7), (5, 3), &dev).unwrap();
+    let w = Var::from_vec(vals(12, 1.3), (4, 3), &dev).unwrap();
+    let y = Var::from_vec(vals(8, 0.4), (4, 2), &dev).unwrap();
+    let v = Var::from_vec(vals(2 * 4 * 3, 0.9), (2, 4, 3), &dev).unwrap();
+    let z = Var::from_vec(vals(2 * 4 * 2, 1.1), (2, 4, 2), &dev).unwrap();
+    let g = Tensor::from_vec(vals(20, 2.1), (5, 4), &dev).unwrap();
+    let h = Tensor::from_vec(vals(6, 0.3), (3, 2), &dev).unwrap();
+    let wt = w.as_tensor().t().unwrap();
+    let a = (x.as_tensor().matmul(&wt).unwrap() * &g).unwrap().sum_all().unwrap();
+    let b = (wt.matmul(y.as_tensor()).unwrap() * &h).unwrap().sum_all().unwrap();
+    let c = v
+        .as_tensor()
+        .t()
+        .unwrap()
+        .matmul(z.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = ((a + b).unwrap() + c).unwrap().backward().unwrap();
+
+    // d/dw = g^T x (from a) + (h y^T)^T (from b, whose gradient in w^T is h y^T).
+    let gw = (g.t().unwrap().matmul(x.as_tensor()).unwrap() + y.as_tensor().matmul(&h.t().unwrap()).unwrap()).unwrap();
+    let gx = g.matmul(w.as_tensor()).unwrap();
+    let gy = w.as_tensor().matmul(&h).unwrap();
+    // c = sum over batches of v_b^T z_b: d/dv_b = z_b 1^T (rows of z summed per column), d/dz_b = v_b 1.
+    let gv = z.as_tensor().sum_keepdim(2).unwrap().broadcast_as((2, 4, 3)).unwrap();
+    let gz = v.as_tensor().sum_keepdim(2).unwrap().broadcast_as((2, 4, 2)).unwrap();
+    for (var, want) in [(&w, &gw), (&x, &gx), (&y, &gy), (&v, &gv), (&z, &gz)] {
+        let got = grads.get(var.as_tensor()).unwrap();
+        assert!(
+            got.is_contiguous(),
+            "gradient of shape {:?} is not contiguous",
+            got.dims()
+        );
+        close(got, want);
+    }
 }
