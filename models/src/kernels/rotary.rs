@@ -51,7 +51,7 @@ pub fn rotary_packed(
         rotated: heads + kv_heads,
         slots,
         d,
-        positions,
+        positions: positions.into(),
         inverse: false,
     };
     qkv.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)
@@ -86,8 +86,8 @@ struct Rotate {
     slots: usize,
     /// Head width.
     d: usize,
-    /// Position of each token, (b * t).
-    positions: Vec<u32>,
+    /// Position of each token, (b * t); shared with the backward's inverse rotation.
+    positions: std::sync::Arc<[u32]>,
     /// Rotate by the negated angles (the backward).
     inverse: bool,
 }
