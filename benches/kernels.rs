@@ -9,7 +9,8 @@
 //! (GPT-2's MLP activation for 768 tokens of a 256-wide model is [`ROWS`] × [`COLS`]). Forward+backward takes the gradient of
 //! `sum(kernel(x))` with respect to `x`, so it times the op's backward plus one sum. To add a
 //! kernel, write its function with [`bench_unary`] and list it in `criterion_group!`.
-//! Throughput is reported in input elements per second.
+//! Throughput is reported in input elements per second; `transposed_rhs_matmul` (a vendored
+//! matmul patch against upstream's path) reports FLOPs per second.
 
 mod common;
 
@@ -177,9 +178,36 @@ fn token_logprobs(c: &mut Criterion) {
     );
 }
 
+/// `x W^T` with `W` stored (out, in) (`nn.Linear`; GPT-2's `dX = dY W^T`), for a learner
+/// minibatch (768 rows) and a decoding batch (64 rows) of a 256-wide model with an MLP of 1024:
+/// `transposed_first` (the vendored matmul transposes the view back first; `vendor/README.md`),
+/// `gemm_packing` (gemm packs the strided view itself, as upstream), and `row_major` (the same
+/// product with `W^T` stored row-major: the rate to reach).
+fn transposed_rhs_matmul(c: &mut Criterion) {
+    let pool = common::pool();
+    let w = input(1024, 256, 1.0);
+    let (wt, wt_rows) = (w.t().unwrap(), w.t().unwrap().contiguous().unwrap());
+    for rows in [768, 64] {
+        let x = input(rows, 256, 1.0);
+        let mut g = c.benchmark_group(format!("transposed_rhs_matmul/{rows}"));
+        g.throughput(Throughput::Elements((2 * rows * 256 * 1024) as u64));
+        for (path, rhs, transpose) in [
+            ("transposed_first", &wt, true),
+            ("gemm_packing", &wt, false),
+            ("row_major", &wt_rows, true),
+        ] {
+            g.bench_function(path, |b| {
+                candle_core::cpu_backend::set_transpose_rhs(transpose);
+                pool.install(|| b.iter(|| x.matmul(rhs).expect("product")))
+            });
+        }
+        candle_core::cpu_backend::set_transpose_rhs(true);
+    }
+}
+
 criterion_group! {
     name = benches;
     config = common::quick(3);
-    targets = gelu, layer_norm, add_bias, attention, grouped_attention, rotary, token_logprobs
+    targets = gelu, layer_norm, add_bias, attention, grouped_attention, rotary, token_logprobs, transposed_rhs_matmul
 }
 criterion_main!(benches);

@@ -12,7 +12,9 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use super::{contiguous_f32, for_each_chunk, fused_applies, multiversion, simd};
+use rayon::prelude::*;
+
+use super::{chunk_len, contiguous_f32, for_each_chunk, fused_applies, multiversion, simd};
 
 /// `(logprobs, entropy)`, each shaped like `targets`, for `logits (..., V)` divided by
 /// `temperature` and integer `targets (...)`. Differentiable in the logits. Fused on the CPU
@@ -138,14 +140,20 @@ impl CustomOp2 for LogProbs {
         let (rows, v) = check_rows(l1, targets)?;
         let a = self.inv_temperature;
         let mut out = vec![0f32; rows * 2];
-        for (r, o) in out.chunks_exact_mut(2).enumerate() {
-            let row = &logits[r * v..(r + 1) * v];
-            let mut st = (0.0, 0.0);
-            row_stats(row, a, &mut st);
-            let (lse, mean_z) = st;
-            o[0] = row[targets[r] as usize] * a - lse;
-            o[1] = lse - mean_z;
-        }
+        // Rows split over the pool as the logits' size decides: the policy's forward ends
+        // here, after the critic's branch of the learner's join has finished.
+        let rows_per_chunk = (chunk_len(rows * v, v) / v.max(1)).max(1);
+        out.par_chunks_mut(2 * rows_per_chunk).enumerate().for_each(|(c, out)| {
+            for (i, o) in out.chunks_exact_mut(2).enumerate() {
+                let r = c * rows_per_chunk + i;
+                let row = &logits[r * v..(r + 1) * v];
+                let mut st = (0.0, 0.0);
+                row_stats(row, a, &mut st);
+                let (lse, mean_z) = st;
+                o[0] = row[targets[r] as usize] * a - lse;
+                o[1] = lse - mean_z;
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from((rows, 2))))
     }
 
