@@ -148,6 +148,16 @@ fn products_with_a_transposed_rhs_equal_those_of_contiguous_copies() {
         &xb.broadcast_matmul(&w1).unwrap(),
         &xb.broadcast_matmul(&w1.contiguous().unwrap()).unwrap(),
     );
+    // The same with batches of lhs that do not stack into one matrix (rows 64 apart, 48
+    // wide): one product per batch, the shared rhs transposed once.
+    let xn = Tensor::randn(0f32, 1.0, (3, 40, 64), &dev)
+        .unwrap()
+        .narrow(2, 0, 48)
+        .unwrap();
+    exact(
+        &xn.broadcast_matmul(&w1).unwrap(),
+        &xn.broadcast_matmul(&w1.contiguous().unwrap()).unwrap(),
+    );
 }
 
 /// A matmul operand that is `a.t()` passes its gradient to `a` directly, computed in `a`'s

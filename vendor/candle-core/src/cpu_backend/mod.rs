@@ -1507,6 +1507,7 @@ fn transposed_f32<'a, T: WithDType>(
         || k < 16
         || n < 16
         || k * n > TRANSPOSE_RHS_MAX
+        || (n - 1) * cs + k > rhs.len()
         || !std::arch::is_x86_feature_detected!("avx512f")
     {
         return None;
@@ -1569,7 +1570,8 @@ fn transpose_f32(src: &[f32], ld: usize, rows: usize, cols: usize, dst: &mut [f3
 }
 
 /// tandem patch: transposes the 16 x 16 block whose rows are `ss` floats apart from `src` into
-/// rows `ds` apart from `dst`.
+/// rows `ds` apart from `dst`. The same shuffles as `transpose16` in tandem's attention kernels
+/// (`models/src/kernels/attention.rs`); the patch keeps its own copy so that it stands alone.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose16(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
@@ -1699,7 +1701,13 @@ impl Map2 for MatMul {
                 Some(ld) => (copy_columns(lhs_p, lhs_cs, m, k, ld, &mut lhs_pad), ld),
                 None => (lhs_p, lhs_cs),
             };
-            let (rhs_p, rhs_cs, rhs_rs) = match transposed_f32(rhs_p, (rhs_rs, rhs_cs), (m, k, n), &mut rhs_t) {
+            // An rhs shared by every batch (b_skip = 0) is transposed once.
+            let transposed = if b_skip == 0 && step > 0 && rhs_t.len() == k * n {
+                Some(&rhs_t[..])
+            } else {
+                transposed_f32(rhs_p, (rhs_rs, rhs_cs), (m, k, n), &mut rhs_t)
+            };
+            let (rhs_p, rhs_cs, rhs_rs) = match transposed {
                 Some(t) => (t, 1, n),
                 None => match aliasing_columns::<T>(rhs_rs, rhs_cs, k, n) {
                     Some(ld) => (copy_columns(rhs_p, rhs_cs, k, n, ld, &mut rhs_pad), ld, rhs_rs),
