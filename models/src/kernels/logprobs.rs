@@ -12,9 +12,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use rayon::prelude::*;
-
-use super::{chunk_len, contiguous_f32, for_each_chunk, fused_applies, multiversion, simd};
+use super::{chunk_len, contiguous_f32, for_each_chunk, for_each_chunk_of, fused_applies, multiversion, simd};
 
 /// `(logprobs, entropy)`, each shaped like `targets`, for `logits (..., V)` divided by
 /// `temperature` and integer `targets (...)`. Differentiable in the logits. Fused on the CPU
@@ -143,9 +141,9 @@ impl CustomOp2 for LogProbs {
         // Rows split over the pool as the logits' size decides: the policy's forward ends
         // here, after the critic's branch of the learner's join has finished.
         let rows_per_chunk = (chunk_len(rows * v, v) / v.max(1)).max(1);
-        out.par_chunks_mut(2 * rows_per_chunk).enumerate().for_each(|(c, out)| {
+        for_each_chunk_of(&mut out, 2 * rows_per_chunk, |off, out| {
             for (i, o) in out.chunks_exact_mut(2).enumerate() {
-                let r = c * rows_per_chunk + i;
+                let r = off / 2 + i;
                 let row = &logits[r * v..(r + 1) * v];
                 let mut st = (0.0, 0.0);
                 row_stats(row, a, &mut st);

@@ -104,7 +104,16 @@ pub(crate) fn for_each_chunk<F>(out: &mut [f32], row: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
 {
-    let chunk = chunk_len(out.len(), row);
+    for_each_chunk_of(out, chunk_len(out.len(), row), f)
+}
+
+/// [`for_each_chunk`] with chunks of `chunk` elements chosen by the caller, for kernels whose
+/// work per output element is not what sizes the split (e.g. a row of logits read per two
+/// outputs); one chunk runs on the calling thread.
+pub(crate) fn for_each_chunk_of<F>(out: &mut [f32], chunk: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
     if chunk >= out.len() {
         f(0, out);
         return;
