@@ -540,7 +540,7 @@ multiversion! {
     /// keys take -inf, so no row length leaves a scalar tail (except where t is not a multiple
     /// of 16).
     fn softmax_rows(p: &mut [f32], bias: &[f32], t: usize, keys: &[RowKeys], scale: f32) {
-        const L: usize = 16;
+        const L: usize = simd::LANES;
         for ((row, brow), k) in p.chunks_exact_mut(t).zip(bias.chunks_exact(t)).zip(keys) {
             let (live, all) = (k.live, k.all_masked);
             let span = live.div_ceil(L).saturating_mul(L).min(t);
@@ -560,7 +560,7 @@ multiversion! {
             }
             let tail = chunks.into_remainder();
             let base = span - tail.len();
-            let mut m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut m = simd::lane_max(mx);
             for (l, s) in tail.iter_mut().enumerate() {
                 *s = score(base + l, *s, brow[base + l]);
                 m = m.max(*s);
@@ -574,7 +574,7 @@ multiversion! {
 /// exponentiates and sums in 16 lanes, then one that scales.
 #[inline(always)]
 fn normalise(row: &mut [f32], m: f32) {
-    const L: usize = 16;
+    const L: usize = simd::LANES;
     let weight = |s: f32| if s == f32::NEG_INFINITY { 0.0 } else { simd::exp(s - m) };
     let mut sums = [0f32; L];
     let mut chunks = row.chunks_exact_mut(L);
@@ -584,7 +584,7 @@ fn normalise(row: &mut [f32], m: f32) {
             sums[l] += s[l];
         }
     }
-    let mut sum = sums.iter().sum::<f32>();
+    let mut sum = simd::lane_sum(sums);
     for s in chunks.into_remainder() {
         *s = weight(*s);
         sum += *s;

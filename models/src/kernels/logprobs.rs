@@ -77,18 +77,19 @@ multiversion! {
     /// (lse, sum_v p_v z_v) of one row of logits scaled by `a`.
     fn row_stats(l: &[f32], a: f32, out: &mut (f32, f32)) {
         let m = simd::max(l) * a;
-        let (mut s, mut sz) = ([0f32; 8], [0f32; 8]);
-        let chunks = l.chunks_exact(8);
+        const L: usize = simd::LANES;
+        let (mut s, mut sz) = ([0f32; L], [0f32; L]);
+        let chunks = l.chunks_exact(L);
         let rest = chunks.remainder();
         for c in chunks {
-            for k in 0..8 {
+            for k in 0..L {
                 let z = c[k] * a;
                 let e = simd::exp(z - m);
                 s[k] += e;
                 sz[k] += e * z;
             }
         }
-        let (mut sum, mut sum_z) = (s.iter().sum::<f32>(), sz.iter().sum::<f32>());
+        let (mut sum, mut sum_z) = (simd::lane_sum(s), simd::lane_sum(sz));
         for &v in rest {
             let z = v * a;
             let e = simd::exp(z - m);

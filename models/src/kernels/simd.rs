@@ -30,19 +30,23 @@ const LN2_LO: f32 = 1.428_606_8e-6;
 const ROUND: f32 = 12_582_912.0;
 
 /// e^x with a relative error below 2e-7 for x in [-87, 88]; smaller x gives about 0 and larger
-/// x about 2e38 (inputs are clamped).
+/// x about 2e38 (inputs are clamped). The range reduction and the Horner steps are fused
+/// multiply-adds, as in [`tanh`]: a softmax or log-softmax row is bound by this arithmetic.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // y holds n = round(x log2 e) in its low mantissa bits.
-    let y = x * LOG2E + ROUND;
+    let y = x.mul_add(LOG2E, ROUND);
     let n = y - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     // Taylor series of e^r on |r| <= ln2/2, degree 7.
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let mut p = r.mul_add(1.0 / 5040.0, 1.0 / 720.0);
+    p = r.mul_add(p, 1.0 / 120.0);
+    p = r.mul_add(p, 1.0 / 24.0);
+    p = r.mul_add(p, 1.0 / 6.0);
+    p = r.mul_add(p, 0.5);
+    p = r.mul_add(p, 1.0);
+    p = r.mul_add(p, 1.0);
     // 2^n from the bits of y (n in [-126, 127] after the clamp): integer operations only, as a
     // float-to-int cast saturates and would take several instructions a lane.
     let scale = f32::from_bits(y.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
@@ -92,21 +96,44 @@ pub fn ln(x: f32) -> f32 {
 /// Independent accumulators of the lane reductions below: a serial f32 sum or max is one
 /// dependency chain that cannot vectorise (f32 addition is not associative), so these keep
 /// `LANES` partial results and combine them at the end.
-const LANES: usize = 16;
+pub const LANES: usize = 16;
+
+/// The sum of [`LANES`] partial sums, as a tree of depth 4: summed in order they are a chain
+/// of 15 dependent additions, which on a short row (a norm over 64 columns) costs more than the
+/// row's vector work.
+#[inline(always)]
+pub fn lane_sum(a: [f32; LANES]) -> f32 {
+    let mut h = [0f32; LANES / 2];
+    for k in 0..LANES / 2 {
+        h[k] = a[k] + a[k + LANES / 2];
+    }
+    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// The maximum of [`LANES`] partial maxima, as a tree like [`lane_sum`]'s.
+#[inline(always)]
+pub fn lane_max(a: [f32; LANES]) -> f32 {
+    let mut h = [0f32; LANES / 2];
+    for k in 0..LANES / 2 {
+        h[k] = a[k].max(a[k + LANES / 2]);
+    }
+    let q = [h[0].max(h[4]), h[1].max(h[5]), h[2].max(h[6]), h[3].max(h[7])];
+    q[0].max(q[2]).max(q[1].max(q[3]))
+}
 
 /// `sum_i f(x[i])`, summed in [`LANES`] lanes.
 #[inline(always)]
 pub fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
-    let mut s = chunks.remainder().iter().map(|&v| f(v)).sum::<f32>();
+    let s = chunks.remainder().iter().map(|&v| f(v)).sum::<f32>();
     for c in chunks {
         for k in 0..LANES {
             acc[k] += f(c[k]);
         }
     }
-    s += acc.iter().sum::<f32>();
-    s
+    s + lane_sum(acc)
 }
 
 /// The two sums `sum_i f(a[i], b[i], c[i])`, summed in [`LANES`] lanes.
@@ -133,7 +160,7 @@ pub fn sum2_map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> (
         s0 += x;
         s1 += y;
     }
-    (s0 + acc0.iter().sum::<f32>(), s1 + acc1.iter().sum::<f32>())
+    (s0 + lane_sum(acc0), s1 + lane_sum(acc1))
 }
 
 /// `max_i x[i]` (`-inf` for an empty slice), in [`LANES`] lanes.
@@ -141,16 +168,13 @@ pub fn sum2_map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> (
 pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
-    let mut m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     for c in chunks {
         for k in 0..LANES {
             acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
         }
     }
-    for a in acc {
-        m = m.max(a);
-    }
-    m
+    m.max(lane_max(acc))
 }
 
 #[cfg(test)]
