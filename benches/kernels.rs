@@ -76,6 +76,19 @@ fn gelu(c: &mut Criterion) {
     );
 }
 
+/// SwiGLU (`silu(gate) * up`, Qwen2 / Llama MLPs) on the MLP activation shape; the gradient
+/// is taken with respect to the gate (the backward computes both).
+fn swiglu(c: &mut Criterion) {
+    let up = input(ROWS, COLS, 2.0);
+    bench_unary(
+        c,
+        "swiglu",
+        &input(ROWS, COLS, 4.0),
+        &|g| kernels::swiglu(g, &up),
+        &|g| kernels::swiglu_reference(g, &up),
+    );
+}
+
 /// Layer norm over rows of width 256 (GPT-2's residual stream for 768 tokens).
 fn layer_norm(c: &mut Criterion) {
     let (w, b) = (
@@ -208,6 +221,6 @@ fn transposed_rhs_matmul(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = common::quick(3);
-    targets = gelu, layer_norm, add_bias, attention, grouped_attention, rotary, token_logprobs, transposed_rhs_matmul
+    targets = gelu, swiglu, layer_norm, add_bias, attention, grouped_attention, rotary, token_logprobs, transposed_rhs_matmul
 }
 criterion_main!(benches);
