@@ -73,11 +73,11 @@
 //! The mask may be any 0/1 mask (holes allowed, e.g. masked-out tool output), but with
 //! [`Aggregation::SeqMean`] every row needs a real token.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::kl::{kl_per_token, KlEstimator};
-use super::masked::{aggregate, dims2, keep, masked_mean, masked_sum, masked_var, same_shape, zero_pad, Aggregation};
+use super::masked::{aggregate, dims2, keep, mask_count, masked_sum, same_shape, zero_pad, Aggregation};
 use super::{invalid, scalar_f64, Result};
 
 /// Hyper-parameters of the PPO loss.
@@ -318,12 +318,93 @@ pub fn value_loss_per_token(
     zero_pad(&(per * 0.5)?, &keep)
 }
 
-fn frac(flags: &Tensor, mask: &Tensor) -> Result<f32> {
-    Ok(scalar_f64(&masked_mean(&flags.to_dtype(mask.dtype())?, mask)?)? as f32)
-}
-
 fn f32_of(t: &Tensor) -> Result<f32> {
     Ok(scalar_f64(t)? as f32)
+}
+
+/// A detached tensor's entries in row-major order, as f64 on the host.
+fn host(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.detach().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+/// [`PpoStats`] over the real tokens, from host copies of the detached inputs, in f64. A
+/// minibatch has a few hundred response tokens; as tensor ops (a select, a sum and a count per
+/// mean) these reductions took dozens of small ops a minibatch, several percent of a small
+/// model's learner step, for numbers that only go to the metrics.
+fn host_stats(
+    cfg: &PpoLossConfig,
+    inputs: &PpoInputs<'_>,
+    raw_weight: Option<&Tensor>,
+    weight: Option<&Tensor>,
+) -> Result<PpoStats> {
+    let real: Vec<usize> = host(inputs.mask)?
+        .iter()
+        .enumerate()
+        .filter(|(_, &m)| m != 0.0)
+        .map(|(i, _)| i)
+        .collect();
+    if real.is_empty() {
+        invalid!("mask selects no token");
+    }
+    let n = real.len() as f64;
+    let mean = |f: &dyn Fn(usize) -> f64| real.iter().map(|&i| f(i)).sum::<f64>() / n;
+    // Population variance, as `masked_var`.
+    let var = |f: &dyn Fn(usize) -> f64| {
+        let m = mean(f);
+        mean(&|i| (f(i) - m).powi(2))
+    };
+    let frac = |f: &dyn Fn(usize) -> bool| mean(&|i| f(i) as u8 as f64) as f32;
+
+    let (logp, prox, adv) = (host(inputs.logp)?, host(inputs.prox_logp)?, host(inputs.advantages)?);
+    let log_ratio = |i: usize| logp[i] - prox[i];
+    let ratio = |i: usize| log_ratio(i).exp();
+    let (lo, hi) = (1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps);
+
+    let (mut explained_var, mut value_clip_frac) = (None, None);
+    if let Some(v) = &inputs.value {
+        let (values, returns) = (host(v.values)?, host(v.returns)?);
+        let var_r = var(&|i| returns[i]);
+        let var_err = var(&|i| returns[i] - values[i]);
+        explained_var = Some(if var_r > 0.0 {
+            (1.0 - var_err / var_r) as f32
+        } else {
+            f32::NAN
+        });
+        if let Some(c) = cfg.value_clip {
+            let old = host(v.old_values)?;
+            value_clip_frac = Some(frac(&|i| {
+                let clipped = values[i].max(old[i] - c).min(old[i] + c);
+                (clipped - returns[i]).powi(2) > (values[i] - returns[i]).powi(2)
+            }));
+        }
+    }
+    let (behaviour_weight_mean, behaviour_weight_trunc_frac) = match (raw_weight, weight) {
+        (Some(raw), Some(w)) => {
+            let w = host(w)?;
+            let trunc = match cfg.behaviour_weight_cap {
+                Some(cap) => {
+                    let raw = host(raw)?;
+                    Some(frac(&|i| raw[i] > cap))
+                }
+                None => None,
+            };
+            (Some(mean(&|i| w[i]) as f32), trunc)
+        }
+        _ => (None, None),
+    };
+    Ok(PpoStats {
+        approx_kl: mean(&|i| (ratio(i) - 1.0) - log_ratio(i)) as f32,
+        clip_frac: frac(&|i| {
+            let r = ratio(i);
+            r.clamp(lo, hi) * adv[i] < r * adv[i]
+        }),
+        ratio_mean: mean(&ratio) as f32,
+        ratio_var: var(&ratio) as f32,
+        explained_var,
+        value_clip_frac,
+        behaviour_weight_mean,
+        behaviour_weight_trunc_frac,
+    })
 }
 
 /// The PPO loss and statistics (see the module docs).
@@ -353,13 +434,23 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
         mask,
         cfg.clip_eps,
     )?;
+    // The token count, for the token means, once rather than per term.
+    let count = match cfg.aggregation {
+        Aggregation::TokenMean => Some(mask_count(mask)?),
+        _ => None,
+    };
     let agg = |x: &Tensor| -> Result<Tensor> {
-        match (cfg.aggregation, cfg.token_sum_norm) {
-            (Aggregation::TokenSum, Some(l)) => {
+        match (cfg.aggregation, cfg.token_sum_norm, count) {
+            (Aggregation::TokenSum, Some(l), _) => {
                 let rows = mask.dim(0)? as f64;
                 Ok(masked_sum(x, mask)?.affine(1.0 / (rows * l), 0.0)?)
             }
-            (a, _) => aggregate(x, mask, a),
+            // `masked_mean` with the count and the mask's selector computed once.
+            (Aggregation::TokenMean, _, Some(n)) => {
+                same_shape("x", x, "mask", mask)?;
+                Ok(zero_pad(x, &keep)?.sum_all()?.affine(1.0 / n, 0.0)?)
+            }
+            (a, _, _) => aggregate(x, mask, a),
         }
     };
     let policy_loss = agg(&pg)?;
@@ -367,30 +458,11 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
     let mut value_term = None;
 
     let mut value_loss_f = None;
-    let mut explained_var = None;
-    let mut value_clip_frac = None;
     if let Some(v) = inputs.value {
         let vf = value_loss_per_token(v.values, v.old_values, v.returns, mask, cfg.value_clip)?;
         let value_loss = agg(&vf)?;
         value_term = Some((&value_loss * cfg.vf_coef)?);
         value_loss_f = Some(f32_of(&value_loss)?);
-
-        let values = zero_pad(&v.values.detach(), &keep)?;
-        let returns = zero_pad(&v.returns.detach(), &keep)?;
-        let var_r = scalar_f64(&masked_var(&returns, mask)?)?;
-        let var_err = scalar_f64(&masked_var(&(&returns - &values)?, mask)?)?;
-        explained_var = Some(if var_r > 0.0 {
-            (1.0 - var_err / var_r) as f32
-        } else {
-            f32::NAN
-        });
-        if let Some(c) = cfg.value_clip {
-            let old = zero_pad(&v.old_values.detach(), &keep)?;
-            let v_clip = values.maximum(&(&old - c)?)?.minimum(&(&old + c)?)?;
-            let e1 = (&values - &returns)?.sqr()?;
-            let e2 = (v_clip - &returns)?.sqr()?;
-            value_clip_frac = Some(frac(&e2.gt(&e1)?, mask)?);
-        }
     }
 
     let entropy_f = match inputs.entropy {
@@ -422,33 +494,7 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
         None => None,
     };
 
-    // Statistics on detached values.
-    let log_ratio = zero_pad(&(inputs.logp.detach() - inputs.prox_logp.detach())?, &keep)?;
-    let ratio = log_ratio.exp()?;
-    let k3 = ((&ratio - 1.0)? - &log_ratio)?;
-    let adv = zero_pad(&inputs.advantages.detach(), &keep)?;
-    let surr1 = (&ratio * &adv)?;
-    let surr2 = (ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)? * &adv)?;
-    let (behaviour_weight_mean, behaviour_weight_trunc_frac) = match (&raw_weight, &weight) {
-        (Some(raw), Some(w)) => (
-            Some(f32_of(&masked_mean(w, mask)?)?),
-            match cfg.behaviour_weight_cap {
-                Some(cap) => Some(frac(&raw.gt(cap)?, mask)?),
-                None => None,
-            },
-        ),
-        _ => (None, None),
-    };
-    let stats = PpoStats {
-        approx_kl: f32_of(&masked_mean(&k3, mask)?)?,
-        clip_frac: frac(&surr2.lt(&surr1)?, mask)?,
-        ratio_mean: f32_of(&masked_mean(&ratio, mask)?)?,
-        ratio_var: f32_of(&masked_var(&ratio, mask)?)?,
-        explained_var,
-        value_clip_frac,
-        behaviour_weight_mean,
-        behaviour_weight_trunc_frac,
-    };
+    let stats = host_stats(cfg, inputs, raw_weight.as_ref(), weight.as_ref())?;
     Ok(PpoLossOutput {
         loss: match &value_term {
             Some(v) => (&loss + v)?,
