@@ -58,7 +58,7 @@
 //! # Statistics
 //!
 //! Always token means over the mask, whatever the aggregation, and computed on detached
-//! values:
+//! values (on the host, in f64):
 //!
 //! - `approx_kl = mean((ratio - 1) - log ratio)`: the k3 estimate of `KL(pi_prox || pi_theta)`
 //!   (tokens are sampled from `pi_prox`, up to the behaviour correction), `>= 0`;
