@@ -77,7 +77,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::kl::{kl_per_token, KlEstimator};
-use super::masked::{aggregate, dims2, keep, mask_count, masked_sum, same_shape, zero_pad, Aggregation};
+use super::masked::{aggregate, dims2, keep, masked_sum, same_shape, zero_pad, Aggregation};
 use super::{invalid, scalar_f64, Result};
 
 /// Hyper-parameters of the PPO loss.
@@ -327,26 +327,36 @@ fn host(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.detach().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
-/// [`PpoStats`] over the real tokens, from host copies of the detached inputs, in f64. A
-/// minibatch has a few hundred response tokens; as tensor ops (a select, a sum and a count per
-/// mean) these reductions took dozens of small ops a minibatch, several percent of a small
-/// model's learner step, for numbers that only go to the metrics.
-fn host_stats(
-    cfg: &PpoLossConfig,
-    inputs: &PpoInputs<'_>,
-    raw_weight: Option<&Tensor>,
-    weight: Option<&Tensor>,
-) -> Result<PpoStats> {
-    let real: Vec<usize> = host(inputs.mask)?
+/// The flat indices of the mask's real (non-zero) entries, read on the host.
+fn real_tokens(mask: &Tensor) -> Result<Vec<usize>> {
+    Ok(host(mask)?
         .iter()
         .enumerate()
         .filter(|(_, &m)| m != 0.0)
         .map(|(i, _)| i)
-        .collect();
+        .collect())
+}
+
+/// The number of real tokens, as `masked::mask_count` gives it; an error when there is none.
+fn token_count(real: &[usize]) -> Result<f64> {
     if real.is_empty() {
         invalid!("mask selects no token");
     }
-    let n = real.len() as f64;
+    Ok(real.len() as f64)
+}
+
+/// [`PpoStats`] over the real tokens (`real`, from [`real_tokens`]), from host copies of the
+/// detached inputs, in f64. A minibatch has a few hundred response tokens; as tensor ops (a
+/// select, a sum and a count per mean) these reductions took dozens of small ops a minibatch,
+/// several percent of a small model's learner step, for numbers that only go to the metrics.
+fn host_stats(
+    cfg: &PpoLossConfig,
+    inputs: &PpoInputs<'_>,
+    real: &[usize],
+    raw_weight: Option<&Tensor>,
+    weight: Option<&Tensor>,
+) -> Result<PpoStats> {
+    let n = token_count(real)?;
     let mean = |f: &dyn Fn(usize) -> f64| real.iter().map(|&i| f(i)).sum::<f64>() / n;
     // Population variance, as `masked_var`.
     let var = |f: &dyn Fn(usize) -> f64| {
@@ -434,9 +444,10 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
         mask,
         cfg.clip_eps,
     )?;
-    // The token count, for the token means, once rather than per term.
+    // The real tokens, read once: the token-mean terms' count and the statistics.
+    let real = real_tokens(mask)?;
     let count = match cfg.aggregation {
-        Aggregation::TokenMean => Some(mask_count(mask)?),
+        Aggregation::TokenMean => Some(token_count(&real)?),
         _ => None,
     };
     let agg = |x: &Tensor| -> Result<Tensor> {
@@ -494,7 +505,7 @@ pub fn ppo_loss(cfg: &PpoLossConfig, inputs: &PpoInputs<'_>) -> Result<PpoLossOu
         None => None,
     };
 
-    let stats = host_stats(cfg, inputs, raw_weight.as_ref(), weight.as_ref())?;
+    let stats = host_stats(cfg, inputs, &real, raw_weight.as_ref(), weight.as_ref())?;
     Ok(PpoLossOutput {
         loss: match &value_term {
             Some(v) => (&loss + v)?,
