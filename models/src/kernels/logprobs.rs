@@ -7,10 +7,13 @@
 //! ```
 //!
 //! The composition materialises the scaled logits, the log-softmax, its exponent and their
-//! product (each `rows x V`), then gathers; here a row is read twice forward and twice
-//! backward, and nothing of size `V` is kept.
+//! product (each `rows x V`), then gathers; here a row is read twice forward and once
+//! backward, and nothing of size `V` is kept: a forward on a graph keeps each row's `lse` and
+//! `H` for its backward, which otherwise reads the row twice more to recompute them.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+use std::sync::OnceLock;
 
 use super::{chunk_len, contiguous_f32, for_each_chunk, for_each_chunk_of, fused_applies, multiversion, simd};
 
@@ -30,6 +33,8 @@ pub fn token_logprobs_entropy(logits: &Tensor, targets: &Tensor, temperature: f6
         &targets.flatten_all()?.contiguous()?,
         LogProbs {
             inv_temperature: (1.0 / temperature) as f32,
+            keep_stats: logits.track_op(),
+            stats: OnceLock::new(),
         },
     )?;
     let column = |c: usize| both.narrow(1, c, 1)?.reshape(targets.shape());
@@ -68,9 +73,13 @@ pub fn token_logprobs_entropy_reference(
     Ok((logprobs, entropy))
 }
 
-#[derive(Clone, Copy)]
 struct LogProbs {
     inv_temperature: f32,
+    /// Whether the forward keeps each row's `lse` and `H` for the backward: the logits are on
+    /// a graph, so a backward may follow.
+    keep_stats: bool,
+    /// `[lse, H]` per row of the forward's logits, when `keep_stats`.
+    stats: OnceLock<Vec<f32>>,
 }
 
 multiversion! {
@@ -139,20 +148,35 @@ impl CustomOp2 for LogProbs {
         let (rows, v) = check_rows(l1, targets)?;
         let a = self.inv_temperature;
         let mut out = vec![0f32; rows * 2];
+        let mut stats = if self.keep_stats { vec![0f32; rows * 2] } else { vec![] };
         // Rows split over the pool as the logits' size decides: the policy's forward ends
         // here, after the critic's branch of the learner's join has finished.
         let rows_per_chunk = (chunk_len(rows * v, v) / v.max(1)).max(1);
-        for_each_chunk_of(&mut out, 2 * rows_per_chunk, |off, out| {
+        let fill = |r0: usize, out: &mut [f32], stats: &mut [f32]| {
             for (i, o) in out.chunks_exact_mut(2).enumerate() {
-                let r = off / 2 + i;
+                let r = r0 + i;
                 let row = &logits[r * v..(r + 1) * v];
                 let mut st = (0.0, 0.0);
                 row_stats(row, a, &mut st);
-                let (lse, mean_z) = st;
-                o[0] = row[targets[r] as usize] * a - lse;
-                o[1] = lse - mean_z;
+                let (row_lse, mean_z) = st;
+                o[0] = row[targets[r] as usize] * a - row_lse;
+                o[1] = row_lse - mean_z;
+                if !stats.is_empty() {
+                    stats[2 * i] = row_lse;
+                    stats[2 * i + 1] = o[1];
+                }
             }
-        });
+        };
+        if stats.is_empty() {
+            for_each_chunk_of(&mut out, 2 * rows_per_chunk, |off, out| fill(off / 2, out, &mut []));
+        } else {
+            out.par_chunks_mut(2 * rows_per_chunk)
+                .zip(stats.par_chunks_mut(2 * rows_per_chunk))
+                .enumerate()
+                .for_each(|(c, (out, stats))| fill(c * rows_per_chunk, out, stats));
+            // Each call makes its own op, so this is its only forward.
+            let _ = self.stats.set(stats);
+        }
         Ok((CpuStorage::F32(out), Shape::from((rows, 2))))
     }
 
@@ -163,15 +187,16 @@ impl CustomOp2 for LogProbs {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dl = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &LogProbsBackward(*self))?;
+        let dl = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &LogProbsBackward(self))?;
         Ok((Some(dl), None))
     }
 }
 
-/// (logits, targets, d(logprob, entropy)) to dlogits.
-struct LogProbsBackward(LogProbs);
+/// (logits, targets, d(logprob, entropy)) to dlogits, with the forward's `lse` and `H` where
+/// it kept them.
+struct LogProbsBackward<'a>(&'a LogProbs);
 
-impl CustomOp3 for LogProbsBackward {
+impl CustomOp3 for LogProbsBackward<'_> {
     fn name(&self) -> &'static str {
         "fused-token-logprobs-backward"
     }
@@ -188,18 +213,24 @@ impl CustomOp3 for LogProbsBackward {
         let logits = contiguous_f32(s1, l1, self.name())?;
         let targets = contiguous_u32(s2, l2, self.name())?;
         let grad = contiguous_f32(s3, l3, self.name())?;
-        let (_, v) = check_rows(l1, targets)?;
+        let (rows, v) = check_rows(l1, targets)?;
         let a = self.0.inv_temperature;
+        let kept = self.0.stats.get().filter(|s| s.len() == 2 * rows);
         let mut dl = super::written_output(logits.len()); // backward_row assigns every element
         for_each_chunk(&mut dl, v, |off, out| {
             for (i, d) in out.chunks_exact_mut(v).enumerate() {
                 let r = off / v + i;
                 let row = &logits[r * v..(r + 1) * v];
-                let mut st = (0.0, 0.0);
-                row_stats(row, a, &mut st);
-                let (lse, mean_z) = st;
+                let (lse, h) = match kept {
+                    Some(s) => (s[2 * r], s[2 * r + 1]),
+                    None => {
+                        let mut st = (0.0, 0.0);
+                        row_stats(row, a, &mut st);
+                        (st.0, st.0 - st.1)
+                    }
+                };
                 let (g_lp, g_h) = (grad[2 * r], grad[2 * r + 1]);
-                backward_row(row, a, lse, lse - mean_z, g_lp, g_h, d);
+                backward_row(row, a, lse, h, g_lp, g_h, d);
                 d[targets[r] as usize] += a * g_lp;
             }
         });
@@ -232,6 +263,31 @@ mod tests {
             let e = rel_err(gf.get(&logits).unwrap(), gr.get(&logits).unwrap());
             assert!(e < 1e-5, "{b} {n} {v}: {e}");
         }
+    }
+
+    /// The backward gives the same bits from the forward's kept `lse` and `H` as from
+    /// recomputing them, with the rows split over a pool or not.
+    #[test]
+    fn kept_row_statistics_give_the_recomputed_gradients() {
+        let (rows, v) = (200, 256);
+        let logits = Var::from_tensor(&random(&[rows, v], 8.0, 3)).unwrap();
+        let ids: Vec<u32> = (0..rows).map(|k| ((k * 7919) % v) as u32).collect();
+        let targets = Tensor::from_vec(ids, rows, &Device::Cpu).unwrap();
+        let w = random(&[rows, 2], 1.0, 4);
+        let grads = |keep: bool| {
+            let op = LogProbs {
+                inv_temperature: 1.0 / 0.7,
+                keep_stats: keep,
+                stats: OnceLock::new(),
+            };
+            let both = logits.as_tensor().apply_op2(&targets, op).unwrap();
+            let g = (both * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(&logits).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let recomputed = grads(false);
+        assert_eq!(grads(true), recomputed);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        assert_eq!(pool.install(|| grads(true)), recomputed);
     }
 
     #[test]
