@@ -12,10 +12,9 @@
 //! `H` for its backward, which otherwise reads the row twice more to recompute them.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 use std::sync::OnceLock;
 
-use super::{chunk_len, contiguous_f32, for_each_chunk, for_each_chunk_of, fused_applies, multiversion, simd};
+use super::{chunk_len, contiguous_f32, for_each_chunk, for_each_chunk_paired, fused_applies, multiversion, simd};
 
 /// `(logprobs, entropy)`, each shaped like `targets`, for `logits (..., V)` divided by
 /// `temperature` and integer `targets (...)`. Differentiable in the logits. Fused on the CPU
@@ -148,32 +147,32 @@ impl CustomOp2 for LogProbs {
         let (rows, v) = check_rows(l1, targets)?;
         let a = self.inv_temperature;
         let mut out = vec![0f32; rows * 2];
-        let mut stats = if self.keep_stats { vec![0f32; rows * 2] } else { vec![] };
+        // Two entries a row, each assigned below; none when nothing is kept.
+        let mut stats = if self.keep_stats {
+            super::written_output(rows * 2)
+        } else {
+            vec![]
+        };
         // Rows split over the pool as the logits' size decides: the policy's forward ends
         // here, after the critic's branch of the learner's join has finished.
         let rows_per_chunk = (chunk_len(rows * v, v) / v.max(1)).max(1);
-        let fill = |r0: usize, out: &mut [f32], stats: &mut [f32]| {
+        let chunk = 2 * rows_per_chunk;
+        for_each_chunk_paired(&mut out, chunk, &mut stats, chunk, |off, out, stats| {
             for (i, o) in out.chunks_exact_mut(2).enumerate() {
-                let r = r0 + i;
+                let r = off / 2 + i;
                 let row = &logits[r * v..(r + 1) * v];
                 let mut st = (0.0, 0.0);
                 row_stats(row, a, &mut st);
-                let (row_lse, mean_z) = st;
-                o[0] = row[targets[r] as usize] * a - row_lse;
-                o[1] = row_lse - mean_z;
+                let (lse, mean_z) = st;
+                o[0] = row[targets[r] as usize] * a - lse;
+                o[1] = lse - mean_z;
                 if !stats.is_empty() {
-                    stats[2 * i] = row_lse;
+                    stats[2 * i] = lse;
                     stats[2 * i + 1] = o[1];
                 }
             }
-        };
-        if stats.is_empty() {
-            for_each_chunk_of(&mut out, 2 * rows_per_chunk, |off, out| fill(off / 2, out, &mut []));
-        } else {
-            out.par_chunks_mut(2 * rows_per_chunk)
-                .zip(stats.par_chunks_mut(2 * rows_per_chunk))
-                .enumerate()
-                .for_each(|(c, (out, stats))| fill(c * rows_per_chunk, out, stats));
+        });
+        if self.keep_stats {
             // Each call makes its own op, so this is its only forward.
             let _ = self.stats.set(stats);
         }

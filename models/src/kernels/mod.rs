@@ -114,11 +114,28 @@ pub(crate) fn for_each_chunk_of<F>(out: &mut [f32], chunk: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
 {
+    for_each_chunk_paired(out, chunk, &mut [], 0, |off, out, _| f(off, out));
+}
+
+/// [`for_each_chunk_of`] with a second output split at the same rows, `side_chunk` entries of
+/// `side` to each `chunk` of `out` (e.g. per-row statistics a forward keeps for its backward):
+/// `f(offset in out, out_chunk, side_chunk)`. An empty `side` gives every call an empty slice.
+pub(crate) fn for_each_chunk_paired<F>(out: &mut [f32], chunk: usize, side: &mut [f32], side_chunk: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+{
     if chunk >= out.len() {
-        f(0, out);
-        return;
+        f(0, out, side);
+    } else if side.is_empty() {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i * chunk, c, &mut []));
+    } else {
+        out.par_chunks_mut(chunk)
+            .zip(side.par_chunks_mut(side_chunk))
+            .enumerate()
+            .for_each(|(i, (c, s))| f(i * chunk, c, s));
     }
-    out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
 }
 
 /// [`for_each_chunk`] for kernels that also sum over rows: `f(offset, out_chunk, partial)`

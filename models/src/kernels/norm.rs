@@ -21,7 +21,6 @@
 #![allow(clippy::too_many_arguments)]
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 use std::sync::OnceLock;
 
 use super::{contiguous_f32, fused_applies, multiversion, simd};
@@ -174,22 +173,20 @@ impl Norm {
         }
         let mut y = super::written_output(x.len()); // forward_rows assigns every element
         let (eps, centred) = (self.eps, self.centred);
-        if !self.keep_stats || y.is_empty() {
-            super::for_each_chunk(&mut y, d, |off, out| {
-                forward_rows(&x[off..off + out.len()], w, b, eps, centred, out, &mut [])
-            });
-            return Ok((CpuStorage::F32(y), shape.clone()));
-        }
-        let mut stats = super::written_output(2 * (x.len() / d)); // two entries a row, each assigned
+        // Two entries a row, each assigned by forward_rows; none when nothing is kept.
+        let mut stats = if self.keep_stats {
+            super::written_output(2 * (x.len() / d))
+        } else {
+            vec![]
+        };
         let chunk = super::chunk_len(y.len(), d);
-        y.par_chunks_mut(chunk)
-            .zip(stats.par_chunks_mut(2 * chunk / d))
-            .enumerate()
-            .for_each(|(i, (out, stats))| {
-                forward_rows(&x[i * chunk..i * chunk + out.len()], w, b, eps, centred, out, stats)
-            });
-        // A second forward with the same op does not happen (each call makes its own op).
-        let _ = self.stats.set(stats);
+        super::for_each_chunk_paired(&mut y, chunk, &mut stats, 2 * chunk / d, |off, out, stats| {
+            forward_rows(&x[off..off + out.len()], w, b, eps, centred, out, stats)
+        });
+        if self.keep_stats {
+            // Each call makes its own op, so this is its only forward.
+            let _ = self.stats.set(stats);
+        }
         Ok((CpuStorage::F32(y), shape.clone()))
     }
 
