@@ -168,27 +168,22 @@ impl AttentionInputs {
         }
         let past = k - queries;
         let mut pos = Vec::with_capacity(b * queries);
-        let mut bias = vec![MASKED; b * queries * k];
-        for (r, row) in key_mask.iter().enumerate() {
+        let mut bias = Vec::with_capacity(b * queries * k);
+        let mut open = Vec::with_capacity(k);
+        for row in key_mask {
             if row.len() != k {
                 candle_core::bail!("mask rows have different lengths");
             }
-            let mut real = 0u32;
-            let mut counts = Vec::with_capacity(k);
-            for &m in row {
-                counts.push(real);
-                if m > 0.0 {
-                    real += 1;
-                }
-            }
+            // Query i attends key j when j <= past + i and j is real: the first past + i + 1
+            // entries of `open`, then masked to the end of the row.
+            open.clear();
+            open.extend(row.iter().map(|&m| if m > 0.0 { 0.0 } else { MASKED }));
+            let mut real = row[..past].iter().filter(|&&m| m > 0.0).count() as u32;
             for i in 0..queries {
-                pos.push(counts[past + i]);
-                let base = (r * queries + i) * k;
-                for j in 0..=past + i {
-                    if row[j] > 0.0 {
-                        bias[base + j] = 0.0;
-                    }
-                }
+                pos.push(real);
+                real += u32::from(row[past + i] > 0.0);
+                bias.extend_from_slice(&open[..=past + i]);
+                bias.resize(bias.len() + k - (past + i + 1), MASKED);
             }
         }
         Ok(Self {
@@ -356,6 +351,35 @@ mod tests {
         let (cos, sin) = (half(&rot.cos), half(&rot.sin));
         let fused = candle_nn::rotary_emb::rope(&x.contiguous().unwrap(), &cos, &sin).unwrap();
         close(&ours, &fused, 1e-5);
+    }
+
+    #[test]
+    fn attention_inputs_with_cached_keys_match_the_definition() {
+        // Rows with left padding and holes, 3 cached keys and 4 new ones.
+        let mask = vec![
+            vec![0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+            vec![1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0],
+            vec![0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0],
+        ];
+        let (k, q) = (7, 4);
+        let a = AttentionInputs::new(&mask, q, &Device::Cpu).unwrap();
+        let pos = a.positions.to_vec2::<u32>().unwrap();
+        let bias = a.bias.squeeze(1).unwrap().to_vec3::<f32>().unwrap();
+        for (r, row) in mask.iter().enumerate() {
+            for i in 0..q {
+                let key = k - q + i;
+                let real_before = row[..key].iter().filter(|&&m| m > 0.0).count() as u32;
+                assert_eq!(pos[r][i], real_before, "row {r} query {i}");
+                for j in 0..k {
+                    let open = j <= key && row[j] > 0.0;
+                    assert_eq!(
+                        bias[r][i][j],
+                        if open { 0.0 } else { MASKED },
+                        "row {r} query {i} key {j}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
